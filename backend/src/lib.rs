@@ -1,0 +1,1 @@
+//! vnic-backend.

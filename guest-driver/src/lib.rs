@@ -1,0 +1,1 @@
+//! vnic-guest: placeholder until the driver lands.
