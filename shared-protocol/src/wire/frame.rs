@@ -207,58 +207,19 @@ pub fn parse_frame(frame: &[u8]) -> Result<FrameInfo> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::{checksum, wire::tcp::Flags};
+    use crate::wire::{
+        build::{data_segment, tcp_frame, Flow, IpFields},
+        tcp::Flags,
+    };
 
-    /// Builds an Ethernet + IPv4 + TCP frame with valid checksums.
+    /// An Ethernet + IPv4 + TCP frame with valid checksums.
     pub(crate) fn tcp4_frame(payload: &[u8], seq: u32, flags: Flags) -> Vec<u8> {
-        let src = Ipv4Addr::new(192, 0, 2, 1);
-        let dst = Ipv4Addr::new(192, 0, 2, 2);
-        let t = tcp::Repr {
-            src_port: 40000,
-            dst_port: 5201,
-            seq_number: seq,
-            ack_number: 1,
-            flags,
-            window_len: 1000,
-            urgent_at: 0,
-            mss: None,
-            window_scale: None,
-            sack_permitted: false,
-            sack_ranges: [None; 4],
-            timestamp: Some((5, 6)),
-            payload_len: payload.len(),
-        };
-        let ip = ipv4::Repr {
-            src_addr: src,
-            dst_addr: dst,
-            protocol: ip_proto::TCP,
-            payload_len: t.buffer_len(),
-            ttl: 64,
-            dscp_ecn: 0,
+        let ip = IpFields {
             ident: 100,
-            dont_frag: true,
-            more_frags: false,
-            frag_offset: 0,
-            options: ipv4::Options::default(),
+            ..Default::default()
         };
-        let mut f = vec![0u8; 14 + ip.buffer_len()];
-        ethernet::Repr {
-            src: Address([2, 0, 0, 0, 0, 1]),
-            dst: Address([2, 0, 0, 0, 0, 2]),
-            ethertype: ethertype::IPV4,
-        }
-        .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]))
-        .unwrap();
-        ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..]))
-            .unwrap();
-        let l4 = 14 + ip.header_len();
-        f[l4 + t.header_len()..].copy_from_slice(payload);
-        let ps = checksum::pseudo_header_v4(src, dst, 6, t.buffer_len() as u32);
-        t.emit(&mut tcp::Packet::new_unchecked(&mut f[l4..]), Some(ps))
-            .unwrap();
-        f
+        tcp_frame(&Flow::v4(), data_segment(seq, 1, flags), &ip, payload).unwrap()
     }
-
     #[test]
     fn tcp4_layers() {
         let f = tcp4_frame(b"0123456789", 7, Flags::ACK);

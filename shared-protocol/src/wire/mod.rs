@@ -6,6 +6,7 @@
 //! walks a whole Ethernet frame down to its transport header.
 
 pub mod arp;
+pub mod build;
 pub mod ethernet;
 pub mod icmpv4;
 pub mod icmpv6;
@@ -14,7 +15,7 @@ pub mod ipv6;
 pub mod tcp;
 pub mod udp;
 
-mod frame;
+pub(crate) mod frame;
 
 pub use frame::{parse_frame, FrameInfo, L3Info, L4Info, MAX_VLAN_TAGS};
 
