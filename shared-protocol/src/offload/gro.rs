@@ -3,7 +3,7 @@
 //! inet_gro_receive / ipv6_gro_receive:
 //!
 //! - only TCP over IPv4 without options or IPv6 without extension headers,
-//!   unfragmented, with a verified checksum;
+//!   unfragmented, with verified IPv4 header and TCP checksums;
 //! - a segment joins a flow only in order (seq = next expected), with the
 //!   same ACK number, the same TCP option bytes (timestamps included), the
 //!   same TTL/hop limit, TOS/traffic class (ECN included), DF and flow label,
@@ -156,6 +156,9 @@ fn classify(frame: &[u8]) -> Result<Seg<'_>, (Option<FlowKey>, bool)> {
                 return Err((Some(key), true));
             }
             let p = ipv4::Packet::new_unchecked(&frame[info.l3_offset..]);
+            if !checksum::verify(p.header()) {
+                return Err((Some(key), false));
+            }
             (false, p.ident(), p.dont_frag())
         }
         L3Info::Ipv6 { ext, .. } => {
