@@ -70,14 +70,21 @@ fn tso_hdr(frame: &[u8], gso: GsoType, size: u16) -> Vec<u8> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "fuzz/corpus".into());
     let dir = Path::new(&dir);
     let ip = IpFields::default();
     let (v4, v6) = (Flow::v4(), Flow::v6());
     let payload: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
 
     // frame_parse
-    let tcp4 = tcp_frame(&v4, data_segment(1, 2, Flags::ACK | Flags::PSH), &ip, b"hello")?;
+    let tcp4 = tcp_frame(
+        &v4,
+        data_segment(1, 2, Flags::ACK | Flags::PSH),
+        &ip,
+        b"hello",
+    )?;
     let tcp6 = tcp_frame(&v6, data_segment(1, 2, Flags::ACK), &ip, b"hello")?;
     write(dir, "frame_parse", "tcp4", &tcp4)?;
     write(dir, "frame_parse", "tcp6", &tcp6)?;
@@ -96,7 +103,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         target_protocol_addr: [192, 0, 2, 2].into(),
     }
     .emit(&mut arp::Packet::new_unchecked(&mut a[..]))?;
-    write(dir, "frame_parse", "arp", &eth(&v4, ethernet::ethertype::ARP, &a))?;
+    write(
+        dir,
+        "frame_parse",
+        "arp",
+        &eth(&v4, ethernet::ethertype::ARP, &a),
+    )?;
     let echo = icmpv4::Repr::EchoRequest {
         ident: 1,
         seq_no: 1,
@@ -109,7 +121,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let c = vnic_protocol::checksum::checksum(&ip4);
     ip4[10..12].copy_from_slice(&c.to_be_bytes());
     ip4.extend_from_slice(&e);
-    write(dir, "frame_parse", "icmp4", &eth(&v4, ethernet::ethertype::IPV4, &ip4))?;
+    write(
+        dir,
+        "frame_parse",
+        "icmp4",
+        &eth(&v4, ethernet::ethertype::IPV4, &ip4),
+    )?;
     let ns = icmpv6::Repr::NeighborSolicit {
         target: "2001:db8::2".parse()?,
         source_lladdr: Some(v6.src_mac),
@@ -118,27 +135,64 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ps = pseudo_header(v6.src_ip, v6.dst_ip, ip_proto::ICMPV6, n.len());
     ns.emit(&mut icmpv6::Packet::new_unchecked(&mut n[..]), ps)?;
     let p6 = ipv6_packet(ip_proto::ICMPV6, &n);
-    write(dir, "frame_parse", "ndp", &eth(&v6, ethernet::ethertype::IPV6, &p6))?;
+    write(
+        dir,
+        "frame_parse",
+        "ndp",
+        &eth(&v6, ethernet::ethertype::IPV6, &p6),
+    )?;
     let mut ext = vec![ip_proto::DST_OPTS, 0, 1, 4, 0, 0, 0, 0];
     ext.extend_from_slice(&[ip_proto::FRAGMENT, 0, 1, 4, 0, 0, 0, 0]);
     ext.extend_from_slice(&[ip_proto::UDP, 0, 0, 1, 0, 0, 0, 9]);
     ext.extend_from_slice(&[0; 16]);
     let p6 = ipv6_packet(ip_proto::HOP_BY_HOP, &ext);
-    write(dir, "frame_parse", "v6ext", &eth(&v6, ethernet::ethertype::IPV6, &p6))?;
+    write(
+        dir,
+        "frame_parse",
+        "v6ext",
+        &eth(&v6, ethernet::ethertype::IPV6, &p6),
+    )?;
 
     // validate_segment
-    let big4 = tcp_frame(&v4, data_segment(1, 2, Flags::ACK | Flags::PSH), &ip, &payload)?;
+    let big4 = tcp_frame(
+        &v4,
+        data_segment(1, 2, Flags::ACK | Flags::PSH),
+        &ip,
+        &payload,
+    )?;
     let big6 = tcp_frame(&v6, data_segment(1, 2, Flags::ACK), &ip, &payload)?;
     let bigu = udp_frame(&v4, &ip, &payload)?;
-    write(dir, "validate_segment", "tso4", &tso_hdr(&big4, GsoType::TcpV4, 1448))?;
-    write(dir, "validate_segment", "tso6", &tso_hdr(&big6, GsoType::TcpV6, 1428))?;
-    write(dir, "validate_segment", "uso", &tso_hdr(&bigu, GsoType::UdpL4, 1200))?;
-    write(dir, "validate_segment", "csum", &tso_hdr(&tcp4, GsoType::None, 0))?;
+    write(
+        dir,
+        "validate_segment",
+        "tso4",
+        &tso_hdr(&big4, GsoType::TcpV4, 1448),
+    )?;
+    write(
+        dir,
+        "validate_segment",
+        "tso6",
+        &tso_hdr(&big6, GsoType::TcpV6, 1428),
+    )?;
+    write(
+        dir,
+        "validate_segment",
+        "uso",
+        &tso_hdr(&bigu, GsoType::UdpL4, 1200),
+    )?;
+    write(
+        dir,
+        "validate_segment",
+        "csum",
+        &tso_hdr(&tcp4, GsoType::None, 0),
+    )?;
     write(
         dir,
         "validate_segment",
         "structured",
-        &[0xff, 0, 0x19, 0xa8, 0x05, 0x10, 0x27, 1, 2, 3, 4, 5, 6, 7, 8],
+        &[
+            0xff, 0, 0x19, 0xa8, 0x05, 0x10, 0x27, 1, 2, 3, 4, 5, 6, 7, 8,
+        ],
     )?;
 
     // ctrl_command
@@ -201,12 +255,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dir,
         "reassembly",
         "overlap-timeout",
-        &[0, 0, 0, 6, 0x01, 2, 0, 2, 0x10, 0, 0, 0, 0x80, 0, 0, 1, 0x00],
+        &[
+            0, 0, 0, 6, 0x01, 2, 0, 2, 0x10, 0, 0, 0, 0x80, 0, 0, 1, 0x00,
+        ],
     )?;
 
     // gro: v6 bit, mss/8-64, payload length, flows, then segment picks.
-    write(dir, "gro", "in-order-v4", &[0, 173, 0x88, 0x13, 7, 0, 1, 2, 3])?;
-    write(dir, "gro", "reorder-v6", &[1, 100, 0x10, 0x27, 3, 0, 2, 1, 3, 4, 0x85, 5])?;
-    write(dir, "gro", "junk", &[0, 20, 0, 4, 1, 0, 0xc0, 1, 2, 3, 4, 5, 6, 7])?;
+    write(
+        dir,
+        "gro",
+        "in-order-v4",
+        &[0, 173, 0x88, 0x13, 7, 0, 1, 2, 3],
+    )?;
+    write(
+        dir,
+        "gro",
+        "reorder-v6",
+        &[1, 100, 0x10, 0x27, 3, 0, 2, 1, 3, 4, 0x85, 5],
+    )?;
+    write(
+        dir,
+        "gro",
+        "junk",
+        &[0, 20, 0, 4, 1, 0, 0xc0, 1, 2, 3, 4, 5, 6, 7],
+    )?;
     Ok(())
 }
