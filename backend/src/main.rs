@@ -1,12 +1,119 @@
-//! vnicd: the vnic vhost-user device. Not implemented yet: the backend
-//! lands with its own issue; until then the binary says so and fails.
+//! vnicd: the command line only; the device is `vnic_backend`.
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode, sync::atomic::AtomicBool};
+
+use clap::{Args, Parser, Subcommand};
+use vnic_backend::{
+    config::{self, Config, UplinkSpec},
+    daemon, mgmt,
+    nic::{DeviceConfig, RssSettings},
+};
+
+/// A vhost-user virtio-net device with RSS and offloads.
+#[derive(Parser, Debug)]
+#[command(name = "vnicd", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Talk to a running vnicd over its management socket.
+    Ctl {
+        #[arg(long)]
+        mgmt: PathBuf,
+        /// Request: stats
+        request: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// vhost-user socket: listened on, or connected to with --client.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Connect to a VMM that listens on --socket.
+    #[arg(long)]
+    client: bool,
+    /// Queue pairs (1-16).
+    #[arg(long, default_value_t = 1, value_parser = |s: &str| num(s, config::check_queues))]
+    queues: u16,
+    /// Virtqueue size (power of two, up to 1024).
+    #[arg(long, default_value_t = 256, value_parser = |s: &str| num(s, config::check_queue_size))]
+    queue_size: u16,
+    #[arg(long, default_value = "52:54:00:12:34:56", value_parser = config::parse_mac)]
+    mac: vnic_protocol::wire::ethernet::Address,
+    #[arg(long, default_value_t = 1500, value_parser = |s: &str| num(s, config::check_mtu))]
+    mtu: u16,
+    /// tap:NAME (created if absent) or none.
+    #[arg(long, default_value = "none")]
+    uplink: UplinkSpec,
+    /// RSS key in hex (40 to 255 bytes); default: the Microsoft key.
+    #[arg(long)]
+    rss_key: Option<String>,
+    /// Indirection table: comma-separated queue numbers, power-of-two many.
+    #[arg(long)]
+    rss_table: Option<String>,
+    /// Comma-separated: ipv4 tcpv4 udpv4 ipv6 tcpv6 udpv6 ip_ex tcp_ex udp_ex.
+    #[arg(long)]
+    rss_hash_types: Option<String>,
+    /// Management socket for `vnicd ctl`.
+    #[arg(long)]
+    mgmt: Option<PathBuf>,
+    /// Exit after the first frontend disconnects.
+    #[arg(long)]
+    once: bool,
+}
+
+fn num(s: &str, check: fn(u16) -> Result<u16, config::ConfigError>) -> Result<u16, String> {
+    let n = s.parse::<u16>().map_err(|e| format!("{s:?}: {e}"))?;
+    check(n).map_err(|e| e.to_string())
+}
+
+fn run(a: RunArgs) -> Result<(), String> {
+    let socket = a.socket.ok_or("--socket is required")?;
+    let rss = RssSettings::from_args(
+        a.rss_key.as_deref(),
+        a.rss_table.as_deref(),
+        a.rss_hash_types.as_deref(),
+        a.queues,
+    )
+    .map_err(|e| e.to_string())?;
+    let cfg = Config {
+        socket,
+        client: a.client,
+        device: DeviceConfig {
+            pairs: a.queues,
+            queue_size: a.queue_size,
+            mac: a.mac,
+            mtu: a.mtu,
+            rss,
+        },
+        uplink: a.uplink,
+        mgmt: a.mgmt,
+        once: a.once,
+    };
+    let stop = AtomicBool::new(false);
+    daemon::run(&cfg, &stop).map_err(|e| e.to_string())
+}
 
 fn main() -> ExitCode {
-    eprintln!(
-        "vnicd {}: the vhost-user device is not implemented yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Some(Cmd::Ctl { mgmt, request }) => mgmt::request(&mgmt, &request)
+            .map(|out| print!("{out}"))
+            .map_err(|e| format!("{}: {e}", mgmt.display())),
+        None => run(cli.run),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vnicd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

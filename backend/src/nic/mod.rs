@@ -1,0 +1,499 @@
+//! The device model, free of vhost: transmit decisions (pass GSO through,
+//! segment or checksum in software), RSS steering, the per-queue backlog
+//! that carries frames between workers, and the counters.
+
+pub mod stats;
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    sync::{Mutex, PoisonError, RwLock},
+};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vnic_protocol::{
+    offload::{complete_checksum, Segmenter},
+    rss::{HashTypes, IndirectionTable, Rss, RssError, Steering},
+    virtio::{
+        hdr::{GsoType, HDR_LEN},
+        validate, Features, HdrFlags, VirtioNetHdr,
+    },
+    wire::{ethernet::Address, parse_frame},
+};
+
+pub use self::stats::{DropReason, QueueStats, Stats};
+use crate::uplink::{Offloads, Uplink};
+
+/// Largest frame the device moves (a 64 KiB GSO frame and its headers).
+pub const MAX_FRAME: usize = vnic_protocol::virtio::validate::MAX_FRAME_LEN;
+
+/// RSS settings of the operator (or the defaults Linux would choose).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RssSettings {
+    pub key: Vec<u8>,
+    /// Empty: spread over all queues, 128 entries, as Linux does.
+    pub table: Vec<u16>,
+    pub hash_types: HashTypes,
+}
+
+impl Default for RssSettings {
+    fn default() -> Self {
+        RssSettings {
+            key: vnic_protocol::rss::DEFAULT_KEY.to_vec(),
+            table: Vec::new(),
+            hash_types: HashTypes::LINUX_DEFAULT,
+        }
+    }
+}
+
+/// What the device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub pairs: u16,
+    pub queue_size: u16,
+    pub mac: Address,
+    pub mtu: u16,
+    pub rss: RssSettings,
+}
+
+impl DeviceConfig {
+    pub fn build_rss(&self) -> Result<Rss, RssError> {
+        let table = if self.rss.table.is_empty() {
+            IndirectionTable::spread(128, self.pairs)?
+        } else {
+            IndirectionTable::new(self.rss.table.clone(), self.pairs)?
+        };
+        Rss::new(&self.rss.key, self.rss.hash_types, table, 0)
+    }
+}
+
+/// Frames waiting for an RX queue: steered there by RSS from another
+/// worker, or read while the queue had no buffers. Bounded; buffers are
+/// recycled so the steady state does not allocate.
+#[derive(Debug)]
+pub struct Backlog {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Signalled when frames are added; the owning worker listens on it.
+    pub event: EventFd,
+    capacity: usize,
+}
+
+impl Backlog {
+    pub fn new(capacity: usize) -> io::Result<Backlog> {
+        Ok(Backlog {
+            frames: Mutex::new(VecDeque::with_capacity(capacity)),
+            free: Mutex::new(Vec::new()),
+            event: EventFd::new(EFD_NONBLOCK)?,
+            capacity,
+        })
+    }
+
+    /// Queues a copy of `frame`; false (and nothing queued) when full.
+    pub fn push(&self, frame: &[u8]) -> bool {
+        let mut buf = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        let mut q = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.len() >= self.capacity {
+            return false;
+        }
+        q.push_back(buf);
+        true
+    }
+
+    /// Hands the oldest frame to `f`; it stays queued when `f` returns
+    /// false (no room yet). Returns None when empty.
+    pub fn deliver_front(&self, f: impl FnOnce(&[u8]) -> bool) -> Option<bool> {
+        let mut q = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
+        let front = q.front()?;
+        if !f(front) {
+            return Some(false);
+        }
+        if let Some(buf) = q.pop_front() {
+            drop(q);
+            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+            if free.len() < self.capacity {
+                free.push(buf);
+            }
+        }
+        Some(true)
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything queued (device reset).
+    pub fn clear(&self) {
+        self.frames
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// Scratch space of one transmit worker.
+#[derive(Debug, Default)]
+pub struct TxScratch {
+    seg: Segmenter,
+    frame: Vec<u8>,
+}
+
+/// The device: configuration, uplink, RSS state, backlogs, counters.
+pub struct Device {
+    pub config: DeviceConfig,
+    pub stats: Stats,
+    uplink: Box<dyn Uplink>,
+    rss: RwLock<Rss>,
+    pub backlogs: Vec<Backlog>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Backlog frames per RX queue.
+pub const BACKLOG_FRAMES: usize = 1024;
+
+impl Device {
+    pub fn new(config: DeviceConfig, uplink: Box<dyn Uplink>) -> io::Result<Device> {
+        let rss = config
+            .build_rss()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let pairs = usize::from(config.pairs);
+        let backlogs = (0..pairs)
+            .map(|_| Backlog::new(BACKLOG_FRAMES))
+            .collect::<io::Result<_>>()?;
+        Ok(Device {
+            stats: Stats::new(pairs),
+            uplink,
+            rss: RwLock::new(rss),
+            backlogs,
+            config,
+        })
+    }
+
+    pub fn uplink(&self) -> &dyn Uplink {
+        self.uplink.as_ref()
+    }
+
+    /// Applies the receive offloads the driver accepted to the uplink.
+    pub fn set_guest_features(&self, acked: Features) -> io::Result<()> {
+        let csum = acked.contains(Features::GUEST_CSUM);
+        self.uplink.set_rx_offloads(Offloads {
+            csum,
+            tso4: csum && acked.contains(Features::GUEST_TSO4),
+            tso6: csum && acked.contains(Features::GUEST_TSO6),
+            tso_ecn: csum && acked.contains(Features::GUEST_ECN),
+            uso: csum && acked.contains(Features::GUEST_USO4 | Features::GUEST_USO6),
+        })
+    }
+
+    /// Where RSS sends a received frame.
+    pub fn steer(&self, frame: &[u8]) -> Steering {
+        let rss = self.rss.read().unwrap_or_else(PoisonError::into_inner);
+        match parse_frame(frame) {
+            Ok(info) => rss.steer(&info),
+            Err(_) => Steering {
+                queue: rss.unclassified_queue,
+                hash: 0,
+                report: vnic_protocol::rss::HashReport::None,
+            },
+        }
+    }
+
+    /// Replaces the RSS configuration.
+    pub fn set_rss(&self, rss: Rss) {
+        *self.rss.write().unwrap_or_else(PoisonError::into_inner) = rss;
+    }
+
+    /// Sends one frame the driver put on TX queue `q`. `hdr` is the
+    /// driver's 12-byte virtio-net header.
+    pub fn transmit(
+        &self,
+        q: usize,
+        hdr: &[u8],
+        frame: &[u8],
+        scratch: &mut TxScratch,
+    ) -> Result<(), DropReason> {
+        let stats = self.stats.tx.get(q).ok_or(DropReason::UplinkError)?;
+        let r = self.transmit_inner(q, hdr, frame, scratch, stats);
+        match r {
+            Ok(()) => stats.packet(frame.len()),
+            Err(why) => stats.drop(why),
+        }
+        r
+    }
+
+    fn transmit_inner(
+        &self,
+        q: usize,
+        hdr_bytes: &[u8],
+        frame: &[u8],
+        scratch: &mut TxScratch,
+        stats: &QueueStats,
+    ) -> Result<(), DropReason> {
+        if frame.is_empty() {
+            return Err(DropReason::ZeroLength);
+        }
+        let hdr = VirtioNetHdr::parse(hdr_bytes, false).map_err(|_| DropReason::BadHeader)?;
+        let v = validate(&hdr, frame).map_err(|e| {
+            log::debug!("tx{q}: bad header: {e}");
+            DropReason::BadHeader
+        })?;
+        if v.gso == GsoType::None && frame.len() > usize::from(self.config.mtu) + 14 + 8 {
+            return Err(DropReason::Oversized);
+        }
+        let caps = self.uplink.tx_offloads();
+        let gso_ok = match v.gso {
+            GsoType::None => true,
+            GsoType::TcpV4 => caps.tso4 && (!v.ecn || caps.tso_ecn),
+            GsoType::TcpV6 => caps.tso6 && (!v.ecn || caps.tso_ecn),
+            GsoType::UdpL4 => caps.uso,
+            GsoType::Udp => false,
+        };
+        let needs_csum = hdr.flags.contains(HdrFlags::NEEDS_CSUM);
+        let uq = q % self.uplink.queues().max(1);
+        if gso_ok && (!needs_csum || caps.csum) {
+            if v.gso != GsoType::None {
+                stats
+                    .gso_packets
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let mut out = [0u8; HDR_LEN];
+            out.copy_from_slice(&hdr_bytes[..HDR_LEN]);
+            out[10] = 0;
+            out[11] = 0;
+            return self.send(uq, &[IoSlice::new(&out), IoSlice::new(frame)]);
+        }
+        stats
+            .sw_offloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let plain = [0u8; HDR_LEN];
+        if v.gso != GsoType::None {
+            let mut result = Ok(());
+            scratch
+                .seg
+                .segment(frame, &v, hdr.gso_size, &mut |h, p| {
+                    let r = self.send(
+                        uq,
+                        &[IoSlice::new(&plain), IoSlice::new(h), IoSlice::new(p)],
+                    );
+                    if result.is_ok() {
+                        result = r;
+                    }
+                })
+                .map_err(|_| DropReason::OffloadFailed)?;
+            return result;
+        }
+        scratch.frame.clear();
+        scratch.frame.extend_from_slice(frame);
+        complete_checksum(
+            &mut scratch.frame,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset),
+        )
+        .map_err(|_| DropReason::OffloadFailed)?;
+        self.send(uq, &[IoSlice::new(&plain), IoSlice::new(&scratch.frame)])
+    }
+
+    fn send(&self, q: usize, iov: &[IoSlice<'_>]) -> Result<(), DropReason> {
+        match self.uplink.send(q, iov) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(DropReason::NoUplink),
+            Err(e) => {
+                log::debug!("uplink queue {q}: {e}");
+                Err(DropReason::UplinkError)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use vnic_protocol::{
+        offload::l4_checksum_ok,
+        wire::{
+            build::{data_segment, tcp_frame, Flow, IpFields},
+            tcp::Flags,
+        },
+    };
+
+    use super::*;
+
+    /// An uplink that records what it is given.
+    #[derive(Default, Clone)]
+    pub(crate) struct FakeUplink {
+        pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        pub offloads: Offloads,
+    }
+
+    impl Uplink for FakeUplink {
+        fn queues(&self) -> usize {
+            1
+        }
+        fn tx_offloads(&self) -> Offloads {
+            self.offloads
+        }
+        fn set_rx_offloads(&self, _o: Offloads) -> io::Result<()> {
+            Ok(())
+        }
+        fn send(&self, _q: usize, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+            let mut f = Vec::new();
+            for s in iov {
+                f.extend_from_slice(s);
+            }
+            let n = f.len();
+            self.sent.lock().unwrap().push(f);
+            Ok(n)
+        }
+        fn recv(&self, _q: usize, _buf: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn rx_fd(&self, _q: usize) -> Option<std::os::fd::RawFd> {
+            None
+        }
+    }
+
+    pub(crate) fn config(pairs: u16) -> DeviceConfig {
+        DeviceConfig {
+            pairs,
+            queue_size: 256,
+            mac: Address([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+            rss: RssSettings::default(),
+        }
+    }
+
+    fn tso_hdr(gso_size: u16) -> [u8; 12] {
+        let h = VirtioNetHdr {
+            flags: HdrFlags::NEEDS_CSUM,
+            gso_type: GsoType::TcpV4 as u8,
+            hdr_len: 66,
+            gso_size,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+            ..Default::default()
+        };
+        let mut b = [0u8; 12];
+        h.emit(&mut b, false).unwrap();
+        b
+    }
+
+    #[test]
+    fn gso_passes_through_when_the_uplink_takes_it() {
+        let up = FakeUplink {
+            offloads: Offloads::ALL,
+            ..Default::default()
+        };
+        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let f = tcp_frame(
+            &Flow::v4(),
+            data_segment(1, 1, Flags::ACK),
+            &IpFields::default(),
+            &[9; 5000],
+        )
+        .unwrap();
+        dev.transmit(0, &tso_hdr(1448), &f, &mut TxScratch::default())
+            .unwrap();
+        let sent = up.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(&sent[0][..10], &tso_hdr(1448)[..10]);
+        assert_eq!(&sent[0][12..], &f[..]);
+        assert_eq!(
+            dev.stats.tx[0]
+                .gso_packets
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn gso_is_segmented_in_software_otherwise() {
+        let up = FakeUplink::default();
+        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let f = tcp_frame(
+            &Flow::v4(),
+            data_segment(1, 1, Flags::ACK),
+            &IpFields::default(),
+            &payload,
+        )
+        .unwrap();
+        dev.transmit(0, &tso_hdr(1448), &f, &mut TxScratch::default())
+            .unwrap();
+        let sent = up.sent.lock().unwrap();
+        assert_eq!(sent.len(), 4);
+        let mut got = Vec::new();
+        for s in sent.iter() {
+            assert_eq!(&s[..12], &[0; 12]);
+            let fr = &s[12..];
+            let info = parse_frame(fr).unwrap();
+            assert!(l4_checksum_ok(fr, &info));
+            got.extend_from_slice(&fr[66..]);
+        }
+        assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn bad_headers_are_counted_drops() {
+        let up = FakeUplink::default();
+        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let f = tcp_frame(
+            &Flow::v4(),
+            data_segment(1, 1, Flags::ACK),
+            &IpFields::default(),
+            &[1; 100],
+        )
+        .unwrap();
+        let mut s = TxScratch::default();
+        assert_eq!(
+            dev.transmit(0, &tso_hdr(0), &f, &mut s),
+            Err(DropReason::BadHeader)
+        );
+        assert_eq!(
+            dev.transmit(0, &[0; 12], &[], &mut s),
+            Err(DropReason::ZeroLength)
+        );
+        let big = vec![0u8; 3000];
+        assert_eq!(
+            dev.transmit(0, &[0; 12], &big, &mut s),
+            Err(DropReason::Oversized)
+        );
+        assert_eq!(dev.stats.tx[0].drops(DropReason::BadHeader), 1);
+        assert_eq!(dev.stats.tx[0].total_drops(), 3);
+        assert!(up.sent.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn backlog_is_bounded_and_ordered() {
+        let b = Backlog::new(2).unwrap();
+        assert!(b.push(b"one"));
+        assert!(b.push(b"two"));
+        assert!(!b.push(b"three"));
+        assert_eq!(b.deliver_front(|f| f == b"one"), Some(true));
+        assert_eq!(b.deliver_front(|_| false), Some(false));
+        assert_eq!(b.deliver_front(|f| f == b"two"), Some(true));
+        assert_eq!(b.deliver_front(|_| true), None);
+    }
+}

@@ -1,0 +1,177 @@
+//! Per-queue counters. Every dropped frame is counted under a reason.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+/// Why the device dropped a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A descriptor points outside guest memory.
+    BadDescriptor,
+    /// The chain loops or is longer than the queue.
+    ChainTooLong,
+    /// A TX chain with no frame bytes, or an RX chain with no writable bytes.
+    ZeroLength,
+    /// A TX frame longer than the device accepts.
+    Oversized,
+    /// The driver's virtio-net header failed validation.
+    BadHeader,
+    /// A TX chain whose descriptors are in the wrong order (writable first)
+    /// or an RX chain with device-readable descriptors.
+    BadChainLayout,
+    /// No RX buffers were posted in time (backlog full).
+    RxNoBuffers,
+    /// An RX chain too small for the frame without MRG_RXBUF.
+    RxChainTooSmall,
+    /// The uplink refused the frame.
+    UplinkError,
+    /// The device has no uplink.
+    NoUplink,
+    /// A frame from the uplink that did not parse far enough to use.
+    RxMalformed,
+    /// Software segmentation or checksum completion failed.
+    OffloadFailed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 12] = [
+        DropReason::BadDescriptor,
+        DropReason::ChainTooLong,
+        DropReason::ZeroLength,
+        DropReason::Oversized,
+        DropReason::BadHeader,
+        DropReason::BadChainLayout,
+        DropReason::RxNoBuffers,
+        DropReason::RxChainTooSmall,
+        DropReason::UplinkError,
+        DropReason::NoUplink,
+        DropReason::RxMalformed,
+        DropReason::OffloadFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::BadDescriptor => "bad_descriptor",
+            DropReason::ChainTooLong => "chain_too_long",
+            DropReason::ZeroLength => "zero_length",
+            DropReason::Oversized => "oversized",
+            DropReason::BadHeader => "bad_header",
+            DropReason::BadChainLayout => "bad_chain_layout",
+            DropReason::RxNoBuffers => "rx_no_buffers",
+            DropReason::RxChainTooSmall => "rx_chain_too_small",
+            DropReason::UplinkError => "uplink_error",
+            DropReason::NoUplink => "no_uplink",
+            DropReason::RxMalformed => "rx_malformed",
+            DropReason::OffloadFailed => "offload_failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of one virtqueue.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Frames that reached the guest or the wire as GSO frames.
+    pub gso_packets: AtomicU64,
+    /// Frames segmented or checksummed in software.
+    pub sw_offloads: AtomicU64,
+    pub notifications: AtomicU64,
+    pub notifications_suppressed: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl QueueStats {
+    pub fn packet(&self, bytes: usize) {
+        self.packets.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes as u64, Relaxed);
+    }
+    pub fn drop(&self, why: DropReason) {
+        self.drops[why.index()].fetch_add(1, Relaxed);
+    }
+    pub fn drops(&self, why: DropReason) -> u64 {
+        self.drops[why.index()].load(Relaxed)
+    }
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(|d| d.load(Relaxed)).sum()
+    }
+    pub fn notified(&self, sent: bool) {
+        if sent {
+            self.notifications.fetch_add(1, Relaxed);
+        } else {
+            self.notifications_suppressed.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Counters of the whole device: one entry per RX and per TX queue.
+#[derive(Debug)]
+pub struct Stats {
+    pub rx: Vec<QueueStats>,
+    pub tx: Vec<QueueStats>,
+}
+
+impl Stats {
+    pub fn new(pairs: usize) -> Stats {
+        Stats {
+            rx: (0..pairs).map(|_| QueueStats::default()).collect(),
+            tx: (0..pairs).map(|_| QueueStats::default()).collect(),
+        }
+    }
+
+    /// `name value` lines, one counter each, e.g. `rx0.packets 12`.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for (dir, queues) in [("rx", &self.rx), ("tx", &self.tx)] {
+            for (i, q) in queues.iter().enumerate() {
+                let _ = writeln!(s, "{dir}{i}.packets {}", q.packets.load(Relaxed));
+                let _ = writeln!(s, "{dir}{i}.bytes {}", q.bytes.load(Relaxed));
+                let _ = writeln!(s, "{dir}{i}.gso_packets {}", q.gso_packets.load(Relaxed));
+                let _ = writeln!(s, "{dir}{i}.sw_offloads {}", q.sw_offloads.load(Relaxed));
+                let _ = writeln!(
+                    s,
+                    "{dir}{i}.notifications {}",
+                    q.notifications.load(Relaxed)
+                );
+                let _ = writeln!(
+                    s,
+                    "{dir}{i}.notifications_suppressed {}",
+                    q.notifications_suppressed.load(Relaxed)
+                );
+                for why in DropReason::ALL {
+                    let _ = writeln!(s, "{dir}{i}.drop.{} {}", why.name(), q.drops(why));
+                }
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders() {
+        let s = Stats::new(2);
+        s.tx[1].packet(60);
+        s.tx[1].drop(DropReason::BadHeader);
+        s.tx[1].drop(DropReason::BadHeader);
+        s.rx[0].notified(false);
+        let text = s.render();
+        assert!(text.contains("tx1.packets 1\n"));
+        assert!(text.contains("tx1.bytes 60\n"));
+        assert!(text.contains("tx1.drop.bad_header 2\n"));
+        assert!(text.contains("rx0.notifications_suppressed 1\n"));
+        assert_eq!(s.tx[1].total_drops(), 2);
+        for (i, why) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(why.index(), i);
+        }
+    }
+}

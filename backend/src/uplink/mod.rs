@@ -1,0 +1,78 @@
+//! Where frames go when they leave the device towards the host: a TAP
+//! device, or nothing. Frames cross this boundary with a 12-byte
+//! `virtio_net_hdr` in front, as TAP's IFF_VNET_HDR carries them.
+
+pub mod tap;
+
+use std::{
+    io::{self, IoSlice},
+    os::fd::RawFd,
+};
+
+/// What an uplink accepts in the headers it is given, and what it is
+/// allowed to hand back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offloads {
+    /// Partial checksums (NEEDS_CSUM).
+    pub csum: bool,
+    pub tso4: bool,
+    pub tso6: bool,
+    pub tso_ecn: bool,
+    pub uso: bool,
+}
+
+impl Offloads {
+    pub const ALL: Offloads = Offloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        tso_ecn: true,
+        uso: true,
+    };
+}
+
+/// One side of the device facing the host.
+pub trait Uplink: Send + Sync {
+    /// Number of queues (one per device queue pair).
+    fn queues(&self) -> usize;
+    /// What the uplink takes on transmit.
+    fn tx_offloads(&self) -> Offloads;
+    /// Tells the uplink which offloads the receiver (the guest) accepts, so
+    /// that it only hands back frames the guest can take.
+    fn set_rx_offloads(&self, offloads: Offloads) -> io::Result<()>;
+    /// Writes one frame (header first) on queue `q`.
+    fn send(&self, q: usize, iov: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Reads one frame (header first) from queue `q` into `buf`;
+    /// `WouldBlock` when there is none.
+    fn recv(&self, q: usize, buf: &mut [u8]) -> io::Result<usize>;
+    /// A file descriptor that becomes readable when queue `q` has frames.
+    fn rx_fd(&self, q: usize) -> Option<RawFd>;
+}
+
+/// An uplink that is not there: every transmitted frame is dropped (and
+/// counted by the caller), nothing is ever received.
+#[derive(Debug, Clone, Copy)]
+pub struct NoUplink {
+    pub queues: usize,
+}
+
+impl Uplink for NoUplink {
+    fn queues(&self) -> usize {
+        self.queues
+    }
+    fn tx_offloads(&self) -> Offloads {
+        Offloads::ALL
+    }
+    fn set_rx_offloads(&self, _offloads: Offloads) -> io::Result<()> {
+        Ok(())
+    }
+    fn send(&self, _q: usize, _iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        Err(io::Error::new(io::ErrorKind::NotConnected, "no uplink"))
+    }
+    fn recv(&self, _q: usize, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+    fn rx_fd(&self, _q: usize) -> Option<RawFd> {
+        None
+    }
+}

@@ -1,0 +1,187 @@
+//! A multi-queue TAP device with virtio-net headers (IFF_VNET_HDR), one
+//! queue per device queue pair.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, IoSlice},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::fs::OpenOptionsExt,
+    },
+};
+
+use super::{Offloads, Uplink};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+
+const IFF_TAP: i16 = 0x0002;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
+
+/// The virtio-net header size used on the TAP (with num_buffers).
+pub const VNET_HDR_LEN: usize = 12;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+/// A TAP device opened with one file per queue.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    files: Vec<File>,
+}
+
+fn ioctl_ptr<T>(f: &File, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
+    // SAFETY: `f` is an open TUN file; `arg` points to a live value of the
+    // type the request expects, valid for the duration of the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn ioctl_val(f: &File, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: `f` is an open TUN file and the request takes its argument by
+    // value; no memory is passed.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), req, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Tap {
+    /// Opens (creating if absent) the TAP device `name` with `queues`
+    /// queues, non-blocking, with 12-byte virtio-net headers.
+    pub fn open(name: &str, queues: usize) -> io::Result<Tap> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("tap name {name:?} must be 1 to 15 bytes"),
+            ));
+        }
+        let mut files = Vec::with_capacity(queues);
+        for _ in 0..queues.max(1) {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open("/dev/net/tun")?;
+            let mut req = IfReq {
+                name: [0; libc::IFNAMSIZ],
+                flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE,
+                _pad: [0; 22],
+            };
+            req.name[..name.len()].copy_from_slice(name.as_bytes());
+            ioctl_ptr(&f, TUNSETIFF, &mut req)?;
+            let mut sz: libc::c_int = VNET_HDR_LEN as libc::c_int;
+            ioctl_ptr(&f, TUNSETVNETHDRSZ, &mut sz)?;
+            files.push(f);
+        }
+        let tap = Tap {
+            name: name.to_owned(),
+            files,
+        };
+        // Until the guest says otherwise, hand back only plain frames.
+        tap.set_rx_offloads(Offloads::default())?;
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn file(&self, q: usize) -> io::Result<&File> {
+        self.files
+            .get(q)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such tap queue"))
+    }
+}
+
+impl Uplink for Tap {
+    fn queues(&self) -> usize {
+        self.files.len()
+    }
+
+    fn tx_offloads(&self) -> Offloads {
+        // The kernel takes any valid virtio-net header from a TAP writer and
+        // segments or checksums in software when the path needs it.
+        Offloads::ALL
+    }
+
+    fn set_rx_offloads(&self, o: Offloads) -> io::Result<()> {
+        let mut flags = 0;
+        if o.csum {
+            flags |= TUN_F_CSUM;
+            if o.tso4 {
+                flags |= TUN_F_TSO4;
+            }
+            if o.tso6 {
+                flags |= TUN_F_TSO6;
+            }
+            if o.tso_ecn && (o.tso4 || o.tso6) {
+                flags |= TUN_F_TSO_ECN;
+            }
+        }
+        let f = self.file(0)?;
+        if o.csum && o.uso {
+            // USO needs Linux 6.2; older kernels refuse the flags.
+            if ioctl_val(
+                f,
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags | TUN_F_USO4 | TUN_F_USO6),
+            )
+            .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        ioctl_val(f, TUNSETOFFLOAD, libc::c_ulong::from(flags))
+    }
+
+    fn send(&self, q: usize, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        let f = self.file(q)?;
+        let n = libc::c_int::try_from(iov.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many iovecs"))?;
+        // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix;
+        // every slice is borrowed for the duration of the call.
+        let r = unsafe { libc::writev(f.as_raw_fd(), iov.as_ptr().cast::<libc::iovec>(), n) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    fn recv(&self, q: usize, buf: &mut [u8]) -> io::Result<usize> {
+        let f = self.file(q)?;
+        // SAFETY: `buf` is a valid writable region of `buf.len()` bytes.
+        let r = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    fn rx_fd(&self, q: usize) -> Option<RawFd> {
+        self.files.get(q).map(AsRawFd::as_raw_fd)
+    }
+}

@@ -1,0 +1,407 @@
+//! vhost-user plumbing: the `VhostUserBackend` of one vnic port. It moves
+//! bytes between descriptor chains in guest memory and the device model in
+//! `nic/`; it makes no switching or offload decisions of its own.
+//!
+//! Queue layout: RX i is virtqueue 2i, TX i is 2i+1. Worker thread i owns
+//! queue pair i, its uplink queue and its RX backlog; inside the worker the
+//! pair's vrings are events 0 (RX) and 1 (TX).
+
+mod chain;
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, PoisonError, RwLock,
+    },
+};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::{
+    epoll::EventSet,
+    event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
+};
+use vnic_protocol::virtio::{
+    config::{VirtioNetConfig, DUPLEX_FULL, STATUS_LINK_UP},
+    hdr::HDR_LEN,
+    Features,
+};
+
+use self::chain::{read_chain, RxWriter};
+use crate::{
+    nic::{Device, DropReason, TxScratch, MAX_FRAME},
+    uplink::tap::VNET_HDR_LEN,
+};
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Frames a worker moves per wake-up before it yields to other events.
+const BUDGET: usize = 256;
+
+/// Features the device offers (the control queue ones come with it).
+pub fn offered_features() -> Features {
+    Features::VERSION_1
+        | Features::MRG_RXBUF
+        | Features::EVENT_IDX
+        | Features::INDIRECT_DESC
+        | Features::MAC
+        | Features::MTU
+        | Features::STATUS
+        | Features::MQ
+        | Features::CSUM
+        | Features::GUEST_CSUM
+        | Features::HOST_TSO4
+        | Features::HOST_TSO6
+        | Features::HOST_ECN
+        | Features::HOST_USO
+        | Features::GUEST_TSO4
+        | Features::GUEST_TSO6
+        | Features::GUEST_ECN
+        | Features::GUEST_USO4
+        | Features::GUEST_USO6
+        | Features::HASH_REPORT
+        | Features::VHOST_USER_PROTOCOL_FEATURES
+}
+
+#[derive(Debug)]
+struct Worker {
+    tx: Vec<u8>,
+    rx: Vec<u8>,
+    scratch: TxScratch,
+}
+
+impl Worker {
+    fn new() -> Worker {
+        Worker {
+            tx: Vec::with_capacity(HDR_LEN + MAX_FRAME),
+            rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+            scratch: TxScratch::default(),
+        }
+    }
+}
+
+/// One vnic port as a vhost-user backend.
+pub struct VnicBackend {
+    dev: Arc<Device>,
+    mem: RwLock<Mem>,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    workers: Vec<Mutex<Worker>>,
+}
+
+impl std::fmt::Debug for VnicBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VnicBackend")
+            .field("dev", &self.dev)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VnicBackend {
+    pub fn new(dev: Arc<Device>, mem: Mem) -> VnicBackend {
+        let pairs = usize::from(dev.config.pairs);
+        VnicBackend {
+            workers: (0..pairs).map(|_| Mutex::new(Worker::new())).collect(),
+            dev,
+            mem: RwLock::new(mem),
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    fn pairs(&self) -> usize {
+        usize::from(self.dev.config.pairs)
+    }
+
+    /// Event id of worker `i`'s uplink queue (above every queue id).
+    fn uplink_event(&self, i: usize) -> u16 {
+        (2 * self.pairs() + 1 + i) as u16
+    }
+
+    /// Event id of worker `i`'s backlog eventfd.
+    fn backlog_event(&self, i: usize) -> u16 {
+        (3 * self.pairs() + 1 + i) as u16
+    }
+
+    fn acked(&self) -> Features {
+        Features::from_bits_retain(self.acked.load(Ordering::Acquire))
+    }
+
+    /// Registers each worker's uplink queue and backlog with its epoll
+    /// loop. Called once per daemon, before it starts serving.
+    pub fn register_listeners(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<VnicBackend>>>],
+    ) -> io::Result<()> {
+        for (i, h) in handlers.iter().enumerate().take(self.pairs()) {
+            if let Some(fd) = self.dev.uplink().rx_fd(i) {
+                h.register_listener(
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    u64::from(self.uplink_event(i)),
+                )?;
+            }
+            if let Some(b) = self.dev.backlogs.get(i) {
+                h.register_listener(
+                    b.event.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(self.backlog_event(i)),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> VirtioNetConfig {
+        VirtioNetConfig {
+            mac: self.dev.config.mac,
+            status: STATUS_LINK_UP,
+            max_virtqueue_pairs: self.dev.config.pairs,
+            mtu: self.dev.config.mtu,
+            speed: 100_000,
+            duplex: DUPLEX_FULL,
+            rss_max_key_size: 0,
+            rss_max_indirection_table_length: 0,
+            supported_hash_types: 0,
+        }
+    }
+
+    fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory();
+        let mut w = self.workers[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Worker { tx, scratch, .. } = &mut *w;
+        let stats = &self.dev.stats.tx[i];
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut any = false;
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            loop {
+                let chain = {
+                    let mut st = vring.get_mut();
+                    st.get_queue_mut().pop_descriptor_chain(mem.clone())
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                match read_chain(&mem, chain, tx) {
+                    Ok(()) if tx.len() < HDR_LEN => stats.drop(DropReason::ZeroLength),
+                    Ok(()) => {
+                        let _ = self
+                            .dev
+                            .transmit(i, &tx[..HDR_LEN], &tx[HDR_LEN..], scratch);
+                    }
+                    Err(why) => stats.drop(why),
+                }
+                vring.add_used(head, 0).map_err(io::Error::other)?;
+                any = true;
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if any {
+            self.notify(vring, stats)?;
+        }
+        Ok(())
+    }
+
+    fn notify(&self, vring: &VringRwLock, stats: &crate::nic::QueueStats) -> io::Result<()> {
+        if vring.needs_notification().map_err(io::Error::other)? {
+            vring.signal_used_queue()?;
+            stats.notified(true);
+        } else {
+            stats.notified(false);
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the backlog and the uplink into RX queue `i`.
+    fn process_rx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory();
+        let acked = self.acked();
+        let mut writer = RxWriter {
+            mem: &mem,
+            vring,
+            mergeable: acked.contains(Features::MRG_RXBUF),
+            hash_report: acked.contains(Features::HASH_REPORT),
+        };
+        let stats = &self.dev.stats.rx[i];
+        let backlog = &self.dev.backlogs[i];
+        let mut moved = 0;
+        let mut full = false;
+        // Frames already steered here go first, in order.
+        while moved < BUDGET {
+            match backlog.deliver_front(|f| match writer.write(f, &self.dev) {
+                Ok(()) => {
+                    stats.packet(f.len().saturating_sub(VNET_HDR_LEN));
+                    true
+                }
+                Err(DropReason::RxNoBuffers) => false,
+                Err(why) => {
+                    stats.drop(why);
+                    true
+                }
+            }) {
+                Some(true) => moved += 1,
+                Some(false) => {
+                    full = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !full {
+            let mut w = self.workers[i]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            while moved < BUDGET {
+                let n = match self.dev.uplink().recv(i, &mut w.rx) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("uplink queue {i}: {e}");
+                        break;
+                    }
+                };
+                moved += 1;
+                let frame = &w.rx[..n];
+                if n <= VNET_HDR_LEN {
+                    stats.drop(DropReason::RxMalformed);
+                    continue;
+                }
+                let target = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+                if target != i && target < self.pairs() {
+                    let b = &self.dev.backlogs[target];
+                    if b.push(frame) {
+                        let _ = b.event.write(1);
+                    } else {
+                        self.dev.stats.rx[target].drop(DropReason::RxNoBuffers);
+                    }
+                    continue;
+                }
+                match writer.write(frame, &self.dev) {
+                    Ok(()) => stats.packet(n - VNET_HDR_LEN),
+                    Err(DropReason::RxNoBuffers) => {
+                        // Keep it for when the driver posts buffers.
+                        if !backlog.push(frame) {
+                            stats.drop(DropReason::RxNoBuffers);
+                        }
+                        break;
+                    }
+                    Err(why) => stats.drop(why),
+                }
+            }
+        }
+        if moved >= BUDGET {
+            // More may be waiting; come back after other events.
+            let _ = backlog.event.write(1);
+        }
+        if moved > 0 {
+            self.notify(vring, stats)?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for VnicBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2 * self.pairs()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        offered_features().bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+        let f = Features::from_bits_retain(features);
+        if let Err(e) = self.dev.set_guest_features(f) {
+            log::warn!("setting uplink offloads: {e}");
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        for b in &self.dev.backlogs {
+            b.clear();
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config()
+            .read(offset as usize, size as usize)
+            .unwrap_or_default()
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.pairs()).map(|i| 0b11u64 << (2 * i)).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let i = thread_id;
+        if i >= self.pairs() || vrings.len() < 2 {
+            return Ok(());
+        }
+        match device_event {
+            0 => self.process_rx(i, &vrings[0]),
+            1 => self.process_tx(i, &vrings[1]),
+            e if e == self.uplink_event(i) => self.process_rx(i, &vrings[0]),
+            e if e == self.backlog_event(i) => {
+                let _ = self.dev.backlogs[i].event.read();
+                self.process_rx(i, &vrings[0])
+            }
+            e => {
+                log::warn!("worker {i}: unknown event {e}");
+                Ok(())
+            }
+        }
+    }
+}
