@@ -225,7 +225,8 @@ impl Device {
     }
 
     /// Sends one frame the driver put on TX queue `q`. `hdr` is the
-    /// driver's 12-byte virtio-net header.
+    /// driver's virtio-net header (12 or 20 bytes; the uplink gets the
+    /// first 12).
     pub fn transmit(
         &self,
         q: usize,

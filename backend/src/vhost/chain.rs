@@ -37,7 +37,7 @@ where
         }
         let len = desc.len() as usize;
         let start = buf.len();
-        if start + len > HDR_LEN + MAX_FRAME {
+        if start + len > HDR_LEN_HASH + MAX_FRAME {
             return Err(DropReason::Oversized);
         }
         buf.resize(start + len, 0);

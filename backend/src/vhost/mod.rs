@@ -27,7 +27,7 @@ use vmm_sys_util::{
 };
 use vnic_protocol::virtio::{
     config::{VirtioNetConfig, DUPLEX_FULL, STATUS_LINK_UP},
-    hdr::HDR_LEN,
+    hdr::HDR_LEN_HASH,
     Features,
 };
 
@@ -77,7 +77,7 @@ struct Worker {
 impl Worker {
     fn new() -> Worker {
         Worker {
-            tx: Vec::with_capacity(HDR_LEN + MAX_FRAME),
+            tx: Vec::with_capacity(HDR_LEN_HASH + MAX_FRAME),
             rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             scratch: TxScratch::default(),
         }
@@ -182,6 +182,9 @@ impl VnicBackend {
         let Worker { tx, scratch, .. } = &mut *w;
         let stats = &self.dev.stats.tx[i];
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        // The driver's header on transmit has the negotiated size: 20
+        // bytes with HASH_REPORT, 12 otherwise.
+        let hdr_len = self.acked().hdr_len();
         let mut any = false;
         loop {
             if event_idx {
@@ -195,11 +198,11 @@ impl VnicBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 match read_chain(&mem, chain, tx) {
-                    Ok(()) if tx.len() < HDR_LEN => stats.drop(DropReason::ZeroLength),
+                    Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
                     Ok(()) => {
                         let _ = self
                             .dev
-                            .transmit(i, &tx[..HDR_LEN], &tx[HDR_LEN..], scratch);
+                            .transmit(i, &tx[..hdr_len], &tx[hdr_len..], scratch);
                     }
                     Err(why) => stats.drop(why),
                 }
@@ -387,6 +390,7 @@ impl VhostUserBackend for VnicBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         let i = thread_id;
+        log::trace!("worker {i}: event {device_event}");
         if i >= self.pairs() || vrings.len() < 2 {
             return Ok(());
         }

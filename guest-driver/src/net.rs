@@ -1,0 +1,355 @@
+//! `VirtioNet`: negotiation, RX buffer posting, frame transmit and receive
+//! over a vhost-user connection.
+//!
+//! Queue pairs are set up as the device reports them through the
+//! transport; without a control queue the driver does not negotiate MQ
+//! (it depends on CTRL_VQ) but the vhost-user device serves every queue
+//! that is set up.
+
+use std::{
+    os::fd::AsRawFd,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use vm_memory::{Bytes, GuestAddress};
+use vnic_protocol::virtio::{
+    config::{VirtioNetConfig, CONFIG_LEN},
+    hdr::HDR_LEN_HASH,
+    validate::MAX_FRAME_LEN,
+    Features, VirtioNetHdr,
+};
+
+use crate::{
+    transport::vhost_user::VhostUserTransport,
+    virtqueue::{Buf, SplitQueue},
+    Error, Result,
+};
+
+/// What to ask of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetOptions {
+    pub pairs: u16,
+    pub queue_size: u16,
+    pub features: Features,
+    /// Size of each RX buffer with MRG_RXBUF (without it, buffers hold a
+    /// whole 64 KiB frame).
+    pub rx_buf_len: usize,
+}
+
+impl NetOptions {
+    /// The features a Linux guest asks for, minus the control queue ones.
+    pub const DEFAULT_FEATURES: Features = Features::VERSION_1
+        .union(Features::MRG_RXBUF)
+        .union(Features::MAC)
+        .union(Features::MTU)
+        .union(Features::STATUS)
+        .union(Features::CSUM)
+        .union(Features::GUEST_CSUM)
+        .union(Features::HOST_TSO4)
+        .union(Features::HOST_TSO6)
+        .union(Features::HOST_ECN)
+        .union(Features::GUEST_TSO4)
+        .union(Features::GUEST_TSO6)
+        .union(Features::GUEST_ECN)
+        .union(Features::HASH_REPORT);
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            pairs: 1,
+            queue_size: 256,
+            features: Self::DEFAULT_FEATURES,
+            rx_buf_len: 2048,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pool {
+    q: SplitQueue,
+    buf_len: usize,
+    free: Vec<GuestAddress>,
+    /// Buffer of each chain in flight, by head.
+    inflight: Vec<Option<GuestAddress>>,
+}
+
+impl Pool {
+    fn new(t: &mut VhostUserTransport, size: u16, buf_len: usize) -> Result<Pool> {
+        let q = SplitQueue::new(&mut t.dma, size)?;
+        let mut free = Vec::with_capacity(usize::from(size));
+        for _ in 0..size {
+            free.push(t.dma.alloc(buf_len, 64)?);
+        }
+        Ok(Pool {
+            q,
+            buf_len,
+            free,
+            inflight: vec![None; usize::from(size)],
+        })
+    }
+
+    fn add(&mut self, t: &VhostUserTransport, len: usize, writable: bool) -> Result<GuestAddress> {
+        let addr = self.free.pop().ok_or(Error::Queue("no free buffers"))?;
+        match self.q.add(
+            &t.dma.mem,
+            &[Buf {
+                addr,
+                len: len as u32,
+                writable,
+            }],
+        ) {
+            Ok(head) => {
+                self.inflight[usize::from(head)] = Some(addr);
+                Ok(addr)
+            }
+            Err(e) => {
+                self.free.push(addr);
+                Err(e)
+            }
+        }
+    }
+
+    fn used(&mut self, t: &VhostUserTransport) -> Result<Option<(GuestAddress, u32)>> {
+        let Some((head, len)) = self.q.pop_used(&t.dma.mem)? else {
+            return Ok(None);
+        };
+        let addr = self.inflight[usize::from(head)]
+            .take()
+            .ok_or(Error::Queue("used buffer not in flight"))?;
+        self.free.push(addr);
+        Ok(Some((addr, len)))
+    }
+}
+
+/// A received frame and the header the device wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub hdr: VirtioNetHdr,
+    pub frame: Vec<u8>,
+    /// RX buffers the frame came in.
+    pub buffers: u16,
+}
+
+/// A virtio-net device driven over vhost-user.
+#[derive(Debug)]
+pub struct VirtioNet {
+    t: VhostUserTransport,
+    pub features: Features,
+    hdr_len: usize,
+    rx: Vec<Pool>,
+    tx: Vec<Pool>,
+}
+
+impl VirtioNet {
+    /// Connects to vnicd's socket and brings the device up.
+    pub fn connect(socket: &Path, opts: NetOptions) -> Result<VirtioNet> {
+        let pairs = usize::from(opts.pairs.max(1));
+        let mergeable = opts.features.contains(Features::MRG_RXBUF);
+        let rx_len = if mergeable {
+            opts.rx_buf_len.max(HDR_LEN_HASH)
+        } else {
+            MAX_FRAME_LEN + HDR_LEN_HASH
+        };
+        let tx_len = MAX_FRAME_LEN + HDR_LEN_HASH;
+        let n = usize::from(opts.queue_size);
+        let mem = pairs * n * (rx_len.div_ceil(64) * 64 + tx_len.div_ceil(64) * 64)
+            + pairs * 2 * (16 * n + 16 * n + 64)
+            + (1 << 20);
+        let mut t = VhostUserTransport::connect(socket, 2 * pairs, mem)?;
+        let features = t.negotiate(opts.features)?;
+        let hdr_len = features.hdr_len();
+        let mut rx = Vec::with_capacity(pairs);
+        let mut tx = Vec::with_capacity(pairs);
+        for i in 0..pairs {
+            let r = Pool::new(&mut t, opts.queue_size, rx_len)?;
+            let w = Pool::new(&mut t, opts.queue_size, tx_len)?;
+            t.setup_queue(2 * i, &r.q)?;
+            t.setup_queue(2 * i + 1, &w.q)?;
+            rx.push(r);
+            tx.push(w);
+        }
+        let mut dev = VirtioNet {
+            t,
+            features,
+            hdr_len,
+            rx,
+            tx,
+        };
+        for i in 0..pairs {
+            dev.fill_rx(i)?;
+        }
+        Ok(dev)
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// The device's config space.
+    pub fn config(&mut self) -> Result<VirtioNetConfig> {
+        let b = self.t.read_config(0, CONFIG_LEN as u32)?;
+        let arr: [u8; CONFIG_LEN] = b
+            .get(..CONFIG_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(Error::Queue("short config space"))?;
+        Ok(VirtioNetConfig::from_bytes(&arr))
+    }
+
+    /// Posts every free RX buffer of queue `q`.
+    pub fn fill_rx(&mut self, q: usize) -> Result<()> {
+        let pool = self.rx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
+        let mut added = false;
+        while !pool.free.is_empty() && pool.q.free() > 0 {
+            let len = pool.buf_len;
+            pool.add(&self.t, len, true)?;
+            added = true;
+        }
+        if added {
+            self.t.kick(2 * q)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one frame with its header on TX queue `q`. The header's
+    /// `num_buffers` is ignored by the device.
+    pub fn send(&mut self, q: usize, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<()> {
+        if frame.len() > MAX_FRAME_LEN {
+            return Err(Error::Queue("frame too long"));
+        }
+        self.reclaim_tx(q)?;
+        let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
+        let mut hb = [0u8; HDR_LEN_HASH];
+        let hl = hdr
+            .emit(&mut hb, self.hdr_len == HDR_LEN_HASH)
+            .map_err(|_| Error::Queue("header"))?;
+        let addr = *pool.free.last().ok_or(Error::Queue("tx queue full"))?;
+        let mem = &self.t.dma.mem;
+        mem.write_slice(&hb[..hl], addr)?;
+        mem.write_slice(frame, addr.unchecked_add_len(hl))?;
+        pool.add(&self.t, hl + frame.len(), false)?;
+        self.t.kick(2 * q + 1)
+    }
+
+    /// Sends raw descriptor bytes: `bytes` is header and frame as the
+    /// device will read them, with no checks (for tests of bad input).
+    pub fn send_raw(&mut self, q: usize, bytes: &[u8]) -> Result<()> {
+        self.reclaim_tx(q)?;
+        let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
+        let addr = *pool.free.last().ok_or(Error::Queue("tx queue full"))?;
+        let n = bytes.len().min(pool.buf_len);
+        self.t.dma.mem.write_slice(&bytes[..n], addr)?;
+        pool.add(&self.t, n, false)?;
+        self.t.kick(2 * q + 1)
+    }
+
+    /// Adds an arbitrary chain to virtqueue `vq` (2i RX, 2i+1 TX) and
+    /// kicks it: descriptors may point anywhere (for tests of bad input).
+    pub fn send_chain(&mut self, vq: usize, bufs: &[Buf]) -> Result<u16> {
+        let pools = if vq % 2 == 0 {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        };
+        let pool = pools.get_mut(vq / 2).ok_or(Error::Queue("no such queue"))?;
+        let head = pool.q.add(&self.t.dma.mem, bufs)?;
+        self.t.kick(vq)?;
+        Ok(head)
+    }
+
+    /// TX chains the device has consumed on queue `q`.
+    pub fn reclaim_tx(&mut self, q: usize) -> Result<usize> {
+        let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
+        let mut n = 0;
+        while pool.used(&self.t)?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Number of TX chains still with the device.
+    pub fn tx_in_flight(&self, q: usize) -> usize {
+        self.tx
+            .get(q)
+            .map_or(0, |p| p.inflight.iter().filter(|b| b.is_some()).count())
+    }
+
+    /// Takes one received frame from RX queue `q`, if there is one.
+    pub fn recv(&mut self, q: usize) -> Result<Option<Received>> {
+        let mergeable = self.features.contains(Features::MRG_RXBUF);
+        let hash = self.hdr_len == HDR_LEN_HASH;
+        let pool = self.rx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
+        let Some((addr, len)) = pool.used(&self.t)? else {
+            return Ok(None);
+        };
+        let mem = &self.t.dma.mem;
+        let len = len as usize;
+        if len < self.hdr_len {
+            self.fill_rx(q)?;
+            return Err(Error::Queue("rx buffer shorter than the header"));
+        }
+        let mut hb = [0u8; HDR_LEN_HASH];
+        mem.read_slice(&mut hb[..self.hdr_len], addr)?;
+        let hdr = VirtioNetHdr::parse(&hb[..self.hdr_len], hash)
+            .map_err(|_| Error::Queue("bad rx header"))?;
+        let mut frame = vec![0u8; len - self.hdr_len];
+        mem.read_slice(&mut frame, addr.unchecked_add_len(self.hdr_len))?;
+        let buffers = if mergeable { hdr.num_buffers.max(1) } else { 1 };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut got = 1;
+        while got < buffers {
+            match pool.used(&self.t)? {
+                Some((a, l)) => {
+                    let at = frame.len();
+                    frame.resize(at + l as usize, 0);
+                    mem.read_slice(&mut frame[at..], a)?;
+                    got += 1;
+                }
+                None if Instant::now() < deadline => std::hint::spin_loop(),
+                None => return Err(Error::Queue("device did not complete a merged frame")),
+            }
+        }
+        self.fill_rx(q)?;
+        Ok(Some(Received {
+            hdr,
+            frame,
+            buffers,
+        }))
+    }
+
+    /// Waits up to `timeout` for a frame on RX queue `q`.
+    pub fn recv_timeout(&mut self, q: usize, timeout: Duration) -> Result<Option<Received>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.recv(q)? {
+                return Ok(Some(r));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            if let Some(call) = self.t.call_fd(2 * q) {
+                let mut pfd = libc::pollfd {
+                    fd: call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = (deadline - now).as_millis().clamp(1, 50) as libc::c_int;
+                // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+                let _ = call.read();
+            }
+        }
+    }
+}
+
+trait AddLen {
+    fn unchecked_add_len(self, n: usize) -> GuestAddress;
+}
+
+impl AddLen for GuestAddress {
+    fn unchecked_add_len(self, n: usize) -> GuestAddress {
+        GuestAddress(self.0 + n as u64)
+    }
+}

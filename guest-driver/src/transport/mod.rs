@@ -1,0 +1,3 @@
+//! How the driver reaches the device.
+
+pub mod vhost_user;

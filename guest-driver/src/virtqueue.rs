@@ -1,0 +1,123 @@
+//! The driver side of a split virtqueue (virtio 1.3, 2.7).
+
+use std::sync::atomic::{fence, Ordering};
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::{mem::DmaMemory, Error, Result};
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+/// One buffer of a chain: guest address, length, device-writable or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buf {
+    pub addr: GuestAddress,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// A split virtqueue: descriptor table, available and used rings.
+#[derive(Debug)]
+pub struct SplitQueue {
+    pub size: u16,
+    pub desc: GuestAddress,
+    pub avail: GuestAddress,
+    pub used: GuestAddress,
+    free: Vec<u16>,
+    /// Descriptors of each chain in flight, by head.
+    chains: Vec<Vec<u16>>,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl SplitQueue {
+    /// Lays out a queue of `size` entries in `mem`.
+    pub fn new(mem: &mut DmaMemory, size: u16) -> Result<SplitQueue> {
+        if !size.is_power_of_two() {
+            return Err(Error::Queue("size must be a power of two"));
+        }
+        let n = usize::from(size);
+        let desc = mem.alloc(16 * n, 16)?;
+        let avail = mem.alloc(6 + 2 * n, 2)?;
+        let used = mem.alloc(6 + 8 * n, 4)?;
+        Ok(SplitQueue {
+            size,
+            desc,
+            avail,
+            used,
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::new(); n],
+            avail_idx: 0,
+            last_used: 0,
+        })
+    }
+
+    /// Free descriptors.
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    fn off(a: GuestAddress, by: usize) -> GuestAddress {
+        a.unchecked_add(by as u64)
+    }
+
+    /// Makes a chain of `bufs` available; returns its head.
+    pub fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> Result<u16> {
+        if bufs.is_empty() || bufs.len() > self.free.len() {
+            return Err(Error::Queue("no free descriptors"));
+        }
+        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        for (k, (b, &id)) in bufs.iter().zip(&ids).enumerate() {
+            let mut flags = if b.writable { DESC_F_WRITE } else { 0 };
+            let next = ids.get(k + 1).copied().unwrap_or(0);
+            if k + 1 < ids.len() {
+                flags |= DESC_F_NEXT;
+            }
+            let at = Self::off(self.desc, 16 * usize::from(id));
+            mem.write_obj(b.addr.raw_value().to_le(), at)?;
+            mem.write_obj(b.len.to_le(), Self::off(at, 8))?;
+            mem.write_obj(flags.to_le(), Self::off(at, 12))?;
+            mem.write_obj(next.to_le(), Self::off(at, 14))?;
+        }
+        let head = ids[0];
+        let slot = usize::from(self.avail_idx % self.size);
+        mem.write_obj(head.to_le(), Self::off(self.avail, 4 + 2 * slot))?;
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        // The descriptors and ring entry must be visible before the index.
+        fence(Ordering::Release);
+        mem.store(
+            self.avail_idx.to_le(),
+            Self::off(self.avail, 2),
+            Ordering::Release,
+        )?;
+        self.chains[usize::from(head)] = ids;
+        Ok(head)
+    }
+
+    /// Takes the next used chain: (head, bytes written by the device).
+    pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Result<Option<(u16, u32)>> {
+        let used_idx = u16::from_le(mem.load::<u16>(Self::off(self.used, 2), Ordering::Acquire)?);
+        if used_idx == self.last_used {
+            return Ok(None);
+        }
+        fence(Ordering::Acquire);
+        let slot = usize::from(self.last_used % self.size);
+        let at = Self::off(self.used, 4 + 8 * slot);
+        let id = u32::from_le(mem.read_obj::<u32>(at)?);
+        let len = u32::from_le(mem.read_obj::<u32>(Self::off(at, 4))?);
+        self.last_used = self.last_used.wrapping_add(1);
+        let head = u16::try_from(id)
+            .ok()
+            .filter(|&h| h < self.size)
+            .ok_or(Error::Queue("device returned a bad descriptor id"))?;
+        let ids = std::mem::take(&mut self.chains[usize::from(head)]);
+        if ids.is_empty() {
+            return Err(Error::Queue(
+                "device returned a chain that was not in flight",
+            ));
+        }
+        self.free.extend(ids.into_iter().rev());
+        Ok(Some((head, len)))
+    }
+}
