@@ -79,6 +79,10 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), DaemonError> {
 
 /// Serves one frontend connection to its end.
 pub fn serve_one(cfg: &Config, dev: &Arc<Device>) -> Result<(), DaemonError> {
+    // Frames held for the previous frontend's queues are not this one's.
+    for b in &dev.backlogs {
+        b.clear();
+    }
     let backend = Arc::new(VnicBackend::new(
         dev.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),

@@ -22,7 +22,7 @@ use vnic_protocol::virtio::{
 
 use crate::{
     transport::vhost_user::VhostUserTransport,
-    virtqueue::{Buf, SplitQueue},
+    virtqueue::{Buf, RawDesc, SplitQueue},
     Error, Result,
 };
 
@@ -32,8 +32,8 @@ pub struct NetOptions {
     pub pairs: u16,
     pub queue_size: u16,
     pub features: Features,
-    /// Size of each RX buffer with MRG_RXBUF (without it, buffers hold a
-    /// whole 64 KiB frame).
+    /// Size of each RX buffer. Zero without MRG_RXBUF means buffers that
+    /// hold a whole 64 KiB frame.
     pub rx_buf_len: usize,
 }
 
@@ -111,15 +111,16 @@ impl Pool {
         }
     }
 
+    /// The next used buffer of this pool; chains published raw (which
+    /// carry no pool buffer) are reclaimed and passed over.
     fn used(&mut self, t: &VhostUserTransport) -> Result<Option<(GuestAddress, u32)>> {
-        let Some((head, len)) = self.q.pop_used(&t.dma.mem)? else {
-            return Ok(None);
-        };
-        let addr = self.inflight[usize::from(head)]
-            .take()
-            .ok_or(Error::Queue("used buffer not in flight"))?;
-        self.free.push(addr);
-        Ok(Some((addr, len)))
+        while let Some((head, len)) = self.q.pop_used(&t.dma.mem)? {
+            if let Some(addr) = self.inflight[usize::from(head)].take() {
+                self.free.push(addr);
+                return Ok(Some((addr, len)));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -140,6 +141,8 @@ pub struct VirtioNet {
     hdr_len: usize,
     rx: Vec<Pool>,
     tx: Vec<Pool>,
+    /// RX buffers returned shorter than a header.
+    pub rx_length_errors: u64,
 }
 
 impl VirtioNet {
@@ -147,7 +150,7 @@ impl VirtioNet {
     pub fn connect(socket: &Path, opts: NetOptions) -> Result<VirtioNet> {
         let pairs = usize::from(opts.pairs.max(1));
         let mergeable = opts.features.contains(Features::MRG_RXBUF);
-        let rx_len = if mergeable {
+        let rx_len = if mergeable || opts.rx_buf_len > 0 {
             opts.rx_buf_len.max(HDR_LEN_HASH)
         } else {
             MAX_FRAME_LEN + HDR_LEN_HASH
@@ -176,6 +179,7 @@ impl VirtioNet {
             hdr_len,
             rx,
             tx,
+            rx_length_errors: 0,
         };
         for i in 0..pairs {
             dev.fill_rx(i)?;
@@ -258,6 +262,26 @@ impl VirtioNet {
         Ok(head)
     }
 
+    /// Publishes raw descriptors on virtqueue `vq` (see
+    /// [`SplitQueue::add_raw`]) and kicks it.
+    pub fn send_raw_chain(&mut self, vq: usize, descs: &[RawDesc]) -> Result<u16> {
+        let pools = if vq % 2 == 0 {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        };
+        let pool = pools.get_mut(vq / 2).ok_or(Error::Queue("no such queue"))?;
+        let head = pool.q.add_raw(&self.t.dma.mem, descs)?;
+        self.t.kick(vq)?;
+        Ok(head)
+    }
+
+    /// A guest address inside the shared memory with `len` bytes the
+    /// driver does not otherwise use (for raw chains).
+    pub fn scratch(&mut self, len: usize) -> Result<GuestAddress> {
+        self.t.dma.alloc(len, 64)
+    }
+
     /// TX chains the device has consumed on queue `q`.
     pub fn reclaim_tx(&mut self, q: usize) -> Result<usize> {
         let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
@@ -286,8 +310,11 @@ impl VirtioNet {
         let mem = &self.t.dma.mem;
         let len = len as usize;
         if len < self.hdr_len {
+            // The device handed the buffer back unused (a frame it had to
+            // drop): count it, as Linux counts rx_length_errors, and go on.
+            self.rx_length_errors += 1;
             self.fill_rx(q)?;
-            return Err(Error::Queue("rx buffer shorter than the header"));
+            return self.recv(q);
         }
         let mut hb = [0u8; HDR_LEN_HASH];
         mem.read_slice(&mut hb[..self.hdr_len], addr)?;

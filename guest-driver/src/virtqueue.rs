@@ -17,6 +17,18 @@ pub struct Buf {
     pub writable: bool,
 }
 
+/// A descriptor as written to the table, for [`SplitQueue::add_raw`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+pub const F_NEXT: u16 = DESC_F_NEXT;
+pub const F_WRITE: u16 = DESC_F_WRITE;
+
 /// A split virtqueue: descriptor table, available and used rings.
 #[derive(Debug)]
 pub struct SplitQueue {
@@ -80,6 +92,30 @@ impl SplitQueue {
             mem.write_obj(flags.to_le(), Self::off(at, 12))?;
             mem.write_obj(next.to_le(), Self::off(at, 14))?;
         }
+        self.publish(mem, ids)
+    }
+
+    /// Publishes a chain written exactly as given, for testing a device
+    /// against bad input: `next` of each entry is an index into `descs`
+    /// (so chains may loop), and the flags are used as they are.
+    pub fn add_raw(&mut self, mem: &GuestMemoryMmap, descs: &[RawDesc]) -> Result<u16> {
+        if descs.is_empty() || descs.len() > self.free.len() {
+            return Err(Error::Queue("no free descriptors"));
+        }
+        let ids: Vec<u16> = (0..descs.len()).filter_map(|_| self.free.pop()).collect();
+        for (d, &id) in descs.iter().zip(&ids) {
+            let next = ids.get(usize::from(d.next)).copied().unwrap_or(d.next);
+            let at = Self::off(self.desc, 16 * usize::from(id));
+            mem.write_obj(d.addr.to_le(), at)?;
+            mem.write_obj(d.len.to_le(), Self::off(at, 8))?;
+            mem.write_obj(d.flags.to_le(), Self::off(at, 12))?;
+            mem.write_obj(next.to_le(), Self::off(at, 14))?;
+        }
+        self.publish(mem, ids)
+    }
+
+    /// Puts a written chain on the available ring.
+    fn publish(&mut self, mem: &GuestMemoryMmap, ids: Vec<u16>) -> Result<u16> {
         let head = ids[0];
         let slot = usize::from(self.avail_idx % self.size);
         mem.write_obj(head.to_le(), Self::off(self.avail, 4 + 2 * slot))?;
