@@ -79,10 +79,8 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), DaemonError> {
 
 /// Serves one frontend connection to its end.
 pub fn serve_one(cfg: &Config, dev: &Arc<Device>) -> Result<(), DaemonError> {
-    // Frames held for the previous frontend's queues are not this one's.
-    for b in &dev.backlogs {
-        b.clear();
-    }
+    // Nothing the previous frontend set up or left queued carries over.
+    dev.reset().map_err(DaemonError::Device)?;
     let backend = Arc::new(VnicBackend::new(
         dev.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),

@@ -515,3 +515,146 @@ fn survives_twenty_reconnects_with_traffic_after_each() {
     let mut v = s.vnicd;
     assert!(v.alive());
 }
+
+/// The whole device (a frontend that hands over the control queue): the
+/// guest configures RSS, coalescing, queue pairs and filters itself.
+#[test]
+fn control_queue_commands_are_applied() {
+    use vnic_protocol::{
+        rss::{toeplitz_bitwise, HashTypes},
+        virtio::{
+            ctrl::CtrlCommand as C,
+            ctrl::{Coal, RssConfig, ACK_ERR, ACK_OK},
+            Features,
+        },
+    };
+    if !require_netns() {
+        return;
+    }
+    let s = setup(&["--queues", "4"]);
+    let opts = NetOptions {
+        pairs: 4,
+        features: NetOptions::DEFAULT_FEATURES
+            | Features::CTRL_VQ
+            | Features::CTRL_RX
+            | Features::CTRL_VLAN
+            | Features::CTRL_MAC_ADDR
+            | Features::CTRL_GUEST_OFFLOADS
+            | Features::MQ
+            | Features::RSS
+            | Features::NOTF_COAL
+            | Features::VQ_NOTF_COAL,
+        ..Default::default()
+    };
+    let mut g = VirtioNet::connect(&s.vnicd.socket, opts).expect("guest connects");
+    assert!(g
+        .features
+        .contains(Features::CTRL_VQ | Features::RSS | Features::VQ_NOTF_COAL));
+    let cfg = g.config().unwrap();
+    assert_eq!(cfg.max_virtqueue_pairs, 4);
+    assert_eq!(cfg.rss_max_key_size, 40);
+    assert_eq!(cfg.rss_max_indirection_table_length, 128);
+    assert_eq!(cfg.supported_hash_types, HashTypes::all().bits());
+
+    assert_eq!(g.ctrl(&C::VqPairsSet(4)).unwrap().0, ACK_OK);
+    assert_eq!(g.ctrl(&C::VqPairsSet(5)).unwrap().0, ACK_ERR);
+
+    // RSS: a new key, every flow to queue 2.
+    let key: Vec<u8> = (0..40u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+    let rss = C::RssConfig(RssConfig {
+        hash_types: (HashTypes::IPV4 | HashTypes::UDPV4).bits(),
+        indirection_table: vec![2; 8],
+        unclassified_queue: 0,
+        max_tx_vq: 4,
+        key: key.clone(),
+    });
+    assert_eq!(g.ctrl(&rss).unwrap().0, ACK_OK);
+    let sender = s.ns.enter(|| {
+        for p in 6100..6110u16 {
+            UdpSocket::bind((HOST_IP, p))?.send_to(b"rss", (GUEST_IP, 7100))?;
+        }
+        Ok(())
+    });
+    sender.join().unwrap().unwrap();
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while got < 10 && std::time::Instant::now() < deadline {
+        for q in 0..4 {
+            while let Some(r) = g.recv(q).unwrap() {
+                let Ok(info) = parse_frame(&r.frame) else {
+                    continue;
+                };
+                let Some(l4) = info.l4.filter(|l| l.dst_port == 7100) else {
+                    continue;
+                };
+                assert_eq!(q, 2, "RSS_CONFIG sends every flow to queue 2");
+                let mut input = HOST_IP.octets().to_vec();
+                input.extend_from_slice(&GUEST_IP.octets());
+                input.extend_from_slice(&l4.src_port.to_be_bytes());
+                input.extend_from_slice(&7100u16.to_be_bytes());
+                assert_eq!(r.hdr.hash_value, toeplitz_bitwise(&key, &input));
+                got += 1;
+            }
+        }
+    }
+    assert_eq!(got, 10);
+
+    // Coalescing: set, read back, the last command wins, disabled queue ERR.
+    let c = Coal {
+        max_packets: 16,
+        max_usecs: 50,
+    };
+    assert_eq!(
+        g.ctrl(&C::CoalVqSet {
+            vq_index: 3,
+            coal: c
+        })
+        .unwrap()
+        .0,
+        ACK_OK
+    );
+    let (ack, answer) = g.ctrl(&C::CoalVqGet { vq_index: 3 }).unwrap();
+    assert_eq!((ack, Coal::from_bytes(&answer)), (ACK_OK, Some(c)));
+    assert_eq!(g.ctrl(&C::CoalTxSet(Coal::default())).unwrap().0, ACK_OK);
+    let (_, answer) = g.ctrl(&C::CoalVqGet { vq_index: 3 }).unwrap();
+    assert_eq!(Coal::from_bytes(&answer), Some(Coal::default()));
+    assert_eq!(g.ctrl(&C::CoalVqGet { vq_index: 8 }).unwrap().0, ACK_ERR);
+
+    // A new MAC address: frames to the old one are filtered and counted.
+    let new_mac = Address([0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+    assert_eq!(
+        g.ctrl(&C::MacTableSet {
+            unicast: vec![],
+            multicast: vec![]
+        })
+        .unwrap()
+        .0,
+        ACK_OK
+    );
+    assert_eq!(g.ctrl(&C::MacAddrSet(new_mac)).unwrap().0, ACK_OK);
+    assert_eq!(g.config().unwrap().mac, new_mac);
+    s.ns.enter(|| {
+        UdpSocket::bind((HOST_IP, 0))?.send_to(b"to the old mac", (GUEST_IP, 7101))?;
+        Ok(())
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let filtered = || {
+        let st = s.vnicd.stats().unwrap();
+        (0..4)
+            .map(|q| st[&format!("rx{q}.drop.filtered")])
+            .sum::<u64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while filtered() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(filtered(), 1);
+
+    // Nonsense commands get ERR, and are counted.
+    assert_eq!(g.ctrl_raw(&[9, 0], 0).unwrap().0, ACK_ERR);
+    assert_eq!(g.ctrl_raw(&[4, 0, 1], 0).unwrap().0, ACK_ERR);
+    let st = s.vnicd.stats().unwrap();
+    assert_eq!(st["ctrl0.drop.bad_control"], 2);
+}

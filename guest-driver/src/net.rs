@@ -15,6 +15,7 @@ use std::{
 use vm_memory::{Bytes, GuestAddress};
 use vnic_protocol::virtio::{
     config::{VirtioNetConfig, CONFIG_LEN},
+    ctrl::CtrlCommand,
     hdr::HDR_LEN_HASH,
     validate::MAX_FRAME_LEN,
     Features, VirtioNetHdr,
@@ -141,9 +142,14 @@ pub struct VirtioNet {
     hdr_len: usize,
     rx: Vec<Pool>,
     tx: Vec<Pool>,
+    /// The control queue and its one command buffer, with CTRL_VQ.
+    ctrl: Option<Pool>,
     /// RX buffers returned shorter than a header.
     pub rx_length_errors: u64,
 }
+
+/// Bytes of a control command buffer (class, command, data, answer, ack).
+const CTRL_BUF: usize = 4096;
 
 impl VirtioNet {
     /// Connects to vnicd's socket and brings the device up.
@@ -160,7 +166,7 @@ impl VirtioNet {
         let mem = pairs * n * (rx_len.div_ceil(64) * 64 + tx_len.div_ceil(64) * 64)
             + pairs * 2 * (16 * n + 16 * n + 64)
             + (1 << 20);
-        let mut t = VhostUserTransport::connect(socket, 2 * pairs, mem)?;
+        let mut t = VhostUserTransport::connect(socket, 2 * pairs + 1, mem)?;
         let features = t.negotiate(opts.features)?;
         let hdr_len = features.hdr_len();
         let mut rx = Vec::with_capacity(pairs);
@@ -173,12 +179,20 @@ impl VirtioNet {
             rx.push(r);
             tx.push(w);
         }
+        let ctrl = if features.contains(Features::CTRL_VQ) {
+            let c = Pool::new(&mut t, 64, CTRL_BUF)?;
+            t.setup_queue(2 * pairs, &c.q)?;
+            Some(c)
+        } else {
+            None
+        };
         let mut dev = VirtioNet {
             t,
             features,
             hdr_len,
             rx,
             tx,
+            ctrl,
             rx_length_errors: 0,
         };
         for i in 0..pairs {
@@ -199,6 +213,61 @@ impl VirtioNet {
             .and_then(|s| s.try_into().ok())
             .ok_or(Error::Queue("short config space"))?;
         Ok(VirtioNetConfig::from_bytes(&arr))
+    }
+
+    /// Sends a control command and waits for the device's answer: the ack
+    /// (`ACK_OK` or `ACK_ERR`) and the answer bytes before it.
+    pub fn ctrl(&mut self, cmd: &CtrlCommand) -> Result<(u8, Vec<u8>)> {
+        let bytes = cmd
+            .to_bytes()
+            .map_err(|_| Error::Queue("command cannot be encoded"))?;
+        self.ctrl_raw(&bytes, cmd.response_len())
+    }
+
+    /// Sends raw command bytes (class, command, data) with room for
+    /// `response_len` answer bytes and the ack.
+    pub fn ctrl_raw(&mut self, bytes: &[u8], response_len: usize) -> Result<(u8, Vec<u8>)> {
+        let vq = 2 * self.pairs();
+        let pool = self.ctrl.as_mut().ok_or(Error::Queue("no control queue"))?;
+        if bytes.len() + response_len + 1 > CTRL_BUF {
+            return Err(Error::Queue("control command too long"));
+        }
+        let out = *pool.free.last().ok_or(Error::Queue("control queue busy"))?;
+        let mem = &self.t.dma.mem;
+        mem.write_slice(bytes, out)?;
+        let answer = out.unchecked_add_len(bytes.len());
+        let mut fill = vec![0xffu8; response_len + 1];
+        mem.write_slice(&fill, answer)?;
+        let head = pool.q.add(
+            mem,
+            &[
+                Buf {
+                    addr: out,
+                    len: bytes.len() as u32,
+                    writable: false,
+                },
+                Buf {
+                    addr: answer,
+                    len: (response_len + 1) as u32,
+                    writable: true,
+                },
+            ],
+        )?;
+        pool.inflight[usize::from(head)] = pool.free.pop();
+        self.t.kick(vq)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if pool.used(&self.t)?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Queue("device did not answer the control command"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.t.dma.mem.read_slice(&mut fill, answer)?;
+        let ack = fill.pop().unwrap_or(0xff);
+        Ok((ack, fill))
     }
 
     /// Posts every free RX buffer of queue `q`.

@@ -2,12 +2,13 @@
 //! segment or checksum in software), RSS steering, the per-queue backlog
 //! that carries frames between workers, and the counters.
 
+pub mod ctrl;
 pub mod stats;
 
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},
-    sync::{Mutex, PoisonError, RwLock},
+    sync::{Mutex, MutexGuard, PoisonError, RwLock},
 };
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -21,6 +22,7 @@ use vnic_protocol::{
     wire::{ethernet::Address, parse_frame},
 };
 
+use self::ctrl::CtrlState;
 pub use self::stats::{DropReason, QueueStats, Stats};
 use crate::uplink::{Offloads, Uplink};
 
@@ -158,6 +160,7 @@ pub struct Device {
     pub stats: Stats,
     uplink: Box<dyn Uplink>,
     rss: RwLock<Rss>,
+    ctrl: Mutex<CtrlState>,
     pub backlogs: Vec<Backlog>,
 }
 
@@ -185,6 +188,7 @@ impl Device {
             stats: Stats::new(pairs),
             uplink,
             rss: RwLock::new(rss),
+            ctrl: Mutex::new(CtrlState::new(config.mac, config.pairs)),
             backlogs,
             config,
         })
@@ -217,6 +221,34 @@ impl Device {
                 report: vnic_protocol::rss::HashReport::None,
             },
         }
+    }
+
+    /// The state the control queue changes.
+    pub fn ctrl_state(&self) -> MutexGuard<'_, CtrlState> {
+        self.ctrl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Back to the state of a freshly created device (new frontend, or
+    /// the driver reset it): configured RSS, no filters, no coalescing.
+    pub fn reset(&self) -> io::Result<()> {
+        *self.ctrl_state() = CtrlState::new(self.config.mac, self.config.pairs);
+        let rss = self
+            .config
+            .build_rss()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.set_rss(rss);
+        for b in &self.backlogs {
+            b.clear();
+        }
+        Ok(())
+    }
+
+    /// A copy of the RSS configuration in force.
+    pub fn current_rss(&self) -> Rss {
+        self.rss
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the RSS configuration.

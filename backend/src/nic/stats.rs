@@ -33,10 +33,15 @@ pub enum DropReason {
     RxMalformed,
     /// Software segmentation or checksum completion failed.
     OffloadFailed,
+    /// The receive filters (MAC table, RX modes, VLANs) rejected it.
+    Filtered,
+    /// A malformed control command, or one on a chain without room for
+    /// the ack.
+    BadControl,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::BadDescriptor,
         DropReason::ChainTooLong,
         DropReason::ZeroLength,
@@ -49,6 +54,8 @@ impl DropReason {
         DropReason::NoUplink,
         DropReason::RxMalformed,
         DropReason::OffloadFailed,
+        DropReason::Filtered,
+        DropReason::BadControl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +72,8 @@ impl DropReason {
             DropReason::NoUplink => "no_uplink",
             DropReason::RxMalformed => "rx_malformed",
             DropReason::OffloadFailed => "offload_failed",
+            DropReason::Filtered => "filtered",
+            DropReason::BadControl => "bad_control",
         }
     }
 
@@ -115,6 +124,8 @@ impl QueueStats {
 pub struct Stats {
     pub rx: Vec<QueueStats>,
     pub tx: Vec<QueueStats>,
+    /// The control queue: packets are commands answered.
+    pub ctrl: QueueStats,
 }
 
 impl Stats {
@@ -122,13 +133,15 @@ impl Stats {
         Stats {
             rx: (0..pairs).map(|_| QueueStats::default()).collect(),
             tx: (0..pairs).map(|_| QueueStats::default()).collect(),
+            ctrl: QueueStats::default(),
         }
     }
 
     /// `name value` lines, one counter each, e.g. `rx0.packets 12`.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        for (dir, queues) in [("rx", &self.rx), ("tx", &self.tx)] {
+        let ctrl = std::slice::from_ref(&self.ctrl);
+        for (dir, queues) in [("rx", &self.rx[..]), ("tx", &self.tx[..]), ("ctrl", ctrl)] {
             for (i, q) in queues.iter().enumerate() {
                 let _ = writeln!(s, "{dir}{i}.packets {}", q.packets.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.bytes {}", q.bytes.load(Relaxed));

@@ -55,6 +55,66 @@ where
     }
 }
 
+/// Splits a control chain: its device-readable bytes into `readable`, its
+/// device-writable buffers into `writable` (readable ones must come first).
+pub(super) fn split_chain<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    readable: &mut Vec<u8>,
+    writable: &mut Vec<(GuestAddress, usize)>,
+) -> Result<(), DropReason>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    readable.clear();
+    writable.clear();
+    let mut last: Option<Descriptor> = None;
+    for desc in chain {
+        let len = desc.len() as usize;
+        if desc.is_write_only() {
+            writable.push((desc.addr(), len));
+        } else {
+            if !writable.is_empty() {
+                return Err(DropReason::BadChainLayout);
+            }
+            let start = readable.len();
+            if start + len > 64 * 1024 {
+                return Err(DropReason::Oversized);
+            }
+            readable.resize(start + len, 0);
+            mem.read_slice(&mut readable[start..], desc.addr())
+                .map_err(|_| DropReason::BadDescriptor)?;
+        }
+        last = Some(desc);
+    }
+    match last {
+        Some(d) if d.has_next() => Err(DropReason::ChainTooLong),
+        Some(_) => Ok(()),
+        None => Err(DropReason::ZeroLength),
+    }
+}
+
+/// Writes `bytes` across `bufs` (guest address, length) in order; returns
+/// how many were written.
+pub(super) fn write_bufs(
+    mem: &GuestMemoryMmap,
+    bufs: &[(GuestAddress, usize)],
+    bytes: &[u8],
+) -> Result<usize, DropReason> {
+    let mut done = 0;
+    for &(addr, len) in bufs {
+        if done == bytes.len() {
+            break;
+        }
+        let n = len.min(bytes.len() - done);
+        mem.write_slice(&bytes[done..done + n], addr)
+            .map_err(|_| DropReason::BadDescriptor)?;
+        done += n;
+    }
+    Ok(done)
+}
+
 /// Writes received frames into a queue's RX chains.
 pub(super) struct RxWriter<'a> {
     pub mem: &'a GuestMemoryMmap,

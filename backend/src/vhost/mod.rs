@@ -2,9 +2,11 @@
 //! bytes between descriptor chains in guest memory and the device model in
 //! `nic/`; it makes no switching or offload decisions of its own.
 //!
-//! Queue layout: RX i is virtqueue 2i, TX i is 2i+1. Worker thread i owns
-//! queue pair i, its uplink queue and its RX backlog; inside the worker the
-//! pair's vrings are events 0 (RX) and 1 (TX).
+//! Queue layout: RX i is virtqueue 2i, TX i is 2i+1, and the control
+//! queue is 2N. Worker thread i owns queue pair i, its uplink queue and its
+//! RX backlog; inside the worker the pair's vrings are events 0 (RX) and 1
+//! (TX). Thread N serves the control queue, when the frontend hands it
+//! over (a VMM that keeps the control queue never sets up virtqueue 2N).
 
 mod chain;
 
@@ -26,14 +28,18 @@ use vmm_sys_util::{
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
 };
 use vnic_protocol::virtio::{
-    config::{VirtioNetConfig, DUPLEX_FULL, STATUS_LINK_UP},
+    config::{VirtioNetConfig, DUPLEX_FULL, STATUS_ANNOUNCE, STATUS_LINK_UP},
+    ctrl::{CtrlCommand, ACK_ERR, ACK_OK},
     hdr::HDR_LEN_HASH,
     Features,
 };
 
-use self::chain::{read_chain, RxWriter};
+use self::chain::{read_chain, split_chain, write_bufs, RxWriter};
 use crate::{
-    nic::{Device, DropReason, TxScratch, MAX_FRAME},
+    nic::{
+        ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
+        Device, DropReason, TxScratch, MAX_FRAME,
+    },
     uplink::tap::VNET_HDR_LEN,
 };
 
@@ -64,6 +70,15 @@ pub fn offered_features() -> Features {
         | Features::GUEST_USO4
         | Features::GUEST_USO6
         | Features::HASH_REPORT
+        | Features::CTRL_VQ
+        | Features::CTRL_RX
+        | Features::CTRL_RX_EXTRA
+        | Features::CTRL_VLAN
+        | Features::CTRL_MAC_ADDR
+        | Features::CTRL_GUEST_OFFLOADS
+        | Features::RSS
+        | Features::NOTF_COAL
+        | Features::VQ_NOTF_COAL
         | Features::VHOST_USER_PROTOCOL_FEATURES
 }
 
@@ -117,14 +132,15 @@ impl VnicBackend {
         usize::from(self.dev.config.pairs)
     }
 
-    /// Event id of worker `i`'s uplink queue (above every queue id).
+    /// Event id of worker `i`'s uplink queue (above every queue id and
+    /// the exit event, which takes id `num_queues`).
     fn uplink_event(&self, i: usize) -> u16 {
-        (2 * self.pairs() + 1 + i) as u16
+        (2 * self.pairs() + 2 + i) as u16
     }
 
     /// Event id of worker `i`'s backlog eventfd.
     fn backlog_event(&self, i: usize) -> u16 {
-        (3 * self.pairs() + 1 + i) as u16
+        (3 * self.pairs() + 2 + i) as u16
     }
 
     fn acked(&self) -> Features {
@@ -157,17 +173,87 @@ impl VnicBackend {
     }
 
     fn config(&self) -> VirtioNetConfig {
+        let st = self.dev.ctrl_state();
+        let mut status = STATUS_LINK_UP;
+        if st.announce {
+            status |= STATUS_ANNOUNCE;
+        }
         VirtioNetConfig {
-            mac: self.dev.config.mac,
-            status: STATUS_LINK_UP,
+            mac: st.mac,
+            status,
             max_virtqueue_pairs: self.dev.config.pairs,
             mtu: self.dev.config.mtu,
             speed: 100_000,
             duplex: DUPLEX_FULL,
-            rss_max_key_size: 0,
-            rss_max_indirection_table_length: 0,
-            supported_hash_types: 0,
+            rss_max_key_size: RSS_MAX_KEY,
+            rss_max_indirection_table_length: RSS_MAX_TABLE,
+            supported_hash_types: SUPPORTED_HASH_TYPES.bits(),
         }
+    }
+
+    /// Answers every command on the control queue.
+    fn process_ctrl(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory();
+        let acked = self.acked();
+        let stats = &self.dev.stats.ctrl;
+        let mut readable = Vec::new();
+        let mut writable = Vec::new();
+        let mut any = false;
+        loop {
+            let chain = {
+                let mut st = vring.get_mut();
+                st.get_queue_mut().pop_descriptor_chain(mem.clone())
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            any = true;
+            let mut used = 0;
+            match split_chain(&mem, chain, &mut readable, &mut writable) {
+                Err(why) => stats.drop(why),
+                Ok(()) => {
+                    let room: usize = writable.iter().map(|w| w.1).sum();
+                    let answer = match CtrlCommand::parse_message(&readable) {
+                        Ok(cmd) => match self.dev.control(&cmd, acked) {
+                            Ok(resp) if resp.len() < room => Some((resp, ACK_OK)),
+                            Ok(_) => None,
+                            Err(why) => {
+                                log::info!("control command {cmd:?} refused: {}", why.0);
+                                Some((Vec::new(), ACK_ERR))
+                            }
+                        },
+                        Err(e) => {
+                            log::info!("control command does not parse: {e}");
+                            stats.drop(DropReason::BadControl);
+                            Some((Vec::new(), ACK_ERR))
+                        }
+                    };
+                    match answer {
+                        Some((mut bytes, ack)) if room >= 1 => {
+                            // The ack is the last device-writable byte.
+                            bytes.resize(room - 1, 0);
+                            bytes.push(ack);
+                            match write_bufs(&mem, &writable, &bytes) {
+                                Ok(n) => {
+                                    used = n as u32;
+                                    stats.packet(readable.len());
+                                }
+                                Err(why) => stats.drop(why),
+                            }
+                        }
+                        _ => stats.drop(DropReason::BadControl),
+                    }
+                }
+            }
+            vring.add_used(head, used).map_err(io::Error::other)?;
+        }
+        if any {
+            self.notify(vring, stats)?;
+        }
+        Ok(())
     }
 
     fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
@@ -245,6 +331,7 @@ impl VnicBackend {
         };
         let stats = &self.dev.stats.rx[i];
         let backlog = &self.dev.backlogs[i];
+        let active = usize::from(self.dev.ctrl_state().active_pairs.max(1)).min(self.pairs());
         let mut moved = 0;
         let mut full = false;
         // Frames already steered here go first, in order.
@@ -288,7 +375,15 @@ impl VnicBackend {
                     stats.drop(DropReason::RxMalformed);
                     continue;
                 }
-                let target = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+                if !self.dev.rx_accepts(&frame[VNET_HDR_LEN..]) {
+                    stats.drop(DropReason::Filtered);
+                    continue;
+                }
+                let mut target = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+                if target >= active {
+                    // The table names a queue the driver has not enabled.
+                    target %= active;
+                }
                 if target != i && target < self.pairs() {
                     let b = &self.dev.backlogs[target];
                     if b.push(frame) {
@@ -327,7 +422,7 @@ impl VhostUserBackend for VnicBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2 * self.pairs()
+        2 * self.pairs() + 1
     }
 
     fn max_queue_size(&self) -> usize {
@@ -354,8 +449,8 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn reset_device(&self) {
-        for b in &self.dev.backlogs {
-            b.clear();
+        if let Err(e) = self.dev.reset() {
+            log::warn!("device reset: {e}");
         }
     }
 
@@ -375,7 +470,9 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.pairs()).map(|i| 0b11u64 << (2 * i)).collect()
+        let mut t: Vec<u64> = (0..self.pairs()).map(|i| 0b11u64 << (2 * i)).collect();
+        t.push(1u64 << (2 * self.pairs()));
+        t
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -391,7 +488,13 @@ impl VhostUserBackend for VnicBackend {
     ) -> io::Result<()> {
         let i = thread_id;
         log::trace!("worker {i}: event {device_event}");
-        if i >= self.pairs() || vrings.len() < 2 {
+        if i == self.pairs() {
+            return match (device_event, vrings.first()) {
+                (0, Some(v)) => self.process_ctrl(v),
+                _ => Ok(()),
+            };
+        }
+        if i > self.pairs() || vrings.len() < 2 {
             return Ok(());
         }
         match device_event {
