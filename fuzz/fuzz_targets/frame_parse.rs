@@ -1,13 +1,18 @@
 //! Invariant: for any bytes, `parse_frame` either fails with an error or
 //! reports offsets that lie inside the frame, and every header it accepted
-//! survives parse -> emit -> parse unchanged at the `Repr` level.
+//! survives parse -> emit -> parse unchanged at the `Repr` level; and
+//! `parse_frame_prefix` over any prefix either agrees with it or reports a
+//! header that lies past the prefix.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vnic_protocol::{
     checksum,
-    wire::{arp, ethernet, icmpv4, icmpv6, ip_proto, ipv4, ipv6, parse_frame, tcp, udp, L3Info},
+    wire::{
+        arp, ethernet, icmpv4, icmpv6, ip_proto, ipv4, ipv6, parse_frame, parse_frame_prefix, tcp,
+        udp, L3Info,
+    },
 };
 
 fn round_trip_l4(proto: u8, seg: &[u8], v6: Option<(core::net::Ipv6Addr, core::net::Ipv6Addr)>) {
@@ -67,7 +72,13 @@ fn round_trip_l4(proto: u8, seg: &[u8], v6: Option<(core::net::Ipv6Addr, core::n
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(info) = parse_frame(data) else {
+    let whole = parse_frame(data);
+    for k in [14, 40, 64, 128] {
+        if let Ok(p) = parse_frame_prefix(&data[..k.min(data.len())], data.len()) {
+            assert_eq!(whole, Ok(p), "prefix {k}");
+        }
+    }
+    let Ok(info) = whole else {
         return;
     };
     assert!(info.l3_offset <= data.len());

@@ -1,4 +1,6 @@
-//! Invariant: a driver header that `validate` accepts as GSO segments into
+//! Invariant: `validate_prefix` over the first 128 bytes agrees with
+//! `validate` over the whole frame unless a header lies past the prefix;
+//! and a driver header that `validate` accepts as GSO segments into
 //! frames that each re-parse, carry valid IPv4 and transport checksums,
 //! carry at most `gso_size` payload bytes (exactly that for all but the
 //! last), and whose payloads concatenate to the super-frame's payload.
@@ -13,8 +15,9 @@ use libfuzzer_sys::fuzz_target;
 use vnic_protocol::{
     checksum,
     offload::{l4_checksum_ok, Segmenter},
-    virtio::{hdr::GsoType, validate, HdrFlags, VirtioNetHdr},
+    virtio::{hdr::GsoType, validate, validate_prefix, HdrFlags, ValidateError, VirtioNetHdr},
     wire::{
+        self,
         build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
         parse_frame,
         tcp::Flags,
@@ -22,7 +25,19 @@ use vnic_protocol::{
 };
 
 fn check(hdr: &VirtioNetHdr, frame: &[u8]) {
-    let Ok(v) = validate(hdr, frame) else {
+    let whole = validate(hdr, frame);
+    let k = frame.len().min(128);
+    match (&whole, validate_prefix(hdr, &frame[..k], frame.len())) {
+        (_, Err(ValidateError::Frame(wire::Error::Truncated(_)))) => {}
+        (Ok(a), Ok(b)) => {
+            assert_eq!((a.gso, a.ecn, a.segments), (b.gso, b.ecn, b.segments));
+            if b.info.is_some() {
+                assert_eq!(a.info, b.info);
+            }
+        }
+        (a, b) => assert_eq!(a, &b),
+    }
+    let Ok(v) = whole else {
         return;
     };
     if v.gso == GsoType::None {

@@ -11,4 +11,4 @@ pub mod validate;
 pub use config::VirtioNetConfig;
 pub use features::Features;
 pub use hdr::{GsoType, HdrFlags, VirtioNetHdr};
-pub use validate::{validate, ValidateError, Validated};
+pub use validate::{validate, validate_prefix, ValidateError, Validated};

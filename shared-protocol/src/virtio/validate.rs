@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 use super::hdr::{GsoType, HdrError, HdrFlags, VirtioNetHdr};
-use crate::wire::{self, ip_proto, parse_frame, FrameInfo, L3Info};
+use crate::wire::{self, ip_proto, parse_frame_prefix, FrameInfo, L3Info};
 
 /// Longest frame a driver may hand over: a 64 KiB IP packet behind an
 /// Ethernet header and two VLAN tags.
@@ -82,7 +82,18 @@ fn csum_offset_for(proto: u8) -> Option<(&'static str, u16)> {
 
 /// Applies the device-side checks of a driver-supplied header to its frame.
 pub fn validate(hdr: &VirtioNetHdr, frame: &[u8]) -> Result<Validated, ValidateError> {
-    let len = frame.len();
+    validate_prefix(hdr, frame, frame.len())
+}
+
+/// [`validate`] for a frame of `len` bytes of which the caller copied out
+/// the first ones, `prefix` (the rest may stay in guest memory). Headers
+/// must lie within `prefix`; every check against the frame's length uses
+/// `len`. With the whole frame as prefix it is [`validate`].
+pub fn validate_prefix(
+    hdr: &VirtioNetHdr,
+    prefix: &[u8],
+    len: usize,
+) -> Result<Validated, ValidateError> {
     if len < MIN_FRAME_LEN {
         return Err(ValidateError::FrameTooShort(len));
     }
@@ -118,7 +129,7 @@ pub fn validate(hdr: &VirtioNetHdr, frame: &[u8]) -> Result<Validated, ValidateE
             // A plain checksum request may cover any protocol; when the
             // frame parses and csum_start names its TCP or UDP header, the
             // offset must be that header's checksum field.
-            if let Ok(info) = parse_frame(frame) {
+            if let Ok(info) = parse_frame_prefix(prefix, len) {
                 if let Some(l4) = info.l4 {
                     if l4.offset == usize::from(hdr.csum_start) {
                         if let Some((proto, expected)) = csum_offset_for(l4.protocol) {
@@ -144,7 +155,7 @@ pub fn validate(hdr: &VirtioNetHdr, frame: &[u8]) -> Result<Validated, ValidateE
     if hdr.gso_size == 0 {
         return Err(ValidateError::ZeroGsoSize);
     }
-    let info = parse_frame(frame)?;
+    let info = parse_frame_prefix(prefix, len)?;
     if info.l3.is_fragment() {
         return Err(ValidateError::GsoFragment);
     }
@@ -280,6 +291,22 @@ mod tests {
             validate(&tso(1448), &f[..100]),
             Err(ValidateError::Frame(_))
         ));
+    }
+
+    #[test]
+    fn a_header_prefix_validates_like_the_whole_frame() {
+        let f = tcp4_frame(&[7u8; 9000], 1, Flags::ACK);
+        for (h, len) in [(tso(1448), f.len()), (tso(0), f.len()), (tso(1448), 100)] {
+            let whole = validate(&h, &f[..len]);
+            let pre = validate_prefix(&h, &f[..len.min(128)], len);
+            assert_eq!(whole, pre);
+        }
+        // Headers must lie in the prefix.
+        assert!(matches!(
+            validate_prefix(&tso(1448), &f[..40], f.len()),
+            Err(ValidateError::Frame(_))
+        ));
+        assert!(validate_prefix(&tso(1448), &f[..66], f.len()).is_ok());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{
     ethernet::{self, ethertype, Address, VlanRepr, VlanTag},
-    ip_proto, ipv4, ipv6, tcp, udp, Error, Result,
+    ip_proto, ipv4, ipv6, need, tcp, udp, Error, Result,
 };
 
 /// Most VLAN tags [`parse_frame`] steps over (an 802.1ad S-tag and an
@@ -105,21 +105,38 @@ impl FrameInfo {
     }
 }
 
-fn l4_info(protocol: u8, seg: &[u8], offset: usize) -> Result<Option<L4Info>> {
+/// The transport header at `offset` (from the frame start), given the
+/// bytes at hand and where the IP packet ends within the frame.
+fn l4_info(protocol: u8, prefix: &[u8], offset: usize, l3_end: usize) -> Result<Option<L4Info>> {
+    let seg = prefix.get(offset..).unwrap_or(&[]);
+    let seg_len = l3_end.saturating_sub(offset);
     let (header_len, src_port, dst_port) = match protocol {
         ip_proto::TCP => {
-            let t = tcp::Packet::new_checked(seg)?;
-            (t.header_len(), t.src_port(), t.dst_port())
+            need(seg, tcp::HEADER_LEN, "tcp header")?;
+            let t = tcp::Packet::new_unchecked(seg);
+            let hl = t.header_len();
+            if hl < tcp::HEADER_LEN {
+                return Err(Error::Malformed("tcp data offset"));
+            }
+            if hl > seg_len {
+                return Err(Error::Truncated("tcp options"));
+            }
+            need(seg, hl, "tcp options")?;
+            (hl, t.src_port(), t.dst_port())
         }
         ip_proto::UDP => {
-            let u = udp::Packet::new_checked(seg)?;
-            if u.len() != seg.len() {
+            need(seg, udp::HEADER_LEN, "udp header")?;
+            let u = udp::Packet::new_unchecked(seg);
+            if u.len() < udp::HEADER_LEN {
+                return Err(Error::Malformed("udp length"));
+            }
+            if u.len() != seg_len {
                 return Err(Error::Malformed("udp length differs from ip length"));
             }
             (udp::HEADER_LEN, u.src_port(), u.dst_port())
         }
         ip_proto::ICMP | ip_proto::ICMPV6 => {
-            if seg.len() < 8 {
+            if seg_len < 8 {
                 return Err(Error::Truncated("icmp header"));
             }
             (8, 0, 0)
@@ -140,7 +157,18 @@ fn l4_info(protocol: u8, seg: &[u8], offset: usize) -> Result<Option<L4Info>> {
 /// Checks every length on the way; checksums are not verified (the caller
 /// decides whether it trusts them). Fragments carry no [`L4Info`].
 pub fn parse_frame(frame: &[u8]) -> Result<FrameInfo> {
-    let eth = ethernet::Frame::new_checked(frame)?;
+    parse_frame_prefix(frame, frame.len())
+}
+
+/// [`parse_frame`] for a frame of `frame_len` bytes of which only the first
+/// ones, `prefix`, are at hand (a device that copies the headers out of
+/// guest memory and leaves the payload there). Every header must lie in
+/// `prefix`; lengths are checked against `frame_len`.
+pub fn parse_frame_prefix(prefix: &[u8], frame_len: usize) -> Result<FrameInfo> {
+    if prefix.len() > frame_len {
+        return Err(Error::Malformed("prefix longer than the frame"));
+    }
+    let eth = ethernet::Frame::new_checked(prefix)?;
     let mut info = FrameInfo {
         src: eth.src_addr(),
         dst: eth.dst_addr(),
@@ -154,45 +182,70 @@ pub fn parse_frame(frame: &[u8]) -> Result<FrameInfo> {
         if !ethernet::is_vlan_tpid(info.ethertype) {
             break;
         }
-        let tag = VlanTag::new_checked(&frame[info.l3_offset..])?;
+        let tag = VlanTag::new_checked(&prefix[info.l3_offset..])?;
         let v = VlanRepr::parse(info.ethertype, &tag)?;
         *slot = Some(v);
         info.ethertype = v.inner;
         info.l3_offset += ethernet::VLAN_TAG_LEN;
     }
-    let l3 = &frame[info.l3_offset..];
+    let l3 = &prefix[info.l3_offset..];
+    let l3_room = frame_len - info.l3_offset;
     match info.ethertype {
         ethertype::IPV4 => {
-            let p = ipv4::Packet::new_checked(l3)?;
+            need(l3, ipv4::HEADER_LEN, "ipv4 header")?;
+            let p = ipv4::Packet::new_unchecked(l3);
+            if p.version() != 4 {
+                return Err(Error::Malformed("ipv4 version"));
+            }
+            let hl = p.header_len();
+            if hl < ipv4::HEADER_LEN {
+                return Err(Error::Malformed("ipv4 header length"));
+            }
+            need(l3, hl, "ipv4 header")?;
+            let total = p.total_len();
+            if total < hl {
+                return Err(Error::Malformed("ipv4 total length"));
+            }
+            if total > l3_room {
+                return Err(Error::Truncated("ipv4 packet"));
+            }
             let fragment = p.is_fragment();
             info.l3 = L3Info::Ipv4 {
                 src: p.src_addr(),
                 dst: p.dst_addr(),
                 protocol: p.protocol(),
-                header_len: p.header_len(),
-                total_len: p.total_len(),
+                header_len: hl,
+                total_len: total,
                 fragment,
             };
             if !fragment {
-                let off = info.l3_offset + p.header_len();
-                info.l4 = l4_info(p.protocol(), p.payload(), off)?;
+                let off = info.l3_offset + hl;
+                info.l4 = l4_info(p.protocol(), prefix, off, info.l3_offset + total)?;
             }
         }
         ethertype::IPV6 => {
-            let p = ipv6::Packet::new_checked(l3)?;
-            let ext = ipv6::walk(&p)?;
+            need(l3, ipv6::HEADER_LEN, "ipv6 header")?;
+            let p = ipv6::Packet::new_unchecked(l3);
+            if l3[0] >> 4 != 6 {
+                return Err(Error::Malformed("ipv6 version"));
+            }
+            let total = ipv6::HEADER_LEN + p.payload_len();
+            if total > l3_room {
+                return Err(Error::Truncated("ipv6 packet"));
+            }
+            let ext = ipv6::walk_bytes(&l3[..total.min(l3.len())])?;
             info.l3 = L3Info::Ipv6 {
                 src: p.src_addr(),
                 dst: p.dst_addr(),
-                total_len: ipv6::HEADER_LEN + p.payload_len(),
+                total_len: total,
                 ext,
             };
             if ext.fragment.is_none() {
-                let seg = p
-                    .packet()
-                    .get(ext.upper_offset..)
-                    .ok_or(Error::Truncated("ipv6 upper layer"))?;
-                info.l4 = l4_info(ext.upper_proto, seg, info.l3_offset + ext.upper_offset)?;
+                if ext.upper_offset > total {
+                    return Err(Error::Truncated("ipv6 upper layer"));
+                }
+                let off = info.l3_offset + ext.upper_offset;
+                info.l4 = l4_info(ext.upper_proto, prefix, off, info.l3_offset + total)?;
             }
         }
         ethertype::ARP => {

@@ -404,9 +404,16 @@ pub struct ExtWalk {
 /// nonzero offset the walk stops: the rest belongs to another fragment.
 /// More than [`MAX_EXT_HEADERS`] headers is an error.
 pub fn walk<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<ExtWalk> {
-    let pkt = p.packet();
+    walk_bytes(p.packet())
+}
+
+/// [`walk`] over the first bytes of an IPv6 packet (fixed header
+/// included): extension headers must lie within `pkt`, which may stop
+/// short of the packet's end.
+pub fn walk_bytes(pkt: &[u8]) -> Result<ExtWalk> {
+    need(pkt, HEADER_LEN, "ipv6 header")?;
     let mut w = ExtWalk {
-        upper_proto: p.next_header(),
+        upper_proto: pkt[NEXT_HEADER_OFFSET],
         upper_offset: HEADER_LEN,
         next_header_field: NEXT_HEADER_OFFSET,
         fragment: None,

@@ -17,7 +17,7 @@ pub mod udp;
 
 pub(crate) mod frame;
 
-pub use frame::{parse_frame, FrameInfo, L3Info, L4Info, MAX_VLAN_TAGS};
+pub use frame::{parse_frame, parse_frame_prefix, FrameInfo, L3Info, L4Info, MAX_VLAN_TAGS};
 
 /// Why a header could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
