@@ -7,8 +7,8 @@ pub mod stats;
 
 use std::{
     collections::VecDeque,
-    io::{self, IoSlice},
-    sync::{Mutex, MutexGuard, PoisonError, RwLock},
+    io,
+    sync::{atomic::Ordering, Mutex, MutexGuard, PoisonError, RwLock},
 };
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -17,14 +17,14 @@ use vnic_protocol::{
     rss::{HashTypes, IndirectionTable, Rss, RssError, Steering},
     virtio::{
         hdr::{GsoType, HDR_LEN},
-        validate, Features, HdrFlags, VirtioNetHdr,
+        validate_prefix, Features, HdrFlags, VirtioNetHdr,
     },
     wire::{ethernet::Address, parse_frame},
 };
 
 use self::ctrl::CtrlState;
 pub use self::stats::{DropReason, QueueStats, Stats};
-use crate::uplink::{Offloads, Uplink};
+use crate::uplink::{Offloads, Piece, Uplink, MAX_PIECES};
 
 /// Largest frame the device moves (a 64 KiB GSO frame and its headers).
 pub const MAX_FRAME: usize = vnic_protocol::virtio::validate::MAX_FRAME_LEN;
@@ -256,9 +256,9 @@ impl Device {
         *self.rss.write().unwrap_or_else(PoisonError::into_inner) = rss;
     }
 
-    /// Sends one frame the driver put on TX queue `q`. `hdr` is the
+    /// Sends one frame the driver put on TX queue `q`: `hdr` is the
     /// driver's virtio-net header (12 or 20 bytes; the uplink gets the
-    /// first 12).
+    /// first 12) and `frame` the whole frame.
     pub fn transmit(
         &self,
         q: usize,
@@ -266,32 +266,52 @@ impl Device {
         frame: &[u8],
         scratch: &mut TxScratch,
     ) -> Result<(), DropReason> {
+        self.transmit_pieces(q, hdr, frame, &[], scratch)
+    }
+
+    /// [`Device::transmit`] for a frame whose first bytes, `prefix` (all
+    /// its headers), were copied out of guest memory and whose rest stays
+    /// there as `rest`. When the uplink takes the frame as it is, the
+    /// validated prefix and the guest's payload are written in one
+    /// vectored write, without copying the payload.
+    pub fn transmit_pieces(
+        &self,
+        q: usize,
+        hdr: &[u8],
+        prefix: &[u8],
+        rest: &[Piece<'_>],
+        scratch: &mut TxScratch,
+    ) -> Result<(), DropReason> {
         let stats = self.stats.tx.get(q).ok_or(DropReason::UplinkError)?;
-        let r = self.transmit_inner(q, hdr, frame, scratch, stats);
+        let len = prefix.len() + rest.iter().map(Piece::len).sum::<usize>();
+        let r = self.transmit_inner(q, hdr, prefix, rest, len, scratch, stats);
         match r {
-            Ok(()) => stats.packet(frame.len()),
+            Ok(()) => stats.packet(len),
             Err(why) => stats.drop(why),
         }
         r
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn transmit_inner(
         &self,
         q: usize,
         hdr_bytes: &[u8],
-        frame: &[u8],
+        prefix: &[u8],
+        rest: &[Piece<'_>],
+        len: usize,
         scratch: &mut TxScratch,
         stats: &QueueStats,
     ) -> Result<(), DropReason> {
-        if frame.is_empty() {
+        if len == 0 {
             return Err(DropReason::ZeroLength);
         }
         let hdr = VirtioNetHdr::parse(hdr_bytes, false).map_err(|_| DropReason::BadHeader)?;
-        let v = validate(&hdr, frame).map_err(|e| {
+        let v = validate_prefix(&hdr, prefix, len).map_err(|e| {
             log::debug!("tx{q}: bad header: {e}");
             DropReason::BadHeader
         })?;
-        if v.gso == GsoType::None && frame.len() > usize::from(self.config.mtu) + 14 + 8 {
+        if v.gso == GsoType::None && len > usize::from(self.config.mtu) + 14 + 8 {
             return Err(DropReason::Oversized);
         }
         let caps = self.uplink.tx_offloads();
@@ -306,49 +326,55 @@ impl Device {
         let uq = q % self.uplink.queues().max(1);
         if gso_ok && (!needs_csum || caps.csum) {
             if v.gso != GsoType::None {
-                stats
-                    .gso_packets
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.gso_packets.fetch_add(1, Ordering::Relaxed);
             }
             let mut out = [0u8; HDR_LEN];
             out.copy_from_slice(&hdr_bytes[..HDR_LEN]);
             out[10] = 0;
             out[11] = 0;
-            return self.send(uq, &[IoSlice::new(&out), IoSlice::new(frame)]);
+            if rest.len() + 2 > MAX_PIECES {
+                return Err(DropReason::ChainTooLong);
+            }
+            let mut pieces = [Piece::Local(&[]); MAX_PIECES];
+            pieces[0] = Piece::Local(&out);
+            pieces[1] = Piece::Local(prefix);
+            pieces[2..2 + rest.len()].copy_from_slice(rest);
+            return self.send(uq, &pieces[..2 + rest.len()]);
         }
-        stats
-            .sw_offloads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.sw_offloads.fetch_add(1, Ordering::Relaxed);
+        // Software offloads need the frame in one piece.
+        scratch.frame.clear();
+        scratch.frame.extend_from_slice(prefix);
+        for p in rest {
+            p.copy_to(&mut scratch.frame);
+        }
         let plain = [0u8; HDR_LEN];
         if v.gso != GsoType::None {
             let mut result = Ok(());
-            scratch
-                .seg
-                .segment(frame, &v, hdr.gso_size, &mut |h, p| {
-                    let r = self.send(
-                        uq,
-                        &[IoSlice::new(&plain), IoSlice::new(h), IoSlice::new(p)],
-                    );
-                    if result.is_ok() {
-                        result = r;
-                    }
-                })
-                .map_err(|_| DropReason::OffloadFailed)?;
+            let TxScratch { seg, frame } = scratch;
+            seg.segment(frame, &v, hdr.gso_size, &mut |h, p| {
+                let r = self.send(
+                    uq,
+                    &[Piece::Local(&plain), Piece::Local(h), Piece::Local(p)],
+                );
+                if result.is_ok() {
+                    result = r;
+                }
+            })
+            .map_err(|_| DropReason::OffloadFailed)?;
             return result;
         }
-        scratch.frame.clear();
-        scratch.frame.extend_from_slice(frame);
         complete_checksum(
             &mut scratch.frame,
             usize::from(hdr.csum_start),
             usize::from(hdr.csum_offset),
         )
         .map_err(|_| DropReason::OffloadFailed)?;
-        self.send(uq, &[IoSlice::new(&plain), IoSlice::new(&scratch.frame)])
+        self.send(uq, &[Piece::Local(&plain), Piece::Local(&scratch.frame)])
     }
 
-    fn send(&self, q: usize, iov: &[IoSlice<'_>]) -> Result<(), DropReason> {
-        match self.uplink.send(q, iov) {
+    fn send(&self, q: usize, pieces: &[Piece<'_>]) -> Result<(), DropReason> {
+        match self.uplink.send(q, pieces) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(DropReason::NoUplink),
             Err(e) => {
@@ -372,11 +398,14 @@ pub(crate) mod tests {
     };
 
     use super::*;
+    use crate::uplink::PieceMut;
 
     /// An uplink that records what it is given.
     #[derive(Default, Clone)]
     pub(crate) struct FakeUplink {
         pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        /// Per frame sent: for each piece, whether it was guest memory.
+        pub kinds: Arc<Mutex<Vec<Vec<bool>>>>,
         pub offloads: Offloads,
     }
 
@@ -390,16 +419,22 @@ pub(crate) mod tests {
         fn set_rx_offloads(&self, _o: Offloads) -> io::Result<()> {
             Ok(())
         }
-        fn send(&self, _q: usize, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+        fn send(&self, _q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
             let mut f = Vec::new();
-            for s in iov {
-                f.extend_from_slice(s);
+            for p in pieces {
+                p.copy_to(&mut f);
             }
             let n = f.len();
             self.sent.lock().unwrap().push(f);
+            self.kinds.lock().unwrap().push(
+                pieces
+                    .iter()
+                    .map(|p| matches!(p, Piece::Guest(_)))
+                    .collect(),
+            );
             Ok(n)
         }
-        fn recv(&self, _q: usize, _buf: &mut [u8]) -> io::Result<usize> {
+        fn recv(&self, _q: usize, _pieces: &mut [PieceMut<'_>]) -> io::Result<usize> {
             Err(io::ErrorKind::WouldBlock.into())
         }
         fn rx_fd(&self, _q: usize) -> Option<std::os::fd::RawFd> {
@@ -459,6 +494,38 @@ pub(crate) mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
+    }
+
+    #[test]
+    fn payload_in_guest_memory_is_passed_through_not_copied() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        let up = FakeUplink {
+            offloads: Offloads::ALL,
+            ..Default::default()
+        };
+        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let f = tcp_frame(
+            &Flow::v4(),
+            data_segment(1, 1, Flags::ACK),
+            &IpFields::default(),
+            &[5; 9000],
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x10000)]).unwrap();
+        mem.write_slice(&f, GuestAddress(0x1000)).unwrap();
+        let rest = mem
+            .get_slice(GuestAddress(0x1000 + 256), f.len() - 256)
+            .unwrap();
+        dev.transmit_pieces(
+            0,
+            &tso_hdr(1448),
+            &f[..256],
+            &[Piece::Guest(rest)],
+            &mut TxScratch::default(),
+        )
+        .unwrap();
+        assert_eq!(&up.sent.lock().unwrap()[0][12..], &f[..]);
+        assert_eq!(up.kinds.lock().unwrap()[0], vec![false, false, true]);
     }
 
     #[test]

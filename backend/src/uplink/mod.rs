@@ -4,10 +4,51 @@
 
 pub mod tap;
 
-use std::{
-    io::{self, IoSlice},
-    os::fd::RawFd,
-};
+use std::{io, os::fd::RawFd};
+
+use vm_memory::VolatileSlice;
+
+/// Most pieces one frame may be written from or read into.
+pub const MAX_PIECES: usize = 260;
+
+/// A piece of a frame for a vectored write: bytes of vnicd's own, or a
+/// slice of guest memory, which is never turned into a Rust reference
+/// (the guest may change it at any time).
+#[derive(Debug, Clone, Copy)]
+pub enum Piece<'a> {
+    Local(&'a [u8]),
+    Guest(VolatileSlice<'a>),
+}
+
+impl Piece<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Local(b) => b.len(),
+            Piece::Guest(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends the bytes to `out`.
+    pub fn copy_to(&self, out: &mut Vec<u8>) {
+        match self {
+            Piece::Local(b) => out.extend_from_slice(b),
+            Piece::Guest(v) => {
+                let at = out.len();
+                out.resize(at + v.len(), 0);
+                v.copy_to(&mut out[at..]);
+            }
+        }
+    }
+}
+
+/// A piece of memory a vectored read fills.
+#[derive(Debug)]
+pub enum PieceMut<'a> {
+    Local(&'a mut [u8]),
+    Guest(VolatileSlice<'a>),
+}
 
 /// What an uplink accepts in the headers it is given, and what it is
 /// allowed to hand back.
@@ -40,11 +81,12 @@ pub trait Uplink: Send + Sync {
     /// Tells the uplink which offloads the receiver (the guest) accepts, so
     /// that it only hands back frames the guest can take.
     fn set_rx_offloads(&self, offloads: Offloads) -> io::Result<()>;
-    /// Writes one frame (header first) on queue `q`.
-    fn send(&self, q: usize, iov: &[IoSlice<'_>]) -> io::Result<usize>;
-    /// Reads one frame (header first) from queue `q` into `buf`;
-    /// `WouldBlock` when there is none.
-    fn recv(&self, q: usize, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes one frame (header first) on queue `q` from `pieces`.
+    fn send(&self, q: usize, pieces: &[Piece<'_>]) -> io::Result<usize>;
+    /// Reads one frame (header first) from queue `q` into `pieces`;
+    /// `WouldBlock` when there is none. A frame longer than the pieces is
+    /// an error, not a truncation.
+    fn recv(&self, q: usize, pieces: &mut [PieceMut<'_>]) -> io::Result<usize>;
     /// A file descriptor that becomes readable when queue `q` has frames.
     fn rx_fd(&self, q: usize) -> Option<RawFd>;
 }
@@ -66,10 +108,10 @@ impl Uplink for NoUplink {
     fn set_rx_offloads(&self, _offloads: Offloads) -> io::Result<()> {
         Ok(())
     }
-    fn send(&self, _q: usize, _iov: &[IoSlice<'_>]) -> io::Result<usize> {
+    fn send(&self, _q: usize, _pieces: &[Piece<'_>]) -> io::Result<usize> {
         Err(io::Error::new(io::ErrorKind::NotConnected, "no uplink"))
     }
-    fn recv(&self, _q: usize, _buf: &mut [u8]) -> io::Result<usize> {
+    fn recv(&self, _q: usize, _pieces: &mut [PieceMut<'_>]) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())
     }
     fn rx_fd(&self, _q: usize) -> Option<RawFd> {

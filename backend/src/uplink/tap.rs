@@ -3,14 +3,14 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, IoSlice},
+    io,
     os::{
         fd::{AsRawFd, RawFd},
         unix::fs::OpenOptionsExt,
     },
 };
 
-use super::{Offloads, Uplink};
+use super::{Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -30,6 +30,13 @@ const TUN_F_USO6: libc::c_uint = 0x40;
 
 /// The virtio-net header size used on the TAP (with num_buffers).
 pub const VNET_HDR_LEN: usize = 12;
+/// Longest frame a TAP hands over (a 64 KiB GSO frame and its headers).
+pub const MAX_TAP_FRAME: usize = 65535 + 14 + 8;
+
+const EMPTY_IOVEC: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
 
 #[repr(C)]
 struct IfReq {
@@ -156,13 +163,34 @@ impl Uplink for Tap {
         ioctl_val(f, TUNSETOFFLOAD, libc::c_ulong::from(flags))
     }
 
-    fn send(&self, q: usize, iov: &[IoSlice<'_>]) -> io::Result<usize> {
+    fn send(&self, q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
         let f = self.file(q)?;
-        let n = libc::c_int::try_from(iov.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many iovecs"))?;
-        // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix;
-        // every slice is borrowed for the duration of the call.
-        let r = unsafe { libc::writev(f.as_raw_fd(), iov.as_ptr().cast::<libc::iovec>(), n) };
+        let mut iov = [EMPTY_IOVEC; MAX_PIECES];
+        let n = pieces.len();
+        if n > MAX_PIECES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many pieces",
+            ));
+        }
+        for (v, p) in iov.iter_mut().zip(pieces) {
+            *v = match p {
+                Piece::Local(b) => libc::iovec {
+                    iov_base: b.as_ptr().cast_mut().cast(),
+                    iov_len: b.len(),
+                },
+                // Without vm-memory's xen feature the guard only carries
+                // the address: the mapping lives as long as the slice.
+                Piece::Guest(s) => libc::iovec {
+                    iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
+                    iov_len: s.len(),
+                },
+            };
+        }
+        // SAFETY: every iovec points at memory that stays mapped and
+        // readable for the call: vnicd's own slices are borrowed, guest
+        // slices borrow the guest memory mapping. The kernel only reads.
+        let r = unsafe { libc::writev(f.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
         if r < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -170,15 +198,47 @@ impl Uplink for Tap {
         }
     }
 
-    fn recv(&self, q: usize, buf: &mut [u8]) -> io::Result<usize> {
+    fn recv(&self, q: usize, pieces: &mut [PieceMut<'_>]) -> io::Result<usize> {
         let f = self.file(q)?;
-        // SAFETY: `buf` is a valid writable region of `buf.len()` bytes.
-        let r = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
+        let mut iov = [EMPTY_IOVEC; MAX_PIECES];
+        let n = pieces.len();
+        if n > MAX_PIECES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many pieces",
+            ));
         }
+        let mut room = 0;
+        for (v, p) in iov.iter_mut().zip(pieces.iter_mut()) {
+            *v = match p {
+                PieceMut::Local(b) => libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                },
+                PieceMut::Guest(s) => libc::iovec {
+                    iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: s.len(),
+                },
+            };
+            room += v.iov_len;
+        }
+        // SAFETY: every iovec points at writable memory that stays mapped
+        // for the call: vnicd's own buffers are borrowed mutably, guest
+        // slices borrow the guest memory mapping (which the guest handed
+        // to the device in these RX buffers).
+        let r = unsafe { libc::readv(f.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let r = r as usize;
+        // TUN copies what fits and returns the frame's full length.
+        if r > room {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "frame did not fit",
+            ));
+        }
+        Ok(r)
     }
 
     fn rx_fd(&self, q: usize) -> Option<RawFd> {

@@ -5,7 +5,7 @@ use std::ops::Deref;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vnic_protocol::virtio::{
     hdr::{HDR_LEN, HDR_LEN_HASH},
     VirtioNetHdr,
@@ -13,42 +13,72 @@ use vnic_protocol::virtio::{
 
 use crate::{
     nic::{Device, DropReason, MAX_FRAME},
-    uplink::tap::VNET_HDR_LEN,
+    uplink::{tap::VNET_HDR_LEN, MAX_PIECES},
 };
 
 /// Most RX buffers one frame may be spread over with MRG_RXBUF.
 const MAX_RX_BUFFERS: usize = 64;
 
-/// Gathers the device-readable descriptors of a TX chain into `buf`.
-pub(super) fn read_chain<M>(
+/// Bytes of each TX frame copied out of guest memory: enough for every
+/// header the device inspects (Ethernet, two tags, IPv6 with extension
+/// headers or IPv4 with options, TCP with options).
+pub(super) const TX_PREFIX: usize = 256;
+
+/// Gathers a TX chain without copying its payload: the driver's header
+/// and the first [`TX_PREFIX`] frame bytes are copied into `head`, the
+/// rest is left in guest memory as regions in `rest`. Chains with more
+/// pieces than a vectored write takes are copied whole into `head`.
+pub(super) fn gather_tx<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
-    buf: &mut Vec<u8>,
+    hdr_len: usize,
+    head: &mut Vec<u8>,
+    rest: &mut Vec<(GuestAddress, usize)>,
 ) -> Result<(), DropReason>
 where
     M: Deref,
     M::Target: GuestMemory,
 {
-    buf.clear();
+    head.clear();
+    rest.clear();
+    let want = hdr_len + TX_PREFIX;
+    let mut total = 0usize;
     let mut last: Option<Descriptor> = None;
     for desc in chain {
         if desc.is_write_only() {
             return Err(DropReason::BadChainLayout);
         }
         let len = desc.len() as usize;
-        let start = buf.len();
-        if start + len > HDR_LEN_HASH + MAX_FRAME {
+        total += len;
+        if total > HDR_LEN_HASH + MAX_FRAME {
             return Err(DropReason::Oversized);
         }
-        buf.resize(start + len, 0);
-        mem.read_slice(&mut buf[start..], desc.addr())
-            .map_err(|_| DropReason::BadDescriptor)?;
+        let copy = if rest.is_empty() {
+            len.min(want.saturating_sub(head.len()))
+        } else {
+            0
+        };
+        let room_for_pieces = rest.len() + 3 < MAX_PIECES;
+        let copy = if room_for_pieces { copy } else { len };
+        if copy > 0 {
+            let at = head.len();
+            head.resize(at + copy, 0);
+            mem.read_slice(&mut head[at..], desc.addr())
+                .map_err(|_| DropReason::BadDescriptor)?;
+        }
+        if copy < len {
+            let addr = desc
+                .addr()
+                .checked_add(copy as u64)
+                .ok_or(DropReason::BadDescriptor)?;
+            // Check now that the region is guest memory.
+            mem.get_slice(addr, len - copy)
+                .map_err(|_| DropReason::BadDescriptor)?;
+            rest.push((addr, len - copy));
+        }
         last = Some(desc);
     }
     match last {
-        // The iterator stops early on a loop, a chain longer than the
-        // queue, or a next index it cannot read: the last descriptor then
-        // still says "next".
         Some(d) if d.has_next() => Err(DropReason::ChainTooLong),
         Some(_) => Ok(()),
         None => Err(DropReason::ZeroLength),

@@ -22,7 +22,9 @@ use std::{
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
@@ -34,13 +36,13 @@ use vnic_protocol::virtio::{
     Features,
 };
 
-use self::chain::{read_chain, split_chain, write_bufs, RxWriter};
+use self::chain::{gather_tx, split_chain, write_bufs, RxWriter};
 use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
         Device, DropReason, TxScratch, MAX_FRAME,
     },
-    uplink::tap::VNET_HDR_LEN,
+    uplink::{tap::VNET_HDR_LEN, Piece, PieceMut, MAX_PIECES},
 };
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -84,7 +86,10 @@ pub fn offered_features() -> Features {
 
 #[derive(Debug)]
 struct Worker {
+    /// A TX frame's header and first bytes.
     tx: Vec<u8>,
+    /// The rest of a TX frame, left in guest memory.
+    rest: Vec<(GuestAddress, usize)>,
     rx: Vec<u8>,
     scratch: TxScratch,
 }
@@ -93,6 +98,7 @@ impl Worker {
     fn new() -> Worker {
         Worker {
             tx: Vec::with_capacity(HDR_LEN_HASH + MAX_FRAME),
+            rest: Vec::with_capacity(MAX_PIECES),
             rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             scratch: TxScratch::default(),
         }
@@ -265,7 +271,9 @@ impl VnicBackend {
         let mut w = self.workers[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let Worker { tx, scratch, .. } = &mut *w;
+        let Worker {
+            tx, rest, scratch, ..
+        } = &mut *w;
         let stats = &self.dev.stats.tx[i];
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         // The driver's header on transmit has the negotiated size: 20
@@ -283,12 +291,28 @@ impl VnicBackend {
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                match read_chain(&mem, chain, tx) {
+                match gather_tx(&mem, chain, hdr_len, tx, rest) {
                     Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
                     Ok(()) => {
-                        let _ = self
-                            .dev
-                            .transmit(i, &tx[..hdr_len], &tx[hdr_len..], scratch);
+                        let mut pieces = [Piece::Local(&[]); MAX_PIECES];
+                        let mut ok = true;
+                        for (p, &(addr, len)) in pieces.iter_mut().zip(rest.iter()) {
+                            match mem.get_slice(addr, len) {
+                                Ok(v) => *p = Piece::Guest(v),
+                                Err(_) => ok = false,
+                            }
+                        }
+                        if ok {
+                            let _ = self.dev.transmit_pieces(
+                                i,
+                                &tx[..hdr_len],
+                                &tx[hdr_len..],
+                                &pieces[..rest.len()],
+                                scratch,
+                            );
+                        } else {
+                            stats.drop(DropReason::BadDescriptor);
+                        }
                     }
                     Err(why) => stats.drop(why),
                 }
@@ -360,7 +384,7 @@ impl VnicBackend {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             while moved < BUDGET {
-                let n = match self.dev.uplink().recv(i, &mut w.rx) {
+                let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(&mut w.rx)]) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
