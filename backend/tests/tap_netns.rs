@@ -658,3 +658,109 @@ fn control_queue_commands_are_applied() {
     let st = s.vnicd.stats().unwrap();
     assert_eq!(st["ctrl0.drop.bad_control"], 2);
 }
+
+/// The kernel sends a TCP stream to the guest: with GUEST_TSO the TAP
+/// hands over GSO frames, which reach the guest as they are (gso_type,
+/// gso_size, NEEDS_CSUM), read straight into its buffers and spread over
+/// several with MRG_RXBUF. The test's own minimal receiver acks in order.
+#[test]
+fn kernel_stream_reaches_the_guest_as_gso_frames() {
+    use std::io::Write;
+    if !require_netns() {
+        return;
+    }
+    let s = setup(&[]);
+    let mut g = VirtioNet::connect(&s.vnicd.socket, NetOptions::default()).expect("guest connects");
+    let total = 300_000usize;
+    let data: Vec<u8> = (0..total as u32).map(|i| (i * 13 % 256) as u8).collect();
+    let send = data.clone();
+    let server = s.ns.enter(move || {
+        let l = TcpListener::bind((HOST_IP, 5202))?;
+        let (mut c, _) = l.accept()?;
+        c.write_all(&send)?;
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let f = flow(&s, 42000, 5202);
+    let ip = IpFields::default();
+    let isn = 77u32;
+    let seg = |seq: u32, ack: u32, flags: Flags| {
+        let mut r = data_segment(seq, ack, flags);
+        r.timestamp = None;
+        r.window_len = 65535;
+        r
+    };
+    let mut syn = seg(isn, 0, Flags::SYN);
+    syn.mss = Some(1460);
+    g.send(
+        0,
+        &VirtioNetHdr::default(),
+        &tcp_frame(&f, syn, &ip, &[]).unwrap(),
+    )
+    .unwrap();
+    let mine = |r: &Received| {
+        parse_frame(&r.frame)
+            .ok()
+            .and_then(|i| i.l4)
+            .is_some_and(|l| l.protocol == ip_proto::TCP && l.dst_port == 42000)
+    };
+    let synack = recv_matching(&mut g, 0, mine).expect("SYN-ACK");
+    let info = parse_frame(&synack.frame).unwrap();
+    let t = tcp::Packet::new_checked(&synack.frame[info.l4.unwrap().offset..]).unwrap();
+    let mut next = t.seq_number().wrapping_add(1);
+    let start = next;
+    g.send(
+        0,
+        &VirtioNetHdr::default(),
+        &tcp_frame(&f, seg(isn + 1, next, Flags::ACK), &ip, &[]).unwrap(),
+    )
+    .unwrap();
+    let mut got = Vec::with_capacity(total);
+    let (mut gso_frames, mut merged, mut max_size) = (0, 0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < total && std::time::Instant::now() < deadline {
+        let Some(r) = g.recv_timeout(0, Duration::from_millis(200)).unwrap() else {
+            // Nudge the sender with a duplicate ACK.
+            let a = tcp_frame(&f, seg(isn + 1, next, Flags::ACK), &ip, &[]).unwrap();
+            g.send(0, &VirtioNetHdr::default(), &a).unwrap();
+            continue;
+        };
+        if !mine(&r) {
+            continue;
+        }
+        let info = parse_frame(&r.frame).unwrap();
+        let l4 = info.l4.unwrap();
+        let t = tcp::Packet::new_checked(&r.frame[l4.offset..info.l3_end(r.frame.len())]).unwrap();
+        let payload = t.payload();
+        if payload.is_empty() {
+            continue;
+        }
+        if r.hdr.gso_type == GsoType::TcpV4 as u8 {
+            gso_frames += 1;
+            assert!(r.hdr.gso_size > 0 && r.hdr.flags.contains(HdrFlags::NEEDS_CSUM));
+        }
+        if r.buffers > 1 {
+            merged += 1;
+        }
+        max_size = max_size.max(payload.len());
+        if t.seq_number() == next {
+            got.extend_from_slice(payload);
+            next = next.wrapping_add(payload.len() as u32);
+        }
+        let a = tcp_frame(&f, seg(isn + 1, next, Flags::ACK), &ip, &[]).unwrap();
+        g.send(0, &VirtioNetHdr::default(), &a).unwrap();
+    }
+    server.join().unwrap().expect("kernel wrote the stream");
+    assert_eq!(next.wrapping_sub(start) as usize, total);
+    assert_eq!(got, data, "the stream arrived intact");
+    assert!(
+        gso_frames > 0,
+        "GSO frames passed through (largest payload {max_size})"
+    );
+    assert!(
+        merged > 0,
+        "large frames spread over several mergeable buffers"
+    );
+    let st = s.vnicd.stats().unwrap();
+    assert!(st["rx0.direct"] > 0, "{st:?}");
+}

@@ -19,7 +19,7 @@ use vnic_protocol::{
         hdr::{GsoType, HDR_LEN},
         validate_prefix, Features, HdrFlags, VirtioNetHdr,
     },
-    wire::{ethernet::Address, parse_frame},
+    wire::{ethernet::Address, parse_frame_prefix},
 };
 
 use self::ctrl::CtrlState;
@@ -212,8 +212,13 @@ impl Device {
 
     /// Where RSS sends a received frame.
     pub fn steer(&self, frame: &[u8]) -> Steering {
+        self.steer_prefix(frame, frame.len())
+    }
+
+    /// [`Device::steer`] from the first bytes of a frame of `len` bytes.
+    pub fn steer_prefix(&self, prefix: &[u8], len: usize) -> Steering {
         let rss = self.rss.read().unwrap_or_else(PoisonError::into_inner);
-        match parse_frame(frame) {
+        match parse_frame_prefix(prefix, len) {
             Ok(info) => rss.steer(&info),
             Err(_) => Steering {
                 queue: rss.unclassified_queue,
@@ -393,6 +398,7 @@ pub(crate) mod tests {
         offload::l4_checksum_ok,
         wire::{
             build::{data_segment, tcp_frame, Flow, IpFields},
+            parse_frame,
             tcp::Flags,
         },
     };

@@ -91,6 +91,8 @@ pub struct QueueStats {
     pub gso_packets: AtomicU64,
     /// Frames segmented or checksummed in software.
     pub sw_offloads: AtomicU64,
+    /// RX frames read from the uplink straight into guest buffers.
+    pub direct: AtomicU64,
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
@@ -147,6 +149,7 @@ impl Stats {
                 let _ = writeln!(s, "{dir}{i}.bytes {}", q.bytes.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.gso_packets {}", q.gso_packets.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.sw_offloads {}", q.sw_offloads.load(Relaxed));
+                let _ = writeln!(s, "{dir}{i}.direct {}", q.direct.load(Relaxed));
                 let _ = writeln!(
                     s,
                     "{dir}{i}.notifications {}",

@@ -36,13 +36,16 @@ use vnic_protocol::virtio::{
     Features,
 };
 
-use self::chain::{gather_tx, split_chain, write_bufs, RxWriter};
+use self::chain::{gather_tx, split_chain, write_bufs, Direct, RxWriter};
 use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
         Device, DropReason, TxScratch, MAX_FRAME,
     },
-    uplink::{tap::VNET_HDR_LEN, Piece, PieceMut, MAX_PIECES},
+    uplink::{
+        tap::{MAX_TAP_FRAME, VNET_HDR_LEN},
+        Piece, PieceMut, MAX_PIECES,
+    },
 };
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -91,6 +94,8 @@ struct Worker {
     /// The rest of a TX frame, left in guest memory.
     rest: Vec<(GuestAddress, usize)>,
     rx: Vec<u8>,
+    /// A received frame on its way to another queue.
+    rx_out: Vec<u8>,
     scratch: TxScratch,
 }
 
@@ -100,6 +105,7 @@ impl Worker {
             tx: Vec::with_capacity(HDR_LEN_HASH + MAX_FRAME),
             rest: Vec::with_capacity(MAX_PIECES),
             rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
+            rx_out: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME),
             scratch: TxScratch::default(),
         }
     }
@@ -339,7 +345,27 @@ impl VnicBackend {
         Ok(())
     }
 
+    /// The largest frame the uplink may hand over, given what the driver
+    /// accepted: 64 KiB GSO frames with receive offloads, else the MTU.
+    fn max_rx_frame(&self, acked: Features) -> usize {
+        let gso = Features::GUEST_TSO4
+            | Features::GUEST_TSO6
+            | Features::GUEST_USO4
+            | Features::GUEST_USO6
+            | Features::GUEST_UFO;
+        if acked.contains(Features::GUEST_CSUM) && acked.intersects(gso) {
+            MAX_TAP_FRAME
+        } else {
+            usize::from(self.dev.config.mtu) + 14 + 8
+        }
+    }
+
     /// Moves frames from the backlog and the uplink into RX queue `i`.
+    ///
+    /// Frames are read from the uplink straight into the guest's buffers;
+    /// one that RSS sends to another queue is copied into that queue's
+    /// backlog. When too few buffers are posted, frames are read into
+    /// vnicd's own buffer and wait in the backlog.
     fn process_rx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
         let mem = self
             .mem
@@ -356,19 +382,23 @@ impl VnicBackend {
         let stats = &self.dev.stats.rx[i];
         let backlog = &self.dev.backlogs[i];
         let active = usize::from(self.dev.ctrl_state().active_pairs.max(1)).min(self.pairs());
+        let max_frame = self.max_rx_frame(acked);
         let mut moved = 0;
         let mut full = false;
-        // Frames already steered here go first, in order.
+        // Frames already waiting here go first, in order.
         while moved < BUDGET {
-            match backlog.deliver_front(|f| match writer.write(f, &self.dev) {
-                Ok(()) => {
-                    stats.packet(f.len().saturating_sub(VNET_HDR_LEN));
-                    true
-                }
-                Err(DropReason::RxNoBuffers) => false,
-                Err(why) => {
-                    stats.drop(why);
-                    true
+            match backlog.deliver_front(|f| {
+                let steering = self.dev.steer(f.get(VNET_HDR_LEN..).unwrap_or(&[]));
+                match writer.write(f, &steering) {
+                    Ok(()) => {
+                        stats.packet(f.len().saturating_sub(VNET_HDR_LEN));
+                        true
+                    }
+                    Err(DropReason::RxNoBuffers) => false,
+                    Err(why) => {
+                        stats.drop(why);
+                        true
+                    }
                 }
             }) {
                 Some(true) => moved += 1,
@@ -379,57 +409,58 @@ impl VnicBackend {
                 None => break,
             }
         }
-        if !full {
-            let mut w = self.workers[i]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            while moved < BUDGET {
-                let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(&mut w.rx)]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::warn!("uplink queue {i}: {e}");
-                        break;
-                    }
-                };
-                moved += 1;
-                let frame = &w.rx[..n];
-                if n <= VNET_HDR_LEN {
-                    stats.drop(DropReason::RxMalformed);
-                    continue;
+        let mut w = self.workers[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while !full && moved < BUDGET {
+            let direct =
+                writer.receive_direct(&self.dev, i, i, active, max_frame, &mut w.rx_out)?;
+            moved += 1;
+            match direct {
+                Direct::Delivered(n) => {
+                    stats.packet(n);
+                    stats
+                        .direct
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                if !self.dev.rx_accepts(&frame[VNET_HDR_LEN..]) {
-                    stats.drop(DropReason::Filtered);
-                    continue;
+                Direct::Empty => {
+                    moved -= 1;
+                    break;
                 }
-                let mut target = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
-                if target >= active {
-                    // The table names a queue the driver has not enabled.
-                    target %= active;
-                }
-                if target != i && target < self.pairs() {
-                    let b = &self.dev.backlogs[target];
-                    if b.push(frame) {
-                        let _ = b.event.write(1);
-                    } else {
-                        self.dev.stats.rx[target].drop(DropReason::RxNoBuffers);
-                    }
-                    continue;
-                }
-                match writer.write(frame, &self.dev) {
-                    Ok(()) => stats.packet(n - VNET_HDR_LEN),
-                    Err(DropReason::RxNoBuffers) => {
-                        // Keep it for when the driver posts buffers.
-                        if !backlog.push(frame) {
-                            stats.drop(DropReason::RxNoBuffers);
+                Direct::Dropped(why) => stats.drop(why),
+                Direct::Elsewhere(target) => self.hand_over(target, &w.rx_out),
+                Direct::NoBuffers => {
+                    // Read into our own buffer so the frame is not lost,
+                    // and keep it until the driver posts buffers.
+                    let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(&mut w.rx)]) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            log::warn!("uplink queue {i}: {e}");
+                            break;
                         }
+                    };
+                    let frame = &w.rx[..n];
+                    if n <= VNET_HDR_LEN {
+                        stats.drop(DropReason::RxMalformed);
+                        continue;
+                    }
+                    if !self.dev.rx_accepts(&frame[VNET_HDR_LEN..]) {
+                        stats.drop(DropReason::Filtered);
+                        continue;
+                    }
+                    let mut target = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+                    if target >= active {
+                        target %= active;
+                    }
+                    self.hand_over(target, frame);
+                    if target == i {
                         break;
                     }
-                    Err(why) => stats.drop(why),
                 }
             }
         }
+        drop(w);
         if moved >= BUDGET {
             // More may be waiting; come back after other events.
             let _ = backlog.event.write(1);
@@ -438,6 +469,18 @@ impl VnicBackend {
             self.notify(vring, stats)?;
         }
         Ok(())
+    }
+
+    /// Queues a frame (TAP header first) for RX queue `target`.
+    fn hand_over(&self, target: usize, frame: &[u8]) {
+        let Some(b) = self.dev.backlogs.get(target) else {
+            return;
+        };
+        if b.push(frame) {
+            let _ = b.event.write(1);
+        } else {
+            self.dev.stats.rx[target].drop(DropReason::RxNoBuffers);
+        }
     }
 }
 
