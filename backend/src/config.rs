@@ -26,7 +26,7 @@ pub enum ConfigError {
     Mtu(u16),
     #[error("--mac {0:?}: {1}")]
     Mac(String, &'static str),
-    #[error("--uplink {0:?}: expected tap:NAME or none")]
+    #[error("--uplink {0:?}: expected tap:NAME, none, sink or source:SIZE")]
     Uplink(String),
     #[error("--rss-key: {0}")]
     RssKey(String),
@@ -41,6 +41,10 @@ pub enum ConfigError {
 pub enum UplinkSpec {
     None,
     Tap(String),
+    /// Takes every frame (benchmarks).
+    Sink,
+    /// Always has a frame of this many bytes (benchmarks).
+    Source(usize),
 }
 
 impl std::str::FromStr for UplinkSpec {
@@ -48,6 +52,11 @@ impl std::str::FromStr for UplinkSpec {
     fn from_str(s: &str) -> Result<UplinkSpec, ConfigError> {
         match s.split_once(':') {
             _ if s == "none" => Ok(UplinkSpec::None),
+            _ if s == "sink" => Ok(UplinkSpec::Sink),
+            Some(("source", n)) => match n.parse::<usize>() {
+                Ok(n) if (60..=65_000).contains(&n) => Ok(UplinkSpec::Source(n)),
+                _ => Err(ConfigError::Uplink(s.to_owned())),
+            },
             Some(("tap", name)) if !name.is_empty() && name.len() < 16 => {
                 Ok(UplinkSpec::Tap(name.to_owned()))
             }
@@ -207,6 +216,9 @@ mod tests {
         assert_eq!(parse_mac("52:54:00:12:34:56").unwrap().0[5], 0x56);
         assert_eq!("tap:vnic0".parse(), Ok(UplinkSpec::Tap("vnic0".into())));
         assert_eq!("none".parse(), Ok(UplinkSpec::None));
+        assert_eq!("sink".parse(), Ok(UplinkSpec::Sink));
+        assert_eq!("source:64".parse(), Ok(UplinkSpec::Source(64)));
+        assert!("source:10".parse::<UplinkSpec>().is_err());
         assert!("tap:".parse::<UplinkSpec>().is_err());
         assert!("tap:0123456789abcdef".parse::<UplinkSpec>().is_err());
     }

@@ -20,7 +20,11 @@ use crate::{
     config::{Config, UplinkSpec},
     mgmt,
     nic::Device,
-    uplink::{tap::Tap, NoUplink, Uplink},
+    uplink::{
+        bench::{Sink, Source},
+        tap::Tap,
+        NoUplink, Uplink,
+    },
     vhost::VnicBackend,
 };
 
@@ -53,6 +57,10 @@ pub fn build_device(cfg: &Config) -> Result<Arc<Device>, DaemonError> {
         UplinkSpec::None => Box::new(NoUplink { queues: pairs }),
         UplinkSpec::Tap(name) => {
             Box::new(Tap::open(name, pairs).map_err(|e| DaemonError::Tap(name.clone(), e))?)
+        }
+        UplinkSpec::Sink => Box::new(Sink::new(pairs)),
+        UplinkSpec::Source(n) => {
+            Box::new(Source::new(pairs, *n, cfg.device.mac).map_err(DaemonError::Device)?)
         }
     };
     Ok(Arc::new(

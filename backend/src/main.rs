@@ -48,7 +48,8 @@ struct RunArgs {
     mac: vnic_protocol::wire::ethernet::Address,
     #[arg(long, default_value_t = 1500, value_parser = |s: &str| num(s, config::check_mtu))]
     mtu: u16,
-    /// tap:NAME (created if absent) or none.
+    /// tap:NAME (created if absent), none, or for benchmarks sink and
+    /// source:SIZE.
     #[arg(long, default_value = "none")]
     uplink: UplinkSpec,
     /// RSS key in hex (40 to 255 bytes); default: the Microsoft key.

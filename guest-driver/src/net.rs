@@ -74,6 +74,8 @@ struct Pool {
     free: Vec<GuestAddress>,
     /// Buffer of each chain in flight, by head.
     inflight: Vec<Option<GuestAddress>>,
+    /// Chains with the device.
+    in_flight: usize,
 }
 
 impl Pool {
@@ -88,6 +90,7 @@ impl Pool {
             buf_len,
             free,
             inflight: vec![None; usize::from(size)],
+            in_flight: 0,
         })
     }
 
@@ -103,6 +106,7 @@ impl Pool {
         ) {
             Ok(head) => {
                 self.inflight[usize::from(head)] = Some(addr);
+                self.in_flight += 1;
                 Ok(addr)
             }
             Err(e) => {
@@ -118,6 +122,7 @@ impl Pool {
         while let Some((head, len)) = self.q.pop_used(&t.dma.mem)? {
             if let Some(addr) = self.inflight[usize::from(head)].take() {
                 self.free.push(addr);
+                self.in_flight -= 1;
                 return Ok(Some((addr, len)));
             }
         }
@@ -254,6 +259,7 @@ impl VirtioNet {
             ],
         )?;
         pool.inflight[usize::from(head)] = pool.free.pop();
+        pool.in_flight += 1;
         self.t.kick(vq)?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -270,7 +276,8 @@ impl VirtioNet {
         Ok((ack, fill))
     }
 
-    /// Posts every free RX buffer of queue `q`.
+    /// Posts every free RX buffer of queue `q` and notifies the device,
+    /// unless it asked not to be (VRING_USED_F_NO_NOTIFY).
     pub fn fill_rx(&mut self, q: usize) -> Result<()> {
         let pool = self.rx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
         let mut added = false;
@@ -279,7 +286,7 @@ impl VirtioNet {
             pool.add(&self.t, len, true)?;
             added = true;
         }
-        if added {
+        if added && pool.q.device_wants_kick(&self.t.dma.mem)? {
             self.t.kick(2 * q)?;
         }
         Ok(())
@@ -288,11 +295,23 @@ impl VirtioNet {
     /// Sends one frame with its header on TX queue `q`. The header's
     /// `num_buffers` is ignored by the device.
     pub fn send(&mut self, q: usize, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<()> {
+        self.reclaim_tx(q)?;
+        if !self.post_tx(q, hdr, frame)? {
+            return Err(Error::Queue("tx queue full"));
+        }
+        self.t.kick(2 * q + 1)
+    }
+
+    /// Makes a frame available on TX queue `q` without notifying the
+    /// device; false when the queue is full. See [`VirtioNet::kick_tx`].
+    pub fn post_tx(&mut self, q: usize, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<bool> {
         if frame.len() > MAX_FRAME_LEN {
             return Err(Error::Queue("frame too long"));
         }
-        self.reclaim_tx(q)?;
         let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
+        if pool.free.is_empty() || pool.q.free() == 0 {
+            return Ok(false);
+        }
         let mut hb = [0u8; HDR_LEN_HASH];
         let hl = hdr
             .emit(&mut hb, self.hdr_len == HDR_LEN_HASH)
@@ -302,6 +321,11 @@ impl VirtioNet {
         mem.write_slice(&hb[..hl], addr)?;
         mem.write_slice(frame, addr.unchecked_add_len(hl))?;
         pool.add(&self.t, hl + frame.len(), false)?;
+        Ok(true)
+    }
+
+    /// Notifies the device of frames posted on TX queue `q`.
+    pub fn kick_tx(&self, q: usize) -> Result<()> {
         self.t.kick(2 * q + 1)
     }
 
@@ -363,13 +387,45 @@ impl VirtioNet {
 
     /// Number of TX chains still with the device.
     pub fn tx_in_flight(&self, q: usize) -> usize {
-        self.tx
-            .get(q)
-            .map_or(0, |p| p.inflight.iter().filter(|b| b.is_some()).count())
+        self.tx.get(q).map_or(0, |p| p.in_flight)
     }
 
-    /// Takes one received frame from RX queue `q`, if there is one.
+    /// Takes one received frame from RX queue `q`, if there is one, and
+    /// posts its buffers again.
     pub fn recv(&mut self, q: usize) -> Result<Option<Received>> {
+        let r = self.recv_one(q)?;
+        if r.is_some() {
+            self.fill_rx(q)?;
+        }
+        Ok(r)
+    }
+
+    /// Takes up to `budget` frames from RX queue `q`, handing each to `f`,
+    /// then posts the buffers again with one notification. Returns how
+    /// many frames there were.
+    pub fn recv_batch(
+        &mut self,
+        q: usize,
+        budget: usize,
+        f: &mut dyn FnMut(Received),
+    ) -> Result<usize> {
+        let mut n = 0;
+        while n < budget {
+            match self.recv_one(q)? {
+                Some(r) => {
+                    f(r);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if n > 0 {
+            self.fill_rx(q)?;
+        }
+        Ok(n)
+    }
+
+    fn recv_one(&mut self, q: usize) -> Result<Option<Received>> {
         let mergeable = self.features.contains(Features::MRG_RXBUF);
         let hash = self.hdr_len == HDR_LEN_HASH;
         let pool = self.rx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
@@ -382,8 +438,7 @@ impl VirtioNet {
             // The device handed the buffer back unused (a frame it had to
             // drop): count it, as Linux counts rx_length_errors, and go on.
             self.rx_length_errors += 1;
-            self.fill_rx(q)?;
-            return self.recv(q);
+            return self.recv_one(q);
         }
         let mut hb = [0u8; HDR_LEN_HASH];
         mem.read_slice(&mut hb[..self.hdr_len], addr)?;
@@ -406,7 +461,6 @@ impl VirtioNet {
                 None => return Err(Error::Queue("device did not complete a merged frame")),
             }
         }
-        self.fill_rx(q)?;
         Ok(Some(Received {
             hdr,
             frame,

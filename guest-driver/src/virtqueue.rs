@@ -8,6 +8,7 @@ use crate::{mem::DmaMemory, Error, Result};
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+const USED_F_NO_NOTIFY: u16 = 1;
 
 /// One buffer of a chain: guest address, length, device-writable or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +130,14 @@ impl SplitQueue {
         )?;
         self.chains[usize::from(head)] = ids;
         Ok(head)
+    }
+
+    /// Whether the device wants to be notified of new buffers: false when
+    /// it set VRING_USED_F_NO_NOTIFY in the used ring's flags.
+    pub fn device_wants_kick(&self, mem: &GuestMemoryMmap) -> Result<bool> {
+        fence(Ordering::SeqCst);
+        let flags = u16::from_le(mem.load::<u16>(self.used, Ordering::Acquire)?);
+        Ok(flags & USED_F_NO_NOTIFY == 0)
     }
 
     /// Takes the next used chain: (head, bytes written by the device).

@@ -164,11 +164,25 @@ impl Vnicd {
     /// Starts `bin` listening on a fresh socket with `args`, and waits for
     /// the socket to appear.
     pub fn start(bin: &str, args: &[&str]) -> io::Result<Vnicd> {
+        Vnicd::start_wrapped(&[], bin, args)
+    }
+
+    /// [`Vnicd::start`] under a wrapper command (`valgrind ...`): the
+    /// wrapper's words, then `bin` and its arguments.
+    pub fn start_wrapped(wrapper: &[&str], bin: &str, args: &[&str]) -> io::Result<Vnicd> {
         let dir = std::env::temp_dir().join(unique("vnicd"));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("vhost.sock");
         let mgmt = dir.join("mgmt.sock");
-        let child = Command::new(bin)
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--socket")
             .arg(&socket)
             .arg("--mgmt")
@@ -186,13 +200,13 @@ impl Vnicd {
             mgmt,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !(d.socket.exists() && d.mgmt.exists()) {
             if let Some(st) = d.child.try_wait()? {
                 return Err(io::Error::other(format!("vnicd exited early: {st}")));
             }
             if Instant::now() > deadline {
-                return Err(io::Error::other("vnicd did not create its sockets in 10 s"));
+                return Err(io::Error::other("vnicd did not create its sockets in 60 s"));
             }
             thread::sleep(Duration::from_millis(20));
         }

@@ -2,6 +2,7 @@
 //! device, or nothing. Frames cross this boundary with a 12-byte
 //! `virtio_net_hdr` in front, as TAP's IFF_VNET_HDR carries them.
 
+pub mod bench;
 pub mod tap;
 
 use std::{io, os::fd::RawFd};

@@ -239,6 +239,121 @@ fn write_part(
     Ok(())
 }
 
+/// Writes `bytes` at offset `off` of the logical stream that `descs`
+/// form in guest memory.
+fn write_span(
+    mem: &GuestMemoryMmap,
+    descs: &[(GuestAddress, usize)],
+    mut off: usize,
+    bytes: &[u8],
+) -> Result<(), DropReason> {
+    let mut done = 0;
+    for &(addr, len) in descs {
+        if done == bytes.len() {
+            break;
+        }
+        if off >= len {
+            off -= len;
+            continue;
+        }
+        let n = (len - off).min(bytes.len() - done);
+        let at = addr
+            .checked_add(off as u64)
+            .ok_or(DropReason::BadDescriptor)?;
+        mem.write_slice(&bytes[done..done + n], at)
+            .map_err(|_| DropReason::BadDescriptor)?;
+        done += n;
+        off = 0;
+    }
+    if done == bytes.len() {
+        Ok(())
+    } else {
+        Err(DropReason::RxChainTooSmall)
+    }
+}
+
+/// RX chains popped for one frame: heads with their descriptor counts,
+/// and the writable descriptors in order.
+struct RxBufs {
+    chains: [(u16, usize); MAX_RX_BUFFERS],
+    descs: [(GuestAddress, usize); MAX_RX_DESCS],
+    nchains: usize,
+    ndescs: usize,
+    cap: usize,
+}
+
+impl RxBufs {
+    /// Pops chains until they hold `need` bytes or the ring (or our
+    /// limits) run out. A malformed chain hands every popped chain back
+    /// empty and is reported as `Ok(Err(reason))`.
+    fn pop_until(
+        &mut self,
+        q: &mut virtio_queue::Queue,
+        mem: &GuestMemoryMmap,
+        need: usize,
+        hdr_len: usize,
+        mergeable: bool,
+    ) -> io::Result<Result<(), DropReason>> {
+        while self.cap < need && self.nchains < MAX_RX_BUFFERS && (self.nchains == 0 || mergeable) {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let first = self.ndescs;
+            let mut bad = None;
+            let mut last_next = false;
+            for desc in chain {
+                last_next = desc.has_next();
+                let len = desc.len() as usize;
+                if !desc.is_write_only() {
+                    bad = Some(DropReason::BadChainLayout);
+                } else if self.ndescs == MAX_RX_DESCS {
+                    bad = Some(DropReason::ChainTooLong);
+                } else if self.ndescs == 0 && len < hdr_len {
+                    bad = Some(DropReason::RxChainTooSmall);
+                } else if len > 0 {
+                    self.descs[self.ndescs] = (desc.addr(), len);
+                    self.ndescs += 1;
+                    self.cap += len;
+                    continue;
+                }
+                break;
+            }
+            if bad.is_none() && last_next {
+                bad = Some(DropReason::ChainTooLong);
+            }
+            if let Some(why) = bad {
+                self.give_back_empty(q, mem)?;
+                q.add_used(mem, head, 0).map_err(io::Error::other)?;
+                return Ok(Err(why));
+            }
+            self.chains[self.nchains] = (head, self.ndescs - first);
+            self.nchains += 1;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Returns the last `n` popped chains to the ring, unused.
+    fn unpop(&self, q: &mut virtio_queue::Queue, n: usize) {
+        for _ in 0..n {
+            q.go_to_previous_position();
+        }
+    }
+
+    /// Hands every popped chain back used and empty (the driver reposts).
+    fn give_back_empty(
+        &mut self,
+        q: &mut virtio_queue::Queue,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        for &(h, _) in &self.chains[..self.nchains] {
+            q.add_used(mem, h, 0).map_err(io::Error::other)?;
+        }
+        self.nchains = 0;
+        Ok(())
+    }
+}
+
 impl RxWriter<'_> {
     /// Writes one frame as the uplink delivered it (12-byte header, then
     /// the frame). `Err(RxNoBuffers)` leaves the queue as it was, so the
@@ -345,16 +460,21 @@ impl RxWriter<'_> {
     }
 
     /// Reads one frame from uplink queue `uq` straight into this queue's
-    /// RX buffers, enough of them popped for `max_frame` bytes. A frame
-    /// RSS sends to another queue, or that the filters drop, leaves the
-    /// buffers unused.
+    /// RX buffers. Buffers for `expect` frame bytes are popped first; a
+    /// longer frame spills into `overflow`, and is then moved into further
+    /// buffers (with MRG_RXBUF), so a caller that expects small frames
+    /// pops one buffer per frame, and one that expects 64 KiB frames pops
+    /// enough for them. A frame RSS sends to another queue, or that the
+    /// filters drop, leaves the buffers unused.
+    #[allow(clippy::too_many_arguments)]
     pub fn receive_direct(
         &mut self,
         dev: &Device,
         uq: usize,
         own: usize,
         active: usize,
-        max_frame: usize,
+        expect: usize,
+        overflow: &mut [u8],
         out: &mut Vec<u8>,
     ) -> io::Result<Direct> {
         let hdr_len = if self.hash_report {
@@ -362,68 +482,31 @@ impl RxWriter<'_> {
         } else {
             HDR_LEN
         };
-        let need = hdr_len + max_frame;
         let mem = self.mem;
+        let mergeable = self.mergeable;
         let mut state = self.vring.get_mut();
         let q = state.get_queue_mut();
-        let mut chains = [(0u16, 0usize); MAX_RX_BUFFERS];
-        let mut descs = [(GuestAddress(0), 0usize); MAX_RX_DESCS];
-        let (mut nchains, mut ndescs, mut cap) = (0usize, 0usize, 0usize);
-        // Returns every popped chain to the ring unused.
-        let unpop = |q: &mut virtio_queue::Queue, n: usize| {
-            for _ in 0..n {
-                q.go_to_previous_position();
-            }
+        let mut rx = RxBufs {
+            chains: [(0u16, 0usize); MAX_RX_BUFFERS],
+            descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
+            nchains: 0,
+            ndescs: 0,
+            cap: 0,
         };
-        while cap < need && nchains < MAX_RX_BUFFERS && (nchains == 0 || self.mergeable) {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let first = ndescs;
-            let mut bad = None;
-            let mut last_next = false;
-            for desc in chain {
-                last_next = desc.has_next();
-                let len = desc.len() as usize;
-                if !desc.is_write_only() {
-                    bad = Some(DropReason::BadChainLayout);
-                } else if ndescs == MAX_RX_DESCS {
-                    bad = Some(DropReason::ChainTooLong);
-                } else if ndescs == 0 && len < hdr_len {
-                    bad = Some(DropReason::RxChainTooSmall);
-                } else if len > 0 {
-                    descs[ndescs] = (desc.addr(), len);
-                    ndescs += 1;
-                    cap += len;
-                    continue;
-                }
-                break;
-            }
-            if bad.is_none() && last_next {
-                bad = Some(DropReason::ChainTooLong);
-            }
-            if let Some(why) = bad {
-                // Hand back everything popped, empty: the driver reposts.
-                for &(h, _) in &chains[..nchains] {
-                    q.add_used(mem, h, 0).map_err(io::Error::other)?;
-                }
-                q.add_used(mem, head, 0).map_err(io::Error::other)?;
-                return Ok(Direct::Dropped(why));
-            }
-            chains[nchains] = (head, ndescs - first);
-            nchains += 1;
+        if let Err(why) = rx.pop_until(q, mem, hdr_len + expect, hdr_len, mergeable)? {
+            return Ok(Direct::Dropped(why));
         }
-        if cap < need {
-            unpop(q, nchains);
+        if rx.cap < hdr_len + expect {
+            rx.unpop(q, rx.nchains);
             return Ok(Direct::NoBuffers);
         }
+        let guest_room = rx.cap - hdr_len;
         let mut vnet = [0u8; VNET_HDR_LEN];
         let n = {
             let mut pieces: [PieceMut<'_>; MAX_PIECES] =
                 core::array::from_fn(|_| PieceMut::Local(&mut []));
             pieces[0] = PieceMut::Local(&mut vnet);
-            for (k, &(addr, len)) in descs[..ndescs].iter().enumerate() {
+            for (k, &(addr, len)) in rx.descs[..rx.ndescs].iter().enumerate() {
                 let (addr, len) = if k == 0 {
                     (addr.unchecked_add(hdr_len as u64), len - hdr_len)
                 } else {
@@ -432,45 +515,53 @@ impl RxWriter<'_> {
                 match mem.get_slice(addr, len) {
                     Ok(v) => pieces[k + 1] = PieceMut::Guest(v),
                     Err(_) => {
-                        for &(h, _) in &chains[..nchains] {
-                            q.add_used(mem, h, 0).map_err(io::Error::other)?;
-                        }
+                        rx.give_back_empty(q, mem)?;
                         return Ok(Direct::Dropped(DropReason::BadDescriptor));
                     }
                 }
             }
-            dev.uplink().recv(uq, &mut pieces[..ndescs + 1])
+            let mut np = rx.ndescs + 1;
+            if np < MAX_PIECES {
+                pieces[np] = PieceMut::Local(&mut *overflow);
+                np += 1;
+            }
+            dev.uplink().recv(uq, &mut pieces[..np])
         };
         let n = match n {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                unpop(q, nchains);
-                return Ok(Direct::Empty);
-            }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                unpop(q, nchains);
-                return Ok(Direct::Dropped(DropReason::RxChainTooSmall));
-            }
             Err(e) => {
-                unpop(q, nchains);
-                return Err(e);
+                rx.unpop(q, rx.nchains);
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(Direct::Empty),
+                    io::ErrorKind::InvalidData => Ok(Direct::Dropped(DropReason::RxChainTooSmall)),
+                    _ => Err(e),
+                };
             }
         };
         if n <= VNET_HDR_LEN {
-            unpop(q, nchains);
+            rx.unpop(q, rx.nchains);
             return Ok(Direct::Dropped(DropReason::RxMalformed));
         }
         let frame_len = n - VNET_HDR_LEN;
-        let descs = &descs[..ndescs];
+        let in_guest = frame_len.min(guest_room);
+        let spill = &overflow[..frame_len - in_guest];
+        // The first bytes, to filter and steer on.
         let mut peek = [0u8; RX_PEEK];
         let plen = frame_len.min(RX_PEEK);
-        if let Err(why) = read_span(mem, descs, hdr_len, &mut peek[..plen]) {
-            unpop(q, nchains);
+        let from_guest = plen.min(in_guest);
+        if let Err(why) = read_span(
+            mem,
+            &rx.descs[..rx.ndescs],
+            hdr_len,
+            &mut peek[..from_guest],
+        ) {
+            rx.unpop(q, rx.nchains);
             return Ok(Direct::Dropped(why));
         }
+        peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
         let peek = &peek[..plen];
         if !dev.rx_accepts(peek) {
-            unpop(q, nchains);
+            rx.unpop(q, rx.nchains);
             return Ok(Direct::Dropped(DropReason::Filtered));
         }
         let steering = dev.steer_prefix(peek, frame_len);
@@ -478,29 +569,47 @@ impl RxWriter<'_> {
         if target >= active {
             target %= active.max(1);
         }
-        if target != own {
+        let total = hdr_len + frame_len;
+        let mut fits = target == own;
+        if fits && !spill.is_empty() {
+            // Move the spilled part into more buffers, if the driver has them.
+            let before = rx.cap;
+            let got = rx.pop_until(q, mem, total, hdr_len, mergeable)?;
+            if let Err(why) = got {
+                return Ok(Direct::Dropped(why));
+            }
+            fits =
+                rx.cap >= total && write_span(mem, &rx.descs[..rx.ndescs], before, spill).is_ok();
+        }
+        if !fits {
             out.clear();
             out.extend_from_slice(&vnet);
             out.resize(VNET_HDR_LEN + frame_len, 0);
-            let r = read_span(mem, descs, hdr_len, &mut out[VNET_HDR_LEN..]);
-            unpop(q, nchains);
+            let r = read_span(
+                mem,
+                &rx.descs[..rx.ndescs],
+                hdr_len,
+                &mut out[VNET_HDR_LEN..VNET_HDR_LEN + in_guest],
+            );
+            out[VNET_HDR_LEN + in_guest..].copy_from_slice(spill);
+            rx.unpop(q, rx.nchains);
             return Ok(match r {
                 Ok(()) => Direct::Elsewhere(target),
                 Err(why) => Direct::Dropped(why),
             });
         }
         // Ours: keep the buffers the frame filled, return the rest.
-        let total = hdr_len + frame_len;
         let (mut k, mut seen, mut d) = (0, 0, 0);
-        while seen < total && k < nchains {
-            let (_, nd) = chains[k];
-            seen += descs[d..d + nd].iter().map(|x| x.1).sum::<usize>();
+        while seen < total && k < rx.nchains {
+            let (_, nd) = rx.chains[k];
+            seen += rx.descs[d..d + nd].iter().map(|x| x.1).sum::<usize>();
             d += nd;
             k += 1;
         }
-        unpop(q, nchains - k);
+        rx.unpop(q, rx.nchains - k);
+        rx.nchains = k;
         let Ok(mut hdr) = VirtioNetHdr::parse(&vnet, false) else {
-            unpop(q, k);
+            rx.unpop(q, k);
             return Ok(Direct::Dropped(DropReason::RxMalformed));
         };
         hdr.num_buffers = k as u16;
@@ -510,13 +619,13 @@ impl RxWriter<'_> {
         }
         let mut hb = [0u8; HDR_LEN_HASH];
         let _ = hdr.emit(&mut hb, self.hash_report);
-        if mem.write_slice(&hb[..hdr_len], descs[0].0).is_err() {
-            unpop(q, k);
+        if mem.write_slice(&hb[..hdr_len], rx.descs[0].0).is_err() {
+            rx.unpop(q, k);
             return Ok(Direct::Dropped(DropReason::BadDescriptor));
         }
         let (mut left, mut d) = (total, 0);
-        for &(h, nd) in &chains[..k] {
-            let c: usize = descs[d..d + nd].iter().map(|x| x.1).sum();
+        for &(h, nd) in &rx.chains[..k] {
+            let c: usize = rx.descs[d..d + nd].iter().map(|x| x.1).sum();
             d += nd;
             let used = c.min(left);
             left -= used;

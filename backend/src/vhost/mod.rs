@@ -96,6 +96,8 @@ struct Worker {
     rx: Vec<u8>,
     /// A received frame on its way to another queue.
     rx_out: Vec<u8>,
+    /// The last frame received was larger than the MTU (a GSO frame).
+    rx_big: bool,
     scratch: TxScratch,
 }
 
@@ -106,6 +108,7 @@ impl Worker {
             rest: Vec::with_capacity(MAX_PIECES),
             rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             rx_out: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME),
+            rx_big: false,
             scratch: TxScratch::default(),
         }
     }
@@ -383,6 +386,7 @@ impl VnicBackend {
         let backlog = &self.dev.backlogs[i];
         let active = usize::from(self.dev.ctrl_state().active_pairs.max(1)).min(self.pairs());
         let max_frame = self.max_rx_frame(acked);
+        let small = usize::from(self.dev.config.mtu) + 14 + 8;
         let mut moved = 0;
         let mut full = false;
         // Frames already waiting here go first, in order.
@@ -413,11 +417,18 @@ impl VnicBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         while !full && moved < BUDGET {
-            let direct =
-                writer.receive_direct(&self.dev, i, i, active, max_frame, &mut w.rx_out)?;
+            // Provision for 64 KiB only while big frames are coming.
+            let expect = if w.rx_big {
+                max_frame
+            } else {
+                max_frame.min(small)
+            };
+            let Worker { rx, rx_out, .. } = &mut *w;
+            let direct = writer.receive_direct(&self.dev, i, i, active, expect, rx, rx_out)?;
             moved += 1;
             match direct {
                 Direct::Delivered(n) => {
+                    w.rx_big = n > small;
                     stats.packet(n);
                     stats
                         .direct
@@ -428,7 +439,14 @@ impl VnicBackend {
                     break;
                 }
                 Direct::Dropped(why) => stats.drop(why),
-                Direct::Elsewhere(target) => self.hand_over(target, &w.rx_out),
+                Direct::Elsewhere(target) => {
+                    w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
+                    self.hand_over(target, &w.rx_out);
+                    if target == i {
+                        // Too few buffers for it: wait for the driver.
+                        break;
+                    }
+                }
                 Direct::NoBuffers => {
                     // Read into our own buffer so the frame is not lost,
                     // and keep it until the driver posts buffers.
