@@ -11,7 +11,8 @@
 //!
 //! `cargo bench -p vnic-backend --bench datapath` (VNIC_BENCH_SECONDS sets
 //! the time per case, default 3; VNIC_BENCH_NO_CALLGRIND=1 skips the
-//! instruction counts).
+//! instruction counts; VNIC_BENCH_ONLY=TEXT runs the cases whose name and
+//! size contain TEXT; VNIC_BENCH_KEEP=PATH keeps callgrind's output).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -176,6 +177,9 @@ fn callgrind_total(case: &Case, limit: u64) -> Option<u64> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let text = std::fs::read_to_string(&out).ok()?;
+    if let Ok(keep) = std::env::var("VNIC_BENCH_KEEP") {
+        let _ = std::fs::copy(&out, format!("{keep}.{limit}"));
+    }
     let _ = std::fs::remove_dir_all(&dir);
     text.lines()
         .find_map(|l| {
@@ -238,7 +242,11 @@ fn main() {
     ];
     println!("| path | frame | packets/s | Gbit/s | memcpy baseline packets/s | vs baseline | instructions/packet |");
     println!("|---|---|---|---|---|---|---|");
-    for c in &cases {
+    let only = std::env::var("VNIC_BENCH_ONLY").unwrap_or_default();
+    for c in cases
+        .iter()
+        .filter(|c| format!("{} {}", c.name, c.size).contains(&only))
+    {
         let v = start(c, &[], false);
         let (n, bytes, s) = drive(&v.socket, c, dur, u64::MAX);
         if std::env::var("VNIC_BENCH_STATS").is_ok() {

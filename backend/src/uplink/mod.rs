@@ -9,8 +9,9 @@ use std::{io, os::fd::RawFd};
 
 use vm_memory::VolatileSlice;
 
-/// Most pieces one frame may be written from or read into.
-pub const MAX_PIECES: usize = 260;
+/// Most pieces one frame may be written from or read into (a Linux driver
+/// uses at most 19 descriptors for a frame; longer TX chains are copied).
+pub const MAX_PIECES: usize = 64;
 
 /// A piece of a frame for a vectored write: bytes of vnicd's own, or a
 /// slice of guest memory, which is never turned into a Rust reference

@@ -174,7 +174,7 @@ pub(super) enum Direct {
 }
 
 /// Most RX descriptors one read may fill.
-const MAX_RX_DESCS: usize = MAX_PIECES - 1;
+const MAX_RX_DESCS: usize = MAX_PIECES - 2;
 /// Frame bytes read back from guest memory to steer and filter on.
 const RX_PEEK: usize = 256;
 
