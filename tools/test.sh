@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# vnic's whole test suite: formatting, lints, every crate's tests and every
-# fuzz target for a bounded time. On a fresh machine it first installs what
-# it needs (a C++ compiler for libFuzzer, cargo-fuzz).
+# vnic's whole test suite: formatting, lints, every crate's tests (the
+# whole-system tests in network namespaces included) and every fuzz target
+# for a bounded time. On a fresh machine it first installs what it needs
+# (a C++ compiler for libFuzzer, iproute2, cargo-fuzz).
 #
 #   VNIC_FUZZ_SECONDS   seconds per fuzz target (default 20)
+#   VNIC_SKIP_NETNS=1   skip the tests that need root, /dev/net/tun, ip netns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +28,7 @@ install_apt() {
 }
 
 step "prerequisites"
-install_apt g++ make
+install_apt g++ make iproute2
 if ! cargo fuzz --version >/dev/null 2>&1; then
     step "installing cargo-fuzz"
     cargo install cargo-fuzz --locked
@@ -42,7 +44,7 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
-cargo test --workspace 2>&1 | tee "$log"
+timeout 1800 cargo test --workspace 2>&1 | tee "$log"
 tests=$(awk '/^test result:/ { n += $4 } END { print n + 0 }' "$log")
 
 step "fuzz targets, ${fuzz_seconds}s each"

@@ -13,6 +13,7 @@ use std::{
 };
 
 use thiserror::Error;
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -121,7 +122,14 @@ pub fn serve_one(cfg: &Config, dev: &Arc<Device>) -> Result<(), DaemonError> {
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
-        r?;
+        // A frontend that goes away (guest shutdown, VMM exit) ends the
+        // connection, not vnicd: the same outcomes `serve` accepts.
+        match r {
+            Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => {}
+            other => other?,
+        }
     } else {
         log::info!("listening on {path}");
         daemon.serve(&path)?;

@@ -764,3 +764,65 @@ fn kernel_stream_reaches_the_guest_as_gso_frames() {
     let st = s.vnicd.stats().unwrap();
     assert!(st["rx0.direct"] > 0, "{st:?}");
 }
+
+/// `vnicd --client` connects to a frontend that listens (a VMM started
+/// with `server=on`), and connects again after the frontend goes away.
+#[test]
+fn client_mode_connects_to_a_listening_frontend() {
+    use std::os::unix::net::UnixListener;
+    if !require_netns() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("vnicfe"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fe.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let tap = unique("vnt");
+    let uplink = format!("tap:{tap}");
+    let vnicd = vnic_tests::Vnicd::start_client(VNICD, &path, &["--uplink", &uplink]).unwrap();
+    let ns = NetNs::new().unwrap();
+    ns.adopt(&tap, "192.0.2.1/24").unwrap();
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "192.0.2.2",
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        &tap,
+    ])
+    .unwrap();
+    let host_mac = ns.mac(&tap).unwrap();
+    let s = Setup {
+        ns,
+        vnicd,
+        tap,
+        host_mac,
+    };
+    for round in 0..2u16 {
+        // Never wait forever: vnicd must connect within 10 s.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        listener.set_nonblocking(true).unwrap();
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "vnicd did not connect (round {round})"
+            );
+        }
+        listener.set_nonblocking(false).unwrap();
+        let mut g = VirtioNet::accept(&listener, NetOptions::default()).expect("vnicd connects");
+        udp_reaches_host(&s, &mut g, 0, 5800 + round);
+    }
+    let mut v = s.vnicd;
+    assert!(v.alive(), "vnicd survives the frontend going away");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,7 +7,7 @@
 //! that is set up.
 
 use std::{
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::net::UnixListener},
     path::Path,
     time::{Duration, Instant},
 };
@@ -159,6 +159,23 @@ const CTRL_BUF: usize = 4096;
 impl VirtioNet {
     /// Connects to vnicd's socket and brings the device up.
     pub fn connect(socket: &Path, opts: NetOptions) -> Result<VirtioNet> {
+        Self::start(opts, |max_queues, mem| {
+            VhostUserTransport::connect(socket, max_queues, mem)
+        })
+    }
+
+    /// Waits on `listener` for a device that connects to us (`vnicd
+    /// --client`) and brings it up.
+    pub fn accept(listener: &UnixListener, opts: NetOptions) -> Result<VirtioNet> {
+        Self::start(opts, |max_queues, mem| {
+            VhostUserTransport::accept(listener, max_queues, mem)
+        })
+    }
+
+    fn start(
+        opts: NetOptions,
+        transport: impl FnOnce(usize, usize) -> Result<VhostUserTransport>,
+    ) -> Result<VirtioNet> {
         let pairs = usize::from(opts.pairs.max(1));
         let mergeable = opts.features.contains(Features::MRG_RXBUF);
         let rx_len = if mergeable || opts.rx_buf_len > 0 {
@@ -171,7 +188,7 @@ impl VirtioNet {
         let mem = pairs * n * (rx_len.div_ceil(64) * 64 + tx_len.div_ceil(64) * 64)
             + pairs * 2 * (16 * n + 16 * n + 64)
             + (1 << 20);
-        let mut t = VhostUserTransport::connect(socket, 2 * pairs + 1, mem)?;
+        let mut t = transport(2 * pairs + 1, mem)?;
         let features = t.negotiate(opts.features)?;
         let hdr_len = features.hdr_len();
         let mut rx = Vec::with_capacity(pairs);

@@ -170,9 +170,26 @@ impl Vnicd {
     /// [`Vnicd::start`] under a wrapper command (`valgrind ...`): the
     /// wrapper's words, then `bin` and its arguments.
     pub fn start_wrapped(wrapper: &[&str], bin: &str, args: &[&str]) -> io::Result<Vnicd> {
+        Vnicd::launch(wrapper, bin, None, args)
+    }
+
+    /// Starts `bin --client` connecting to a frontend that listens on
+    /// `socket`; waits for the management socket only.
+    pub fn start_client(bin: &str, socket: &Path, args: &[&str]) -> io::Result<Vnicd> {
+        let mut a = vec!["--client"];
+        a.extend_from_slice(args);
+        Vnicd::launch(&[], bin, Some(socket), &a)
+    }
+
+    fn launch(
+        wrapper: &[&str],
+        bin: &str,
+        client_of: Option<&Path>,
+        args: &[&str],
+    ) -> io::Result<Vnicd> {
         let dir = std::env::temp_dir().join(unique("vnicd"));
         std::fs::create_dir_all(&dir)?;
-        let socket = dir.join("vhost.sock");
+        let socket = client_of.map_or_else(|| dir.join("vhost.sock"), Path::to_path_buf);
         let mgmt = dir.join("mgmt.sock");
         let mut cmd = match wrapper.split_first() {
             Some((w, rest)) => {
@@ -202,6 +219,7 @@ impl Vnicd {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !(d.socket.exists() && d.mgmt.exists()) {
+            // (in client mode the socket is the frontend's and exists)
             if let Some(st) = d.child.try_wait()? {
                 return Err(io::Error::other(format!("vnicd exited early: {st}")));
             }

@@ -1,7 +1,7 @@
 //! The vhost-user transport: the driver owns memfd memory and speaks
 //! vhost-user to the device as a VMM would (like DPDK's virtio-user).
 
-use std::path::Path;
+use std::{os::unix::net::UnixListener, path::Path};
 
 use vhost::{
     vhost_user::{
@@ -52,6 +52,21 @@ impl VhostUserTransport {
         mem_size: usize,
     ) -> Result<VhostUserTransport> {
         let frontend = Frontend::connect(socket, max_queues as u64)?;
+        Self::with_frontend(frontend, mem_size)
+    }
+
+    /// Takes a device that connected to us (a backend started with
+    /// `--client`, as a VMM listening with `server=on` sees it).
+    pub fn accept(
+        listener: &UnixListener,
+        max_queues: usize,
+        mem_size: usize,
+    ) -> Result<VhostUserTransport> {
+        let (stream, _) = listener.accept()?;
+        Self::with_frontend(Frontend::from_stream(stream, max_queues as u64), mem_size)
+    }
+
+    fn with_frontend(frontend: Frontend, mem_size: usize) -> Result<VhostUserTransport> {
         frontend.set_owner()?;
         Ok(VhostUserTransport {
             frontend,
