@@ -36,6 +36,9 @@ pub struct NetOptions {
     /// Size of each RX buffer. Zero without MRG_RXBUF means buffers that
     /// hold a whole 64 KiB frame.
     pub rx_buf_len: usize,
+    /// Pairs to enable; the rest are set up but left disabled, as a VMM
+    /// does for pairs the guest has not asked for. `None`: all.
+    pub enabled_pairs: Option<u16>,
 }
 
 impl NetOptions {
@@ -63,6 +66,7 @@ impl Default for NetOptions {
             queue_size: 256,
             features: Self::DEFAULT_FEATURES,
             rx_buf_len: 2048,
+            enabled_pairs: None,
         }
     }
 }
@@ -196,8 +200,9 @@ impl VirtioNet {
         for i in 0..pairs {
             let r = Pool::new(&mut t, opts.queue_size, rx_len)?;
             let w = Pool::new(&mut t, opts.queue_size, tx_len)?;
-            t.setup_queue(2 * i, &r.q)?;
-            t.setup_queue(2 * i + 1, &w.q)?;
+            let on = opts.enabled_pairs.is_none_or(|n| i < usize::from(n));
+            t.setup_queue_enabled(2 * i, &r.q, on)?;
+            t.setup_queue_enabled(2 * i + 1, &w.q, on)?;
             rx.push(r);
             tx.push(w);
         }

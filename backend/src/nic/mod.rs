@@ -147,6 +147,37 @@ impl Backlog {
     }
 }
 
+/// A set of RX queues frames may be steered to: the pairs the driver
+/// enabled (SET_VRING_ENABLE from a VMM, VQ_PAIRS_SET on our control
+/// queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSet(pub u32);
+
+impl QueueSet {
+    /// The queue for a frame RSS sent to `q`: `q` itself when enabled,
+    /// else an enabled queue chosen by `q` (so one flow stays on one
+    /// queue); `fallback` when none is enabled.
+    pub fn pick(self, q: usize, fallback: usize) -> usize {
+        if q < 32 && self.0 & (1 << q) != 0 {
+            return q;
+        }
+        let n = self.0.count_ones() as usize;
+        if n == 0 {
+            return fallback;
+        }
+        let mut k = q % n;
+        let mut bits = self.0;
+        loop {
+            let i = bits.trailing_zeros() as usize;
+            if k == 0 {
+                return i;
+            }
+            k -= 1;
+            bits &= bits - 1;
+        }
+    }
+}
+
 /// Scratch space of one transmit worker.
 #[derive(Debug, Default)]
 pub struct TxScratch {
@@ -589,6 +620,22 @@ pub(crate) mod tests {
         assert_eq!(dev.stats.tx[0].drops(DropReason::BadHeader), 1);
         assert_eq!(dev.stats.tx[0].total_drops(), 3);
         assert!(up.sent.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn steering_only_to_enabled_queues() {
+        let all = QueueSet(0b1111);
+        assert_eq!(
+            (0..4).map(|q| all.pick(q, 9)).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        let two = QueueSet(0b0101);
+        assert_eq!(
+            (0..4).map(|q| two.pick(q, 9)).collect::<Vec<_>>(),
+            [0, 2, 2, 2]
+        );
+        assert_eq!(QueueSet(0b1000).pick(1, 9), 3);
+        assert_eq!(QueueSet(0).pick(1, 9), 9);
     }
 
     #[test]

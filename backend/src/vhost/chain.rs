@@ -15,7 +15,7 @@ use vnic_protocol::{
 };
 
 use crate::{
-    nic::{Device, DropReason, MAX_FRAME},
+    nic::{Device, DropReason, QueueSet, MAX_FRAME},
     uplink::{tap::VNET_HDR_LEN, PieceMut, MAX_PIECES},
 };
 
@@ -472,7 +472,7 @@ impl RxWriter<'_> {
         dev: &Device,
         uq: usize,
         own: usize,
-        active: usize,
+        active: QueueSet,
         expect: usize,
         overflow: &mut [u8],
         out: &mut Vec<u8>,
@@ -565,10 +565,7 @@ impl RxWriter<'_> {
             return Ok(Direct::Dropped(DropReason::Filtered));
         }
         let steering = dev.steer_prefix(peek, frame_len);
-        let mut target = usize::from(steering.queue);
-        if target >= active {
-            target %= active.max(1);
-        }
+        let target = active.pick(usize::from(steering.queue), own);
         let total = hdr_len + frame_len;
         let mut fits = target == own;
         if fits && !spill.is_empty() {

@@ -15,7 +15,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, PoisonError, RwLock,
+        Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
 };
 
@@ -40,7 +40,7 @@ use self::chain::{gather_tx, split_chain, write_bufs, Direct, RxWriter};
 use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
-        Device, DropReason, TxScratch, MAX_FRAME,
+        Device, DropReason, QueueSet, TxScratch, MAX_FRAME,
     },
     uplink::{
         tap::{MAX_TAP_FRAME, VNET_HDR_LEN},
@@ -121,6 +121,9 @@ pub struct VnicBackend {
     acked: AtomicU64,
     event_idx: AtomicBool,
     workers: Vec<Mutex<Worker>>,
+    /// Each pair's RX vring, recorded at its worker's first event, so
+    /// that steering can see which queues the frontend enabled.
+    rx_vrings: Vec<OnceLock<VringRwLock>>,
 }
 
 impl std::fmt::Debug for VnicBackend {
@@ -136,6 +139,7 @@ impl VnicBackend {
         let pairs = usize::from(dev.config.pairs);
         VnicBackend {
             workers: (0..pairs).map(|_| Mutex::new(Worker::new())).collect(),
+            rx_vrings: (0..pairs).map(|_| OnceLock::new()).collect(),
             dev,
             mem: RwLock::new(mem),
             acked: AtomicU64::new(0),
@@ -182,6 +186,10 @@ impl VnicBackend {
                     EventSet::IN,
                     u64::from(self.backlog_event(i)),
                 )?;
+                // Wake every worker once, before any frontend connects, so
+                // that each records its vrings: steering then always sees
+                // which RX queues the frontend has enabled.
+                b.event.write(1)?;
             }
         }
         Ok(())
@@ -384,7 +392,7 @@ impl VnicBackend {
         };
         let stats = &self.dev.stats.rx[i];
         let backlog = &self.dev.backlogs[i];
-        let active = usize::from(self.dev.ctrl_state().active_pairs.max(1)).min(self.pairs());
+        let active = self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev.config.mtu) + 14 + 8;
         let mut moved = 0;
@@ -467,10 +475,8 @@ impl VnicBackend {
                         stats.drop(DropReason::Filtered);
                         continue;
                     }
-                    let mut target = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
-                    if target >= active {
-                        target %= active;
-                    }
+                    let steered = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+                    let target = active.pick(steered, i);
                     self.hand_over(target, frame);
                     if target == i {
                         break;
@@ -487,6 +493,58 @@ impl VnicBackend {
             self.notify(vring, stats)?;
         }
         Ok(())
+    }
+
+    /// Reads uplink queue `i` for a worker whose own RX queue is off and
+    /// hands every frame to an enabled queue; with none enabled, frames
+    /// are dropped and counted.
+    fn forward_uplink(&self, i: usize) {
+        let active = self.enabled_queues();
+        let stats = &self.dev.stats.rx[i];
+        let mut w = self.workers[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for moved in 0..=BUDGET {
+            if moved == BUDGET {
+                let _ = self.dev.backlogs[i].event.write(1);
+                break;
+            }
+            let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(&mut w.rx)]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::warn!("uplink queue {i}: {e}");
+                    break;
+                }
+            };
+            let frame = &w.rx[..n];
+            if n <= VNET_HDR_LEN {
+                stats.drop(DropReason::RxMalformed);
+                continue;
+            }
+            if !self.dev.rx_accepts(&frame[VNET_HDR_LEN..]) {
+                stats.drop(DropReason::Filtered);
+                continue;
+            }
+            let steered = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+            match active.pick(steered, usize::MAX) {
+                usize::MAX => stats.drop(DropReason::RxNoBuffers),
+                target => self.hand_over(target, frame),
+            }
+        }
+    }
+
+    /// The RX queues frames may go to now: set up and enabled by the
+    /// frontend, and within the pairs the driver asked for.
+    fn enabled_queues(&self) -> QueueSet {
+        let pairs = usize::from(self.dev.ctrl_state().active_pairs.max(1)).min(self.pairs());
+        let mut set = 0u32;
+        for (j, v) in self.rx_vrings.iter().enumerate().take(pairs) {
+            if v.get().is_some_and(|v| v.get_ref().is_enabled()) {
+                set |= 1 << j;
+            }
+        }
+        QueueSet(set)
     }
 
     /// Queues a frame (TAP header first) for RX queue `target`.
@@ -582,13 +640,26 @@ impl VhostUserBackend for VnicBackend {
         if i > self.pairs() || vrings.len() < 2 {
             return Ok(());
         }
+        self.rx_vrings[i].get_or_init(|| vrings[0].clone());
+        let rx_live = || {
+            let st = vrings[0].get_ref();
+            st.is_enabled() && st.get_queue().ready()
+        };
         match device_event {
             0 => self.process_rx(i, &vrings[0]),
             1 => self.process_tx(i, &vrings[1]),
-            e if e == self.uplink_event(i) => self.process_rx(i, &vrings[0]),
-            e if e == self.backlog_event(i) => {
-                let _ = self.dev.backlogs[i].event.read();
-                self.process_rx(i, &vrings[0])
+            e if e == self.uplink_event(i) || e == self.backlog_event(i) => {
+                if e == self.backlog_event(i) {
+                    let _ = self.dev.backlogs[i].event.read();
+                }
+                if rx_live() {
+                    self.process_rx(i, &vrings[0])
+                } else {
+                    // This pair's RX queue is off: pass what arrives on its
+                    // uplink queue to the queues that are on.
+                    self.forward_uplink(i);
+                    Ok(())
+                }
             }
             e => {
                 log::warn!("worker {i}: unknown event {e}");

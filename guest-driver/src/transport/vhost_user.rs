@@ -120,6 +120,17 @@ impl VhostUserTransport {
 
     /// Hands virtqueue `index` to the device and enables it.
     pub fn setup_queue(&mut self, index: usize, q: &SplitQueue) -> Result<()> {
+        self.setup_queue_enabled(index, q, true)
+    }
+
+    /// Hands virtqueue `index` to the device, enabled or not (a VMM leaves
+    /// the pairs the guest has not asked for set up but disabled).
+    pub fn setup_queue_enabled(
+        &mut self,
+        index: usize,
+        q: &SplitQueue,
+        enable: bool,
+    ) -> Result<()> {
         let cfg = VringConfigData {
             queue_max_size: q.size,
             queue_size: q.size,
@@ -144,7 +155,7 @@ impl VhostUserTransport {
         self.calls[index] = Some(call);
         // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled.
         if self.acked_protocol {
-            self.frontend.set_vring_enable(index, true)?;
+            self.frontend.set_vring_enable(index, enable)?;
         }
         Ok(())
     }
