@@ -4,8 +4,10 @@
 
 use std::{
     io,
+    os::unix::net::{UnixListener, UnixStream},
+    path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc,
     },
     thread,
@@ -26,7 +28,7 @@ use crate::{
         tap::Tap,
         NoUplink, Uplink,
     },
-    vhost::VnicBackend,
+    vhost::{relay::relay, VnicBackend},
 };
 
 #[derive(Debug, Error)]
@@ -43,6 +45,8 @@ pub enum DaemonError {
     Vhost(String),
     #[error("registering uplink events: {0}")]
     Listeners(#[source] io::Error),
+    #[error("vhost-user socket: {0}")]
+    Socket(#[source] io::Error),
 }
 
 impl From<vhost_user_backend::Error> for DaemonError {
@@ -77,17 +81,55 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), DaemonError> {
         Some(p) => Some(mgmt::serve(p, dev.clone()).map_err(DaemonError::Mgmt)?),
         None => None,
     };
+    let listener = if cfg.client {
+        None
+    } else {
+        if cfg.socket.exists() {
+            std::fs::remove_file(&cfg.socket).map_err(DaemonError::Socket)?;
+        }
+        log::info!("listening on {}", cfg.socket.display());
+        Some(UnixListener::bind(&cfg.socket).map_err(DaemonError::Socket)?)
+    };
     loop {
-        serve_one(cfg, &dev)?;
-        log::info!("frontend disconnected");
+        let front = match &listener {
+            Some(l) => l.accept().map_err(DaemonError::Socket)?.0,
+            None => connect(&cfg.socket)?,
+        };
+        match serve_conn(&dev, front) {
+            Ok(()) => log::info!("frontend disconnected"),
+            // A frontend that breaks the protocol loses its connection;
+            // vnicd goes on serving the next one.
+            Err(DaemonError::Vhost(e)) => log::error!("frontend connection ended: {e}"),
+            Err(e) => return Err(e),
+        }
         if cfg.once || stop.load(Ordering::Relaxed) {
             return Ok(());
         }
     }
 }
 
-/// Serves one frontend connection to its end.
-pub fn serve_one(cfg: &Config, dev: &Arc<Device>) -> Result<(), DaemonError> {
+/// Connects to a VMM listening on `path`, retrying for 30 s.
+fn connect(path: &Path) -> Result<UnixStream, DaemonError> {
+    let mut tries = 0;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => {
+                log::info!("connected to {}", path.display());
+                return Ok(s);
+            }
+            Err(e) if tries < 300 => {
+                log::debug!("connecting to {}: {e}", path.display());
+                tries += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(DaemonError::Socket(e)),
+        }
+    }
+}
+
+/// Serves one frontend connection to its end. The vhost-user backend
+/// talks to the frontend through [`relay`] over a private socket.
+pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonError> {
     // Nothing the previous frontend set up or left queued carries over.
     dev.reset().map_err(DaemonError::Device)?;
     let backend = Arc::new(VnicBackend::new(
@@ -102,37 +144,39 @@ pub fn serve_one(cfg: &Config, dev: &Arc<Device>) -> Result<(), DaemonError> {
     backend
         .register_listeners(&daemon.get_epoll_handlers())
         .map_err(DaemonError::Listeners)?;
-    let path = cfg.socket.to_string_lossy().into_owned();
-    if cfg.client {
-        // The VMM may not be listening yet: retry for a while.
-        let mut tries = 0;
-        loop {
-            match daemon.start_client(&path) {
-                Ok(()) => break,
-                Err(e) if tries < 300 => {
-                    log::debug!("connecting to {path}: {e}");
-                    tries += 1;
-                    thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        log::info!("connected to {path}");
-        let r = daemon.wait();
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        // A frontend that goes away (guest shutdown, VMM exit) ends the
-        // connection, not vnicd: the same outcomes `serve` accepts.
-        match r {
-            Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => {}
-            other => other?,
-        }
-    } else {
-        log::info!("listening on {path}");
-        daemon.serve(&path)?;
+    let dir = std::env::temp_dir().join(format!(
+        "vnicd-{}-{}",
+        std::process::id(),
+        CONN.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).map_err(DaemonError::Socket)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(DaemonError::Socket)?;
+    let inner = dir.join("backend.sock");
+    let il = UnixListener::bind(&inner).map_err(DaemonError::Socket)?;
+    let started = daemon.start_client(&inner.to_string_lossy());
+    let back = il.accept().map(|(s, _)| s);
+    drop(il);
+    let _ = std::fs::remove_dir_all(&dir);
+    started?;
+    let threads = relay(front, back.map_err(DaemonError::Socket)?).map_err(DaemonError::Socket)?;
+    let r = daemon.wait();
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
     }
-    Ok(())
+    for t in threads {
+        let _ = t.join();
+    }
+    // A frontend that goes away (guest shutdown, VMM exit) ends the
+    // connection, not vnicd.
+    match r {
+        Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected
+            | VhostUserError::PartialMessage
+            | VhostUserError::SocketBroken(_),
+        )) => Ok(()),
+        other => other.map_err(Into::into),
+    }
 }
+
+static CONN: AtomicU32 = AtomicU32::new(0);

@@ -9,6 +9,7 @@
 //! over (a VMM that keeps the control queue never sets up virtqueue 2N).
 
 mod chain;
+pub mod relay;
 
 use std::{
     io,
@@ -528,7 +529,10 @@ impl VnicBackend {
             }
             let steered = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
             match active.pick(steered, usize::MAX) {
-                usize::MAX => stats.drop(DropReason::RxNoBuffers),
+                usize::MAX => {
+                    log::debug!("worker {i}: no RX queue enabled, frame dropped");
+                    stats.drop(DropReason::RxNoBuffers)
+                }
                 target => self.hand_over(target, frame),
             }
         }
@@ -555,6 +559,7 @@ impl VnicBackend {
         if b.push(frame) {
             let _ = b.event.write(1);
         } else {
+            log::debug!("rx{target}: backlog full, frame dropped");
             self.dev.stats.rx[target].drop(DropReason::RxNoBuffers);
         }
     }

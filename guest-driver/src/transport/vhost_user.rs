@@ -5,7 +5,7 @@ use std::{os::unix::net::UnixListener, path::Path};
 
 use vhost::{
     vhost_user::{
-        message::{VhostUserConfigFlags, VhostUserProtocolFeatures},
+        message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures},
         Frontend, VhostUserFrontend,
     },
     VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
@@ -96,6 +96,11 @@ impl VhostUserTransport {
             self.frontend.set_protocol_features(p)?;
             self.protocol = p;
             self.acked_protocol = true;
+            if p.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Wait for the device to have applied every message: when
+                // setup returns, the queues are live.
+                self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         } else {
             acked -= Features::VHOST_USER_PROTOCOL_FEATURES;
         }
