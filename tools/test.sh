@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # vnic's whole test suite: formatting, lints, every crate's tests (the
-# whole-system tests in network namespaces included) and every fuzz target
-# for a bounded time. On a fresh machine it first installs what it needs
-# (a C++ compiler for libFuzzer, iproute2, cargo-fuzz).
+# whole-system tests in network namespaces and the QEMU guest tests
+# included) and every fuzz target for a bounded time. On a fresh machine it
+# first installs what it needs (a C++ compiler for libFuzzer, iproute2,
+# ping, iperf3, QEMU and the guest image's packages, cargo-fuzz) and
+# builds the guest image.
 #
 #   VNIC_FUZZ_SECONDS   seconds per fuzz target (default 20)
 #   VNIC_SKIP_NETNS=1   skip the tests that need root, /dev/net/tun, ip netns
@@ -28,13 +30,16 @@ install_apt() {
 }
 
 step "prerequisites"
-install_apt g++ make iproute2
+install_apt g++ make iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod
 if ! cargo fuzz --version >/dev/null 2>&1; then
     step "installing cargo-fuzz"
     cargo install cargo-fuzz --locked
 fi
 cargo --version
 cargo fuzz --version
+
+step "guest image"
+bash tests/guest/build.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -20,47 +20,25 @@ use vnic_protocol::{
         tcp::Flags,
     },
 };
-use vnic_tests::{require_netns, unique, NetNs, Vnicd};
+use vnic_tests::{require_netns, unique, NetNs};
 
 const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
-struct Setup {
-    ns: NetNs,
-    vnicd: Vnicd,
-    tap: String,
-    host_mac: [u8; 6],
-}
+type Setup = vnic_tests::PortInNs;
 
 /// vnicd with a TAP uplink moved into a fresh namespace as 192.0.2.1/24,
 /// with a static neighbour entry for the guest.
 fn setup(extra: &[&str]) -> Setup {
-    let tap = unique("vnt");
-    let uplink = format!("tap:{tap}");
-    let mut args = vec!["--uplink", uplink.as_str()];
-    args.extend_from_slice(extra);
-    let vnicd = Vnicd::start(VNICD, &args).expect("vnicd starts");
-    let ns = NetNs::new().expect("netns");
-    ns.adopt(&tap, "192.0.2.1/24").expect("tap into netns");
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "192.0.2.2",
-        "lladdr",
-        "52:54:00:12:34:56",
-        "dev",
-        &tap,
-    ])
-    .expect("static neighbour");
-    let host_mac = ns.mac(&tap).expect("tap mac");
-    Setup {
-        ns,
-        vnicd,
-        tap,
-        host_mac,
-    }
+    vnic_tests::PortInNs::start(
+        VNICD,
+        extra,
+        "192.0.2.1/24",
+        &[("192.0.2.2", "52:54:00:12:34:56")],
+    )
+    .expect("vnicd with its TAP in a namespace")
 }
 
 fn flow(s: &Setup, sport: u16, dport: u16) -> Flow {
@@ -794,7 +772,7 @@ fn client_mode_connects_to_a_listening_frontend() {
     ])
     .unwrap();
     let host_mac = ns.mac(&tap).unwrap();
-    let s = Setup {
+    let s = vnic_tests::PortInNs {
         ns,
         vnicd,
         tap,

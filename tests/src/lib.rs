@@ -10,6 +10,8 @@
 //! Names are made unique per process and test so tests can run in
 //! parallel.
 
+pub mod qemu;
+
 use std::{
     fs::File,
     io,
@@ -271,5 +273,45 @@ impl Drop for Vnicd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A vnicd whose TAP uplink sits in a fresh namespace as `host_addr`
+/// (CIDR), with static neighbour entries for the guests' addresses.
+#[derive(Debug)]
+pub struct PortInNs {
+    pub ns: NetNs,
+    pub vnicd: Vnicd,
+    pub tap: String,
+    pub host_mac: [u8; 6],
+}
+
+impl PortInNs {
+    /// Starts `bin` with `--uplink tap:NAME` and `extra`, moves the TAP
+    /// into a new namespace as `host_addr`, and adds neighbour entries
+    /// (`(ip, mac)`) for the guest side.
+    pub fn start(
+        bin: &str,
+        extra: &[&str],
+        host_addr: &str,
+        neighbours: &[(&str, &str)],
+    ) -> io::Result<PortInNs> {
+        let tap = unique("vnt");
+        let uplink = format!("tap:{tap}");
+        let mut args = vec!["--uplink", uplink.as_str()];
+        args.extend_from_slice(extra);
+        let vnicd = Vnicd::start(bin, &args)?;
+        let ns = NetNs::new()?;
+        ns.adopt(&tap, host_addr)?;
+        for (ip, mac) in neighbours {
+            ns.ip(&["neigh", "replace", ip, "lladdr", mac, "dev", &tap])?;
+        }
+        let host_mac = ns.mac(&tap)?;
+        Ok(PortInNs {
+            ns,
+            vnicd,
+            tap,
+            host_mac,
+        })
     }
 }

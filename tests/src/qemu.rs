@@ -1,0 +1,295 @@
+//! Booting a real Linux guest under QEMU on a vhost-user socket.
+//!
+//! The guest (built by `tests/guest/build.sh` from Debian's packages) runs
+//! the shell script it is given and prints its output between markers on
+//! the serial console, which goes to a file; [`Guest::wait_for`] reads
+//! that file while the guest runs. KVM is used when it boots the guest,
+//! TCG otherwise.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{run, unique};
+
+/// The kernel and initramfs the guest boots.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Builds the guest image if its inputs changed (cached in .cache/guest).
+pub fn guest_image() -> io::Result<GuestImage> {
+    static IMAGE: OnceLock<Result<GuestImage, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let dir = here.join("../.cache/guest");
+            run("bash", &[&here.join("guest/build.sh").to_string_lossy()])
+                .map_err(|e| e.to_string())?;
+            Ok(GuestImage {
+                kernel: dir.join("vmlinuz"),
+                initrd: dir.join("initramfs.cpio.gz"),
+            })
+        })
+        .clone()
+        .map_err(io::Error::other)
+}
+
+/// How QEMU accelerates the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// KVM when it boots the guest, TCG otherwise (`VNIC_QEMU_ACCEL=kvm|tcg`
+/// decides instead). Tried once per process.
+pub fn accel() -> Accel {
+    static ACCEL: OnceLock<Accel> = OnceLock::new();
+    *ACCEL.get_or_init(|| match std::env::var("VNIC_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => Accel::Kvm,
+        Ok("tcg") => Accel::Tcg,
+        _ => {
+            if !Path::new("/dev/kvm").exists() {
+                return Accel::Tcg;
+            }
+            let probe = Guest::boot(&GuestOpts {
+                accel: Some(Accel::Kvm),
+                script: "echo kvm-works".into(),
+                ..GuestOpts::default()
+            });
+            let ok = probe.and_then(|mut g| g.wait_done(Duration::from_secs(20)));
+            match ok {
+                Ok(out) if out.output.contains("kvm-works") => Accel::Kvm,
+                _ => Accel::Tcg,
+            }
+        }
+    })
+}
+
+/// A guest to boot.
+#[derive(Debug, Clone)]
+pub struct GuestOpts {
+    /// vnicd's vhost-user socket; `None` boots with no NIC (or `tap`).
+    pub socket: Option<PathBuf>,
+    /// QEMU's own virtio-net on this TAP instead of vhost-user.
+    pub tap: Option<String>,
+    pub queues: u16,
+    pub smp: u16,
+    pub mac: String,
+    /// The shell script the guest runs.
+    pub script: String,
+    pub accel: Option<Accel>,
+}
+
+impl Default for GuestOpts {
+    fn default() -> Self {
+        GuestOpts {
+            socket: None,
+            tap: None,
+            queues: 1,
+            smp: 2,
+            mac: "52:54:00:12:34:56".into(),
+            script: String::new(),
+            accel: None,
+        }
+    }
+}
+
+/// What a guest's script printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct GuestOutput {
+    pub output: String,
+    pub rc: i32,
+    pub console: String,
+}
+
+/// A running QEMU, killed when dropped.
+#[derive(Debug)]
+pub struct Guest {
+    child: Child,
+    log: PathBuf,
+    dir: PathBuf,
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl Guest {
+    /// Boots a guest; it runs `opts.script` and powers off.
+    pub fn boot(opts: &GuestOpts) -> io::Result<Guest> {
+        let img = guest_image()?;
+        let accel = opts.accel.unwrap_or_else(accel);
+        let dir = std::env::temp_dir().join(unique("vnicvm"));
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join("console.log");
+        let cmd = base64(opts.script.as_bytes());
+        if cmd.len() > 1800 {
+            return Err(io::Error::other(
+                "guest script too long for the command line",
+            ));
+        }
+        let mut q = Command::new("qemu-system-x86_64");
+        let machine = match accel {
+            Accel::Kvm => "q35,accel=kvm",
+            Accel::Tcg => "q35,accel=tcg",
+        };
+        q.args([
+            "-machine",
+            machine,
+            "-m",
+            "512M",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-nodefaults", "-smp", &opts.smp.to_string()])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(&img.initrd)
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet panic=-1 vnic.cmd={cmd}"),
+        ])
+        .args(["-serial", &format!("file:{}", log.display())]);
+        // QEMU 7.2 under TCG crashes in its MSI-X notifier path with
+        // vhost-user devices: INTx there, MSI-X with KVM.
+        let vectors = match accel {
+            Accel::Kvm => 2 * u32::from(opts.queues) + 2,
+            Accel::Tcg => 0,
+        };
+        if let Some(sock) = &opts.socket {
+            q.arg("-chardev")
+                .arg(format!("socket,id=chr0,path={}", sock.display()))
+                .args([
+                    "-netdev",
+                    &format!("vhost-user,id=net0,chardev=chr0,queues={}", opts.queues),
+                ]);
+        } else if let Some(tap) = &opts.tap {
+            q.args([
+                "-netdev",
+                &format!(
+                    "tap,id=net0,ifname={tap},script=no,downscript=no,queues={}",
+                    opts.queues
+                ),
+            ]);
+        }
+        if opts.socket.is_some() || opts.tap.is_some() {
+            q.args([
+                "-device",
+                &format!(
+                    "virtio-net-pci,netdev=net0,mq=on,vectors={vectors},mac={}",
+                    opts.mac
+                ),
+            ]);
+        }
+        let child = q
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Guest { child, log, dir })
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `marker`.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(marker) {
+                return Ok(());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "qemu exited ({st}) before {marker:?}:\n{}",
+                    self.console()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "no {marker:?} after {timeout:?}:\n{}",
+                    self.console()
+                )));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the script to finish and QEMU to exit.
+    pub fn wait_done(&mut self, timeout: Duration) -> io::Result<GuestOutput> {
+        self.wait_for("VNIC-OUT-END", timeout)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let console = self.console();
+        let output = console
+            .split("VNIC-OUT-BEGIN")
+            .nth(1)
+            .and_then(|s| s.split("VNIC-OUT-END").next())
+            .unwrap_or_default()
+            .trim_start_matches(['\r', '\n'])
+            .to_owned();
+        let rc = console
+            .split("VNIC-OUT-END rc=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
+        Ok(GuestOutput {
+            output,
+            rc,
+            console,
+        })
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(
+            super::base64(b"ip link set eth0 up\n"),
+            "aXAgbGluayBzZXQgZXRoMCB1cAo="
+        );
+    }
+}
