@@ -204,3 +204,53 @@ fn link_works_again_after_the_driver_is_rebound() {
     let mut v = p.vnicd;
     assert!(v.alive(), "the same vnicd served both");
 }
+
+/// Two guests on two vnicd instances reach each other through a bridge
+/// in the namespace.
+#[test]
+fn two_guests_on_two_vnicds_meet_through_a_bridge() {
+    use vnic_tests::{unique, NetNs, Vnicd};
+    if !require_netns() {
+        return;
+    }
+    let taps = [unique("vnt"), unique("vnt")];
+    let vnicds: Vec<Vnicd> = taps
+        .iter()
+        .map(|t| Vnicd::start(VNICD, &["--uplink", &format!("tap:{t}")]).expect("vnicd"))
+        .collect();
+    let ns = NetNs::new().unwrap();
+    ns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    for t in &taps {
+        vnic_tests::run("ip", &["link", "set", t, "netns", &ns.name]).unwrap();
+        ns.ip(&["link", "set", t, "master", "br0"]).unwrap();
+        ns.ip(&["link", "set", t, "up"]).unwrap();
+    }
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"])
+        .unwrap();
+    ns.ip(&["link", "set", "br0", "up"]).unwrap();
+    let boot = |v: &Vnicd, mac: &str, ip: &str, script: &str| {
+        Guest::boot(&GuestOpts {
+            socket: Some(v.socket.clone()),
+            mac: mac.into(),
+            script: format!("ip link set eth0 up\nip addr add {ip}/24 dev eth0\n{script}"),
+            ..GuestOpts::default()
+        })
+        .expect("qemu starts")
+    };
+    let mut b = boot(
+        &vnicds[1],
+        "52:54:00:12:34:57",
+        "192.0.2.3",
+        "echo B-READY\nsleep 40",
+    );
+    b.wait_for("B-READY", GUEST_TIMEOUT).unwrap();
+    let mut a = boot(
+        &vnicds[0],
+        GUEST_MAC,
+        "192.0.2.2",
+        "ping -c 3 -W 5 192.0.2.3 && echo A-REACHED-B",
+    );
+    let out = a.wait_done(GUEST_TIMEOUT).unwrap().output;
+    assert!(out.contains("A-REACHED-B"), "{out}");
+    assert!(out.contains("3 packets received"), "{out}");
+}
