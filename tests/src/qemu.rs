@@ -87,6 +87,8 @@ pub struct GuestOpts {
     /// The shell script the guest runs.
     pub script: String,
     pub accel: Option<Accel>,
+    /// Run QEMU inside this network namespace (its TAP is created there).
+    pub netns: Option<String>,
 }
 
 impl Default for GuestOpts {
@@ -99,6 +101,7 @@ impl Default for GuestOpts {
             mac: "52:54:00:12:34:56".into(),
             script: String::new(),
             accel: None,
+            netns: None,
         }
     }
 }
@@ -150,7 +153,14 @@ impl Guest {
                 "guest script too long for the command line",
             ));
         }
-        let mut q = Command::new("qemu-system-x86_64");
+        let mut q = match &opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         let machine = match accel {
             Accel::Kvm => "q35,accel=kvm",
             Accel::Tcg => "q35,accel=tcg",
