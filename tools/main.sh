@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
-# vnic's main job as it stands today: build everything in release mode,
-# measure vnicd's data path over vhost-user (guest -> vnicd -> sink and
-# source -> vnicd -> guest, with instructions per packet from callgrind)
-# and the packet-processing core, each against its baseline, and print
-# the tables README.md shows. The QEMU guest run joins this command when
-# it lands.
+# vnic's main job: attach vnicd to a QEMU guest with its own virtio_net
+# driver and run iperf3 both ways against the host kernel, beside QEMU's
+# own virtio-net with a TAP on the same guest image; then measure vnicd's
+# data path over vhost-user and the packet core against their baselines.
+# Builds whatever is missing first (packages, the guest image, release
+# binaries). Needs root (TAP devices, network namespaces).
 #
-#   VNIC_BENCH_SECONDS   measurement time per benchmark (default 3)
+#   VNIC_IPERF_SECONDS   iperf3 run length each way (default 10)
+#   VNIC_BENCH_SECONDS   measurement time per micro-benchmark (default 3)
+#   VNIC_MAIN_GUEST_ONLY=1  stop after the guest table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secs=${VNIC_BENCH_SECONDS:-3}
 missing=()
-command -v python3 >/dev/null || missing+=(python3)
-command -v valgrind >/dev/null || missing+=(valgrind)
+for p in python3 valgrind iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
 if ((${#missing[@]})); then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+bash tests/guest/build.sh
 cargo build --release --workspace
-VNIC_BENCH_SECONDS="$secs" cargo bench -p vnic-backend --bench datapath > target/datapath.md
-cargo bench -p vnic-protocol --bench protocol -- \
-    --warm-up-time 1 --measurement-time "$secs" --noplot
+
 echo
-echo "## vnicd data path"
+echo "## iperf3 in a QEMU guest: vnicd vs QEMU's virtio-net + TAP"
+cargo bench -q -p vnic-backend --bench guest_iperf
+[ "${VNIC_MAIN_GUEST_ONLY:-0}" = 1 ] && exit 0
+
+VNIC_BENCH_SECONDS="$secs" cargo bench -q -p vnic-backend --bench datapath > target/datapath.md
+cargo bench -q -p vnic-protocol --bench protocol -- \
+    --warm-up-time 1 --measurement-time "$secs" --noplot > /dev/null
+echo
+echo "## vnicd data path over vhost-user"
 cat target/datapath.md
 echo
 echo "## packet core"
