@@ -8,38 +8,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use vnic_tests::{
-    qemu::{accel, Guest, GuestOpts},
+    qemu::{accel, between, iperf_number, Guest, GuestOpts, IperfServer},
     unique, NetNs, PortInNs,
 };
 
 const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
 const MAC: &str = "52:54:00:12:34:56";
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn iperf_server(ns: &str) -> Server {
-    let c = Command::new("ip")
-        .args(["netns", "exec", ns, "iperf3", "-s", "-B", "192.0.2.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 -s");
-    std::thread::sleep(Duration::from_millis(300));
-    Server(c)
-}
 
 fn script(secs: u64) -> String {
     format!(
@@ -51,34 +28,14 @@ fn script(secs: u64) -> String {
     )
 }
 
-fn number(json: &str, section: &str, key: &str) -> f64 {
-    json.rfind(section)
-        .and_then(|at| {
-            let rest = &json[at..];
-            let k = rest.find(&format!("\"{key}\":"))?;
-            rest[k + key.len() + 3..]
-                .trim_start()
-                .split(|c: char| c == ',' || c == '}' || c.is_whitespace())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 struct Row {
     gbps: f64,
     retransmits: f64,
 }
 
 fn results(out: &str) -> [Row; 2] {
-    let sect = |a: &str, b: &str| {
-        out.split(a)
-            .nth(1)
-            .and_then(|s| s.split(b).next())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let sect = |a: &str, b: &str| between(out, a, b);
+    let number = |j: &str, s: &str, k: &str| iperf_number(j, s, k).unwrap_or(0.0);
     let tx = sect("TX-JSON", "TX-END");
     let rx = sect("RX-JSON", "RX-END");
     [
@@ -108,7 +65,7 @@ fn main() {
         &[("192.0.2.2", MAC)],
     )
     .expect("vnicd with its TAP in a namespace");
-    let srv = iperf_server(&p.ns.name);
+    let srv = IperfServer::start(&p.ns.name, "192.0.2.1").expect("iperf3 -s");
     let mut g = Guest::boot(&GuestOpts {
         socket: Some(p.vnicd.socket.clone()),
         queues: 2,
@@ -147,7 +104,7 @@ fn main() {
         .expect("tap address");
     ns.ip(&["link", "set", &tap, "up"]).expect("tap up");
     // The server binds to the TAP's address, which exists only now.
-    let srv = iperf_server(&ns.name);
+    let srv = IperfServer::start(&ns.name, "192.0.2.1").expect("iperf3 -s");
     let out = g.wait_done(timeout).expect("guest run").output;
     let qemu = results(&out);
     if qemu[0].gbps == 0.0 {

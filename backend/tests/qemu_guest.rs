@@ -4,13 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use vnic_tests::{
-    qemu::{Guest, GuestOpts},
+    qemu::{between, iperf_number, Guest, GuestOpts, IperfServer},
     require_netns, PortInNs,
 };
 
@@ -53,50 +50,6 @@ fn mac_text(m: [u8; 6]) -> String {
         .join(":")
 }
 
-/// `iperf3 -s` in the namespace, killed when dropped.
-struct IperfServer(Child);
-
-impl IperfServer {
-    fn start(p: &PortInNs) -> IperfServer {
-        let c = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &p.ns.name,
-                "iperf3",
-                "-s",
-                "-B",
-                "192.0.2.1",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 -s starts (apt-get install iperf3)");
-        std::thread::sleep(Duration::from_millis(300));
-        IperfServer(c)
-    }
-}
-
-impl Drop for IperfServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Pulls `"key": number` out of iperf3's JSON after `section`.
-fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
-    let at = json.rfind(section)?;
-    let rest = &json[at..];
-    let k = rest.find(&format!("\"{key}\":"))?;
-    rest[k + key.len() + 3..]
-        .trim_start()
-        .split(|c: char| c == ',' || c == '}' || c.is_whitespace())
-        .next()?
-        .parse()
-        .ok()
-}
-
 #[test]
 fn link_comes_up_and_ping_works_both_ways() {
     if !require_netns() {
@@ -127,7 +80,7 @@ fn iperf3_tcp_both_ways_with_multiqueue_rss_and_udp() {
         return;
     }
     let p = port(2);
-    let _srv = IperfServer::start(&p);
+    let _srv = IperfServer::start(&p.ns.name, "192.0.2.1").expect("iperf3 -s");
     let script = "ethtool -L eth0 combined 2\n\
         echo CHANNELS; ethtool -l eth0 | tail -n 4\n\
         echo OFFLOADS; ethtool -k eth0 | grep tcp-segmentation-offload\n\
@@ -137,13 +90,7 @@ fn iperf3_tcp_both_ways_with_multiqueue_rss_and_udp() {
         echo QUEUES; ethtool -S eth0 | grep -E 'rx[0-9]+_kicks'";
     let mut g = guest(&p, 2, script);
     let out = g.wait_done(GUEST_TIMEOUT).unwrap().output;
-    let section = |a: &str, b: &str| {
-        out.split(a)
-            .nth(1)
-            .and_then(|s| s.split(b).next())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let section = |a: &str, b: &str| between(&out, a, b);
     // Channels and offloads as the guest sees them.
     assert!(
         section("CHANNELS", "OFFLOADS").contains("Combined:\t2"),
@@ -160,13 +107,13 @@ fn iperf3_tcp_both_ways_with_multiqueue_rss_and_udp() {
     ] {
         let j = section(a, b);
         assert!(!j.contains("\"error\""), "{name}: {j}");
-        let bps = json_number(&j, "\"sum_received\"", "bits_per_second").unwrap_or(0.0);
+        let bps = iperf_number(&j, "\"sum_received\"", "bits_per_second").unwrap_or(0.0);
         assert!(bps > 0.0, "{name}: {j}");
         eprintln!("{name}: {:.2} Gbit/s", bps / 1e9);
     }
     // UDP at 10 Mbit/s: under 1% lost.
     let u = section("UDP-JSON", "UDP-END");
-    let lost = json_number(&u, "\"sum\"", "lost_percent").expect("udp loss in the report");
+    let lost = iperf_number(&u, "\"sum\"", "lost_percent").expect("udp loss in the report");
     assert!(lost < 1.0, "udp loss {lost}%: {u}");
     // Device RSS spread the 4-stream receive over both queues: vnicd's
     // per-queue counters show traffic on each, and so does the guest's

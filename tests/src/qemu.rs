@@ -289,8 +289,70 @@ impl Drop for Guest {
     }
 }
 
+/// `iperf3 -s` bound to `addr` in namespace `ns`, killed when dropped.
+#[derive(Debug)]
+pub struct IperfServer(Child);
+
+impl IperfServer {
+    pub fn start(ns: &str, addr: &str) -> io::Result<IperfServer> {
+        let c = Command::new("ip")
+            .args(["netns", "exec", ns, "iperf3", "-s", "-B", addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        thread::sleep(Duration::from_millis(300));
+        Ok(IperfServer(c))
+    }
+}
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The number after `"key":` following the last `section` of iperf3's
+/// JSON report.
+pub fn iperf_number(json: &str, section: &str, key: &str) -> Option<f64> {
+    let at = json.rfind(section)?;
+    let rest = &json[at..];
+    let k = rest.find(&format!("\"{key}\":"))?;
+    rest[k + key.len() + 3..]
+        .trim_start()
+        .split(|c: char| c == ',' || c == '}' || c.is_whitespace())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The text between markers `a` and `b` in a guest's output.
+pub fn between(out: &str, a: &str, b: &str) -> String {
+    out.split(a)
+        .nth(1)
+        .and_then(|s| s.split(b).next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn iperf_numbers() {
+        let j = r#"{"end": {"sum_sent": {"bits_per_second": 5.5e9, "retransmits": 3},
+            "sum_received": {"bits_per_second": 5.4e9}}}"#;
+        assert_eq!(
+            super::iperf_number(j, "\"sum_sent\"", "retransmits"),
+            Some(3.0)
+        );
+        assert_eq!(
+            super::iperf_number(j, "\"sum_received\"", "bits_per_second"),
+            Some(5.4e9)
+        );
+        assert_eq!(super::iperf_number(j, "\"sum\"", "lost_percent"), None);
+        assert_eq!(super::between("x A mid B y", "A", "B"), " mid ");
+    }
+
     #[test]
     fn base64_matches_the_standard() {
         assert_eq!(super::base64(b""), "");

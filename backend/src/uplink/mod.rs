@@ -32,6 +32,22 @@ impl Piece<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The piece as an iovec for a vectored write. Without vm-memory's
+    /// xen feature a guest slice's guard only carries its address: the
+    /// mapping lives as long as the slice.
+    pub fn iovec(&self) -> libc::iovec {
+        match self {
+            Piece::Local(b) => libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            },
+            Piece::Guest(s) => libc::iovec {
+                iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: s.len(),
+            },
+        }
+    }
+
     /// Appends the bytes to `out`.
     pub fn copy_to(&self, out: &mut Vec<u8>) {
         match self {
@@ -50,6 +66,22 @@ impl Piece<'_> {
 pub enum PieceMut<'a> {
     Local(&'a mut [u8]),
     Guest(VolatileSlice<'a>),
+}
+
+impl PieceMut<'_> {
+    /// The piece as an iovec for a vectored read.
+    pub fn iovec(&mut self) -> libc::iovec {
+        match self {
+            PieceMut::Local(b) => libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+            PieceMut::Guest(s) => libc::iovec {
+                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                iov_len: s.len(),
+            },
+        }
+    }
 }
 
 /// What an uplink accepts in the headers it is given, and what it is

@@ -74,6 +74,31 @@ fn ioctl_val(f: &File, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()>
     }
 }
 
+/// Up to [`MAX_PIECES`] iovecs in a fixed array, and how many.
+fn iovecs(
+    items: impl Iterator<Item = libc::iovec>,
+) -> io::Result<([libc::iovec; MAX_PIECES], usize)> {
+    let mut iov = [EMPTY_IOVEC; MAX_PIECES];
+    let mut n = 0;
+    for v in items {
+        let slot = iov
+            .get_mut(n)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many pieces"))?;
+        *slot = v;
+        n += 1;
+    }
+    Ok((iov, n))
+}
+
+/// A byte count from readv/writev, or the error it reported.
+fn syscall_len(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 impl Tap {
     /// Opens (creating if absent) the TAP device `name` with `queues`
     /// queues, non-blocking, with 12-byte virtio-net headers.
@@ -165,72 +190,24 @@ impl Uplink for Tap {
 
     fn send(&self, q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
         let f = self.file(q)?;
-        let mut iov = [EMPTY_IOVEC; MAX_PIECES];
-        let n = pieces.len();
-        if n > MAX_PIECES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "too many pieces",
-            ));
-        }
-        for (v, p) in iov.iter_mut().zip(pieces) {
-            *v = match p {
-                Piece::Local(b) => libc::iovec {
-                    iov_base: b.as_ptr().cast_mut().cast(),
-                    iov_len: b.len(),
-                },
-                // Without vm-memory's xen feature the guard only carries
-                // the address: the mapping lives as long as the slice.
-                Piece::Guest(s) => libc::iovec {
-                    iov_base: s.ptr_guard().as_ptr().cast_mut().cast(),
-                    iov_len: s.len(),
-                },
-            };
-        }
+        let (iov, n) = iovecs(pieces.iter().map(Piece::iovec))?;
         // SAFETY: every iovec points at memory that stays mapped and
         // readable for the call: vnicd's own slices are borrowed, guest
         // slices borrow the guest memory mapping. The kernel only reads.
         let r = unsafe { libc::writev(f.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        syscall_len(r)
     }
 
     fn recv(&self, q: usize, pieces: &mut [PieceMut<'_>]) -> io::Result<usize> {
         let f = self.file(q)?;
-        let mut iov = [EMPTY_IOVEC; MAX_PIECES];
-        let n = pieces.len();
-        if n > MAX_PIECES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "too many pieces",
-            ));
-        }
-        let mut room = 0;
-        for (v, p) in iov.iter_mut().zip(pieces.iter_mut()) {
-            *v = match p {
-                PieceMut::Local(b) => libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                },
-                PieceMut::Guest(s) => libc::iovec {
-                    iov_base: s.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: s.len(),
-                },
-            };
-            room += v.iov_len;
-        }
+        let (iov, n) = iovecs(pieces.iter_mut().map(|p| p.iovec()))?;
+        let room: usize = iov[..n].iter().map(|v| v.iov_len).sum();
         // SAFETY: every iovec points at writable memory that stays mapped
         // for the call: vnicd's own buffers are borrowed mutably, guest
         // slices borrow the guest memory mapping (which the guest handed
         // to the device in these RX buffers).
         let r = unsafe { libc::readv(f.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let r = r as usize;
+        let r = syscall_len(r)?;
         // TUN copies what fits and returns the frame's full length.
         if r > room {
             return Err(io::Error::new(

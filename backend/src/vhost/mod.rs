@@ -115,6 +115,16 @@ impl Worker {
     }
 }
 
+/// What reading the uplink gave.
+enum Uplinked {
+    /// Nothing there (or the uplink failed, logged).
+    Empty,
+    /// A frame that was dropped and counted.
+    Dropped,
+    /// A frame of `len` bytes (TAP header included) RSS sends to `steered`.
+    Frame { len: usize, steered: usize },
+}
+
 /// One vnic port as a vhost-user backend.
 pub struct VnicBackend {
     dev: Arc<Device>,
@@ -459,28 +469,16 @@ impl VnicBackend {
                 Direct::NoBuffers => {
                     // Read into our own buffer so the frame is not lost,
                     // and keep it until the driver posts buffers.
-                    let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(&mut w.rx)]) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            log::warn!("uplink queue {i}: {e}");
-                            break;
+                    match self.read_uplink(i, &mut w.rx) {
+                        Uplinked::Empty => break,
+                        Uplinked::Dropped => {}
+                        Uplinked::Frame { len, steered } => {
+                            let target = active.pick(steered, i);
+                            self.hand_over(target, &w.rx[..len]);
+                            if target == i {
+                                break;
+                            }
                         }
-                    };
-                    let frame = &w.rx[..n];
-                    if n <= VNET_HDR_LEN {
-                        stats.drop(DropReason::RxMalformed);
-                        continue;
-                    }
-                    if !self.dev.rx_accepts(&frame[VNET_HDR_LEN..]) {
-                        stats.drop(DropReason::Filtered);
-                        continue;
-                    }
-                    let steered = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
-                    let target = active.pick(steered, i);
-                    self.hand_over(target, frame);
-                    if target == i {
-                        break;
                     }
                 }
             }
@@ -494,6 +492,32 @@ impl VnicBackend {
             self.notify(vring, stats)?;
         }
         Ok(())
+    }
+
+    /// Reads one frame from uplink queue `i` into `buf` (TAP header
+    /// first) and applies the receive filters and RSS.
+    fn read_uplink(&self, i: usize, buf: &mut [u8]) -> Uplinked {
+        let stats = &self.dev.stats.rx[i];
+        let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(buf)]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Uplinked::Empty,
+            Err(e) => {
+                log::warn!("uplink queue {i}: {e}");
+                return Uplinked::Empty;
+            }
+        };
+        let Some(frame) = buf.get(VNET_HDR_LEN..n).filter(|f| !f.is_empty()) else {
+            stats.drop(DropReason::RxMalformed);
+            return Uplinked::Dropped;
+        };
+        if !self.dev.rx_accepts(frame) {
+            stats.drop(DropReason::Filtered);
+            return Uplinked::Dropped;
+        }
+        Uplinked::Frame {
+            len: n,
+            steered: usize::from(self.dev.steer(frame).queue),
+        }
     }
 
     /// Reads uplink queue `i` for a worker whose own RX queue is off and
@@ -510,24 +534,12 @@ impl VnicBackend {
                 let _ = self.dev.backlogs[i].event.write(1);
                 break;
             }
-            let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(&mut w.rx)]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log::warn!("uplink queue {i}: {e}");
-                    break;
-                }
+            let (len, steered) = match self.read_uplink(i, &mut w.rx) {
+                Uplinked::Empty => break,
+                Uplinked::Dropped => continue,
+                Uplinked::Frame { len, steered } => (len, steered),
             };
-            let frame = &w.rx[..n];
-            if n <= VNET_HDR_LEN {
-                stats.drop(DropReason::RxMalformed);
-                continue;
-            }
-            if !self.dev.rx_accepts(&frame[VNET_HDR_LEN..]) {
-                stats.drop(DropReason::Filtered);
-                continue;
-            }
-            let steered = usize::from(self.dev.steer(&frame[VNET_HDR_LEN..]).queue);
+            let frame = &w.rx[..len];
             match active.pick(steered, usize::MAX) {
                 usize::MAX => {
                     log::debug!("worker {i}: no RX queue enabled, frame dropped");

@@ -72,11 +72,21 @@ pub struct Validated {
     pub segments: usize,
 }
 
-fn csum_offset_for(proto: u8) -> Option<(&'static str, u16)> {
-    match proto {
-        ip_proto::TCP => Some(("tcp", TCP_CSUM_OFFSET)),
-        ip_proto::UDP => Some(("udp", UDP_CSUM_OFFSET)),
-        _ => None,
+/// The checksum offset must be the TCP or UDP header's checksum field.
+fn check_csum_offset(proto: u8, got: u16) -> Result<(), ValidateError> {
+    let (proto, expected) = match proto {
+        ip_proto::TCP => ("tcp", TCP_CSUM_OFFSET),
+        ip_proto::UDP => ("udp", UDP_CSUM_OFFSET),
+        _ => return Ok(()),
+    };
+    if got == expected {
+        Ok(())
+    } else {
+        Err(ValidateError::CsumOffset {
+            proto,
+            expected,
+            got,
+        })
     }
 }
 
@@ -132,15 +142,7 @@ pub fn validate_prefix(
             if let Ok(info) = parse_frame_prefix(prefix, len) {
                 if let Some(l4) = info.l4 {
                     if l4.offset == usize::from(hdr.csum_start) {
-                        if let Some((proto, expected)) = csum_offset_for(l4.protocol) {
-                            if hdr.csum_offset != expected {
-                                return Err(ValidateError::CsumOffset {
-                                    proto,
-                                    expected,
-                                    got: hdr.csum_offset,
-                                });
-                            }
-                        }
+                        check_csum_offset(l4.protocol, hdr.csum_offset)?;
                     }
                 }
                 out.info = Some(info);
@@ -180,15 +182,7 @@ pub fn validate_prefix(
                 got: hdr.csum_start,
             });
         }
-        if let Some((proto, expected)) = csum_offset_for(l4.protocol) {
-            if hdr.csum_offset != expected {
-                return Err(ValidateError::CsumOffset {
-                    proto,
-                    expected,
-                    got: hdr.csum_offset,
-                });
-            }
-        }
+        check_csum_offset(l4.protocol, hdr.csum_offset)?;
     }
     let payload = info.l3_end(len).saturating_sub(l4.offset + l4.header_len);
     if payload == 0 {
