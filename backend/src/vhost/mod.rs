@@ -115,6 +115,18 @@ impl Worker {
     }
 }
 
+/// The next available chain of `vring`, if any.
+fn pop_chain<M>(vring: &VringRwLock, mem: &M) -> Option<virtio_queue::DescriptorChain<M>>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    vring
+        .get_mut()
+        .get_queue_mut()
+        .pop_descriptor_chain(mem.clone())
+}
+
 /// What reading the uplink gave.
 enum Uplinked {
     /// Nothing there (or the uplink failed, logged).
@@ -238,11 +250,9 @@ impl VnicBackend {
         let mut writable = Vec::new();
         let mut any = false;
         loop {
-            let chain = {
-                let mut st = vring.get_mut();
-                st.get_queue_mut().pop_descriptor_chain(mem.clone())
+            let Some(chain) = pop_chain(vring, &mem) else {
+                break;
             };
-            let Some(chain) = chain else { break };
             let head = chain.head_index();
             any = true;
             let mut used = 0;
@@ -313,11 +323,9 @@ impl VnicBackend {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             loop {
-                let chain = {
-                    let mut st = vring.get_mut();
-                    st.get_queue_mut().pop_descriptor_chain(mem.clone())
+                let Some(chain) = pop_chain(vring, &mem) else {
+                    break;
                 };
-                let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 match gather_tx(&mem, chain, hdr_len, tx, rest) {
                     Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
