@@ -128,26 +128,6 @@ where
     }
 }
 
-/// Writes `bytes` across `bufs` (guest address, length) in order; returns
-/// how many were written.
-pub(super) fn write_bufs(
-    mem: &GuestMemoryMmap,
-    bufs: &[(GuestAddress, usize)],
-    bytes: &[u8],
-) -> Result<usize, DropReason> {
-    let mut done = 0;
-    for &(addr, len) in bufs {
-        if done == bytes.len() {
-            break;
-        }
-        let n = len.min(bytes.len() - done);
-        mem.write_slice(&bytes[done..done + n], addr)
-            .map_err(|_| DropReason::BadDescriptor)?;
-        done += n;
-    }
-    Ok(done)
-}
-
 /// Writes received frames into a queue's RX chains.
 pub(super) struct RxWriter<'a> {
     pub mem: &'a GuestMemoryMmap,
@@ -178,39 +158,6 @@ const MAX_RX_DESCS: usize = MAX_PIECES - 2;
 /// Frame bytes read back from guest memory to steer and filter on.
 const RX_PEEK: usize = 256;
 
-/// Copies bytes `[off, off + out.len())` of the logical stream that
-/// `descs` form out of guest memory.
-fn read_span(
-    mem: &GuestMemoryMmap,
-    descs: &[(GuestAddress, usize)],
-    mut off: usize,
-    out: &mut [u8],
-) -> Result<(), DropReason> {
-    let mut done = 0;
-    for &(addr, len) in descs {
-        if done == out.len() {
-            break;
-        }
-        if off >= len {
-            off -= len;
-            continue;
-        }
-        let n = (len - off).min(out.len() - done);
-        let at = addr
-            .checked_add(off as u64)
-            .ok_or(DropReason::BadDescriptor)?;
-        mem.read_slice(&mut out[done..done + n], at)
-            .map_err(|_| DropReason::BadDescriptor)?;
-        done += n;
-        off = 0;
-    }
-    if done == out.len() {
-        Ok(())
-    } else {
-        Err(DropReason::RxMalformed)
-    }
-}
-
 /// Writes bytes `[off, off + n)` of `hdr ++ payload` at guest address `at`.
 fn write_part(
     mem: &GuestMemoryMmap,
@@ -239,33 +186,73 @@ fn write_part(
     Ok(())
 }
 
-/// Writes `bytes` at offset `off` of the logical stream that `descs`
-/// form in guest memory.
-fn write_span(
-    mem: &GuestMemoryMmap,
+/// Where bytes `[off, off + len)` of the logical stream that `descs`
+/// (guest address, length) form lie: each piece's guest address and its
+/// range within those `len` bytes, in order. Falls short when the
+/// descriptors end first.
+fn spans(
     descs: &[(GuestAddress, usize)],
     mut off: usize,
-    bytes: &[u8],
-) -> Result<(), DropReason> {
+    len: usize,
+) -> impl Iterator<Item = Result<(GuestAddress, std::ops::Range<usize>), DropReason>> + '_ {
     let mut done = 0;
-    for &(addr, len) in descs {
-        if done == bytes.len() {
-            break;
+    descs.iter().filter_map(move |&(addr, dlen)| {
+        if done == len {
+            return None;
         }
-        if off >= len {
-            off -= len;
-            continue;
+        if off >= dlen {
+            off -= dlen;
+            return None;
         }
-        let n = (len - off).min(bytes.len() - done);
+        let n = (dlen - off).min(len - done);
         let at = addr
             .checked_add(off as u64)
-            .ok_or(DropReason::BadDescriptor)?;
-        mem.write_slice(&bytes[done..done + n], at)
-            .map_err(|_| DropReason::BadDescriptor)?;
+            .ok_or(DropReason::BadDescriptor);
+        let range = done..done + n;
         done += n;
         off = 0;
+        Some(at.map(|a| (a, range)))
+    })
+}
+
+/// Copies bytes `[off, off + out.len())` of the stream `descs` form out
+/// of guest memory.
+fn read_span(
+    mem: &GuestMemoryMmap,
+    descs: &[(GuestAddress, usize)],
+    off: usize,
+    out: &mut [u8],
+) -> Result<(), DropReason> {
+    let mut got = 0;
+    for s in spans(descs, off, out.len()) {
+        let (at, r) = s?;
+        got = r.end;
+        mem.read_slice(&mut out[r], at)
+            .map_err(|_| DropReason::BadDescriptor)?;
     }
-    if done == bytes.len() {
+    if got == out.len() {
+        Ok(())
+    } else {
+        Err(DropReason::RxMalformed)
+    }
+}
+
+/// Writes `bytes` at offset `off` of the stream `descs` form in guest
+/// memory.
+pub(super) fn write_span(
+    mem: &GuestMemoryMmap,
+    descs: &[(GuestAddress, usize)],
+    off: usize,
+    bytes: &[u8],
+) -> Result<(), DropReason> {
+    let mut put = 0;
+    for s in spans(descs, off, bytes.len()) {
+        let (at, r) = s?;
+        put = r.end;
+        mem.write_slice(&bytes[r], at)
+            .map_err(|_| DropReason::BadDescriptor)?;
+    }
+    if put == bytes.len() {
         Ok(())
     } else {
         Err(DropReason::RxChainTooSmall)

@@ -37,7 +37,7 @@ use vnic_protocol::virtio::{
     Features,
 };
 
-use self::chain::{gather_tx, split_chain, write_bufs, Direct, RxWriter};
+use self::chain::{gather_tx, split_chain, write_span, Direct, RxWriter};
 use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
@@ -170,6 +170,14 @@ impl VnicBackend {
         }
     }
 
+    /// The guest memory as the frontend last described it.
+    fn memory(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+        self.mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory()
+    }
+
     fn pairs(&self) -> usize {
         usize::from(self.dev.config.pairs)
     }
@@ -239,11 +247,7 @@ impl VnicBackend {
 
     /// Answers every command on the control queue.
     fn process_ctrl(&self, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .memory();
+        let mem = self.memory();
         let acked = self.acked();
         let stats = &self.dev.stats.ctrl;
         let mut readable = Vec::new();
@@ -280,9 +284,9 @@ impl VnicBackend {
                             // The ack is the last device-writable byte.
                             bytes.resize(room - 1, 0);
                             bytes.push(ack);
-                            match write_bufs(&mem, &writable, &bytes) {
-                                Ok(n) => {
-                                    used = n as u32;
+                            match write_span(&mem, &writable, 0, &bytes) {
+                                Ok(()) => {
+                                    used = bytes.len() as u32;
                                     stats.packet(readable.len());
                                 }
                                 Err(why) => stats.drop(why),
@@ -301,11 +305,7 @@ impl VnicBackend {
     }
 
     fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .memory();
+        let mem = self.memory();
         let mut w = self.workers[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -397,11 +397,7 @@ impl VnicBackend {
     /// backlog. When too few buffers are posted, frames are read into
     /// vnicd's own buffer and wait in the backlog.
     fn process_rx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .memory();
+        let mem = self.memory();
         let acked = self.acked();
         let mut writer = RxWriter {
             mem: &mem,
