@@ -11,57 +11,11 @@
 
 #![no_main]
 
-use core::net::{Ipv4Addr, Ipv6Addr};
-
 use libfuzzer_sys::fuzz_target;
 use vnic_protocol::{
     frag::{FragError, Limits, Outcome, Reassembler},
-    wire::{ip_proto, ipv4, ipv6},
+    wire::build,
 };
-
-fn v4(offset: usize, more: bool, payload: &[u8]) -> Option<Vec<u8>> {
-    let r = ipv4::Repr {
-        src_addr: Ipv4Addr::new(192, 0, 2, 1),
-        dst_addr: Ipv4Addr::new(192, 0, 2, 2),
-        protocol: ip_proto::UDP,
-        payload_len: payload.len(),
-        ttl: 64,
-        dscp_ecn: 0,
-        ident: 42,
-        dont_frag: false,
-        more_frags: more,
-        frag_offset: offset,
-        options: ipv4::Options::default(),
-    };
-    let mut b = vec![0u8; r.buffer_len()];
-    r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..])).ok()?;
-    b[20..].copy_from_slice(payload);
-    Some(b)
-}
-
-fn v6(offset: usize, more: bool, payload: &[u8]) -> Option<Vec<u8>> {
-    let r = ipv6::Repr {
-        src_addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
-        dst_addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
-        next_header: ip_proto::FRAGMENT,
-        payload_len: 8 + payload.len(),
-        hop_limit: 64,
-        traffic_class: 0,
-        flow_label: 0,
-    };
-    let mut b = vec![0u8; r.buffer_len()];
-    r.emit(&mut ipv6::Packet::new_unchecked(&mut b[..])).ok()?;
-    ipv6::FragmentRepr {
-        next_header: ip_proto::UDP,
-        offset,
-        more,
-        ident: 42,
-    }
-    .emit(&mut b[40..48])
-    .ok()?;
-    b[48..].copy_from_slice(payload);
-    Some(b)
-}
 
 #[derive(Default)]
 struct Model {
@@ -133,11 +87,11 @@ fuzz_target!(|data: &[u8]| {
             .map(|i| ((offset + i) as u8) ^ (fill * 17))
             .collect();
         let pkt = if is_v6 {
-            v6(offset, more, &payload)
+            build::ipv6_fragment(42, offset, more, &payload)
         } else {
-            v4(offset, more, &payload)
+            build::ipv4_fragment(42, offset, more, &payload)
         };
-        let Some(pkt) = pkt else { continue };
+        let Ok(pkt) = pkt else { continue };
         let end = offset + len;
         match r.push(now, &pkt) {
             Ok(Outcome::Complete(out)) => {

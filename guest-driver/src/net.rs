@@ -363,20 +363,6 @@ impl VirtioNet {
         self.t.kick(2 * q + 1)
     }
 
-    /// Adds an arbitrary chain to virtqueue `vq` (2i RX, 2i+1 TX) and
-    /// kicks it: descriptors may point anywhere (for tests of bad input).
-    pub fn send_chain(&mut self, vq: usize, bufs: &[Buf]) -> Result<u16> {
-        let pools = if vq % 2 == 0 {
-            &mut self.rx
-        } else {
-            &mut self.tx
-        };
-        let pool = pools.get_mut(vq / 2).ok_or(Error::Queue("no such queue"))?;
-        let head = pool.q.add(&self.t.dma.mem, bufs)?;
-        self.t.kick(vq)?;
-        Ok(head)
-    }
-
     /// Publishes raw descriptors on virtqueue `vq` (see
     /// [`SplitQueue::add_raw`]) and kicks it.
     pub fn send_raw_chain(&mut self, vq: usize, descs: &[RawDesc]) -> Result<u16> {

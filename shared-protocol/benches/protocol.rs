@@ -16,8 +16,8 @@ use vnic_protocol::{
     offload::{Gro, Segmenter},
     rss::{toeplitz_bitwise, Toeplitz, DEFAULT_KEY},
     wire::{
-        build::{data_segment, tcp_frame, Flow, IpFields},
-        ip_proto, ipv4, parse_frame,
+        build::{self, data_segment, tcp_frame, Flow, IpFields},
+        parse_frame,
         tcp::Flags,
     },
 };
@@ -176,24 +176,8 @@ fn fragments() -> Vec<Vec<u8>> {
     let payload = bytes(65000);
     let mut out = Vec::new();
     for (k, chunk) in payload.chunks(1480).enumerate() {
-        let r = ipv4::Repr {
-            src_addr: [192, 0, 2, 1].into(),
-            dst_addr: [192, 0, 2, 2].into(),
-            protocol: ip_proto::UDP,
-            payload_len: chunk.len(),
-            ttl: 64,
-            dscp_ecn: 0,
-            ident: 7,
-            dont_frag: false,
-            more_frags: (k + 1) * 1480 < payload.len(),
-            frag_offset: k * 1480,
-            options: ipv4::Options::default(),
-        };
-        let mut b = vec![0u8; r.buffer_len()];
-        r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]))
-            .unwrap();
-        b[20..].copy_from_slice(chunk);
-        out.push(b);
+        let more = (k + 1) * 1480 < payload.len();
+        out.push(build::ipv4_fragment(7, k * 1480, more, chunk).unwrap());
     }
     out
 }

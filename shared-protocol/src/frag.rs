@@ -504,52 +504,14 @@ impl Reassembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{ip_proto, ipv6::FragmentRepr};
+    use crate::wire::{build, ip_proto};
 
     fn v4_frag(id: u16, offset: usize, more: bool, payload: &[u8]) -> Vec<u8> {
-        let r = ipv4::Repr {
-            src_addr: Ipv4Addr::new(192, 0, 2, 1),
-            dst_addr: Ipv4Addr::new(192, 0, 2, 2),
-            protocol: ip_proto::UDP,
-            payload_len: payload.len(),
-            ttl: 64,
-            dscp_ecn: 0,
-            ident: id,
-            dont_frag: false,
-            more_frags: more,
-            frag_offset: offset,
-            options: ipv4::Options::default(),
-        };
-        let mut b = vec![0u8; r.buffer_len()];
-        r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]))
-            .unwrap();
-        b[20..].copy_from_slice(payload);
-        b
+        build::ipv4_fragment(id, offset, more, payload).unwrap()
     }
 
     fn v6_frag(id: u32, offset: usize, more: bool, payload: &[u8]) -> Vec<u8> {
-        let r = ipv6::Repr {
-            src_addr: "2001:db8::1".parse().unwrap(),
-            dst_addr: "2001:db8::2".parse().unwrap(),
-            next_header: ip_proto::FRAGMENT,
-            payload_len: 8 + payload.len(),
-            hop_limit: 64,
-            traffic_class: 0,
-            flow_label: 0,
-        };
-        let mut b = vec![0u8; r.buffer_len()];
-        r.emit(&mut ipv6::Packet::new_unchecked(&mut b[..]))
-            .unwrap();
-        FragmentRepr {
-            next_header: ip_proto::UDP,
-            offset,
-            more,
-            ident: id,
-        }
-        .emit(&mut b[40..48])
-        .unwrap();
-        b[48..].copy_from_slice(payload);
-        b
+        build::ipv6_fragment(id, offset, more, payload).unwrap()
     }
 
     fn data(n: usize) -> Vec<u8> {

@@ -2,7 +2,7 @@
 //! with every length and checksum filled in. Used by tests, fuzz targets,
 //! benchmarks and traffic generators on both sides of the device.
 
-use core::net::IpAddr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{
     ethernet::{self, ethertype, Address},
@@ -181,4 +181,53 @@ pub fn data_segment(seq: u32, ack: u32, flags: tcp::Flags) -> tcp::Repr {
         timestamp: Some((1000, 2000)),
         payload_len: 0,
     }
+}
+
+/// One IPv4 fragment (IP packet, no Ethernet header) of a UDP datagram
+/// 192.0.2.1 -> 192.0.2.2 with identification `ident`, carrying
+/// `payload` at byte `offset`.
+pub fn ipv4_fragment(ident: u16, offset: usize, more: bool, payload: &[u8]) -> Result<Vec<u8>> {
+    let r = ipv4::Repr {
+        src_addr: Ipv4Addr::new(192, 0, 2, 1),
+        dst_addr: Ipv4Addr::new(192, 0, 2, 2),
+        protocol: ip_proto::UDP,
+        payload_len: payload.len(),
+        ttl: 64,
+        dscp_ecn: 0,
+        ident,
+        dont_frag: false,
+        more_frags: more,
+        frag_offset: offset,
+        options: ipv4::Options::default(),
+    };
+    let mut b = vec![0u8; r.buffer_len()];
+    r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]))?;
+    b[ipv4::HEADER_LEN..].copy_from_slice(payload);
+    Ok(b)
+}
+
+/// One IPv6 fragment (fixed header, fragment header, payload) of a UDP
+/// datagram 2001:db8::1 -> 2001:db8::2 with identification `ident`.
+pub fn ipv6_fragment(ident: u32, offset: usize, more: bool, payload: &[u8]) -> Result<Vec<u8>> {
+    let r = ipv6::Repr {
+        src_addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+        dst_addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
+        next_header: ip_proto::FRAGMENT,
+        payload_len: ipv6::FRAG_HEADER_LEN + payload.len(),
+        hop_limit: 64,
+        traffic_class: 0,
+        flow_label: 0,
+    };
+    let mut b = vec![0u8; r.buffer_len()];
+    r.emit(&mut ipv6::Packet::new_unchecked(&mut b[..]))?;
+    let at = ipv6::HEADER_LEN;
+    ipv6::FragmentRepr {
+        next_header: ip_proto::UDP,
+        offset,
+        more,
+        ident,
+    }
+    .emit(&mut b[at..at + ipv6::FRAG_HEADER_LEN])?;
+    b[at + ipv6::FRAG_HEADER_LEN..].copy_from_slice(payload);
+    Ok(b)
 }
