@@ -11,5 +11,6 @@ pub mod checksum;
 pub mod frag;
 pub mod offload;
 pub mod rss;
+pub mod tcp;
 pub mod virtio;
 pub mod wire;
