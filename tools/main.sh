@@ -28,6 +28,10 @@ echo "## iperf3 in a QEMU guest: vnicd vs QEMU's virtio-net + TAP"
 cargo bench -q -p vnic-backend --bench guest_iperf
 [ "${VNIC_MAIN_GUEST_ONLY:-0}" = 1 ] && exit 0
 
+echo
+echo "## vnic-iperf on the vnic-guest stack vs the kernel's iperf3, by offload"
+VNIC_BENCH_SECS="$secs" cargo bench -q -p vnic-guest --bench stack_offloads
+
 VNIC_BENCH_SECONDS="$secs" cargo bench -q -p vnic-backend --bench datapath > target/datapath.md
 cargo bench -q -p vnic-protocol --bench protocol -- \
     --warm-up-time 1 --measurement-time "$secs" --noplot > /dev/null

@@ -30,7 +30,7 @@ install_apt() {
 }
 
 step "prerequisites"
-install_apt g++ make iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod
+install_apt g++ make iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod nftables
 if ! cargo fuzz --version >/dev/null 2>&1; then
     step "installing cargo-fuzz"
     cargo install cargo-fuzz --locked

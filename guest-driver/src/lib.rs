@@ -3,8 +3,10 @@
 //! Today: driver-owned shared memory, the split virtqueue, the vhost-user
 //! transport and `VirtioNet` (negotiation, RX posting, frames both ways).
 
+pub mod cli;
 pub mod mem;
 pub mod net;
+pub mod stack;
 pub mod transport;
 pub mod virtqueue;
 

@@ -1,10 +1,11 @@
 //! `VirtioNet`: negotiation, RX buffer posting, frame transmit and receive
 //! over a vhost-user connection.
 //!
-//! Queue pairs are set up as the device reports them through the
-//! transport; without a control queue the driver does not negotiate MQ
-//! (it depends on CTRL_VQ) but the vhost-user device serves every queue
-//! that is set up.
+//! Each queue pair is a [`QueuePair`] that can be taken out of the device
+//! and driven by its own thread (the stack runs one shard per pair); the
+//! control queue and config space stay with [`VirtioNet`]. Without a
+//! control queue the driver does not negotiate MQ (it depends on CTRL_VQ)
+//! but the vhost-user device serves every queue that is set up.
 
 use std::{
     os::{fd::AsRawFd, unix::net::UnixListener},
@@ -12,7 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 use vnic_protocol::virtio::{
     config::{VirtioNetConfig, CONFIG_LEN},
     ctrl::CtrlCommand,
@@ -98,10 +100,10 @@ impl Pool {
         })
     }
 
-    fn add(&mut self, t: &VhostUserTransport, len: usize, writable: bool) -> Result<GuestAddress> {
+    fn add(&mut self, mem: &GuestMemoryMmap, len: usize, writable: bool) -> Result<GuestAddress> {
         let addr = self.free.pop().ok_or(Error::Queue("no free buffers"))?;
         match self.q.add(
-            &t.dma.mem,
+            mem,
             &[Buf {
                 addr,
                 len: len as u32,
@@ -122,8 +124,8 @@ impl Pool {
 
     /// The next used buffer of this pool; chains published raw (which
     /// carry no pool buffer) are reclaimed and passed over.
-    fn used(&mut self, t: &VhostUserTransport) -> Result<Option<(GuestAddress, u32)>> {
-        while let Some((head, len)) = self.q.pop_used(&t.dma.mem)? {
+    fn used(&mut self, mem: &GuestMemoryMmap) -> Result<Option<(GuestAddress, u32)>> {
+        while let Some((head, len)) = self.q.pop_used(mem)? {
             if let Some(addr) = self.inflight[usize::from(head)].take() {
                 self.free.push(addr);
                 self.in_flight -= 1;
@@ -143,14 +145,241 @@ pub struct Received {
     pub buffers: u16,
 }
 
+/// The receive half of a queue pair.
+#[derive(Debug)]
+pub struct RxQueue {
+    mem: GuestMemoryMmap,
+    pool: Pool,
+    kick: EventFd,
+    call: EventFd,
+    hdr_len: usize,
+    mergeable: bool,
+    /// The frame being assembled from RX buffers.
+    scratch: Vec<u8>,
+    /// RX buffers returned shorter than a header.
+    pub rx_length_errors: u64,
+    /// Notifications sent to the device.
+    pub kicks: u64,
+}
+
+/// The transmit half of a queue pair.
+#[derive(Debug)]
+pub struct TxQueue {
+    mem: GuestMemoryMmap,
+    pool: Pool,
+    kick: EventFd,
+    hdr_len: usize,
+    /// Notifications sent to the device.
+    pub kicks: u64,
+    /// Frames posted since the last notification.
+    unkicked: usize,
+}
+
+/// One RX/TX queue pair: rings, buffers and notification fds. It shares
+/// the device's memory and needs nothing else to run, so a thread can own
+/// it; the halves are apart so that receive processing can transmit.
+#[derive(Debug)]
+pub struct QueuePair {
+    pub index: usize,
+    pub rx: RxQueue,
+    pub tx: TxQueue,
+}
+
+impl RxQueue {
+    /// The RX queue's interrupt (call eventfd), to wait on.
+    pub fn call(&self) -> &EventFd {
+        &self.call
+    }
+
+    /// Posts every free RX buffer and notifies the device if it wants.
+    pub fn fill(&mut self) -> Result<()> {
+        let mut added = false;
+        while !self.pool.free.is_empty() && self.pool.q.free() > 0 {
+            let len = self.pool.buf_len;
+            self.pool.add(&self.mem, len, true)?;
+            added = true;
+        }
+        if added && self.pool.q.device_wants_kick(&self.mem)? {
+            self.kick.write(1)?;
+            self.kicks += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes one received frame into the queue's scratch buffer and hands
+    /// it to `f`; false when the ring is empty. Buffers are not reposted
+    /// (see [`RxQueue::fill`]).
+    pub fn recv_with(&mut self, f: &mut dyn FnMut(&VirtioNetHdr, &[u8])) -> Result<bool> {
+        loop {
+            let Some((addr, len)) = self.pool.used(&self.mem)? else {
+                return Ok(false);
+            };
+            let len = len as usize;
+            if len < self.hdr_len {
+                // The device handed the buffer back unused (a frame it had
+                // to drop): count it, as Linux counts rx_length_errors.
+                self.rx_length_errors += 1;
+                continue;
+            }
+            let mut hb = [0u8; HDR_LEN_HASH];
+            self.mem.read_slice(&mut hb[..self.hdr_len], addr)?;
+            let hdr = VirtioNetHdr::parse(&hb[..self.hdr_len], self.hdr_len == HDR_LEN_HASH)
+                .map_err(|_| Error::Queue("bad rx header"))?;
+            self.scratch.clear();
+            self.scratch.resize(len - self.hdr_len, 0);
+            self.mem
+                .read_slice(&mut self.scratch, addr.unchecked_add_len(self.hdr_len))?;
+            let buffers = if self.mergeable {
+                hdr.num_buffers.max(1)
+            } else {
+                1
+            };
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut got = 1;
+            while got < buffers {
+                match self.pool.used(&self.mem)? {
+                    Some((a, l)) => {
+                        let at = self.scratch.len();
+                        self.scratch.resize(at + l as usize, 0);
+                        self.mem.read_slice(&mut self.scratch[at..], a)?;
+                        got += 1;
+                    }
+                    None if Instant::now() < deadline => std::hint::spin_loop(),
+                    None => return Err(Error::Queue("device did not complete a merged frame")),
+                }
+            }
+            let mut hdr = hdr;
+            hdr.num_buffers = buffers;
+            f(&hdr, &self.scratch);
+            return Ok(true);
+        }
+    }
+
+    /// NAPI-style poll: with device interrupts off, takes up to `budget`
+    /// frames, reposts the buffers, and when the ring ran dry before the
+    /// budget re-arms interrupts (event index) and looks once more for a
+    /// frame that raced in. Returns the frames handled; `budget` means
+    /// "more may be waiting: poll again without sleeping".
+    pub fn napi_poll(
+        &mut self,
+        budget: usize,
+        f: &mut dyn FnMut(&VirtioNetHdr, &[u8]),
+    ) -> Result<usize> {
+        self.pool.q.disable_interrupts(&self.mem)?;
+        let mut n = 0;
+        loop {
+            while n < budget && self.recv_with(f)? {
+                n += 1;
+            }
+            if n > 0 {
+                self.fill()?;
+            }
+            if n >= budget {
+                return Ok(n);
+            }
+            if !self.pool.q.enable_interrupts(&self.mem)? {
+                return Ok(n);
+            }
+            self.pool.q.disable_interrupts(&self.mem)?;
+        }
+    }
+
+    /// Whether the device returned buffers not yet taken.
+    pub fn has_used(&self) -> Result<bool> {
+        self.pool.q.has_used(&self.mem)
+    }
+
+    /// Waits up to `timeout` for the RX interrupt or `also` to become
+    /// readable; drains both.
+    pub fn wait(&self, also: Option<&EventFd>, timeout: Duration) {
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: also.map_or(-1, |e| e.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = timeout.as_millis().min(1000) as libc::c_int;
+        // SAFETY: `pfd` is an array of two valid pollfds for the duration
+        // of the call; a negative fd is ignored by poll(2).
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
+        let _ = self.call.read();
+        if let Some(e) = also {
+            let _ = e.read();
+        }
+    }
+}
+
+impl TxQueue {
+    /// Whether a frame can be posted now (after reclaiming).
+    pub fn has_room(&mut self) -> Result<bool> {
+        if self.pool.free.is_empty() || self.pool.q.free() == 0 {
+            self.reclaim()?;
+        }
+        Ok(!self.pool.free.is_empty() && self.pool.q.free() > 0)
+    }
+
+    /// Makes a frame available without notifying the device; false when
+    /// the queue is full. See [`TxQueue::kick`].
+    pub fn post(&mut self, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<bool> {
+        if frame.len() > MAX_FRAME_LEN {
+            return Err(Error::Queue("frame too long"));
+        }
+        if !self.has_room()? {
+            return Ok(false);
+        }
+        let mut hb = [0u8; HDR_LEN_HASH];
+        let hl = hdr
+            .emit(&mut hb, self.hdr_len == HDR_LEN_HASH)
+            .map_err(|_| Error::Queue("header"))?;
+        let addr = *self.pool.free.last().ok_or(Error::Queue("tx queue full"))?;
+        self.mem.write_slice(&hb[..hl], addr)?;
+        self.mem.write_slice(frame, addr.unchecked_add_len(hl))?;
+        self.pool.add(&self.mem, hl + frame.len(), false)?;
+        self.unkicked += 1;
+        Ok(true)
+    }
+
+    /// Notifies the device of posted frames if it asked to be.
+    pub fn kick(&mut self) -> Result<()> {
+        if self.unkicked == 0 {
+            return Ok(());
+        }
+        self.unkicked = 0;
+        if self.pool.q.device_wants_kick(&self.mem)? {
+            self.kick.write(1)?;
+            self.kicks += 1;
+        }
+        Ok(())
+    }
+
+    /// TX chains the device has consumed.
+    pub fn reclaim(&mut self) -> Result<usize> {
+        let mut n = 0;
+        while self.pool.used(&self.mem)?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pool.in_flight
+    }
+}
+
 /// A virtio-net device driven over vhost-user.
 #[derive(Debug)]
 pub struct VirtioNet {
     t: VhostUserTransport,
     pub features: Features,
-    hdr_len: usize,
-    rx: Vec<Pool>,
-    tx: Vec<Pool>,
+    /// Queue pairs still with the device object (see [`VirtioNet::take_pairs`]).
+    qps: Vec<QueuePair>,
+    npairs: usize,
     /// The control queue and its one command buffer, with CTRL_VQ.
     ctrl: Option<Pool>,
     /// RX buffers returned shorter than a header.
@@ -195,16 +424,41 @@ impl VirtioNet {
         let mut t = transport(2 * pairs + 1, mem)?;
         let features = t.negotiate(opts.features)?;
         let hdr_len = features.hdr_len();
-        let mut rx = Vec::with_capacity(pairs);
-        let mut tx = Vec::with_capacity(pairs);
+        let event_idx = features.contains(Features::EVENT_IDX);
+        let mut qps = Vec::with_capacity(pairs);
         for i in 0..pairs {
-            let r = Pool::new(&mut t, opts.queue_size, rx_len)?;
-            let w = Pool::new(&mut t, opts.queue_size, tx_len)?;
+            let mut r = Pool::new(&mut t, opts.queue_size, rx_len)?;
+            let mut w = Pool::new(&mut t, opts.queue_size, tx_len)?;
+            r.q.set_event_idx(event_idx);
+            w.q.set_event_idx(event_idx);
             let on = opts.enabled_pairs.is_none_or(|n| i < usize::from(n));
             t.setup_queue_enabled(2 * i, &r.q, on)?;
             t.setup_queue_enabled(2 * i + 1, &w.q, on)?;
-            rx.push(r);
-            tx.push(w);
+            let fd = |e: Option<&EventFd>| -> Result<EventFd> {
+                Ok(e.ok_or(Error::Queue("queue not set up"))?.try_clone()?)
+            };
+            qps.push(QueuePair {
+                index: i,
+                rx: RxQueue {
+                    mem: t.dma.mem.clone(),
+                    pool: r,
+                    kick: fd(t.kick_fd(2 * i))?,
+                    call: fd(t.call_fd(2 * i))?,
+                    hdr_len,
+                    mergeable: features.contains(Features::MRG_RXBUF),
+                    scratch: Vec::with_capacity(MAX_FRAME_LEN),
+                    rx_length_errors: 0,
+                    kicks: 0,
+                },
+                tx: TxQueue {
+                    mem: t.dma.mem.clone(),
+                    pool: w,
+                    kick: fd(t.kick_fd(2 * i + 1))?,
+                    hdr_len,
+                    kicks: 0,
+                    unkicked: 0,
+                },
+            });
         }
         let ctrl = if features.contains(Features::CTRL_VQ) {
             let c = Pool::new(&mut t, 64, CTRL_BUF)?;
@@ -216,20 +470,32 @@ impl VirtioNet {
         let mut dev = VirtioNet {
             t,
             features,
-            hdr_len,
-            rx,
-            tx,
+            qps,
+            npairs: pairs,
             ctrl,
             rx_length_errors: 0,
         };
-        for i in 0..pairs {
-            dev.fill_rx(i)?;
+        for qp in &mut dev.qps {
+            qp.rx.fill()?;
         }
         Ok(dev)
     }
 
     pub fn pairs(&self) -> usize {
-        self.rx.len()
+        self.npairs
+    }
+
+    /// Hands the queue pairs over (to per-pair threads); the device keeps
+    /// the control queue and config space, and its own per-queue methods
+    /// fail from then on.
+    pub fn take_pairs(&mut self) -> Vec<QueuePair> {
+        std::mem::take(&mut self.qps)
+    }
+
+    fn qp(&mut self, q: usize) -> Result<&mut QueuePair> {
+        self.qps
+            .get_mut(q)
+            .ok_or(Error::Queue("no such queue (or the pairs were taken)"))
     }
 
     /// The device's config space.
@@ -285,7 +551,7 @@ impl VirtioNet {
         self.t.kick(vq)?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if pool.used(&self.t)?.is_some() {
+            if pool.used(&self.t.dma.mem)?.is_some() {
                 break;
             }
             if Instant::now() > deadline {
@@ -299,81 +565,58 @@ impl VirtioNet {
     }
 
     /// Posts every free RX buffer of queue `q` and notifies the device,
-    /// unless it asked not to be (VRING_USED_F_NO_NOTIFY).
+    /// unless it asked not to be.
     pub fn fill_rx(&mut self, q: usize) -> Result<()> {
-        let pool = self.rx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
-        let mut added = false;
-        while !pool.free.is_empty() && pool.q.free() > 0 {
-            let len = pool.buf_len;
-            pool.add(&self.t, len, true)?;
-            added = true;
-        }
-        if added && pool.q.device_wants_kick(&self.t.dma.mem)? {
-            self.t.kick(2 * q)?;
-        }
-        Ok(())
+        self.qp(q)?.rx.fill()
     }
 
     /// Sends one frame with its header on TX queue `q`. The header's
     /// `num_buffers` is ignored by the device.
     pub fn send(&mut self, q: usize, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<()> {
-        self.reclaim_tx(q)?;
-        if !self.post_tx(q, hdr, frame)? {
+        let tx = &mut self.qp(q)?.tx;
+        tx.reclaim()?;
+        if !tx.post(hdr, frame)? {
             return Err(Error::Queue("tx queue full"));
         }
-        self.t.kick(2 * q + 1)
+        tx.unkicked = 0;
+        tx.kick.write(1)?;
+        Ok(())
     }
 
     /// Makes a frame available on TX queue `q` without notifying the
     /// device; false when the queue is full. See [`VirtioNet::kick_tx`].
     pub fn post_tx(&mut self, q: usize, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<bool> {
-        if frame.len() > MAX_FRAME_LEN {
-            return Err(Error::Queue("frame too long"));
-        }
-        let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
-        if pool.free.is_empty() || pool.q.free() == 0 {
-            return Ok(false);
-        }
-        let mut hb = [0u8; HDR_LEN_HASH];
-        let hl = hdr
-            .emit(&mut hb, self.hdr_len == HDR_LEN_HASH)
-            .map_err(|_| Error::Queue("header"))?;
-        let addr = *pool.free.last().ok_or(Error::Queue("tx queue full"))?;
-        let mem = &self.t.dma.mem;
-        mem.write_slice(&hb[..hl], addr)?;
-        mem.write_slice(frame, addr.unchecked_add_len(hl))?;
-        pool.add(&self.t, hl + frame.len(), false)?;
-        Ok(true)
+        self.qp(q)?.tx.post(hdr, frame)
     }
 
     /// Notifies the device of frames posted on TX queue `q`.
-    pub fn kick_tx(&self, q: usize) -> Result<()> {
-        self.t.kick(2 * q + 1)
+    pub fn kick_tx(&mut self, q: usize) -> Result<()> {
+        Ok(self.qp(q)?.tx.kick.write(1)?)
     }
 
     /// Sends raw descriptor bytes: `bytes` is header and frame as the
     /// device will read them, with no checks (for tests of bad input).
     pub fn send_raw(&mut self, q: usize, bytes: &[u8]) -> Result<()> {
-        self.reclaim_tx(q)?;
-        let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
-        let addr = *pool.free.last().ok_or(Error::Queue("tx queue full"))?;
-        let n = bytes.len().min(pool.buf_len);
-        self.t.dma.mem.write_slice(&bytes[..n], addr)?;
-        pool.add(&self.t, n, false)?;
-        self.t.kick(2 * q + 1)
+        let tx = &mut self.qp(q)?.tx;
+        tx.reclaim()?;
+        let addr = *tx.pool.free.last().ok_or(Error::Queue("tx queue full"))?;
+        let n = bytes.len().min(tx.pool.buf_len);
+        tx.mem.write_slice(&bytes[..n], addr)?;
+        tx.pool.add(&tx.mem, n, false)?;
+        Ok(tx.kick.write(1)?)
     }
 
     /// Publishes raw descriptors on virtqueue `vq` (see
     /// [`SplitQueue::add_raw`]) and kicks it.
     pub fn send_raw_chain(&mut self, vq: usize, descs: &[RawDesc]) -> Result<u16> {
-        let pools = if vq % 2 == 0 {
-            &mut self.rx
+        let qp = self.qp(vq / 2)?;
+        let (pool, kick, mem) = if vq % 2 == 0 {
+            (&mut qp.rx.pool, &qp.rx.kick, &qp.rx.mem)
         } else {
-            &mut self.tx
+            (&mut qp.tx.pool, &qp.tx.kick, &qp.tx.mem)
         };
-        let pool = pools.get_mut(vq / 2).ok_or(Error::Queue("no such queue"))?;
-        let head = pool.q.add_raw(&self.t.dma.mem, descs)?;
-        self.t.kick(vq)?;
+        let head = pool.q.add_raw(mem, descs)?;
+        kick.write(1)?;
         Ok(head)
     }
 
@@ -385,17 +628,12 @@ impl VirtioNet {
 
     /// TX chains the device has consumed on queue `q`.
     pub fn reclaim_tx(&mut self, q: usize) -> Result<usize> {
-        let pool = self.tx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
-        let mut n = 0;
-        while pool.used(&self.t)?.is_some() {
-            n += 1;
-        }
-        Ok(n)
+        self.qp(q)?.tx.reclaim()
     }
 
     /// Number of TX chains still with the device.
     pub fn tx_in_flight(&self, q: usize) -> usize {
-        self.tx.get(q).map_or(0, |p| p.in_flight)
+        self.qps.get(q).map_or(0, |p| p.tx.pool.in_flight)
     }
 
     /// Takes one received frame from RX queue `q`, if there is one, and
@@ -434,46 +672,19 @@ impl VirtioNet {
     }
 
     fn recv_one(&mut self, q: usize) -> Result<Option<Received>> {
-        let mergeable = self.features.contains(Features::MRG_RXBUF);
-        let hash = self.hdr_len == HDR_LEN_HASH;
-        let pool = self.rx.get_mut(q).ok_or(Error::Queue("no such queue"))?;
-        let Some((addr, len)) = pool.used(&self.t)? else {
-            return Ok(None);
-        };
-        let mem = &self.t.dma.mem;
-        let len = len as usize;
-        if len < self.hdr_len {
-            // The device handed the buffer back unused (a frame it had to
-            // drop): count it, as Linux counts rx_length_errors, and go on.
-            self.rx_length_errors += 1;
-            return self.recv_one(q);
-        }
-        let mut hb = [0u8; HDR_LEN_HASH];
-        mem.read_slice(&mut hb[..self.hdr_len], addr)?;
-        let hdr = VirtioNetHdr::parse(&hb[..self.hdr_len], hash)
-            .map_err(|_| Error::Queue("bad rx header"))?;
-        let mut frame = vec![0u8; len - self.hdr_len];
-        mem.read_slice(&mut frame, addr.unchecked_add_len(self.hdr_len))?;
-        let buffers = if mergeable { hdr.num_buffers.max(1) } else { 1 };
-        let deadline = Instant::now() + Duration::from_secs(1);
-        let mut got = 1;
-        while got < buffers {
-            match pool.used(&self.t)? {
-                Some((a, l)) => {
-                    let at = frame.len();
-                    frame.resize(at + l as usize, 0);
-                    mem.read_slice(&mut frame[at..], a)?;
-                    got += 1;
-                }
-                None if Instant::now() < deadline => std::hint::spin_loop(),
-                None => return Err(Error::Queue("device did not complete a merged frame")),
-            }
-        }
-        Ok(Some(Received {
-            hdr,
-            frame,
-            buffers,
-        }))
+        let rx = &mut self.qp(q)?.rx;
+        let before = rx.rx_length_errors;
+        let mut out = None;
+        rx.recv_with(&mut |hdr, frame| {
+            out = Some(Received {
+                hdr: *hdr,
+                frame: frame.to_vec(),
+                buffers: hdr.num_buffers,
+            });
+        })?;
+        let errs = rx.rx_length_errors - before;
+        self.rx_length_errors += errs;
+        Ok(out)
     }
 
     /// Waits up to `timeout` for a frame on RX queue `q`.
@@ -487,17 +698,11 @@ impl VirtioNet {
             if now >= deadline {
                 return Ok(None);
             }
-            if let Some(call) = self.t.call_fd(2 * q) {
-                let mut pfd = libc::pollfd {
-                    fd: call.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                let ms = (deadline - now).as_millis().clamp(1, 50) as libc::c_int;
-                // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, ms) };
-                let _ = call.read();
-            }
+            let qp = self.qp(q)?;
+            qp.rx.wait(
+                None,
+                (deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(50)),
+            );
         }
     }
 }

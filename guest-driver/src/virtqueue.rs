@@ -9,6 +9,7 @@ use crate::{mem::DmaMemory, Error, Result};
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const USED_F_NO_NOTIFY: u16 = 1;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// One buffer of a chain: guest address, length, device-writable or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,10 @@ pub struct SplitQueue {
     chains: Vec<Vec<u16>>,
     avail_idx: u16,
     last_used: u16,
+    /// VIRTIO_F_EVENT_IDX was negotiated.
+    event_idx: bool,
+    /// `avail_idx` when the device was last notified.
+    kicked_idx: u16,
 }
 
 impl SplitQueue {
@@ -53,6 +58,7 @@ impl SplitQueue {
         let n = usize::from(size);
         let desc = mem.alloc(16 * n, 16)?;
         let avail = mem.alloc(6 + 2 * n, 2)?;
+        // Both rings end with the EVENT_IDX field (used_event, avail_event).
         let used = mem.alloc(6 + 8 * n, 4)?;
         Ok(SplitQueue {
             size,
@@ -63,6 +69,8 @@ impl SplitQueue {
             chains: vec![Vec::new(); n],
             avail_idx: 0,
             last_used: 0,
+            event_idx: false,
+            kicked_idx: 0,
         })
     }
 
@@ -132,12 +140,56 @@ impl SplitQueue {
         Ok(head)
     }
 
-    /// Whether the device wants to be notified of new buffers: false when
-    /// it set VRING_USED_F_NO_NOTIFY in the used ring's flags.
-    pub fn device_wants_kick(&self, mem: &GuestMemoryMmap) -> Result<bool> {
+    /// Uses the event-index fields (VIRTIO_F_EVENT_IDX) instead of flags.
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// Whether the device wants to be notified of the buffers made
+    /// available since the last notification: with EVENT_IDX, when the
+    /// avail index passed the device's `avail_event` (virtio 1.3, 2.7.10);
+    /// else unless it set VRING_USED_F_NO_NOTIFY. Call it once per batch
+    /// and notify when it says so.
+    pub fn device_wants_kick(&mut self, mem: &GuestMemoryMmap) -> Result<bool> {
         fence(Ordering::SeqCst);
+        let old = self.kicked_idx;
+        let new = self.avail_idx;
+        self.kicked_idx = new;
+        if self.event_idx {
+            let at = Self::off(self.used, 4 + 8 * usize::from(self.size));
+            let event = u16::from_le(mem.load::<u16>(at, Ordering::Acquire)?);
+            return Ok(new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old));
+        }
         let flags = u16::from_le(mem.load::<u16>(self.used, Ordering::Acquire)?);
         Ok(flags & USED_F_NO_NOTIFY == 0)
+    }
+
+    /// Asks the device not to interrupt on used buffers (a NAPI poll is
+    /// running). With EVENT_IDX the stale `used_event` already does so.
+    pub fn disable_interrupts(&self, mem: &GuestMemoryMmap) -> Result<()> {
+        if !self.event_idx {
+            mem.store(AVAIL_F_NO_INTERRUPT.to_le(), self.avail, Ordering::Release)?;
+        }
+        Ok(())
+    }
+
+    /// Re-arms interrupts for the next used buffer and returns whether
+    /// some arrived meanwhile (then the caller polls again).
+    pub fn enable_interrupts(&self, mem: &GuestMemoryMmap) -> Result<bool> {
+        if self.event_idx {
+            let at = Self::off(self.avail, 4 + 2 * usize::from(self.size));
+            mem.store(self.last_used.to_le(), at, Ordering::Release)?;
+        } else {
+            mem.store(0u16, self.avail, Ordering::Release)?;
+        }
+        fence(Ordering::SeqCst);
+        self.has_used(mem)
+    }
+
+    /// Whether the device has returned chains not yet taken.
+    pub fn has_used(&self, mem: &GuestMemoryMmap) -> Result<bool> {
+        let used_idx = u16::from_le(mem.load::<u16>(Self::off(self.used, 2), Ordering::Acquire)?);
+        Ok(used_idx != self.last_used)
     }
 
     /// Takes the next used chain: (head, bytes written by the device).

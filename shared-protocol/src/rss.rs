@@ -152,7 +152,12 @@ pub struct HashInput {
 }
 
 impl HashInput {
-    fn new(src: IpAddr, dst: IpAddr, ports: Option<(u16, u16)>, report: HashReport) -> HashInput {
+    pub fn new(
+        src: IpAddr,
+        dst: IpAddr,
+        ports: Option<(u16, u16)>,
+        report: HashReport,
+    ) -> HashInput {
         let mut buf = [0u8; MAX_INPUT_LEN];
         let mut len = 0;
         let mut put = |b: &[u8]| {

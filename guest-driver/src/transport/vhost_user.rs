@@ -173,6 +173,11 @@ impl VhostUserTransport {
         }
     }
 
+    /// The kick eventfd of queue `index` (our doorbell).
+    pub fn kick_fd(&self, index: usize) -> Option<&EventFd> {
+        self.kicks.get(index).and_then(Option::as_ref)
+    }
+
     /// The call eventfd of queue `index` (the device's interrupt).
     pub fn call_fd(&self, index: usize) -> Option<&EventFd> {
         self.calls.get(index).and_then(Option::as_ref)

@@ -1,0 +1,576 @@
+//! A small TCP/IP stack over [`VirtioNet`]: ARP, IPv4, IPv6 with
+//! neighbour discovery, ICMP/ICMPv6 echo, UDP and TCP sockets on the
+//! sans-IO engine in `vnic_protocol::tcp`.
+//!
+//! One shard per queue pair, each a thread that owns the pair's RX half
+//! and shares its TX half with application threads under the shard lock.
+//! A TCP or UDP flow belongs to the shard the device's RSS picks for its
+//! incoming packets: the stack programs the RSS key and table itself and
+//! picks ephemeral ports whose hash lands on the connecting shard, so a
+//! flow stays on one queue and one thread. Frames that arrive elsewhere
+//! (no RSS) are handed to the owner's inbox and counted.
+//!
+//! Offloads: TCP segments up to 64 KiB go to the device with a GSO header
+//! (TSO) and partial checksums (NEEDS_CSUM); received frames marked
+//! DATA_VALID or NEEDS_CSUM are not checked again, and coalesced (GRO'd)
+//! receives are taken whole. Without the features the stack cuts at the
+//! MSS and computes every checksum itself.
+
+mod frames;
+pub mod neigh;
+mod shard;
+pub mod socket;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vnic_protocol::{
+    rss::{HashInput, HashReport, HashTypes, Toeplitz, DEFAULT_KEY},
+    tcp,
+    virtio::{
+        ctrl::{Coal, CtrlCommand, RssConfig, ACK_OK},
+        Features,
+    },
+    wire::{ethernet::Address, icmpv6::solicited_node},
+};
+
+pub use socket::{Interest, PollEntry, Readiness, TcpListener, TcpStream, UdpSocket};
+
+use crate::{net::VirtioNet, Error, Result};
+use shard::Shard;
+
+/// How the stack is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct StackConfig {
+    pub ipv4: Option<(Ipv4Addr, u8)>,
+    pub ipv6: Option<(Ipv6Addr, u8)>,
+    /// Use TSO when the device offers it.
+    pub tso: bool,
+    /// Use checksum offload (both ways) when the device offers it.
+    pub csum: bool,
+    /// Frames a shard takes per poll before it looks at timers.
+    pub budget: usize,
+    /// Keep polling this long after the ring ran dry before sleeping.
+    pub busy_poll: Option<Duration>,
+    pub tcp: tcp::Config,
+    /// Program the device's RSS (key, table over all pairs).
+    pub rss: bool,
+}
+
+impl Default for StackConfig {
+    fn default() -> Self {
+        StackConfig {
+            ipv4: None,
+            ipv6: None,
+            tso: true,
+            csum: true,
+            budget: 64,
+            busy_poll: None,
+            tcp: tcp::Config::default(),
+            rss: true,
+        }
+    }
+}
+
+/// Stack-wide counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub rx_frames: AtomicU64,
+    pub tx_frames: AtomicU64,
+    /// Received frames dropped: bad checksum.
+    pub rx_bad_checksum: AtomicU64,
+    /// Received frames dropped: malformed or unsupported.
+    pub rx_malformed: AtomicU64,
+    /// Received frames not for this host (address, protocol, port).
+    pub rx_not_ours: AtomicU64,
+    /// Frames that arrived on another shard's queue and were handed over.
+    pub rx_handed_over: AtomicU64,
+    /// Frames not sent: the TX ring was full.
+    pub tx_ring_full: AtomicU64,
+    /// Frames not sent: no route (no address of that family).
+    pub tx_no_route: AtomicU64,
+    pub tcp_rst_sent: AtomicU64,
+    pub echo_replied: AtomicU64,
+    pub udp_dropped: AtomicU64,
+}
+
+/// A snapshot of [`Counters`] and the neighbour cache's numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StackStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub rx_bad_checksum: u64,
+    pub rx_malformed: u64,
+    pub rx_not_ours: u64,
+    pub rx_handed_over: u64,
+    pub tx_ring_full: u64,
+    pub tx_no_route: u64,
+    pub tcp_rst_sent: u64,
+    pub echo_replied: u64,
+    pub udp_dropped: u64,
+    pub neigh_requests: u64,
+    pub neigh_dropped: u64,
+    /// Per shard: frames received on its queue.
+    pub shard_rx: [u64; 16],
+}
+
+/// An echo reply: sequence number, from, when.
+type EchoSeen = (u16, IpAddr, Instant);
+
+/// The hash function of the device's RSS as the stack set it.
+#[derive(Debug)]
+struct RssView {
+    toeplitz: Toeplitz,
+    table: Vec<u16>,
+}
+
+pub(crate) struct Inner {
+    cfg: StackConfig,
+    mac: Address,
+    mtu: usize,
+    tso4: bool,
+    tso6: bool,
+    csum_tx: bool,
+    csum_rx: bool,
+    shards: Vec<Shard>,
+    neigh: Mutex<neigh::Neighbours>,
+    listeners: Mutex<HashMap<u16, Arc<socket::ListenQueue>>>,
+    udp: Mutex<HashMap<u16, Arc<socket::UdpQueue>>>,
+    echo: Mutex<HashMap<u16, Vec<EchoSeen>>>,
+    echo_cond: Condvar,
+    /// Bumped on every socket event; [`Stack::poll`] waits on it.
+    events: Mutex<u64>,
+    events_cond: Condvar,
+    rss: Option<RssView>,
+    epoch: Instant,
+    stop: AtomicBool,
+    counters: Counters,
+    shard_rx: Vec<AtomicU64>,
+    dev: Mutex<VirtioNet>,
+    next_port: AtomicU16,
+    next_conn: AtomicU64,
+    ip_ident: AtomicU16,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("mac", &self.mac)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running stack.
+#[derive(Debug)]
+pub struct Stack {
+    inner: Arc<Inner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+impl Inner {
+    fn now(&self) -> tcp::Instant {
+        tcp::Instant(self.epoch.elapsed().as_micros() as u64)
+    }
+
+    /// The shard that owns a flow: the queue the device steers its
+    /// incoming packets to (remote is the source there).
+    fn owner(&self, local: SocketAddr, remote: SocketAddr) -> usize {
+        let n = self.shards.len();
+        if n <= 1 {
+            return 0;
+        }
+        match &self.rss {
+            Some(r) => {
+                let input = HashInput::new(
+                    remote.ip(),
+                    local.ip(),
+                    Some((remote.port(), local.port())),
+                    HashReport::None,
+                );
+                let h = r.toeplitz.hash(input.as_bytes());
+                let q = r
+                    .table
+                    .get(h as usize & (r.table.len() - 1))
+                    .copied()
+                    .unwrap_or(0);
+                usize::from(q) % n
+            }
+            None => {
+                let x = u64::from(local.port()) << 16 | u64::from(remote.port());
+                (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize % n
+            }
+        }
+    }
+
+    fn local_ip(&self, remote: IpAddr) -> Option<IpAddr> {
+        match remote {
+            IpAddr::V4(_) => self.cfg.ipv4.map(|(a, _)| IpAddr::V4(a)),
+            IpAddr::V6(_) => self.cfg.ipv6.map(|(a, _)| IpAddr::V6(a)),
+        }
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.cfg.ipv4.is_some_and(|(x, _)| x == a),
+            IpAddr::V6(a) => self.cfg.ipv6.is_some_and(|(x, _)| x == a),
+        }
+    }
+
+    fn iss(&self, local: SocketAddr, remote: SocketAddr) -> u32 {
+        // RFC 6528 in spirit: a clock plus a per-flow scramble.
+        let t = (self.epoch.elapsed().as_micros() / 4) as u32;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in format!("{local}{remote}").bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        t.wrapping_add(h as u32)
+            .wrapping_add(self.next_conn.fetch_add(1, Ordering::Relaxed) as u32 * 64_000)
+    }
+
+    fn notify(&self) {
+        if let Ok(mut g) = self.events.lock() {
+            *g = g.wrapping_add(1);
+        }
+        self.events_cond.notify_all();
+    }
+}
+
+impl Stack {
+    /// Takes over `dev`: programs queue pairs, RSS and the receive filter
+    /// through the control queue when the device has one, and starts one
+    /// thread per queue pair.
+    pub fn start(mut dev: VirtioNet, cfg: StackConfig) -> Result<Stack> {
+        let dc = dev.config()?;
+        let f = dev.features;
+        let mac = dc.mac;
+        let mtu = if f.contains(Features::MTU) && dc.mtu >= 1280 {
+            usize::from(dc.mtu)
+        } else {
+            1500
+        };
+        let pairs = dev.pairs();
+        let mut control = Control { dev: &mut dev };
+        if f.contains(Features::CTRL_VQ) && f.contains(Features::MQ) {
+            control.set_queue_pairs(pairs as u16)?;
+        }
+        let rss = if cfg.rss && pairs > 1 && f.contains(Features::RSS) {
+            let table: Vec<u16> = (0..128).map(|i| (i % pairs) as u16).collect();
+            control.set_rss(&DEFAULT_KEY, &table, HashTypes::LINUX_DEFAULT)?;
+            Some(RssView {
+                toeplitz: Toeplitz::new(&DEFAULT_KEY).map_err(|_| Error::Queue("rss key"))?,
+                table,
+            })
+        } else {
+            None
+        };
+        if f.contains(Features::CTRL_RX) {
+            let mut multicast = vec![Address([0x33, 0x33, 0, 0, 0, 1])];
+            if let Some((a, _)) = cfg.ipv6 {
+                let o = solicited_node(a).octets();
+                multicast.push(Address([0x33, 0x33, o[12], o[13], o[14], o[15]]));
+            }
+            control.set_mac_filter(Vec::new(), multicast)?;
+        }
+        let qps = dev.take_pairs();
+        let csum = cfg.csum && f.contains(Features::CSUM);
+        let mut shards = Vec::with_capacity(qps.len());
+        for qp in qps {
+            shards.push(Shard::new(qp, EventFd::new(EFD_NONBLOCK)?));
+        }
+        let inner = Arc::new(Inner {
+            cfg,
+            mac,
+            mtu,
+            tso4: cfg.tso && csum && f.contains(Features::HOST_TSO4),
+            tso6: cfg.tso && csum && f.contains(Features::HOST_TSO6),
+            csum_tx: csum,
+            csum_rx: cfg.csum && f.contains(Features::GUEST_CSUM),
+            shard_rx: (0..shards.len()).map(|_| AtomicU64::new(0)).collect(),
+            shards,
+            neigh: Mutex::new(neigh::Neighbours::default()),
+            listeners: Mutex::new(HashMap::new()),
+            udp: Mutex::new(HashMap::new()),
+            echo: Mutex::new(HashMap::new()),
+            echo_cond: Condvar::new(),
+            events: Mutex::new(0),
+            events_cond: Condvar::new(),
+            rss,
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            counters: Counters::default(),
+            dev: Mutex::new(dev),
+            next_port: AtomicU16::new(*EPHEMERAL.start()),
+            next_conn: AtomicU64::new(0),
+            ip_ident: AtomicU16::new(1),
+        });
+        let mut threads = Vec::new();
+        for i in 0..inner.shards.len() {
+            let inn = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("vnic-shard{i}"))
+                    .spawn(move || shard::run(&inn, i))?,
+            );
+        }
+        Ok(Stack {
+            inner,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub fn mac(&self) -> Address {
+        self.inner.mac
+    }
+
+    pub fn mtu(&self) -> usize {
+        self.inner.mtu
+    }
+
+    pub fn shards(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// Whether TSO and checksum offload are in use (v4 TSO, TX csum, RX csum).
+    pub fn offloads(&self) -> (bool, bool, bool) {
+        (self.inner.tso4, self.inner.csum_tx, self.inner.csum_rx)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// The control queue, for commands beyond what the stack set up.
+    pub fn control(&self) -> Result<ControlGuard<'_>> {
+        let g = self
+            .inner
+            .dev
+            .lock()
+            .map_err(|_| Error::Queue("device lock poisoned"))?;
+        Ok(ControlGuard { g })
+    }
+
+    pub fn stats(&self) -> StackStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (nr, nd) = self
+            .inner
+            .neigh
+            .lock()
+            .map(|n| (n.requests, n.dropped))
+            .unwrap_or((0, 0));
+        let mut shard_rx = [0u64; 16];
+        for (s, a) in shard_rx.iter_mut().zip(&self.inner.shard_rx) {
+            *s = l(a);
+        }
+        StackStats {
+            rx_frames: l(&c.rx_frames),
+            tx_frames: l(&c.tx_frames),
+            rx_bad_checksum: l(&c.rx_bad_checksum),
+            rx_malformed: l(&c.rx_malformed),
+            rx_not_ours: l(&c.rx_not_ours),
+            rx_handed_over: l(&c.rx_handed_over),
+            tx_ring_full: l(&c.tx_ring_full),
+            tx_no_route: l(&c.tx_no_route),
+            tcp_rst_sent: l(&c.tcp_rst_sent),
+            echo_replied: l(&c.echo_replied),
+            udp_dropped: l(&c.udp_dropped),
+            neigh_requests: nr,
+            neigh_dropped: nd,
+            shard_rx,
+        }
+    }
+
+    /// Sends an ICMP or ICMPv6 echo request and waits for the reply;
+    /// returns the round-trip time, or None on timeout.
+    pub fn ping(
+        &self,
+        dst: IpAddr,
+        ident: u16,
+        seq_no: u16,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<Option<Duration>> {
+        let inner = &self.inner;
+        let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        let sent = Instant::now();
+        shard::send_echo(inner, dst, ident, seq_no, &payload)?;
+        let deadline = sent + timeout;
+        let mut g = inner.echo.lock().map_err(|_| Error::Queue("lock"))?;
+        loop {
+            if let Some(v) = g.get_mut(&ident) {
+                if let Some(i) = v
+                    .iter()
+                    .position(|&(s, from, _)| s == seq_no && from == dst)
+                {
+                    let (_, _, at) = v.remove(i);
+                    return Ok(Some(at.duration_since(sent)));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            g = inner
+                .echo_cond
+                .wait_timeout(g, deadline - now)
+                .map_err(|_| Error::Queue("lock"))?
+                .0;
+        }
+    }
+
+    /// Waits until one of `entries` is ready for what it asks or
+    /// `timeout` passes; fills in each entry's readiness and returns how
+    /// many are ready (poll(2) for stack sockets).
+    pub fn poll(&self, entries: &mut [PollEntry<'_>], timeout: Option<Duration>) -> usize {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let gen = self.inner.events.lock().map(|g| *g).unwrap_or(0);
+            let mut ready = 0;
+            for e in entries.iter_mut() {
+                e.ready = e.socket.readiness();
+                if e.ready.matches(e.interest) {
+                    ready += 1;
+                }
+            }
+            if ready > 0 {
+                return ready;
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return 0;
+                    }
+                    (d - now).min(Duration::from_millis(100))
+                }
+                None => Duration::from_millis(100),
+            };
+            if let Ok(g) = self.inner.events.lock() {
+                if *g == gen {
+                    let _ = self.inner.events_cond.wait_timeout(g, wait);
+                }
+            }
+        }
+    }
+
+    /// Stops the shard threads (sockets fail from then on).
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        for s in &self.inner.shards {
+            let _ = s.wake.write(1);
+        }
+        if let Ok(mut t) = self.threads.lock() {
+            for h in t.drain(..) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The control queue, locked.
+#[derive(Debug)]
+pub struct ControlGuard<'a> {
+    g: MutexGuard<'a, VirtioNet>,
+}
+
+impl ControlGuard<'_> {
+    pub fn control(&mut self) -> Control<'_> {
+        Control { dev: &mut self.g }
+    }
+}
+
+/// Control-queue commands the driver sends (virtio 1.3, 5.1.6.5). Each
+/// fails with a clear error when the device lacks the feature or says
+/// ACK_ERR.
+#[derive(Debug)]
+pub struct Control<'a> {
+    dev: &'a mut VirtioNet,
+}
+
+impl Control<'_> {
+    fn need(&self, f: Features, what: &'static str) -> Result<()> {
+        if self.dev.features.contains(f) {
+            Ok(())
+        } else {
+            Err(Error::Negotiation(format!("device does not offer {what}")))
+        }
+    }
+
+    fn run(&mut self, cmd: &CtrlCommand) -> Result<Vec<u8>> {
+        let (ack, answer) = self.dev.ctrl(cmd)?;
+        if ack != ACK_OK {
+            return Err(Error::Negotiation(format!("device refused {cmd:?}")));
+        }
+        Ok(answer)
+    }
+
+    pub fn set_queue_pairs(&mut self, n: u16) -> Result<()> {
+        self.need(Features::MQ, "MQ")?;
+        self.run(&CtrlCommand::VqPairsSet(n)).map(drop)
+    }
+
+    pub fn set_rss(&mut self, key: &[u8], table: &[u16], types: HashTypes) -> Result<()> {
+        self.need(Features::RSS, "RSS")?;
+        let max_tx = table.iter().copied().max().unwrap_or(0) + 1;
+        self.run(&CtrlCommand::RssConfig(RssConfig {
+            hash_types: types.bits(),
+            indirection_table: table.to_vec(),
+            unclassified_queue: 0,
+            max_tx_vq: max_tx,
+            key: key.to_vec(),
+        }))
+        .map(drop)
+    }
+
+    pub fn set_rx_coalescing(&mut self, max_packets: u32, max_usecs: u32) -> Result<()> {
+        self.need(Features::NOTF_COAL, "NOTF_COAL")?;
+        self.run(&CtrlCommand::CoalRxSet(Coal {
+            max_packets,
+            max_usecs,
+        }))
+        .map(drop)
+    }
+
+    pub fn set_tx_coalescing(&mut self, max_packets: u32, max_usecs: u32) -> Result<()> {
+        self.need(Features::NOTF_COAL, "NOTF_COAL")?;
+        self.run(&CtrlCommand::CoalTxSet(Coal {
+            max_packets,
+            max_usecs,
+        }))
+        .map(drop)
+    }
+
+    pub fn set_mac_filter(&mut self, unicast: Vec<Address>, multicast: Vec<Address>) -> Result<()> {
+        self.need(Features::CTRL_RX, "CTRL_RX")?;
+        self.run(&CtrlCommand::MacTableSet { unicast, multicast })
+            .map(drop)
+    }
+
+    pub fn vlan_add(&mut self, vid: u16) -> Result<()> {
+        self.need(Features::CTRL_VLAN, "CTRL_VLAN")?;
+        self.run(&CtrlCommand::VlanAdd(vid)).map(drop)
+    }
+
+    pub fn vlan_del(&mut self, vid: u16) -> Result<()> {
+        self.need(Features::CTRL_VLAN, "CTRL_VLAN")?;
+        self.run(&CtrlCommand::VlanDel(vid)).map(drop)
+    }
+}
