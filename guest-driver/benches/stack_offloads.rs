@@ -18,7 +18,10 @@ fn main() {
     }
     let iperf = env!("CARGO_BIN_EXE_vnic-iperf");
     let vnicd = Path::new(iperf).with_file_name("vnicd");
-    assert!(vnicd.exists(), "build vnicd first: cargo build --release -p vnic-backend");
+    assert!(
+        vnicd.exists(),
+        "build vnicd first: cargo build --release -p vnic-backend"
+    );
     let secs = std::env::var("VNIC_BENCH_SECS").unwrap_or_else(|_| "5".into());
     println!("| offloads | guest -> kernel Gbit/s | kernel -> guest Gbit/s | guest retransmits |");
     println!("|---|---|---|---|");
@@ -27,28 +30,54 @@ fn main() {
         ("checksum only (--no-tso)", &["--no-tso"][..]),
         ("none (--no-csum)", &["--no-csum"][..]),
     ] {
-        let s = PortInNs::start(&vnicd.display().to_string(), &[], "192.0.2.1/24", &[]).expect("vnicd");
+        let s =
+            PortInNs::start(&vnicd.display().to_string(), &[], "192.0.2.1/24", &[]).expect("vnicd");
         let mut row = Vec::new();
         let mut retr = 0;
         for rev in [false, true] {
             let mut server = Command::new("ip")
-                .args(["netns", "exec", &s.ns.name, "iperf3", "-s", "-1", "-B", "192.0.2.1"])
+                .args([
+                    "netns",
+                    "exec",
+                    &s.ns.name,
+                    "iperf3",
+                    "-s",
+                    "-1",
+                    "-B",
+                    "192.0.2.1",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("iperf3 -s");
             std::thread::sleep(Duration::from_millis(500));
             let sock = s.vnicd.socket.display().to_string();
-            let mut a = vec!["--socket", &sock, "--addr", "192.0.2.2/24", "-c", "192.0.2.1", "-t", &secs, "-J"];
+            let mut a = vec![
+                "--socket",
+                &sock,
+                "--addr",
+                "192.0.2.2/24",
+                "-c",
+                "192.0.2.1",
+                "-t",
+                &secs,
+                "-J",
+            ];
             a.extend_from_slice(flags);
             if rev {
                 a.push("-R");
             }
             let out = Command::new(iperf).args(&a).output().expect("vnic-iperf");
             let _ = server.wait();
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .unwrap_or_else(|e| panic!("vnic-iperf {a:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
-            let bps = doc["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "vnic-iperf {a:?}: {e}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+            let bps = doc["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0);
             if !rev {
                 retr = doc["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
             }
