@@ -121,7 +121,10 @@ fn setup(which: u8, now: Instant) -> (Connection, Connection) {
 }
 
 fn u16_at(d: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([d.get(i).copied().unwrap_or(0), d.get(i + 1).copied().unwrap_or(0)])
+    u16::from_be_bytes([
+        d.get(i).copied().unwrap_or(0),
+        d.get(i + 1).copied().unwrap_or(0),
+    ])
 }
 
 fuzz_target!(|data: &[u8]| {
