@@ -182,6 +182,24 @@ fn stream_id(i: usize) -> usize {
 }
 
 impl Test {
+    /// A test with no streams yet; `sender` says which way data flows
+    /// for this side.
+    fn new(udp: bool, sender: bool, len: usize, rate: u64, time: f64) -> Test {
+        Test {
+            udp,
+            sender,
+            len,
+            rate,
+            time,
+            tcp: Vec::new(),
+            udp_socks: Vec::new(),
+            counters: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            start: Instant::now(),
+            elapsed: 0.0,
+        }
+    }
+
     fn run_streams(&mut self) -> Vec<thread::JoinHandle<()>> {
         self.start = Instant::now();
         let mut hs = Vec::new();
@@ -465,23 +483,12 @@ fn client(stack: &Stack, cli: &Cli, server: IpAddr) -> Res<Value> {
     let ck = cookie();
     ctrl.write_all(&ck).map_err(e("cookie"))?;
     let len = cli.len.unwrap_or(if cli.udp { 1448 } else { 128 << 10 });
-    let mut test = Test {
-        udp: cli.udp,
-        sender: !cli.reverse,
-        len,
-        rate: if cli.udp {
-            parse_rate(&cli.bitrate)?
-        } else {
-            0
-        },
-        time: cli.time,
-        tcp: Vec::new(),
-        udp_socks: Vec::new(),
-        counters: Vec::new(),
-        stop: Arc::new(AtomicBool::new(false)),
-        start: Instant::now(),
-        elapsed: 0.0,
+    let rate = if cli.udp {
+        parse_rate(&cli.bitrate)?
+    } else {
+        0
     };
+    let mut test = Test::new(cli.udp, !cli.reverse, len, rate, cli.time);
     let mut handles = Vec::new();
     loop {
         match read_state(&mut ctrl)? {
@@ -587,19 +594,8 @@ fn server_once(stack: &Stack, cli: &Cli, listener: &TcpListener) -> Res<Value> {
     let len = p["len"]
         .as_u64()
         .unwrap_or(if udp { 1448 } else { 128 << 10 }) as usize;
-    let mut test = Test {
-        udp,
-        sender: reverse,
-        len: len.clamp(16, 1 << 20),
-        rate: p["bandwidth"].as_u64().unwrap_or(1_000_000),
-        time,
-        tcp: Vec::new(),
-        udp_socks: Vec::new(),
-        counters: Vec::new(),
-        stop: Arc::new(AtomicBool::new(false)),
-        start: Instant::now(),
-        elapsed: 0.0,
-    };
+    let rate = p["bandwidth"].as_u64().unwrap_or(1_000_000);
+    let mut test = Test::new(udp, reverse, len.clamp(16, 1 << 20), rate, time);
     let usock = if udp {
         Some(Arc::new(
             UdpSocket::bind(stack, cli.port).map_err(e("udp bind"))?,

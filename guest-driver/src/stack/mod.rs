@@ -447,15 +447,8 @@ impl Stack {
             if ready > 0 {
                 return ready;
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return 0;
-                    }
-                    (d - now).min(Duration::from_millis(100))
-                }
-                None => Duration::from_millis(100),
+            let Some(wait) = socket::wait_slice(deadline) else {
+                return 0;
             };
             if let Ok(g) = self.inner.events.lock() {
                 if *g == gen {

@@ -385,7 +385,7 @@ fn solicit(inner: &Inner, tx: &mut TxQueue, ip: IpAddr) {
                 target: t,
                 source_lladdr: Some(inner.mac),
             };
-            icmpv6_append(&mut buf, me, group, &m);
+            icmpv6_append(&mut buf, me, group, &m, 255);
         }
     }
     post(inner, tx, &VirtioNetHdr::default(), &buf);
@@ -397,9 +397,11 @@ fn arp_append(buf: &mut Vec<u8>, r: &arp::Repr) {
     let _ = r.emit(&mut arp::Packet::new_unchecked(&mut buf[at..]));
 }
 
-fn icmpv6_append(buf: &mut Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr, m: &icmpv6::Repr<'_>) {
+/// Appends an IPv6 header and the ICMPv6 message `m` with its checksum
+/// (neighbour discovery needs hop limit 255).
+fn icmpv6_append(buf: &mut Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr, m: &icmpv6::Repr<'_>, hop: u8) {
     let len = m.buffer_len();
-    frames::ip(buf, IpAddr::V6(src), IpAddr::V6(dst), 58, len, 0, 255);
+    frames::ip(buf, IpAddr::V6(src), IpAddr::V6(dst), 58, len, 0, hop);
     let at = buf.len();
     buf.resize(at + len, 0);
     let ps = frames::pseudo(IpAddr::V6(src), IpAddr::V6(dst), 58, len);
@@ -440,12 +442,7 @@ pub(crate) fn send_echo(
                 seq_no,
                 data,
             };
-            let len = r.buffer_len();
-            frames::ip(&mut buf, src, dst, 58, len, 0, 64);
-            let at = buf.len();
-            buf.resize(at + len, 0);
-            let ps = frames::pseudo(IpAddr::V6(s), IpAddr::V6(d), 58, len);
-            let _ = r.emit(&mut icmpv6::Packet::new_unchecked(&mut buf[at..]), ps);
+            icmpv6_append(&mut buf, s, d, &r, 64);
         }
         _ => return Err(Error::Queue("address family mismatch")),
     }
@@ -735,7 +732,7 @@ fn ipv6_input(
                         target: me,
                         target_lladdr: Some(inner.mac),
                     };
-                    icmpv6_append(&mut buf, me, ip.src_addr, &na);
+                    icmpv6_append(&mut buf, me, ip.src_addr, &na, 255);
                     post(inner, tx, &VirtioNetHdr::default(), &buf);
                 }
                 icmpv6::Repr::NeighborAdvert {
@@ -764,12 +761,7 @@ fn ipv6_input(
                         seq_no,
                         data,
                     };
-                    let len = r.buffer_len();
-                    frames::ip(&mut buf, d, s, 58, len, 0, 64);
-                    let at = buf.len();
-                    buf.resize(at + len, 0);
-                    let ps = frames::pseudo(d, s, 58, len);
-                    let _ = r.emit(&mut icmpv6::Packet::new_unchecked(&mut buf[at..]), ps);
+                    icmpv6_append(&mut buf, me, ip.src_addr, &r, 64);
                     send_ip(inner, tx, s, VirtioNetHdr::default(), &mut buf);
                     inner.counters.echo_replied.fetch_add(1, Ordering::Relaxed);
                 }

@@ -86,6 +86,19 @@ impl<'a> PollEntry<'a> {
     }
 }
 
+/// How long to sleep before looking again: at most 100 ms, never past
+/// `deadline`; None once it has passed.
+pub(crate) fn wait_slice(deadline: Option<Instant>) -> Option<Duration> {
+    const STEP: Duration = Duration::from_millis(100);
+    match deadline {
+        Some(d) => {
+            let now = Instant::now();
+            (now < d).then(|| (d - now).min(STEP))
+        }
+        None => Some(STEP),
+    }
+}
+
 fn lock_err() -> io::Error {
     io::Error::other("stack lock poisoned")
 }
@@ -244,15 +257,8 @@ impl TcpStream {
                 }
                 _ => return Ok(()),
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
-                    }
-                    (d - now).min(Duration::from_millis(100))
-                }
-                None => Duration::from_millis(100),
+            let Some(wait) = wait_slice(deadline) else {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
             };
             g = shard.cond.wait_timeout(g, wait).map_err(|_| lock_err())?.0;
         }
@@ -483,15 +489,8 @@ impl TcpListener {
                 }
                 continue;
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
-                    }
-                    (d - now).min(Duration::from_millis(100))
-                }
-                None => Duration::from_millis(100),
+            let Some(wait) = wait_slice(deadline) else {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
             };
             g = self.q.cond.wait_timeout(g, wait).map_err(|_| lock_err())?.0;
         }
@@ -643,15 +642,8 @@ impl UdpSocket {
                 buf[..n].copy_from_slice(&d[..n]);
                 return Ok((n, from));
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    (d - now).min(Duration::from_millis(100))
-                }
-                None => Duration::from_millis(100),
+            let Some(wait) = wait_slice(deadline) else {
+                return Err(io::ErrorKind::WouldBlock.into());
             };
             g = self.q.cond.wait_timeout(g, wait).map_err(|_| lock_err())?.0;
         }

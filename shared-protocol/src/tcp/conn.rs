@@ -454,12 +454,17 @@ impl Connection {
     /// Resets the connection: a RST goes out and the state is CLOSED.
     pub fn abort(&mut self) {
         if self.state.is_synchronized() || self.state == State::SynReceived {
-            let mut r = bare(self.local_port, self.remote_port);
-            r.seq_number = self.snd_nxt;
-            r.flags = Flags::RST;
-            self.rst_due = Some(r);
+            self.reset_with_seq(self.snd_nxt);
         }
         self.enter_closed(None);
+    }
+
+    /// Queues a bare RST with sequence number `seq`.
+    fn reset_with_seq(&mut self, seq: u32) {
+        let mut r = bare(self.local_port, self.remote_port);
+        r.seq_number = seq;
+        r.flags = Flags::RST;
+        self.rst_due = Some(r);
     }
 
     fn enter_closed(&mut self, e: Option<Event>) {
@@ -563,10 +568,7 @@ impl Connection {
             && (seq::le(seg.ack_number, self.iss) || seq::gt(seg.ack_number, self.snd_max))
         {
             if !f.contains(Flags::RST) {
-                let mut r = bare(self.local_port, self.remote_port);
-                r.seq_number = seg.ack_number;
-                r.flags = Flags::RST;
-                self.rst_due = Some(r);
+                self.reset_with_seq(seg.ack_number);
             }
             self.stats.dropped += 1;
             return;
@@ -754,10 +756,7 @@ impl Connection {
                 self.backoff = 1;
                 self.event(Event::Connected);
             } else {
-                let mut r = bare(self.local_port, self.remote_port);
-                r.seq_number = seg.ack_number;
-                r.flags = Flags::RST;
-                self.rst_due = Some(r);
+                self.reset_with_seq(seg.ack_number);
                 self.stats.dropped += 1;
                 return;
             }
