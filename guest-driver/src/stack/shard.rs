@@ -286,6 +286,14 @@ fn drain_events(_inner: &Inner, p: &mut Proto, slot: usize) {
     let mut any = false;
     while let Some(ev) = e.conn.poll_event() {
         any = true;
+        if matches!(ev, Event::Reset | Event::TimedOut) {
+            debug!(
+                "tcp {} -> {}: {ev:?}; {:?}",
+                e.local,
+                e.remote,
+                e.conn.stats()
+            );
+        }
         if ev == Event::Connected {
             if let Some(l) = e.listener.take() {
                 l.push(e.id, slot);

@@ -277,18 +277,14 @@ impl TcpStream {
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.with(|c| {
             let n = c.recv(buf);
-            if n > 0 || buf.is_empty() || c.recv_finished() {
-                if n == 0 && c.is_closed() && !c.recv_finished() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        "connection reset",
-                    ));
-                }
+            // End of stream only after the peer's FIN; a connection that
+            // ended any other way (reset, timeout) is an error.
+            if n > 0 || buf.is_empty() || c.fin_received() {
                 Ok(n)
             } else if c.is_closed() {
                 Err(io::Error::new(
                     io::ErrorKind::ConnectionReset,
-                    "connection reset",
+                    "connection reset or timed out",
                 ))
             } else {
                 Err(io::ErrorKind::WouldBlock.into())

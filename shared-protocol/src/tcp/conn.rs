@@ -363,6 +363,10 @@ impl Connection {
     pub fn recv_finished(&self) -> bool {
         self.rx.is_empty() && (self.fin_received || self.state == State::Closed)
     }
+    /// The peer's FIN arrived.
+    pub fn fin_received(&self) -> bool {
+        self.fin_received
+    }
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
     }
