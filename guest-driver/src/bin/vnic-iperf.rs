@@ -355,14 +355,19 @@ impl Test {
     }
 }
 
+/// Sends whole blocks until `stop`: a block once begun is finished, as
+/// iperf3 does, because an iperf3 receiver reads block by block and
+/// waits for the rest of a partial one.
 fn tcp_send(s: &Mutex<TcpStream>, len: usize, c: &Counter, stop: &AtomicBool) {
     let block: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
     let Ok(mut g) = s.lock() else { return };
     g.set_timeout(Some(Duration::from_millis(50)));
-    while !stop.load(Ordering::Relaxed) {
-        match g.write(&block) {
+    let mut off = 0;
+    while off > 0 || !stop.load(Ordering::Relaxed) {
+        match g.write(&block[off..]) {
             Ok(n) => {
                 c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                off = (off + n) % len.max(1);
             }
             Err(x) if x.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return,
@@ -648,6 +653,14 @@ fn server_once(stack: &Stack, cli: &Cli, listener: &TcpListener) -> Res<Value> {
         let _ = h.join();
     }
     test.collect_retransmits();
+    // iperf3's server closes the streams at TEST_END: a client still
+    // reading one (reverse mode) sees its end and turns to the control
+    // connection.
+    for st in &test.tcp {
+        if let Ok(g) = st.lock() {
+            let _ = g.shutdown_write();
+        }
+    }
     state(&mut ctrl, EXCHANGE_RESULTS)?;
     let peer = read_json(&mut ctrl)?;
     write_json(&mut ctrl, &test.results())?;
