@@ -31,28 +31,9 @@ fn vnicd() -> String {
     p.display().to_string()
 }
 
-/// One test at a time: each runs iperf at full rate, and on two cores
-/// concurrent runs starve each other (an open issue: under that load the
-/// kernel has reset an iperf3 control connection to vnic-iperf -s).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Holds the serial lock for as long as the test's set-up lives.
-struct Setup {
-    port: PortInNs,
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
-
-impl std::ops::Deref for Setup {
-    type Target = PortInNs;
-    fn deref(&self) -> &PortInNs {
-        &self.port
-    }
-}
-
 /// vnicd (2 queue pairs) with its TAP in a namespace as 192.0.2.1/24 and
 /// 2001:db8::1/64; the guest stack resolves addresses itself.
-fn setup() -> Setup {
-    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+fn setup() -> PortInNs {
     let s = PortInNs::start(&vnicd(), &["--queues", "2"], "192.0.2.1/24", &[])
         .expect("vnicd with its TAP in a namespace");
     s.ns.exec(
@@ -62,10 +43,7 @@ fn setup() -> Setup {
     .expect("enable IPv6");
     s.ns.ip(&["addr", "add", "2001:db8::1/64", "dev", &s.tap, "nodad"])
         .expect("IPv6 address");
-    Setup {
-        port: s,
-        _serial: serial,
-    }
+    s
 }
 
 fn net_args(s: &PortInNs) -> Vec<String> {
