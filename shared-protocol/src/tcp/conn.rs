@@ -1030,10 +1030,10 @@ impl Connection {
             if !data.is_empty() {
                 self.rx.extend(data);
                 self.rcv_nxt = self.rcv_nxt.wrapping_add(data.len() as u32);
-                self.stats.bytes_in += data.len() as u64;
                 let rx = &mut self.rx;
                 let n = self.asm.pop_ready(self.rcv_nxt, &mut |d| rx.extend(d));
                 self.rcv_nxt = self.rcv_nxt.wrapping_add(n as u32);
+                self.stats.bytes_in += (data.len() + n) as u64;
                 self.event(Event::Readable);
             }
             if self.ooo_fin == Some(self.rcv_nxt) {

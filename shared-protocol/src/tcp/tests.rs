@@ -549,6 +549,8 @@ fn reordering_is_reassembled() {
     assert!(l.push_a_to_b(&data, 10_000_000));
     assert_eq!(l.got_b, data);
     assert!(l.b.stats().ooo_segments > 0);
+    // Bytes that waited in the reassembly queue count once they are in order.
+    assert_eq!(l.b.stats().bytes_in, data.len() as u64);
 }
 
 #[test]
