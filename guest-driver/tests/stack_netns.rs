@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::Value;
 use vnic_guest::{cli::NetArgs, stack::TcpStream};
-use vnic_tests::{require_netns, PortInNs};
+use vnic_tests::{require_netns, BridgedPort, PortInNs};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
@@ -295,78 +295,49 @@ fn fnv(d: &[u8]) -> u64 {
     })
 }
 
-fn netstat_retrans(s: &PortInNs) -> u64 {
-    let out = s.ns.exec("cat", &["/proc/net/snmp"]).unwrap_or_default();
-    let mut lines = out.lines().filter(|l| l.starts_with("Tcp:"));
-    let (Some(h), Some(v)) = (lines.next(), lines.next()) else {
-        return 0;
-    };
-    h.split_whitespace()
-        .zip(v.split_whitespace())
-        .find(|(k, _)| *k == "RetransSegs")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0)
+/// vnicd (2 queue pairs) with its TAP bridged to the kernel peer at
+/// 192.0.2.1/24 and 2001:db8::1/64 in another namespace.
+fn bridged() -> BridgedPort {
+    BridgedPort::start(
+        &vnicd(),
+        &["--queues", "2"],
+        &["192.0.2.1/24", "2001:db8::1/64"],
+    )
+    .expect("vnicd bridged to a peer namespace")
 }
 
+/// The issue asks for `tc netem`; this kernel has no sch_netem, so the
+/// bridge between vnicd's TAP and the kernel does the same job: it drops
+/// 1% of TCP frames and holds 2% back behind later ones, each way.
 #[test]
-fn transfers_survive_netem_loss_and_reordering_v4_and_v6() {
+fn transfers_survive_loss_and_reordering_v4_and_v6() {
     if !require_netns() {
         return;
     }
-    let s = setup();
-    // Reordering with netem where the kernel has it (this machine's is
-    // built without sch_netem); 1% loss both ways with nftables.
-    let netem =
-        s.ns.exec(
-            "tc",
-            &[
-                "qdisc", "add", "dev", &s.tap, "root", "netem", "delay", "2ms", "reorder", "10%",
-                "50%",
-            ],
+    let s = bridged();
+    // Segments, not 64 KiB GSO packets, cross the bridge from the kernel.
+    s.peer
+        .exec(
+            "ethtool",
+            &["-K", BridgedPort::PEER_DEV, "tso", "off", "gso", "off"],
         )
-        .is_ok();
-    eprintln!(
-        "netem reordering: {}",
-        if netem { "on" } else { "not in this kernel" }
-    );
-    // Segments, not 64 KiB GSO packets, pass the filter below.
-    s.ns.exec(
-        "ethtool",
-        &["-K", &s.tap, "tso", "off", "gso", "off", "gro", "off"],
-    )
-    .expect("ethtool -K");
-    // The TAP's ingress and egress hooks: a dropped frame is lost on the
-    // wire, not refused to the sending socket.
-    let tap = s.tap.clone();
-    let cmds = [
-        "add table netdev vnicloss".to_string(),
-        format!(
-            "add chain netdev vnicloss in {{ type filter hook ingress device {tap} priority 0 ; }}"
-        ),
-        format!(
-            "add chain netdev vnicloss out {{ type filter hook egress device {tap} priority 0 ; }}"
-        ),
-        "add rule netdev vnicloss in numgen random mod 100 < 1 counter drop".to_string(),
-        "add rule netdev vnicloss out numgen random mod 100 < 1 counter drop".to_string(),
-    ];
-    for cmd in &cmds {
-        let a: Vec<&str> = cmd.split(' ').collect();
-        s.ns.exec("nft", &a)
-            .unwrap_or_else(|e| panic!("nft {cmd}: {e} (install nftables)"));
-    }
+        .expect("ethtool -K");
+    s.impair(10, 20)
+        .expect("impair the bridge (nftables, tc htb)");
     let args = NetArgs {
         socket: PathBuf::from(&s.vnicd.socket),
         addr: Some("192.0.2.2/24".into()),
         addr6: Some("2001:db8::2/64".into()),
         queues: 2,
         queue_size: 256,
-        // MSS-sized segments both ways, so the 1% applies per segment
-        // (TSO is covered by the iperf tests).
+        // MSS-sized segments both ways, so loss and reordering apply per
+        // segment (TSO is covered by the iperf tests).
         no_tso: true,
         no_csum: false,
         busy_poll_us: None,
     };
     let stack = args.start().expect("stack");
+    let counter = |name: &str| s.peer_tcp_counter(name).expect("peer TCP counters");
     const N: usize = 4 << 20;
     for (k, peer) in [
         IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
@@ -382,8 +353,9 @@ fn transfers_survive_netem_loss_and_reordering_v4_and_v6() {
         let port = 7000 + k as u16;
         let down2 = down.clone();
         let bind = SocketAddr::new(peer, port);
-        let retrans0 = netstat_retrans(&s);
-        let kernel = s.ns.enter(move || {
+        let (retrans0, ofo0) = (counter("RetransSegs"), counter("TCPOFOQueue"));
+        let (dropped0, held0) = s.impaired().expect("nft counters");
+        let kernel = s.peer.enter(move || {
             let l = std::net::TcpListener::bind(bind)?;
             let (mut c, _) = l.accept()?;
             c.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -411,20 +383,28 @@ fn transfers_survive_netem_loss_and_reordering_v4_and_v6() {
             .join()
             .unwrap_or_else(|_| panic!("kernel thread"))
             .expect("kernel side");
-        let kretrans = netstat_retrans(&s) - retrans0;
-        eprintln!("{peer}: guest stats {stats:?}; kernel retransmitted {kretrans} segments");
+        let kretrans = counter("RetransSegs") - retrans0;
+        let kofo = counter("TCPOFOQueue") - ofo0;
+        let (dropped, held) = s.impaired().expect("nft counters");
+        let (dropped, held) = (dropped - dropped0, held - held0);
+        eprintln!(
+            "{peer}: bridge dropped {dropped} and held back {held} frames; \
+             guest {stats:?}; kernel retransmitted {kretrans}, queued {kofo} out of order"
+        );
         assert_eq!(fnv(&kgot), fnv(&up), "guest -> kernel payload");
         assert_eq!(fnv(&got), fnv(&down), "kernel -> guest payload");
-        // Retransmissions happened and were counted (both stacks count
-        // theirs; the guest's engine sends more segments than it has).
-        // The guest's direction loses segments at the TAP's ingress hook;
-        // its retransmissions are counted. (The kernel's count is printed:
-        // the egress hook did not drop observably on this kernel.)
+        assert!(dropped > 0 && held > 0, "the bridge impaired nothing");
+        assert_eq!(stats.bytes_in, N as u64, "the guest's count of bytes in");
+        // Both stacks lost segments and sent them again, and both saw
+        // segments arrive out of order.
         assert!(
             stats.retransmits > 0,
-            "1% loss made the guest retransmit nothing: {stats:?}"
+            "guest retransmitted nothing: {stats:?}"
         );
         assert!(stats.dup_acks > 0, "{stats:?}");
+        assert!(stats.ooo_segments > 0, "guest saw no reordering: {stats:?}");
+        assert!(kretrans > 0, "the kernel retransmitted nothing");
+        assert!(kofo > 0, "the kernel saw no reordering");
     }
     let st = stack.stats();
     assert!(st.rx_bad_checksum == 0, "{st:?}");

@@ -315,3 +315,148 @@ impl PortInNs {
         })
     }
 }
+
+/// vnicd's TAP on a bridge in a namespace of its own, wired by a veth pair
+/// to a second namespace where the kernel peer lives. What goes between
+/// guest and peer is forwarded, so [`BridgedPort::impair`] can lose and
+/// reorder it on the way, both ways, as a bad link would: the peer's TCP
+/// sees real losses (it retransmits) rather than refused sends.
+#[derive(Debug)]
+pub struct BridgedPort {
+    /// The peer's namespace; its interface is [`BridgedPort::PEER_DEV`].
+    pub peer: NetNs,
+    pub bridge: NetNs,
+    pub vnicd: Vnicd,
+    /// The bridge's ports: toward the guest (the TAP) and toward the peer.
+    ports: [String; 2],
+}
+
+impl BridgedPort {
+    pub const PEER_DEV: &'static str = "eth0";
+
+    /// Starts `bin` with a TAP uplink and `extra`, bridges the TAP to the
+    /// peer's namespace and gives the peer's interface `peer_addrs` (CIDR;
+    /// IPv6 ones without duplicate address detection).
+    pub fn start(bin: &str, extra: &[&str], peer_addrs: &[&str]) -> io::Result<BridgedPort> {
+        let tap = unique("vnt");
+        let uplink = format!("tap:{tap}");
+        let mut args = vec!["--uplink", uplink.as_str()];
+        args.extend_from_slice(extra);
+        let vnicd = Vnicd::start(bin, &args)?;
+        let bridge = NetNs::new()?;
+        let peer = NetNs::new()?;
+        let port = BridgedPort {
+            peer,
+            bridge,
+            vnicd,
+            ports: [tap, "up0".to_owned()],
+        };
+        let (b, p) = (&port.bridge, &port.peer);
+        run("ip", &["link", "set", &port.ports[0], "netns", &b.name])?;
+        // The bridge namespace only forwards: no addresses, no IPv6 of its own.
+        b.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
+        b.ip(&[
+            "link",
+            "add",
+            &port.ports[1],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::PEER_DEV,
+            "netns",
+            &p.name,
+        ])?;
+        b.ip(&["link", "add", "br0", "type", "bridge"])?;
+        for dev in &port.ports {
+            b.ip(&["link", "set", dev, "master", "br0"])?;
+            b.ip(&["link", "set", dev, "up"])?;
+        }
+        b.ip(&["link", "set", "br0", "up"])?;
+        for a in peer_addrs {
+            let mut args = vec!["addr", "add", a, "dev", Self::PEER_DEV];
+            if a.contains(':') {
+                args.push("nodad");
+            }
+            p.ip(&args)?;
+        }
+        p.ip(&["link", "set", Self::PEER_DEV, "up"])?;
+        Ok(port)
+    }
+
+    /// Makes the bridge lose `loss_permille` of the TCP frames crossing it
+    /// and hold back another `reorder_permille` behind the frames that
+    /// follow, each way. Held frames go through a slow HTB class on the
+    /// outgoing port (10 Mbit/s with no burst, so a full-sized frame
+    /// waits about 1.2 ms); the choice is nftables' random numgen.
+    pub fn impair(&self, loss_permille: u32, reorder_permille: u32) -> io::Result<()> {
+        let b = &self.bridge;
+        let nft = |rule: &str| b.exec("nft", &rule.split(' ').collect::<Vec<_>>());
+        nft("add table bridge vnicimpair")?;
+        nft("add chain bridge vnicimpair pass { type filter hook forward priority 0 ; }")?;
+        nft(&format!(
+            "add rule bridge vnicimpair pass meta l4proto tcp numgen random mod 1000 < {loss_permille} counter drop"
+        ))?;
+        nft(&format!(
+            "add rule bridge vnicimpair pass meta l4proto tcp numgen random mod 1000 < {reorder_permille} counter meta priority set 1:20"
+        ))?;
+        for dev in &self.ports {
+            let tc = |args: &str| {
+                let mut a = vec!["-n", b.name.as_str()];
+                a.extend(args.split(' '));
+                run("tc", &a)
+            };
+            tc(&format!(
+                "qdisc add dev {dev} root handle 1: htb default 10"
+            ))?;
+            tc(&format!(
+                "class add dev {dev} parent 1: classid 1:10 htb rate 10gbit"
+            ))?;
+            tc(&format!(
+                "class add dev {dev} parent 1: classid 1:20 htb rate 10mbit burst 1 cburst 1"
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// What the impairment did so far: (frames dropped, frames held back).
+    pub fn impaired(&self) -> io::Result<(u64, u64)> {
+        let out = self
+            .bridge
+            .exec("nft", &["list", "table", "bridge", "vnicimpair"])?;
+        let mut n = out.lines().filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "packets")?;
+            w.get(i + 1)?.parse::<u64>().ok()
+        });
+        Ok((n.next().unwrap_or(0), n.next().unwrap_or(0)))
+    }
+
+    /// A counter of the peer's TCP from `/proc/net/snmp` (`Tcp:` lines) or
+    /// `/proc/net/netstat` (`TcpExt:` lines), e.g. `RetransSegs`.
+    pub fn peer_tcp_counter(&self, name: &str) -> io::Result<u64> {
+        let text = self
+            .peer
+            .exec("cat", &["/proc/net/snmp", "/proc/net/netstat"])?;
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [h, v] = pair else { continue };
+            let found = h
+                .split_whitespace()
+                .zip(v.split_whitespace())
+                .skip(1)
+                .find(|(k, _)| *k == name);
+            if let Some((_, val)) = found {
+                return val.parse().map_err(io::Error::other);
+            }
+        }
+        Err(io::Error::other(format!("no TCP counter {name}")))
+    }
+}
