@@ -71,6 +71,7 @@ impl NetArgs {
             | Features::CTRL_RX
             | Features::CTRL_VLAN
             | Features::NOTF_COAL
+            | Features::VQ_NOTF_COAL
             | Features::EVENT_IDX;
         let tso = Features::HOST_TSO4
             | Features::HOST_TSO6

@@ -9,7 +9,7 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -192,18 +192,40 @@ fn kernel_vs_server(s: &PortInNs, extra: &[&str]) -> (Value, Value) {
     (json(&out), json(&sout))
 }
 
+/// The most a sender's count can run ahead of its receiver's when a test
+/// stops, per stream: what the sending socket holds (written, not yet
+/// acknowledged), what the receiving socket holds (acknowledged, not yet
+/// read), and the one block iperf counts as it writes. The kernel's
+/// buffers are at most its tcp_wmem/tcp_rmem maximum; the guest's are the
+/// engine's defaults.
+fn in_flight_bound(s: &PortInNs, streams: u64, kernel_sends: bool) -> u64 {
+    let kernel_max = |key: &str| -> u64 {
+        let v = s.ns.exec("sysctl", &["-n", key]).expect("sysctl");
+        v.split_whitespace()
+            .nth(2)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("{key}: {v:?}"))
+    };
+    let guest = vnic_protocol::tcp::Config::default();
+    let per_stream = if kernel_sends {
+        kernel_max("net.ipv4.tcp_wmem") + guest.recv_buffer as u64
+    } else {
+        guest.send_buffer as u64 + kernel_max("net.ipv4.tcp_rmem")
+    };
+    streams * (per_stream + (128 << 10))
+}
+
 /// What the sender said it sent and what the receiver said it got agree:
-/// equal, or the receiver short by no more than what was still in the
-/// receiving socket when the test stopped.
-fn agree(sent: u64, received: u64, what: &str) {
+/// equal, or the receiver short by no more than `bound`.
+fn agree(sent: u64, received: u64, bound: u64, what: &str) {
     assert!(sent > 1_000_000, "{what}: only {sent} bytes sent");
     assert!(
         received <= sent,
         "{what}: received {received} > sent {sent}"
     );
     assert!(
-        sent - received <= 8 << 20,
-        "{what}: sent {sent}, received {received}"
+        sent - received <= bound,
+        "{what}: sent {sent}, received {received}, at most {bound} apart"
     );
 }
 
@@ -219,12 +241,23 @@ fn vnic_iperf_client_against_real_iperf3_server_both_ways() {
         } else {
             &["-P", "2"]
         };
+        let queue_bytes = || s.vnicd.stats().expect("vnicd stats");
+        let before = queue_bytes();
         let (c, srv) = client_vs_kernel(&s, extra);
+        let after = queue_bytes();
         let (sent, recv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
+        // The two streams live on the two shards, so each of the device's
+        // queues in the data's direction carried a good share.
+        let dir = if rev { "rx" } else { "tx" };
+        for q in 0..2 {
+            let k = format!("{dir}{q}.bytes");
+            let moved = after[&k] - before[&k];
+            assert!(moved > sent / 4, "{k}: {moved} of {sent} bytes");
+        }
         // The kernel's own report of the same test.
         let (ksent, krecv) = (bytes(&srv, "sum_sent"), bytes(&srv, "sum_received"));
         eprintln!("vnic-iperf -c {extra:?}: sent {sent} received {recv}; iperf3 -s: sent {ksent} received {krecv}");
-        agree(sent, recv, "client view");
+        agree(sent, recv, in_flight_bound(&s, 2, rev), "client view");
         if rev {
             assert_eq!(ksent, sent, "kernel's sent count and ours as reported back");
         } else {
@@ -248,7 +281,12 @@ fn real_iperf3_client_against_vnic_iperf_server_both_ways() {
         let (ksent, krecv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
         let (vsent, vrecv) = (bytes(&srv, "sum_sent"), bytes(&srv, "sum_received"));
         eprintln!("iperf3 -c {extra:?}: sent {ksent} received {krecv}; vnic-iperf -s: sent {vsent} received {vrecv}");
-        agree(ksent, krecv, "iperf3 client view");
+        agree(
+            ksent,
+            krecv,
+            in_flight_bound(&s, 1, !rev),
+            "iperf3 client view",
+        );
         assert_eq!(
             (ksent, krecv),
             (vsent, vrecv),
@@ -295,6 +333,273 @@ fn fnv(d: &[u8]) -> u64 {
     })
 }
 
+/// The stack in this process on vnicd's socket, as 192.0.2.2/24 and
+/// 2001:db8::2/64 on 2 queue pairs.
+fn start_stack(socket: &Path, no_tso: bool) -> vnic_guest::stack::Stack {
+    NetArgs {
+        socket: socket.to_path_buf(),
+        addr: Some("192.0.2.2/24".into()),
+        addr6: Some("2001:db8::2/64".into()),
+        queues: 2,
+        queue_size: 256,
+        no_tso,
+        no_csum: false,
+        busy_poll_us: None,
+    }
+    .start()
+    .expect("stack")
+}
+
+/// One vnicd counter summed over the RX queues (`packets`, `drop.filtered`).
+fn rx_total(s: &PortInNs, what: &str) -> u64 {
+    let st = s.vnicd.stats().expect("vnicd stats");
+    (0..2).map(|q| st[&format!("rx{q}.{what}")]).sum()
+}
+
+/// Waits up to 5 s for `cond`; whether it came true.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// The guest set the RSS key and table; the device steers by them and the
+/// stack places connections by the same hash, so every frame of a flow
+/// arrives on the queue its shard polls: none is handed between shards,
+/// whichever side opened the connection, and both shards carry flows.
+#[test]
+fn every_flow_stays_on_its_shard() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    let stack = start_stack(&s.vnicd.socket, false);
+    const FLOWS: usize = 8;
+    const BYTES: usize = 256 << 10;
+    // Guest opens: the kernel echoes what it reads.
+    let server = s.ns.enter(|| {
+        let l = std::net::TcpListener::bind("192.0.2.1:7300")?;
+        for _ in 0..FLOWS {
+            let (mut c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut buf = vec![0u8; BYTES];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut opened = Vec::new();
+    for i in 0..FLOWS {
+        let data = pattern(BYTES, i as u64);
+        let mut c = TcpStream::connect(
+            &stack,
+            "192.0.2.1:7300".parse().expect("addr"),
+            Duration::from_secs(10),
+        )
+        .expect("connect");
+        c.set_timeout(Some(Duration::from_secs(30)));
+        c.write_all(&data).expect("send");
+        let mut back = vec![0u8; BYTES];
+        c.read_exact(&mut back).expect("echo");
+        assert!(back == data, "flow {i}: echo differs");
+        opened.push(c.shard());
+    }
+    server
+        .join()
+        .expect("kernel server")
+        .expect("kernel server");
+    // Kernel opens: the guest echoes.
+    let l = vnic_guest::stack::TcpListener::bind(&stack, 7301).expect("listen");
+    let client = s.ns.enter(|| {
+        for i in 0..FLOWS {
+            let data = pattern(BYTES, 100 + i as u64);
+            let mut c = std::net::TcpStream::connect("192.0.2.2:7301")?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            c.write_all(&data)?;
+            let mut back = vec![0u8; BYTES];
+            c.read_exact(&mut back)?;
+            if back != data {
+                return Err(std::io::Error::other(format!("flow {i}: echo differs")));
+            }
+        }
+        Ok(())
+    });
+    let mut accepted = Vec::new();
+    for _ in 0..FLOWS {
+        let mut c = l.accept(Some(Duration::from_secs(30))).expect("accept");
+        c.set_timeout(Some(Duration::from_secs(30)));
+        let mut buf = vec![0u8; BYTES];
+        c.read_exact(&mut buf).expect("read");
+        c.write_all(&buf).expect("echo");
+        accepted.push(c.shard());
+    }
+    client
+        .join()
+        .expect("kernel client")
+        .expect("kernel client");
+    let st = stack.stats();
+    eprintln!("shards: opened {opened:?}, accepted {accepted:?}; {st:?}");
+    assert_eq!(
+        st.rx_handed_over, 0,
+        "frames arrived on another shard's queue"
+    );
+    assert_eq!(st.rx_inbox_full, 0);
+    assert!(opened.contains(&0) && opened.contains(&1), "{opened:?}");
+    assert!(st.shard_rx[0] > 0 && st.shard_rx[1] > 0, "{st:?}");
+    let v = s.vnicd.stats().expect("vnicd stats");
+    assert!(
+        v["rx0.packets"] > 0 && v["rx1.packets"] > 0,
+        "device queues: {v:?}"
+    );
+    stack.shutdown();
+}
+
+/// Coalescing, the MAC table and the VLAN filter, set by the stack over
+/// the control queue, as the device applies them: parameters read back
+/// per virtqueue, frames dropped and counted by vnicd or let through.
+#[test]
+fn control_commands_from_the_guest_stack() {
+    use vnic_protocol::wire::{
+        build::{udp_frame, Flow, IpFields},
+        ethernet::Address,
+    };
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    let stack = start_stack(&s.vnicd.socket, false);
+    let mc = vec![Address([0x33, 0x33, 0, 0, 0, 1])];
+    {
+        let mut g = stack.control().expect("control queue");
+        let mut c = g.control();
+        // Coalescing: all RX, all TX, then one queue; read back from the device.
+        c.set_rx_coalescing(32, 64).expect("RX coalescing");
+        c.set_tx_coalescing(8, 16).expect("TX coalescing");
+        c.set_vq_coalescing(2, 1, 5).expect("one queue");
+        let got: Vec<(u32, u32)> = (0..4)
+            .map(|q| c.vq_coalescing(q).expect("VQ_GET"))
+            .collect();
+        assert_eq!(got, [(32, 64), (8, 16), (1, 5), (8, 16)]);
+        assert!(c.vq_coalescing(4).is_err(), "the device has 2 pairs");
+    }
+    let control = |f: &dyn Fn(&mut vnic_guest::stack::Control<'_>)| {
+        let mut g = stack.control().expect("control queue");
+        f(&mut g.control());
+    };
+    let not_ours = || stack.stats().rx_not_ours;
+    let filtered = || rx_total(&s, "drop.filtered");
+
+    // The MAC table: datagrams from the kernel to another unicast address
+    // the guest has not listed are dropped by the device; listed, they
+    // reach the guest (whose stack, not being that address, counts them).
+    let other = Address([0x02, 0, 0, 0, 0, 0x77]);
+    s.ns.ip(&[
+        "neigh",
+        "replace",
+        "192.0.2.2",
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        &s.tap,
+        "nud",
+        "permanent",
+    ])
+    .expect("neighbour");
+    let send20 = || {
+        s.ns.enter(|| {
+            let u = std::net::UdpSocket::bind("192.0.2.1:0")?;
+            for _ in 0..20 {
+                u.send_to(b"mac table", "192.0.2.2:7400")?;
+            }
+            Ok(())
+        })
+        .join()
+        .expect("sender")
+        .expect("send");
+    };
+    let (f0, n0) = (filtered(), not_ours());
+    send20();
+    assert!(
+        eventually(|| filtered() >= f0 + 20),
+        "unlisted: dropped by the device"
+    );
+    assert!(not_ours() < n0 + 20);
+    control(&|c| {
+        c.set_mac_filter(vec![other], mc.clone())
+            .expect("MAC table")
+    });
+    let (f1, n1) = (filtered(), not_ours());
+    send20();
+    assert!(
+        eventually(|| not_ours() >= n1 + 20),
+        "listed: the guest gets them"
+    );
+    assert!(filtered() < f1 + 20);
+    control(&|c| c.set_mac_filter(Vec::new(), mc.clone()).expect("MAC table"));
+    let f2 = filtered();
+    send20();
+    assert!(
+        eventually(|| filtered() >= f2 + 20),
+        "unlisted again: dropped"
+    );
+    s.ns.ip(&["neigh", "del", "192.0.2.2", "dev", &s.tap])
+        .expect("neighbour");
+
+    // VLANs: tagged frames (written raw; this kernel has no 802.1Q) pass
+    // once the guest adds their id, and are dropped after it deletes it;
+    // untagged traffic is unaffected.
+    let flow = Flow {
+        src_mac: Address(s.host_mac),
+        dst_mac: stack.mac(),
+        ..Flow::v4()
+    };
+    let tagged = |vid: u16| -> Vec<Vec<u8>> {
+        (0..20)
+            .map(|_| {
+                let mut f = udp_frame(&flow, &IpFields::default(), b"tagged").expect("frame");
+                let tci = vid.to_be_bytes();
+                f.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
+                f
+            })
+            .collect()
+    };
+    control(&|c| c.vlan_add(100).expect("VLAN add"));
+    let (f3, n3) = (filtered(), not_ours());
+    s.ns.send_frames(&s.tap, tagged(100)).expect("send tagged");
+    assert!(eventually(|| not_ours() >= n3 + 20), "VLAN 100 passes");
+    assert!(filtered() < f3 + 20);
+    let f4 = filtered();
+    s.ns.send_frames(&s.tap, tagged(200)).expect("send tagged");
+    assert!(eventually(|| filtered() >= f4 + 20), "VLAN 200 is dropped");
+    assert!(
+        stack
+            .ping(
+                "192.0.2.1".parse().expect("addr"),
+                7,
+                1,
+                56,
+                Duration::from_secs(5)
+            )
+            .expect("ping")
+            .is_some(),
+        "untagged traffic still flows"
+    );
+    control(&|c| c.vlan_del(100).expect("VLAN del"));
+    let f5 = filtered();
+    s.ns.send_frames(&s.tap, tagged(100)).expect("send tagged");
+    assert!(
+        eventually(|| filtered() >= f5 + 20),
+        "VLAN 100 deleted: dropped"
+    );
+    stack.shutdown();
+}
+
 /// vnicd (2 queue pairs) with its TAP bridged to the kernel peer at
 /// 192.0.2.1/24 and 2001:db8::1/64 in another namespace.
 fn bridged() -> BridgedPort {
@@ -324,19 +629,9 @@ fn transfers_survive_loss_and_reordering_v4_and_v6() {
         .expect("ethtool -K");
     s.impair(10, 20)
         .expect("impair the bridge (nftables, tc htb)");
-    let args = NetArgs {
-        socket: PathBuf::from(&s.vnicd.socket),
-        addr: Some("192.0.2.2/24".into()),
-        addr6: Some("2001:db8::2/64".into()),
-        queues: 2,
-        queue_size: 256,
-        // MSS-sized segments both ways, so loss and reordering apply per
-        // segment (TSO is covered by the iperf tests).
-        no_tso: true,
-        no_csum: false,
-        busy_poll_us: None,
-    };
-    let stack = args.start().expect("stack");
+    // MSS-sized segments both ways, so loss and reordering apply per
+    // segment (TSO is covered by the iperf tests).
+    let stack = start_stack(&s.vnicd.socket, true);
     let counter = |name: &str| s.peer_tcp_counter(name).expect("peer TCP counters");
     const N: usize = 4 << 20;
     for (k, peer) in [

@@ -130,6 +130,58 @@ impl NetNs {
         Ok(())
     }
 
+    /// Writes whole Ethernet frames out of `dev` from inside the
+    /// namespace with a packet socket: for frames the kernel would not
+    /// build itself (VLAN-tagged ones on a kernel without 802.1Q, say).
+    pub fn send_frames(&self, dev: &str, frames: Vec<Vec<u8>>) -> io::Result<()> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let dev = std::ffi::CString::new(dev).map_err(io::Error::other)?;
+        self.enter(move || {
+            // SAFETY: plain socket(2); the result is checked below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` was just returned by socket(2) and nothing else
+            // owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: `dev` is a NUL-terminated string that outlives the call.
+            let index = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+            if index == 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for f in &frames {
+                // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+                let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                to.sll_family = libc::AF_PACKET as u16;
+                to.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
+                to.sll_halen = 6;
+                let dst = f
+                    .get(..6)
+                    .ok_or_else(|| io::Error::other("frame shorter than a MAC"))?;
+                to.sll_addr[..6].copy_from_slice(dst);
+                // SAFETY: the buffer and the address are valid for the
+                // lengths given for the duration of the call.
+                let r = unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        f.as_ptr().cast(),
+                        f.len(),
+                        0,
+                        std::ptr::from_ref(&to).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    )
+                };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| io::Error::other("frame sender panicked"))?
+    }
+
     /// The MAC address of `dev` inside the namespace.
     pub fn mac(&self, dev: &str) -> io::Result<[u8; 6]> {
         let s = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;

@@ -25,7 +25,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
     thread::JoinHandle,
@@ -94,6 +94,8 @@ pub struct Counters {
     pub rx_not_ours: AtomicU64,
     /// Frames that arrived on another shard's queue and were handed over.
     pub rx_handed_over: AtomicU64,
+    /// Frames for another shard dropped: its inbox was full.
+    pub rx_inbox_full: AtomicU64,
     /// Frames not sent: the TX ring was full.
     pub tx_ring_full: AtomicU64,
     /// Frames not sent: no route (no address of that family).
@@ -112,6 +114,7 @@ pub struct StackStats {
     pub rx_malformed: u64,
     pub rx_not_ours: u64,
     pub rx_handed_over: u64,
+    pub rx_inbox_full: u64,
     pub tx_ring_full: u64,
     pub tx_no_route: u64,
     pub tcp_rst_sent: u64,
@@ -158,6 +161,8 @@ pub(crate) struct Inner {
     dev: Mutex<VirtioNet>,
     next_port: AtomicU16,
     next_conn: AtomicU64,
+    /// The shard the next connection opened here goes to (round robin).
+    next_shard: AtomicUsize,
     ip_ident: AtomicU16,
 }
 
@@ -313,6 +318,7 @@ impl Stack {
             dev: Mutex::new(dev),
             next_port: AtomicU16::new(*EPHEMERAL.start()),
             next_conn: AtomicU64::new(0),
+            next_shard: AtomicUsize::new(0),
             ip_ident: AtomicU16::new(1),
         });
         let mut threads = Vec::new();
@@ -381,6 +387,7 @@ impl Stack {
             rx_malformed: l(&c.rx_malformed),
             rx_not_ours: l(&c.rx_not_ours),
             rx_handed_over: l(&c.rx_handed_over),
+            rx_inbox_full: l(&c.rx_inbox_full),
             tx_ring_full: l(&c.tx_ring_full),
             tx_no_route: l(&c.tx_no_route),
             tcp_rst_sent: l(&c.tcp_rst_sent),
@@ -549,6 +556,29 @@ impl Control<'_> {
             max_usecs,
         }))
         .map(drop)
+    }
+
+    /// One virtqueue's parameters (2i: RX of pair i, 2i+1: its TX).
+    pub fn set_vq_coalescing(&mut self, vq: u16, max_packets: u32, max_usecs: u32) -> Result<()> {
+        self.need(Features::VQ_NOTF_COAL, "VQ_NOTF_COAL")?;
+        self.run(&CtrlCommand::CoalVqSet {
+            vq_index: vq,
+            coal: Coal {
+                max_packets,
+                max_usecs,
+            },
+        })
+        .map(drop)
+    }
+
+    /// The parameters the device holds for one virtqueue: (max_packets,
+    /// max_usecs).
+    pub fn vq_coalescing(&mut self, vq: u16) -> Result<(u32, u32)> {
+        self.need(Features::VQ_NOTF_COAL, "VQ_NOTF_COAL")?;
+        let answer = self.run(&CtrlCommand::CoalVqGet { vq_index: vq })?;
+        let c = Coal::from_bytes(&answer)
+            .ok_or_else(|| Error::Negotiation(format!("short VQ_GET answer for {vq}")))?;
+        Ok((c.max_packets, c.max_usecs))
     }
 
     pub fn set_mac_filter(&mut self, unicast: Vec<Address>, multicast: Vec<Address>) -> Result<()> {

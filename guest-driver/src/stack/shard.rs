@@ -31,6 +31,10 @@ use crate::{
     Error, Result,
 };
 
+/// Frames waiting in one shard's inbox at most; past it they are dropped
+/// and counted (`rx_inbox_full`).
+const INBOX_LIMIT: usize = 4096;
+
 /// A TCP connection and what the stack keeps with it.
 #[derive(Debug)]
 pub(crate) struct TcpEntry {
@@ -842,16 +846,17 @@ fn tcp_input(
     let owner = inner.owner(local, remote);
     if owner != idx {
         if let Some(o) = inner.shards.get(owner) {
-            if let Ok(mut ib) = o.inbox.lock() {
-                if ib.len() < 4096 {
+            let c = &inner.counters;
+            match o.inbox.lock() {
+                Ok(mut ib) if ib.len() < INBOX_LIMIT => {
                     ib.push((*hdr, frame.to_vec()));
+                    c.rx_handed_over.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    c.rx_inbox_full.fetch_add(1, Ordering::Relaxed);
                 }
             }
             let _ = o.wake.write(1);
-            inner
-                .counters
-                .rx_handed_over
-                .fetch_add(1, Ordering::Relaxed);
             return true;
         }
     }

@@ -128,7 +128,7 @@ impl TcpStream {
             )
         })?;
         let n = inner.shards.len();
-        let want = inner.next_conn.load(Ordering::Relaxed) as usize % n;
+        let want = inner.next_shard.fetch_add(1, Ordering::Relaxed) % n;
         let span = usize::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
         let start = inner.next_port.fetch_add(1, Ordering::Relaxed);
         let mut chosen = None;
