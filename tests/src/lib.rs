@@ -285,6 +285,16 @@ impl Vnicd {
         Ok(d)
     }
 
+    /// Starts `bin` with a TAP uplink of a fresh name and `extra`;
+    /// returns it and the TAP's name.
+    pub fn with_tap(bin: &str, extra: &[&str]) -> io::Result<(Vnicd, String)> {
+        let tap = unique("vnt");
+        let uplink = format!("tap:{tap}");
+        let mut args = vec!["--uplink", uplink.as_str()];
+        args.extend_from_slice(extra);
+        Ok((Vnicd::start(bin, &args)?, tap))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -348,11 +358,7 @@ impl PortInNs {
         host_addr: &str,
         neighbours: &[(&str, &str)],
     ) -> io::Result<PortInNs> {
-        let tap = unique("vnt");
-        let uplink = format!("tap:{tap}");
-        let mut args = vec!["--uplink", uplink.as_str()];
-        args.extend_from_slice(extra);
-        let vnicd = Vnicd::start(bin, &args)?;
+        let (vnicd, tap) = Vnicd::with_tap(bin, extra)?;
         let ns = NetNs::new()?;
         ns.adopt(&tap, host_addr)?;
         for (ip, mac) in neighbours {
@@ -390,11 +396,7 @@ impl BridgedPort {
     /// peer's namespace and gives the peer's interface `peer_addrs` (CIDR;
     /// IPv6 ones without duplicate address detection).
     pub fn start(bin: &str, extra: &[&str], peer_addrs: &[&str]) -> io::Result<BridgedPort> {
-        let tap = unique("vnt");
-        let uplink = format!("tap:{tap}");
-        let mut args = vec!["--uplink", uplink.as_str()];
-        args.extend_from_slice(extra);
-        let vnicd = Vnicd::start(bin, &args)?;
+        let (vnicd, tap) = Vnicd::with_tap(bin, extra)?;
         let bridge = NetNs::new()?;
         let peer = NetNs::new()?;
         let port = BridgedPort {
