@@ -258,11 +258,13 @@ impl RxQueue {
     /// NAPI-style poll: with device interrupts off, takes up to `budget`
     /// frames, reposts the buffers, and when the ring ran dry before the
     /// budget re-arms interrupts (event index) and looks once more for a
-    /// frame that raced in. Returns the frames handled; `budget` means
-    /// "more may be waiting: poll again without sleeping".
+    /// frame that raced in; with `rearm` false (a busy poller that will
+    /// look again itself) interrupts stay off. Returns the frames handled;
+    /// `budget` means "more may be waiting: poll again without sleeping".
     pub fn napi_poll(
         &mut self,
         budget: usize,
+        rearm: bool,
         f: &mut dyn FnMut(&VirtioNetHdr, &[u8]),
     ) -> Result<usize> {
         self.pool.q.disable_interrupts(&self.mem)?;
@@ -274,7 +276,7 @@ impl RxQueue {
             if n > 0 {
                 self.fill()?;
             }
-            if n >= budget {
+            if n >= budget || !rearm {
                 return Ok(n);
             }
             if !self.pool.q.enable_interrupts(&self.mem)? {
@@ -282,6 +284,12 @@ impl RxQueue {
             }
             self.pool.q.disable_interrupts(&self.mem)?;
         }
+    }
+
+    /// Re-arms device interrupts; whether frames arrived meanwhile (then
+    /// poll instead of sleeping).
+    pub fn rearm(&self) -> Result<bool> {
+        self.pool.q.enable_interrupts(&self.mem)
     }
 
     /// Whether the device returned buffers not yet taken.

@@ -335,7 +335,7 @@ fn fnv(d: &[u8]) -> u64 {
 
 /// The stack in this process on vnicd's socket, as 192.0.2.2/24 and
 /// 2001:db8::2/64 on 2 queue pairs.
-fn start_stack(socket: &Path, no_tso: bool) -> vnic_guest::stack::Stack {
+fn start_stack(socket: &Path, no_tso: bool, busy_poll_us: Option<u64>) -> vnic_guest::stack::Stack {
     NetArgs {
         socket: socket.to_path_buf(),
         addr: Some("192.0.2.2/24".into()),
@@ -344,7 +344,7 @@ fn start_stack(socket: &Path, no_tso: bool) -> vnic_guest::stack::Stack {
         queue_size: 256,
         no_tso,
         no_csum: false,
-        busy_poll_us: None,
+        busy_poll_us,
     }
     .start()
     .expect("stack")
@@ -378,7 +378,7 @@ fn every_flow_stays_on_its_shard() {
         return;
     }
     let s = setup();
-    let stack = start_stack(&s.vnicd.socket, false);
+    let stack = start_stack(&s.vnicd.socket, false, None);
     const FLOWS: usize = 8;
     const BYTES: usize = 256 << 10;
     // Guest opens: the kernel echoes what it reads.
@@ -460,6 +460,58 @@ fn every_flow_stays_on_its_shard() {
     stack.shutdown();
 }
 
+/// NAPI-style receive: while the stack polls, its interrupts are off (the
+/// event index it leaves behind tells the device not to signal), so the
+/// device signals for a fraction of the frames; with busy polling the
+/// shard spins with interrupts off and re-arms them only to sleep.
+#[test]
+fn receive_polls_with_device_notifications_off_while_busy() {
+    if !require_netns() {
+        return;
+    }
+    const N: usize = 32 << 20;
+    for busy in [None, Some(200)] {
+        let s = setup();
+        // MSS-sized frames: many per notification to save.
+        let stack = start_stack(&s.vnicd.socket, true, busy);
+        let data = pattern(N, 5);
+        let sent = data.clone();
+        let kernel = s.ns.enter(move || {
+            let l = std::net::TcpListener::bind("192.0.2.1:7500")?;
+            let (mut c, _) = l.accept()?;
+            c.write_all(&sent)?;
+            Ok(())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = TcpStream::connect(
+            &stack,
+            "192.0.2.1:7500".parse().expect("addr"),
+            Duration::from_secs(10),
+        )
+        .expect("connect");
+        c.set_timeout(Some(Duration::from_secs(60)));
+        let mut got = vec![0u8; N];
+        c.read_exact(&mut got).expect("receive");
+        kernel.join().expect("kernel").expect("kernel");
+        assert!(fnv(&got) == fnv(&data), "payload");
+        let (frames, signalled, held) = (
+            rx_total(&s, "packets"),
+            rx_total(&s, "notifications"),
+            rx_total(&s, "notifications_suppressed"),
+        );
+        eprintln!(
+            "busy poll {busy:?}: {frames} frames, {signalled} notifications, {held} held back"
+        );
+        assert!(frames > (N / 1500) as u64, "{frames} frames");
+        assert!(held > 0, "the device signalled every time");
+        assert!(
+            signalled < frames / 20,
+            "{signalled} notifications for {frames} frames"
+        );
+        stack.shutdown();
+    }
+}
+
 /// Coalescing, the MAC table and the VLAN filter, set by the stack over
 /// the control queue, as the device applies them: parameters read back
 /// per virtqueue, frames dropped and counted by vnicd or let through.
@@ -473,7 +525,7 @@ fn control_commands_from_the_guest_stack() {
         return;
     }
     let s = setup();
-    let stack = start_stack(&s.vnicd.socket, false);
+    let stack = start_stack(&s.vnicd.socket, false, None);
     let mc = vec![Address([0x33, 0x33, 0, 0, 0, 1])];
     {
         let mut g = stack.control().expect("control queue");
@@ -615,7 +667,7 @@ fn transfers_survive_loss_and_reordering_v4_and_v6() {
         .expect("impair the bridge (nftables, tc htb)");
     // MSS-sized segments both ways, so loss and reordering apply per
     // segment (TSO is covered by the iperf tests).
-    let stack = start_stack(&s.vnicd.socket, true);
+    let stack = start_stack(&s.vnicd.socket, true, None);
     let counter = |name: &str| s.peer_tcp_counter(name).expect("peer TCP counters");
     const N: usize = 4 << 20;
     for (k, peer) in [

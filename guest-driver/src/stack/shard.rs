@@ -102,6 +102,7 @@ impl Shard {
 pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
     let shard = &inner.shards[idx];
     let budget = inner.cfg.budget.max(1);
+    let busy = inner.cfg.busy_poll;
     while !inner.stop.load(Ordering::Relaxed) {
         let now = inner.now();
         let (n, next) = {
@@ -118,10 +119,9 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
                 input(inner, idx, &mut st.p, &mut st.tx, &h, &f, now);
             }
             let (p, tx) = (&mut st.p, &mut st.tx);
-            let n = match st
-                .rx
-                .napi_poll(budget, &mut |h, f| input(inner, idx, p, tx, h, f, now))
-            {
+            let n = match st.rx.napi_poll(budget, busy.is_none(), &mut |h, f| {
+                input(inner, idx, p, tx, h, f, now)
+            }) {
                 Ok(n) => n,
                 Err(e) => {
                     warn!("shard {idx}: receive failed: {e}");
@@ -144,14 +144,22 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
         if n >= budget {
             continue;
         }
-        if let Some(b) = inner.cfg.busy_poll {
+        if let Some(b) = busy {
+            // Spin with interrupts still off; only before sleeping are
+            // they re-armed (and a frame that raced in is polled).
             let until = Instant::now() + b;
             let mut got = false;
             while Instant::now() < until && !got {
                 got = shard.st.lock().map(|s| s.rx.pending()).unwrap_or(false);
                 std::hint::spin_loop();
             }
-            if got {
+            let raced = got
+                || shard
+                    .st
+                    .lock()
+                    .map(|s| s.rx.rearm().unwrap_or(true))
+                    .unwrap_or(false);
+            if raced {
                 continue;
             }
         }
