@@ -101,6 +101,8 @@ pub struct Counters {
     /// Frames not sent: no route (no address of that family).
     pub tx_no_route: AtomicU64,
     pub tcp_rst_sent: AtomicU64,
+    /// Connections reset because the listener's backlog was full.
+    pub tcp_backlog_full: AtomicU64,
     pub echo_replied: AtomicU64,
     pub udp_dropped: AtomicU64,
 }
@@ -118,6 +120,7 @@ pub struct StackStats {
     pub tx_ring_full: u64,
     pub tx_no_route: u64,
     pub tcp_rst_sent: u64,
+    pub tcp_backlog_full: u64,
     pub echo_replied: u64,
     pub udp_dropped: u64,
     pub neigh_requests: u64,
@@ -391,6 +394,7 @@ impl Stack {
             tx_ring_full: l(&c.tx_ring_full),
             tx_no_route: l(&c.tx_no_route),
             tcp_rst_sent: l(&c.tcp_rst_sent),
+            tcp_backlog_full: l(&c.tcp_backlog_full),
             echo_replied: l(&c.echo_replied),
             udp_dropped: l(&c.udp_dropped),
             neigh_requests: nr,

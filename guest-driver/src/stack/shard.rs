@@ -231,7 +231,7 @@ fn service(inner: &Inner, st: &mut ShardState, now: tcp::Instant) -> Option<tcp:
     next
 }
 
-/// Sends whatever connection `slot` has to send, then passes its events on.
+/// Passes connection `slot`'s events on, then sends whatever it has to send.
 pub(crate) fn flush(
     inner: &Inner,
     p: &mut Proto,
@@ -239,6 +239,9 @@ pub(crate) fn flush(
     slot: usize,
     now: tcp::Instant,
 ) {
+    // Events first: handing a connection to its listener may reset it,
+    // and the RST goes out below.
+    drain_events(inner, p, slot);
     let Some(Some(e)) = p.conns.get_mut(slot) else {
         return;
     };
@@ -287,11 +290,10 @@ pub(crate) fn flush(
         }
         send_ip(inner, tx, remote.ip(), hdr, buf);
     }
-    drain_events(inner, p, slot);
 }
 
 /// Passes a connection's events to its listener and waiters.
-fn drain_events(_inner: &Inner, p: &mut Proto, slot: usize) {
+fn drain_events(inner: &Inner, p: &mut Proto, slot: usize) {
     let Some(Some(e)) = p.conns.get_mut(slot) else {
         return;
     };
@@ -308,7 +310,15 @@ fn drain_events(_inner: &Inner, p: &mut Proto, slot: usize) {
         }
         if ev == Event::Connected {
             if let Some(l) = e.listener.take() {
-                l.push(e.id, slot);
+                if !l.push((e.id, slot)) {
+                    // Nobody will accept it: reset it rather than keep it.
+                    e.conn.abort();
+                    e.user_gone = true;
+                    inner
+                        .counters
+                        .tcp_backlog_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -821,7 +831,7 @@ fn udp_input(inner: &Inner, s: IpAddr, d: IpAddr, l4: &[u8], verified: bool) -> 
         .and_then(|m| m.get(&r.dst_port).cloned());
     match q {
         Some(q) => {
-            if !q.push(SocketAddr::new(s, r.src_port), pkt.payload()) {
+            if !q.push((SocketAddr::new(s, r.src_port), pkt.payload().to_vec())) {
                 inner.counters.udp_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -103,6 +103,58 @@ fn lock_err() -> io::Error {
     io::Error::other("stack lock poisoned")
 }
 
+/// A bounded queue the shards fill and an application thread waits on:
+/// accepted connections of a listener, datagrams of a UDP socket.
+#[derive(Debug)]
+pub(crate) struct WaitQueue<T> {
+    q: Mutex<VecDeque<T>>,
+    cond: Condvar,
+    limit: usize,
+}
+
+impl<T> WaitQueue<T> {
+    fn new(limit: usize) -> WaitQueue<T> {
+        WaitQueue {
+            q: Mutex::new(VecDeque::new()),
+            cond: Condvar::new(),
+            limit,
+        }
+    }
+
+    /// Queues `item` and wakes the waiters; false when the queue is full.
+    pub fn push(&self, item: T) -> bool {
+        let Ok(mut q) = self.q.lock() else {
+            return false;
+        };
+        if q.len() >= self.limit {
+            return false;
+        }
+        q.push_back(item);
+        drop(q);
+        self.cond.notify_all();
+        true
+    }
+
+    /// The oldest item, waiting until `deadline` (None: forever); None
+    /// when the deadline passed first.
+    fn pop(&self, deadline: Option<Instant>) -> io::Result<Option<T>> {
+        let mut g = self.q.lock().map_err(|_| lock_err())?;
+        loop {
+            if let Some(item) = g.pop_front() {
+                return Ok(Some(item));
+            }
+            let Some(wait) = wait_slice(deadline) else {
+                return Ok(None);
+            };
+            g = self.cond.wait_timeout(g, wait).map_err(|_| lock_err())?.0;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.q.lock().map(|q| q.is_empty()).unwrap_or(true)
+    }
+}
+
 // ----- TCP -----
 
 /// An established (or establishing) TCP connection.
@@ -422,24 +474,13 @@ impl Drop for TcpStream {
     }
 }
 
-/// Connections a listener accepted, waiting for `accept`.
-#[derive(Debug)]
-pub(crate) struct ListenQueue {
-    q: Mutex<VecDeque<(u64, usize, usize)>>,
-    cond: Condvar,
-}
+/// Established connections waiting for accept(): (id, slot); accept()
+/// finds the shard by id.
+pub(crate) type ListenQueue = WaitQueue<(u64, usize)>;
 
-impl ListenQueue {
-    pub fn push(&self, id: u64, slot: usize) {
-        // The shard is not known here; accept() finds it by id.
-        if let Ok(mut q) = self.q.lock() {
-            if q.len() < 1024 {
-                q.push_back((id, slot, usize::MAX));
-            }
-        }
-        self.cond.notify_all();
-    }
-}
+/// Connections waiting for accept() per listener at most; past it they
+/// are reset and counted (`tcp_backlog_full`).
+pub(crate) const BACKLOG: usize = 1024;
 
 /// A listening TCP port (on every shard).
 #[derive(Debug)]
@@ -452,10 +493,7 @@ pub struct TcpListener {
 impl TcpListener {
     pub fn bind(stack: &Stack, port: u16) -> io::Result<TcpListener> {
         let inner = stack.inner().clone();
-        let q = Arc::new(ListenQueue {
-            q: Mutex::new(VecDeque::new()),
-            cond: Condvar::new(),
-        });
+        let q = Arc::new(ListenQueue::new(BACKLOG));
         let mut m = inner.listeners.lock().map_err(|_| lock_err())?;
         if m.contains_key(&port) {
             return Err(io::ErrorKind::AddrInUse.into());
@@ -468,28 +506,21 @@ impl TcpListener {
     /// Waits up to `timeout` (None: forever) for an established connection.
     pub fn accept(&self, timeout: Option<Duration>) -> io::Result<TcpStream> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut g = self.q.q.lock().map_err(|_| lock_err())?;
-        loop {
-            if let Some((id, slot, _)) = g.pop_front() {
-                for (k, sh) in self.inner.shards.iter().enumerate() {
-                    let st = sh.st.lock().map_err(|_| lock_err())?;
-                    if matches!(st.p.conns.get(slot), Some(Some(e)) if e.id == id) {
-                        return Ok(TcpStream {
-                            inner: self.inner.clone(),
-                            shard: k,
-                            slot,
-                            id,
-                            timeout: None,
-                        });
-                    }
+        while let Some((id, slot)) = self.q.pop(deadline)? {
+            for (k, sh) in self.inner.shards.iter().enumerate() {
+                let st = sh.st.lock().map_err(|_| lock_err())?;
+                if matches!(st.p.conns.get(slot), Some(Some(e)) if e.id == id) {
+                    return Ok(TcpStream {
+                        inner: self.inner.clone(),
+                        shard: k,
+                        slot,
+                        id,
+                        timeout: None,
+                    });
                 }
-                continue;
             }
-            let Some(wait) = wait_slice(deadline) else {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
-            };
-            g = self.q.cond.wait_timeout(g, wait).map_err(|_| lock_err())?.0;
         }
+        Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"))
     }
 
     pub fn port(&self) -> u16 {
@@ -500,7 +531,7 @@ impl TcpListener {
 impl Pollable for TcpListener {
     fn readiness(&self) -> Readiness {
         Readiness {
-            readable: self.q.q.lock().map(|q| !q.is_empty()).unwrap_or(false),
+            readable: !self.q.is_empty(),
             ..Readiness::default()
         }
     }
@@ -516,31 +547,11 @@ impl Drop for TcpListener {
 
 // ----- UDP -----
 
-/// Datagrams received for a bound port.
-#[derive(Debug)]
-pub(crate) struct UdpQueue {
-    q: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
-    cond: Condvar,
-}
+/// Datagrams received for a bound port: (from, payload).
+pub(crate) type UdpQueue = WaitQueue<(SocketAddr, Vec<u8>)>;
 
 /// Datagrams queued per socket at most; more are dropped and counted.
 const UDP_QUEUE: usize = 4096;
-
-impl UdpQueue {
-    /// False when the queue is full.
-    pub fn push(&self, from: SocketAddr, data: &[u8]) -> bool {
-        let Ok(mut q) = self.q.lock() else {
-            return false;
-        };
-        if q.len() >= UDP_QUEUE {
-            return false;
-        }
-        q.push_back((from, data.to_vec()));
-        drop(q);
-        self.cond.notify_one();
-        true
-    }
-}
 
 /// A bound UDP port.
 #[derive(Debug)]
@@ -554,10 +565,7 @@ impl UdpSocket {
     /// Binds `port` (0: an ephemeral one).
     pub fn bind(stack: &Stack, port: u16) -> io::Result<UdpSocket> {
         let inner = stack.inner().clone();
-        let q = Arc::new(UdpQueue {
-            q: Mutex::new(VecDeque::new()),
-            cond: Condvar::new(),
-        });
+        let q = Arc::new(UdpQueue::new(UDP_QUEUE));
         let mut m = inner.udp.lock().map_err(|_| lock_err())?;
         let port = if port == 0 {
             (0..16384u16)
@@ -631,25 +639,20 @@ impl UdpSocket {
         timeout: Option<Duration>,
     ) -> io::Result<(usize, SocketAddr)> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut g = self.q.q.lock().map_err(|_| lock_err())?;
-        loop {
-            if let Some((from, d)) = g.pop_front() {
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
-                return Ok((n, from));
-            }
-            let Some(wait) = wait_slice(deadline) else {
-                return Err(io::ErrorKind::WouldBlock.into());
-            };
-            g = self.q.cond.wait_timeout(g, wait).map_err(|_| lock_err())?.0;
-        }
+        let (from, d) = self
+            .q
+            .pop(deadline)?
+            .ok_or(io::Error::from(io::ErrorKind::WouldBlock))?;
+        let n = d.len().min(buf.len());
+        buf[..n].copy_from_slice(&d[..n]);
+        Ok((n, from))
     }
 }
 
 impl Pollable for UdpSocket {
     fn readiness(&self) -> Readiness {
         Readiness {
-            readable: self.q.q.lock().map(|q| !q.is_empty()).unwrap_or(false),
+            readable: !self.q.is_empty(),
             writable: true,
             closed: false,
         }
