@@ -460,6 +460,46 @@ fn every_flow_stays_on_its_shard() {
     stack.shutdown();
 }
 
+/// A listener whose backlog is full resets the connections past it (the
+/// kernel peer reads ECONNRESET) and counts them; the queued ones are
+/// accepted afterwards.
+#[test]
+fn a_full_backlog_resets_the_connections_past_it() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    let stack = start_stack(&s.vnicd.socket, false, None);
+    let l = vnic_guest::stack::TcpListener::bind_with_backlog(&stack, 7600, 4).expect("listen");
+    let kernel = s.ns.enter(|| {
+        let mut conns = Vec::new();
+        for _ in 0..6 {
+            let c = std::net::TcpStream::connect("192.0.2.2:7600")?;
+            c.set_read_timeout(Some(Duration::from_millis(500)))?;
+            conns.push(c);
+        }
+        let mut reset = 0;
+        for c in &mut conns {
+            let mut b = [0u8; 1];
+            if let Err(e) = c.read(&mut b) {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    reset += 1;
+                }
+            }
+        }
+        Ok(reset)
+    });
+    let reset = kernel.join().expect("kernel").expect("kernel");
+    assert_eq!(reset, 2, "connections reset by the guest");
+    assert_eq!(stack.stats().tcp_backlog_full, 2);
+    for i in 0..4 {
+        l.accept(Some(Duration::from_secs(2)))
+            .unwrap_or_else(|e| panic!("queued connection {i}: {e}"));
+    }
+    assert!(l.accept(Some(Duration::from_millis(200))).is_err());
+    stack.shutdown();
+}
+
 /// NAPI-style receive: while the stack polls, its interrupts are off (the
 /// event index it leaves behind tells the device not to signal), so the
 /// device signals for a fraction of the frames; with busy polling the

@@ -492,8 +492,14 @@ pub struct TcpListener {
 
 impl TcpListener {
     pub fn bind(stack: &Stack, port: u16) -> io::Result<TcpListener> {
+        TcpListener::bind_with_backlog(stack, port, BACKLOG)
+    }
+
+    /// [`TcpListener::bind`] with at most `backlog` connections waiting
+    /// for accept(); more are reset.
+    pub fn bind_with_backlog(stack: &Stack, port: u16, backlog: usize) -> io::Result<TcpListener> {
         let inner = stack.inner().clone();
-        let q = Arc::new(ListenQueue::new(BACKLOG));
+        let q = Arc::new(ListenQueue::new(backlog));
         let mut m = inner.listeners.lock().map_err(|_| lock_err())?;
         if m.contains_key(&port) {
             return Err(io::ErrorKind::AddrInUse.into());
