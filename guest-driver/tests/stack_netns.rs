@@ -350,6 +350,14 @@ fn start_stack(socket: &Path, no_tso: bool, busy_poll_us: Option<u64>) -> vnic_g
     .expect("stack")
 }
 
+/// A guest connection to `to`, with `secs` for each blocking call.
+fn connect(stack: &vnic_guest::stack::Stack, to: SocketAddr, secs: u64) -> TcpStream {
+    let mut c = TcpStream::connect(stack, to, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+    c.set_timeout(Some(Duration::from_secs(secs)));
+    c
+}
+
 /// One vnicd counter summed over the RX queues (`packets`, `drop.filtered`).
 fn rx_total(s: &PortInNs, what: &str) -> u64 {
     let st = s.vnicd.stats().expect("vnicd stats");
@@ -397,13 +405,7 @@ fn every_flow_stays_on_its_shard() {
     let mut opened = Vec::new();
     for i in 0..FLOWS {
         let data = pattern(BYTES, i as u64);
-        let mut c = TcpStream::connect(
-            &stack,
-            "192.0.2.1:7300".parse().expect("addr"),
-            Duration::from_secs(10),
-        )
-        .expect("connect");
-        c.set_timeout(Some(Duration::from_secs(30)));
+        let mut c = connect(&stack, "192.0.2.1:7300".parse().expect("addr"), 30);
         c.write_all(&data).expect("send");
         let mut back = vec![0u8; BYTES];
         c.read_exact(&mut back).expect("echo");
@@ -523,13 +525,7 @@ fn receive_polls_with_device_notifications_off_while_busy() {
             Ok(())
         });
         std::thread::sleep(Duration::from_millis(300));
-        let mut c = TcpStream::connect(
-            &stack,
-            "192.0.2.1:7500".parse().expect("addr"),
-            Duration::from_secs(10),
-        )
-        .expect("connect");
-        c.set_timeout(Some(Duration::from_secs(60)));
+        let mut c = connect(&stack, "192.0.2.1:7500".parse().expect("addr"), 60);
         let mut got = vec![0u8; N];
         c.read_exact(&mut got).expect("receive");
         kernel.join().expect("kernel").expect("kernel");
@@ -739,10 +735,7 @@ fn transfers_survive_loss_and_reordering_v4_and_v6() {
             Ok(got)
         });
         std::thread::sleep(Duration::from_millis(300));
-        let mut c =
-            TcpStream::connect(&stack, SocketAddr::new(peer, port), Duration::from_secs(10))
-                .expect("connect");
-        c.set_timeout(Some(Duration::from_secs(60)));
+        let mut c = connect(&stack, SocketAddr::new(peer, port), 60);
         c.write_all(&up).expect("guest -> kernel");
         let mut got = vec![0u8; N];
         c.read_exact(&mut got).expect("kernel -> guest");
