@@ -132,10 +132,10 @@ fn connect(path: &Path) -> Result<UnixStream, DaemonError> {
 pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonError> {
     // Nothing the previous frontend set up or left queued carries over.
     dev.reset().map_err(DaemonError::Device)?;
-    let backend = Arc::new(VnicBackend::new(
-        dev.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    ));
+    let backend = Arc::new(
+        VnicBackend::new(dev.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+            .map_err(DaemonError::Device)?,
+    );
     let mut daemon = VhostUserDaemon::new(
         "vnicd".to_owned(),
         backend.clone(),

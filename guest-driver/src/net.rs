@@ -517,7 +517,7 @@ impl VirtioNet {
     }
 
     /// Sends a control command and waits for the device's answer: the ack
-    /// (`ACK_OK` or `ACK_ERR`) and the answer bytes before it.
+    /// (`ACK_OK` or `ACK_ERR`) and the answer bytes after it.
     pub fn ctrl(&mut self, cmd: &CtrlCommand) -> Result<(u8, Vec<u8>)> {
         let bytes = cmd
             .to_bytes()
@@ -567,9 +567,10 @@ impl VirtioNet {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        // The ack comes first, then the answer (virtio 1.3, 5.1.6.5).
         self.t.dma.mem.read_slice(&mut fill, answer)?;
-        let ack = fill.pop().unwrap_or(0xff);
-        Ok((ack, fill))
+        let ack = fill.first().copied().unwrap_or(0xff);
+        Ok((ack, fill.split_off(1)))
     }
 
     /// Posts every free RX buffer of queue `q` and notifies the device,

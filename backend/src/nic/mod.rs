@@ -423,8 +423,6 @@ impl Device {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::sync::{Arc, Mutex};
-
     use vnic_protocol::{
         offload::l4_checksum_ok,
         wire::{
@@ -435,49 +433,8 @@ pub(crate) mod tests {
     };
 
     use super::*;
-    use crate::uplink::PieceMut;
 
-    /// An uplink that records what it is given.
-    #[derive(Default, Clone)]
-    pub(crate) struct FakeUplink {
-        pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
-        /// Per frame sent: for each piece, whether it was guest memory.
-        pub kinds: Arc<Mutex<Vec<Vec<bool>>>>,
-        pub offloads: Offloads,
-    }
-
-    impl Uplink for FakeUplink {
-        fn queues(&self) -> usize {
-            1
-        }
-        fn tx_offloads(&self) -> Offloads {
-            self.offloads
-        }
-        fn set_rx_offloads(&self, _o: Offloads) -> io::Result<()> {
-            Ok(())
-        }
-        fn send(&self, _q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
-            let mut f = Vec::new();
-            for p in pieces {
-                p.copy_to(&mut f);
-            }
-            let n = f.len();
-            self.sent.lock().unwrap().push(f);
-            self.kinds.lock().unwrap().push(
-                pieces
-                    .iter()
-                    .map(|p| matches!(p, Piece::Guest(_)))
-                    .collect(),
-            );
-            Ok(n)
-        }
-        fn recv(&self, _q: usize, _pieces: &mut [PieceMut<'_>]) -> io::Result<usize> {
-            Err(io::ErrorKind::WouldBlock.into())
-        }
-        fn rx_fd(&self, _q: usize) -> Option<std::os::fd::RawFd> {
-            None
-        }
-    }
+    pub(crate) use crate::uplink::fake::FakeUplink;
 
     pub(crate) fn config(pairs: u16) -> DeviceConfig {
         DeviceConfig {
@@ -507,10 +464,7 @@ pub(crate) mod tests {
 
     #[test]
     fn gso_passes_through_when_the_uplink_takes_it() {
-        let up = FakeUplink {
-            offloads: Offloads::ALL,
-            ..Default::default()
-        };
+        let up = FakeUplink::with_offloads(Offloads::ALL);
         let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
         let f = tcp_frame(
             &Flow::v4(),
@@ -521,7 +475,7 @@ pub(crate) mod tests {
         .unwrap();
         dev.transmit(0, &tso_hdr(1448), &f, &mut TxScratch::default())
             .unwrap();
-        let sent = up.sent.lock().unwrap();
+        let sent = up.sent();
         assert_eq!(sent.len(), 1);
         assert_eq!(&sent[0][..10], &tso_hdr(1448)[..10]);
         assert_eq!(&sent[0][12..], &f[..]);
@@ -536,10 +490,7 @@ pub(crate) mod tests {
     #[test]
     fn payload_in_guest_memory_is_passed_through_not_copied() {
         use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-        let up = FakeUplink {
-            offloads: Offloads::ALL,
-            ..Default::default()
-        };
+        let up = FakeUplink::with_offloads(Offloads::ALL);
         let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
         let f = tcp_frame(
             &Flow::v4(),
@@ -561,8 +512,8 @@ pub(crate) mod tests {
             &mut TxScratch::default(),
         )
         .unwrap();
-        assert_eq!(&up.sent.lock().unwrap()[0][12..], &f[..]);
-        assert_eq!(up.kinds.lock().unwrap()[0], vec![false, false, true]);
+        assert_eq!(&up.sent()[0][12..], &f[..]);
+        assert_eq!(up.lock().kinds[0], vec![false, false, true]);
     }
 
     #[test]
@@ -579,7 +530,7 @@ pub(crate) mod tests {
         .unwrap();
         dev.transmit(0, &tso_hdr(1448), &f, &mut TxScratch::default())
             .unwrap();
-        let sent = up.sent.lock().unwrap();
+        let sent = up.sent();
         assert_eq!(sent.len(), 4);
         let mut got = Vec::new();
         for s in sent.iter() {
@@ -619,7 +570,7 @@ pub(crate) mod tests {
         );
         assert_eq!(dev.stats.tx[0].drops(DropReason::BadHeader), 1);
         assert_eq!(dev.stats.tx[0].total_drops(), 3);
-        assert!(up.sent.lock().unwrap().is_empty());
+        assert!(up.sent().is_empty());
     }
 
     #[test]

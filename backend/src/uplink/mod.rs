@@ -3,6 +3,8 @@
 //! `virtio_net_hdr` in front, as TAP's IFF_VNET_HDR carries them.
 
 pub mod bench;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 pub mod tap;
 
 use std::{io, os::fd::RawFd};

@@ -88,8 +88,18 @@ where
     }
 }
 
+/// Device-readable bytes a control command may have (the largest, an RSS
+/// configuration with a 128-entry table and a 255-byte key, is under 600).
+pub(super) const CTRL_MAX_READABLE: usize = 64 * 1024;
+/// Device-writable bytes a control chain may offer. The device writes the
+/// ack and at most an 8-byte answer; a driver that offers more than this
+/// is broken or hostile.
+pub(super) const CTRL_MAX_WRITABLE: usize = 64 * 1024;
+
 /// Splits a control chain: its device-readable bytes into `readable`, its
 /// device-writable buffers into `writable` (readable ones must come first).
+/// Every writable buffer must lie in guest memory, and all of them
+/// together within [`CTRL_MAX_WRITABLE`].
 pub(super) fn split_chain<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
@@ -102,20 +112,29 @@ where
 {
     readable.clear();
     writable.clear();
+    let mut room = 0usize;
     let mut last: Option<Descriptor> = None;
     for desc in chain {
         let len = desc.len() as usize;
         if desc.is_write_only() {
+            room = room
+                .checked_add(len)
+                .filter(|&r| r <= CTRL_MAX_WRITABLE)
+                .ok_or(DropReason::BadControl)?;
+            if !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+                return Err(DropReason::BadDescriptor);
+            }
             writable.push((desc.addr(), len));
         } else {
             if !writable.is_empty() {
                 return Err(DropReason::BadChainLayout);
             }
             let start = readable.len();
-            if start + len > 64 * 1024 {
-                return Err(DropReason::Oversized);
-            }
-            readable.resize(start + len, 0);
+            let end = start
+                .checked_add(len)
+                .filter(|&e| e <= CTRL_MAX_READABLE)
+                .ok_or(DropReason::Oversized)?;
+            readable.resize(end, 0);
             mem.read_slice(&mut readable[start..], desc.addr())
                 .map_err(|_| DropReason::BadDescriptor)?;
         }

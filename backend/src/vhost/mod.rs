@@ -10,12 +10,16 @@
 
 mod chain;
 pub mod relay;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
 
 use std::{
     io,
     os::fd::AsRawFd,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
 };
@@ -29,6 +33,7 @@ use vm_memory::{
 use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
+    eventfd::{EventFd, EFD_NONBLOCK},
 };
 use vnic_protocol::virtio::{
     config::{VirtioNetConfig, DUPLEX_FULL, STATUS_ANNOUNCE, STATUS_LINK_UP},
@@ -53,6 +58,24 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Frames a worker moves per wake-up before it yields to other events.
 const BUDGET: usize = 256;
+/// Control commands answered per wake-up.
+const CTRL_BUDGET: usize = 64;
+/// The longest answer a control command has (VQ_GET's
+/// `virtio_net_ctrl_coal`).
+const CTRL_MAX_ANSWER: usize = 8;
+
+/// The backend's own events. Every worker thread has its own epoll, so
+/// each uses the same ids, numbered above the queues and the exit event.
+#[derive(Debug, Clone, Copy)]
+enum Ev {
+    /// The worker's uplink queue has frames.
+    Uplink = 1,
+    /// Frames wait in the worker's RX backlog (or RX ran out of budget).
+    Backlog = 2,
+    /// TX (or, on the control thread, the control queue) ran out of
+    /// budget with chains left.
+    Resume = 3,
+}
 
 /// Features the device offers (the control queue ones come with it).
 pub fn offered_features() -> Features {
@@ -142,11 +165,13 @@ pub struct VnicBackend {
     dev: Arc<Device>,
     mem: RwLock<Mem>,
     acked: AtomicU64,
-    event_idx: AtomicBool,
     workers: Vec<Mutex<Worker>>,
     /// Each pair's RX vring, recorded at its worker's first event, so
     /// that steering can see which queues the frontend enabled.
     rx_vrings: Vec<OnceLock<VringRwLock>>,
+    /// Per worker, then the control thread: work left over when a budget
+    /// ran out (see [`VnicBackend::resume_event`]).
+    resume: Vec<EventFd>,
 }
 
 impl std::fmt::Debug for VnicBackend {
@@ -158,16 +183,19 @@ impl std::fmt::Debug for VnicBackend {
 }
 
 impl VnicBackend {
-    pub fn new(dev: Arc<Device>, mem: Mem) -> VnicBackend {
+    pub fn new(dev: Arc<Device>, mem: Mem) -> io::Result<VnicBackend> {
         let pairs = usize::from(dev.config.pairs);
-        VnicBackend {
+        let resume = (0..=pairs)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<_>>()?;
+        Ok(VnicBackend {
+            resume,
             workers: (0..pairs).map(|_| Mutex::new(Worker::new())).collect(),
             rx_vrings: (0..pairs).map(|_| OnceLock::new()).collect(),
             dev,
             mem: RwLock::new(mem),
             acked: AtomicU64::new(0),
-            event_idx: AtomicBool::new(false),
-        }
+        })
     }
 
     /// The guest memory as the frontend last described it.
@@ -182,15 +210,30 @@ impl VnicBackend {
         usize::from(self.dev.config.pairs)
     }
 
-    /// Event id of worker `i`'s uplink queue (above every queue id and
-    /// the exit event, which takes id `num_queues`).
-    fn uplink_event(&self, i: usize) -> u16 {
-        (2 * self.pairs() + 2 + i) as u16
+    /// The id of one of the backend's own events (above every queue id
+    /// and the exit event, which takes id `num_queues`).
+    fn event_id(&self, e: Ev) -> u16 {
+        (2 * self.pairs() + 1 + e as usize) as u16
     }
 
-    /// Event id of worker `i`'s backlog eventfd.
-    fn backlog_event(&self, i: usize) -> u16 {
-        (3 * self.pairs() + 2 + i) as u16
+    /// The event that resumes a worker's (or the control thread's) work
+    /// left over when it ran out of budget.
+    pub fn resume_event(&self) -> u16 {
+        self.event_id(Ev::Resume)
+    }
+
+    /// Whether thread `i` (a worker, or `pairs` for the control queue)
+    /// has work left over for its resume event; reading clears it.
+    pub fn take_resume(&self, i: usize) -> bool {
+        self.resume.get(i).is_some_and(|e| e.read().is_ok())
+    }
+
+    /// Asks thread `i` to come back after its other events.
+    fn resume_later(&self, i: usize) {
+        if let Some(e) = self.resume.get(i) {
+            // A full counter already means "come back".
+            let _ = e.write(1);
+        }
     }
 
     fn acked(&self) -> Features {
@@ -203,19 +246,29 @@ impl VnicBackend {
         &self,
         handlers: &[Arc<VringEpollHandler<Arc<VnicBackend>>>],
     ) -> io::Result<()> {
-        for (i, h) in handlers.iter().enumerate().take(self.pairs()) {
+        for (i, h) in handlers.iter().enumerate() {
+            if let Some(e) = self.resume.get(i) {
+                h.register_listener(
+                    e.as_raw_fd(),
+                    EventSet::IN,
+                    u64::from(self.event_id(Ev::Resume)),
+                )?;
+            }
+            if i >= self.pairs() {
+                continue;
+            }
             if let Some(fd) = self.dev.uplink().rx_fd(i) {
                 h.register_listener(
                     fd,
                     EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    u64::from(self.uplink_event(i)),
+                    u64::from(self.event_id(Ev::Uplink)),
                 )?;
             }
             if let Some(b) = self.dev.backlogs.get(i) {
                 h.register_listener(
                     b.event.as_raw_fd(),
                     EventSet::IN,
-                    u64::from(self.backlog_event(i)),
+                    u64::from(self.event_id(Ev::Backlog)),
                 )?;
                 // Wake every worker once, before any frontend connects, so
                 // that each records its vrings: steering then always sees
@@ -245,65 +298,110 @@ impl VnicBackend {
         }
     }
 
-    /// Answers every command on the control queue.
+    /// Answers the commands on the control queue, at most
+    /// [`CTRL_BUDGET`] per call; with more waiting, the thread's resume
+    /// event brings it back after its other events.
     fn process_ctrl(&self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory();
         let acked = self.acked();
-        let stats = &self.dev.stats.ctrl;
         let mut readable = Vec::new();
         let mut writable = Vec::new();
-        let mut any = false;
+        let mut moved = 0;
         loop {
-            let Some(chain) = pop_chain(vring, &mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            any = true;
-            let mut used = 0;
-            match split_chain(&mem, chain, &mut readable, &mut writable) {
-                Err(why) => stats.drop(why),
-                Ok(()) => {
-                    let room: usize = writable.iter().map(|w| w.1).sum();
-                    let answer = match CtrlCommand::parse_message(&readable) {
-                        Ok(cmd) => match self.dev.control(&cmd, acked) {
-                            Ok(resp) if resp.len() < room => Some((resp, ACK_OK)),
-                            Ok(_) => None,
-                            Err(why) => {
-                                log::info!("control command {cmd:?} refused: {}", why.0);
-                                Some((Vec::new(), ACK_ERR))
-                            }
-                        },
-                        Err(e) => {
-                            log::info!("control command does not parse: {e}");
-                            stats.drop(DropReason::BadControl);
-                            Some((Vec::new(), ACK_ERR))
-                        }
-                    };
-                    match answer {
-                        Some((mut bytes, ack)) if room >= 1 => {
-                            // The ack is the last device-writable byte.
-                            bytes.resize(room - 1, 0);
-                            bytes.push(ack);
-                            match write_span(&mem, &writable, 0, &bytes) {
-                                Ok(()) => {
-                                    used = bytes.len() as u32;
-                                    stats.packet(readable.len());
-                                }
-                                Err(why) => stats.drop(why),
-                            }
-                        }
-                        _ => stats.drop(DropReason::BadControl),
+            vring.disable_notification().map_err(io::Error::other)?;
+            while moved < CTRL_BUDGET {
+                let Some(chain) = pop_chain(vring, &mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                moved += 1;
+                let used = match split_chain(&mem, chain, &mut readable, &mut writable) {
+                    Ok(()) => self.answer_ctrl(&mem, acked, &readable, &writable),
+                    Err(why) => {
+                        self.dev.stats.ctrl.drop(why);
+                        0
                     }
-                }
+                };
+                vring.add_used(head, used).map_err(io::Error::other)?;
             }
-            vring.add_used(head, used).map_err(io::Error::other)?;
+            if moved >= CTRL_BUDGET {
+                self.resume_later(self.pairs());
+                break;
+            }
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
         }
-        if any {
-            self.notify(vring, stats)?;
+        if moved > 0 {
+            self.notify(vring, &self.dev.stats.ctrl)?;
         }
         Ok(())
     }
 
+    /// Applies one command and writes the ack, then the answer, into the
+    /// chain's writable buffers (virtio 1.3, 5.1.6.5: `u8 ack;` comes
+    /// before `command-specific-result`). Returns the bytes written.
+    fn answer_ctrl(
+        &self,
+        mem: &GuestMemoryMmap,
+        acked: Features,
+        readable: &[u8],
+        writable: &[(GuestAddress, usize)],
+    ) -> u32 {
+        let stats = &self.dev.stats.ctrl;
+        let room: usize = writable.iter().map(|w| w.1).sum();
+        if room == 0 {
+            // Nowhere to put the ack: the command is not even looked at.
+            stats.drop(DropReason::BadControl);
+            return 0;
+        }
+        let mut out = [0u8; 1 + CTRL_MAX_ANSWER];
+        let mut n = 1;
+        out[0] = match CtrlCommand::parse_message(readable) {
+            Ok(cmd) => match self.dev.control(&cmd, acked) {
+                Ok(answer) if answer.len() <= CTRL_MAX_ANSWER && answer.len() < room => {
+                    out[1..1 + answer.len()].copy_from_slice(&answer);
+                    n += answer.len();
+                    ACK_OK
+                }
+                Ok(answer) => {
+                    log::info!(
+                        "control command {cmd:?}: no room for its {}-byte answer",
+                        answer.len()
+                    );
+                    stats.drop(DropReason::BadControl);
+                    ACK_ERR
+                }
+                Err(why) => {
+                    log::info!("control command {cmd:?} refused: {}", why.0);
+                    ACK_ERR
+                }
+            },
+            Err(e) => {
+                log::info!("control command does not parse: {e}");
+                stats.drop(DropReason::BadControl);
+                ACK_ERR
+            }
+        };
+        match write_span(mem, writable, 0, &out[..n]) {
+            Ok(()) => {
+                stats.packet(readable.len());
+                n as u32
+            }
+            Err(why) => {
+                stats.drop(why);
+                0
+            }
+        }
+    }
+
+    /// Sends the frames on TX queue `i`, at most [`BUDGET`] per call; with
+    /// more waiting, the worker's resume event brings it back after its
+    /// other events (RX, the uplink), so a guest that keeps its TX ring
+    /// full cannot starve its own receive path. While it works, the
+    /// driver is asked not to notify (VRING_USED_F_NO_NOTIFY, or a stale
+    /// avail_event with EVENT_IDX); notifications are re-armed only when
+    /// the ring is empty.
     fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory();
         let mut w = self.workers[i]
@@ -313,16 +411,13 @@ impl VnicBackend {
             tx, rest, scratch, ..
         } = &mut *w;
         let stats = &self.dev.stats.tx[i];
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
         // The driver's header on transmit has the negotiated size: 20
         // bytes with HASH_REPORT, 12 otherwise.
         let hdr_len = self.acked().hdr_len();
-        let mut any = false;
+        let mut moved = 0;
         loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            loop {
+            vring.disable_notification().map_err(io::Error::other)?;
+            while moved < BUDGET {
                 let Some(chain) = pop_chain(vring, &mem) else {
                     break;
                 };
@@ -353,13 +448,17 @@ impl VnicBackend {
                     Err(why) => stats.drop(why),
                 }
                 vring.add_used(head, 0).map_err(io::Error::other)?;
-                any = true;
+                moved += 1;
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if moved >= BUDGET {
+                self.resume_later(i);
+                break;
+            }
+            if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
-        if any {
+        if moved > 0 {
             self.notify(vring, stats)?;
         }
         Ok(())
@@ -618,8 +717,9 @@ impl VhostUserBackend for VnicBackend {
         }
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings know (vhost-user-backend sets it on each queue), and
+        // virtio-queue's notification calls follow it.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -653,8 +753,15 @@ impl VhostUserBackend for VnicBackend {
         let i = thread_id;
         log::trace!("worker {i}: event {device_event}");
         if i == self.pairs() {
-            return match (device_event, vrings.first()) {
-                (0, Some(v)) => self.process_ctrl(v),
+            let Some(v) = vrings.first() else {
+                return Ok(());
+            };
+            return match device_event {
+                0 => self.process_ctrl(v),
+                e if e == self.event_id(Ev::Resume) => {
+                    let _ = self.take_resume(i);
+                    self.process_ctrl(v)
+                }
                 _ => Ok(()),
             };
         }
@@ -669,8 +776,12 @@ impl VhostUserBackend for VnicBackend {
         match device_event {
             0 => self.process_rx(i, &vrings[0]),
             1 => self.process_tx(i, &vrings[1]),
-            e if e == self.uplink_event(i) || e == self.backlog_event(i) => {
-                if e == self.backlog_event(i) {
+            e if e == self.event_id(Ev::Resume) => {
+                let _ = self.take_resume(i);
+                self.process_tx(i, &vrings[1])
+            }
+            e if e == self.event_id(Ev::Uplink) || e == self.event_id(Ev::Backlog) => {
+                if e == self.event_id(Ev::Backlog) {
                     let _ = self.dev.backlogs[i].event.read();
                 }
                 if rx_live() {

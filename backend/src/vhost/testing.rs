@@ -1,0 +1,463 @@
+//! Split virtqueues built in guest memory from the driver's side, for the
+//! unit tests and fuzz targets of the device's guest-memory layer: chains
+//! of buffers with random gaps between them, indirect tables, loops,
+//! addresses outside guest memory and zero lengths, exactly as a driver
+//! (or an attacker) could write them.
+
+use std::collections::HashMap;
+
+use vhost_user_backend::{VringRwLock, VringT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
+
+/// Descriptor flags.
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
+
+/// A small deterministic generator (xorshift64*), so a failing case can
+/// be replayed from its seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (`0` when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+/// A descriptor as the driver writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl Desc {
+    /// A device-readable buffer.
+    pub fn ro(addr: GuestAddress, len: usize) -> Desc {
+        Desc {
+            addr: addr.raw_value(),
+            len: len as u32,
+            flags: 0,
+            next: 0,
+        }
+    }
+
+    /// A device-writable buffer.
+    pub fn wo(addr: GuestAddress, len: usize) -> Desc {
+        Desc {
+            flags: F_WRITE,
+            ..Desc::ro(addr, len)
+        }
+    }
+
+    fn write(&self, mem: &GuestMemoryMmap, at: GuestAddress) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        // Test set-up: the rings were placed inside guest memory.
+        let _ = mem.write_slice(&b, at);
+    }
+}
+
+/// Hands out guest buffers one after another with random gaps and
+/// alignments, so nothing can rely on buffers being contiguous.
+#[derive(Debug)]
+pub struct Arena {
+    next: u64,
+    end: u64,
+    rng: Rng,
+}
+
+impl Arena {
+    pub fn new(start: GuestAddress, len: u64, seed: u64) -> Arena {
+        Arena {
+            next: start.raw_value(),
+            end: start.raw_value() + len,
+            rng: Rng::new(seed),
+        }
+    }
+
+    /// `len` bytes after a gap of 0 to 64 bytes; `None` when the arena is
+    /// used up.
+    pub fn alloc(&mut self, len: usize) -> Option<GuestAddress> {
+        let at = self.next + 1 + self.rng.below(64);
+        let end = at.checked_add(len as u64)?;
+        if end > self.end {
+            return None;
+        }
+        self.next = end;
+        Some(GuestAddress(at))
+    }
+
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
+    }
+}
+
+/// The host address ranges of every region of `mem`, for
+/// [`crate::uplink::fake::FakeState::guest_ranges`].
+pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(usize, usize)> {
+    mem.iter()
+        .filter_map(|r| {
+            let p = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+            Some((p as usize, r.len() as usize))
+        })
+        .collect()
+}
+
+/// A split virtqueue in guest memory, seen from the driver.
+#[derive(Debug)]
+pub struct DriverRing {
+    pub size: u16,
+    pub desc: GuestAddress,
+    pub avail: GuestAddress,
+    pub used: GuestAddress,
+    avail_idx: u16,
+    used_seen: u16,
+    free: Vec<u16>,
+    /// Descriptor slots of each chain in flight, by head.
+    chains: HashMap<u16, Vec<u16>>,
+    rng: Rng,
+}
+
+impl DriverRing {
+    /// Guest bytes a ring of `size` entries takes.
+    pub fn footprint(size: u16) -> u64 {
+        let n = u64::from(size);
+        (16 * n).next_multiple_of(64) + (6 + 2 * n).next_multiple_of(64) + 6 + 8 * n
+    }
+
+    /// Lays out a zeroed ring of `size` entries at `at` (16-byte aligned).
+    pub fn new(mem: &GuestMemoryMmap, at: GuestAddress, size: u16, seed: u64) -> DriverRing {
+        let n = u64::from(size);
+        let desc = at;
+        let avail = desc.unchecked_add((16 * n).next_multiple_of(64));
+        let used = avail.unchecked_add((6 + 2 * n).next_multiple_of(64));
+        let zero = vec![0u8; Self::footprint(size) as usize];
+        let _ = mem.write_slice(&zero, at);
+        DriverRing {
+            size,
+            desc,
+            avail,
+            used,
+            avail_idx: 0,
+            used_seen: 0,
+            free: (0..size).collect(),
+            chains: HashMap::new(),
+            rng: Rng::new(seed),
+        }
+    }
+
+    /// The device's view: a vring set up, ready and enabled, as the
+    /// vhost-user frontend leaves it.
+    pub fn vring(&self, mem: &GuestMemoryAtomic<GuestMemoryMmap>, event_idx: bool) -> VringRwLock {
+        // Test set-up with valid parameters.
+        #[allow(clippy::expect_used)]
+        let v = VringRwLock::new(mem.clone(), self.size).expect("vring");
+        v.set_queue_size(self.size);
+        #[allow(clippy::expect_used)]
+        v.set_queue_info(
+            self.desc.raw_value(),
+            self.avail.raw_value(),
+            self.used.raw_value(),
+        )
+        .expect("ring addresses");
+        v.set_queue_event_idx(event_idx);
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        v
+    }
+
+    /// Free descriptor slots.
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Writes descriptor `slot` as given (raw: flags and `next` unchanged).
+    pub fn write_desc(&self, mem: &GuestMemoryMmap, slot: u16, d: Desc) {
+        d.write(mem, self.desc.unchecked_add(16 * u64::from(slot)));
+    }
+
+    fn take_slot(&mut self) -> Option<u16> {
+        if self.free.is_empty() {
+            return None;
+        }
+        let k = self.rng.below(self.free.len() as u64) as usize;
+        Some(self.free.swap_remove(k))
+    }
+
+    /// Writes `descs` as one chain in randomly chosen slots (linked with
+    /// NEXT; the flags given are kept otherwise) and makes it available.
+    /// `None` when too few slots are free.
+    pub fn push_chain(&mut self, mem: &GuestMemoryMmap, descs: &[Desc]) -> Option<u16> {
+        if descs.is_empty() || descs.len() > self.free.len() {
+            return None;
+        }
+        let slots: Vec<u16> = (0..descs.len()).filter_map(|_| self.take_slot()).collect();
+        for (k, d) in descs.iter().enumerate() {
+            let mut d = *d;
+            match slots.get(k + 1) {
+                Some(&n) => {
+                    d.flags |= F_NEXT;
+                    d.next = n;
+                }
+                None => d.flags &= !F_NEXT,
+            }
+            self.write_desc(mem, slots[k], d);
+        }
+        let head = slots[0];
+        self.chains.insert(head, slots);
+        self.publish(mem, head);
+        Some(head)
+    }
+
+    /// Writes `descs` as an indirect table at `table` and makes available
+    /// one descriptor pointing at it.
+    pub fn push_indirect(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        table: GuestAddress,
+        descs: &[Desc],
+    ) -> Option<u16> {
+        for (k, d) in descs.iter().enumerate() {
+            let mut d = *d;
+            if k + 1 < descs.len() {
+                d.flags |= F_NEXT;
+                d.next = (k + 1) as u16;
+            } else {
+                d.flags &= !F_NEXT;
+            }
+            d.write(mem, table.unchecked_add(16 * k as u64));
+        }
+        let slot = self.take_slot()?;
+        self.write_desc(
+            mem,
+            slot,
+            Desc {
+                addr: table.raw_value(),
+                len: (16 * descs.len()) as u32,
+                flags: F_INDIRECT,
+                next: 0,
+            },
+        );
+        self.chains.insert(slot, vec![slot]);
+        self.publish(mem, slot);
+        Some(slot)
+    }
+
+    /// Writes descriptors exactly as given into slots `0..descs.len()` of
+    /// the table (no linking) and makes `head` available. For chains that
+    /// loop or point anywhere.
+    pub fn push_raw(&mut self, mem: &GuestMemoryMmap, descs: &[Desc], head: u16) {
+        for (k, d) in descs.iter().enumerate() {
+            self.write_desc(mem, k as u16, *d);
+        }
+        self.publish(mem, head);
+    }
+
+    /// Puts `head` on the available ring and moves the index.
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        let _ = mem.write_obj(head.to_le(), self.avail.unchecked_add(4 + 2 * slot));
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        let _ = mem.write_obj(self.avail_idx.to_le(), self.avail.unchecked_add(2));
+    }
+
+    /// The entries the device added to the used ring since the last call:
+    /// (id, length). Slots of chains this ring built are freed.
+    pub fn used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx: u16 = mem
+            .read_obj::<u16>(self.used.unchecked_add(2))
+            .map(u16::from_le)
+            .unwrap_or(self.used_seen);
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let slot = u64::from(self.used_seen % self.size);
+            let at = self.used.unchecked_add(4 + 8 * slot);
+            let id = mem
+                .read_obj::<u32>(at)
+                .map(u32::from_le)
+                .unwrap_or(u32::MAX);
+            let len = mem
+                .read_obj::<u32>(at.unchecked_add(4))
+                .map(u32::from_le)
+                .unwrap_or(u32::MAX);
+            if let Some(slots) = u16::try_from(id).ok().and_then(|h| self.chains.remove(&h)) {
+                self.free.extend(slots);
+            }
+            out.push((id, len));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// The ring's `used_event` (the driver asks for a notification when
+    /// the used index passes it).
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
+        let at = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
+        let _ = mem.write_obj(v.to_le(), at);
+    }
+
+    /// The device's `avail_event`.
+    pub fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        let at = self.used.unchecked_add(4 + 8 * u64::from(self.size));
+        mem.read_obj::<u16>(at).map(u16::from_le).unwrap_or(0)
+    }
+
+    /// The device's used-ring flags (VRING_USED_F_NO_NOTIFY is 1).
+    pub fn used_flags(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj::<u16>(self.used)
+            .map(u16::from_le)
+            .unwrap_or(0)
+    }
+
+    /// The available index the driver has published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+}
+
+/// One vnic port over guest memory with a fake uplink: the device's real
+/// vhost layer driven by hand, one queue pair and a control queue.
+#[allow(missing_debug_implementations)]
+pub struct Harness {
+    pub mem: GuestMemoryMmap,
+    pub atomic: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub up: crate::uplink::fake::FakeUplink,
+    pub dev: std::sync::Arc<crate::nic::Device>,
+    pub backend: super::VnicBackend,
+    pub rx: DriverRing,
+    pub tx: DriverRing,
+    pub ctrl: DriverRing,
+    /// RX and TX vrings of pair 0, as the worker sees them.
+    pub pair: Vec<VringRwLock>,
+    pub ctrl_vring: Vec<VringRwLock>,
+    /// Buffers with random gaps, after the rings.
+    pub arena: Arena,
+}
+
+/// Where the harness puts guest memory: two regions with a hole between.
+pub const REGION_A: (u64, usize) = (0x1_0000, 4 << 20);
+pub const REGION_B: (u64, usize) = (0x100_0000, 1 << 20);
+
+impl Harness {
+    /// A device with `features` acked, queues of `size` entries and the
+    /// given uplink offloads; `seed` drives every random choice.
+    pub fn new(
+        features: vnic_protocol::virtio::Features,
+        size: u16,
+        offloads: crate::uplink::Offloads,
+        seed: u64,
+    ) -> Harness {
+        use vhost_user_backend::VhostUserBackend;
+        #[allow(clippy::expect_used)]
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(REGION_A.0), REGION_A.1),
+            (GuestAddress(REGION_B.0), REGION_B.1),
+        ])
+        .expect("guest memory");
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let mut up = crate::uplink::fake::FakeUplink::with_offloads(offloads);
+        up.lock().guest_ranges = host_ranges(&mem);
+        up.keep = true;
+        let cfg = crate::nic::DeviceConfig {
+            pairs: 1,
+            queue_size: size,
+            mac: vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            mtu: 1500,
+            rss: crate::nic::RssSettings::default(),
+        };
+        #[allow(clippy::expect_used)]
+        let dev = std::sync::Arc::new(
+            crate::nic::Device::new(cfg, Box::new(up.clone())).expect("device"),
+        );
+        #[allow(clippy::expect_used)]
+        let backend = super::VnicBackend::new(dev.clone(), atomic.clone()).expect("backend");
+        backend.acked_features(features.bits());
+        let event_idx = features.contains(vnic_protocol::virtio::Features::EVENT_IDX);
+        backend.set_event_idx(event_idx);
+        let fp = DriverRing::footprint(size).next_multiple_of(4096);
+        let base = GuestAddress(REGION_A.0);
+        let rx = DriverRing::new(&mem, base, size, seed ^ 1);
+        let tx = DriverRing::new(&mem, base.unchecked_add(fp), size, seed ^ 2);
+        let ctrl = DriverRing::new(&mem, base.unchecked_add(2 * fp), size, seed ^ 3);
+        let pair = vec![rx.vring(&atomic, event_idx), tx.vring(&atomic, event_idx)];
+        let ctrl_vring = vec![ctrl.vring(&atomic, event_idx)];
+        let start = 3 * fp;
+        let arena = Arena::new(
+            base.unchecked_add(start),
+            REGION_A.1 as u64 - start,
+            seed ^ 4,
+        );
+        Harness {
+            mem,
+            atomic,
+            up,
+            dev,
+            backend,
+            rx,
+            tx,
+            ctrl,
+            pair,
+            ctrl_vring,
+            arena,
+        }
+    }
+
+    /// Delivers event `ev` to worker 0 (0 RX kick, 1 TX kick, or one of
+    /// the backend's own event ids).
+    pub fn worker_event(&self, ev: u16) -> std::io::Result<()> {
+        use vhost_user_backend::VhostUserBackend;
+        self.backend
+            .handle_event(ev, vmm_sys_util::epoll::EventSet::IN, &self.pair, 0)
+    }
+
+    /// Delivers event `ev` to the control-queue thread (0 is its kick).
+    pub fn ctrl_event(&self, ev: u16) -> std::io::Result<()> {
+        use vhost_user_backend::VhostUserBackend;
+        self.backend
+            .handle_event(ev, vmm_sys_util::epoll::EventSet::IN, &self.ctrl_vring, 1)
+    }
+
+    /// A buffer of `len` bytes holding `bytes` (zero-padded), with a
+    /// random gap before it.
+    pub fn buffer(&mut self, bytes: &[u8], len: usize) -> GuestAddress {
+        #[allow(clippy::expect_used)]
+        let at = self.arena.alloc(len.max(bytes.len())).expect("arena space");
+        let _ = self.mem.write_slice(bytes, at);
+        at
+    }
+
+    /// Reads `len` bytes of guest memory.
+    pub fn read(&self, at: GuestAddress, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        let _ = self.mem.read_slice(&mut v, at);
+        v
+    }
+}
