@@ -513,14 +513,14 @@ impl RxWriter<'_> {
                 core::array::from_fn(|_| PieceMut::Local(&mut []));
             pieces[0] = PieceMut::Local(&mut vnet);
             for (k, &(addr, len)) in rx.descs[..rx.ndescs].iter().enumerate() {
-                let (addr, len) = if k == 0 {
-                    (addr.unchecked_add(hdr_len as u64), len - hdr_len)
-                } else {
-                    (addr, len)
-                };
-                match mem.get_slice(addr, len) {
-                    Ok(v) => pieces[k + 1] = PieceMut::Guest(v),
-                    Err(_) => {
+                // The header goes into the first buffer, written later.
+                let skip = if k == 0 { hdr_len } else { 0 };
+                let slice = addr
+                    .checked_add(skip as u64)
+                    .and_then(|a| mem.get_slice(a, len.checked_sub(skip)?).ok());
+                match slice {
+                    Some(v) => pieces[k + 1] = PieceMut::Guest(v),
+                    None => {
                         rx.give_back_empty(q, mem)?;
                         return Ok(Direct::Dropped(DropReason::BadDescriptor));
                     }

@@ -138,3 +138,129 @@ fn control_chain_with_an_absurd_writable_part_is_refused_without_writing() {
         "the command was not applied"
     );
 }
+
+/// A UDP frame from the uplink (TAP header first).
+fn uplink_frame(payload_len: usize) -> Vec<u8> {
+    use vnic_protocol::wire::build::{udp_frame, Flow, IpFields};
+    let flow = Flow {
+        dst_mac: vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        ..Flow::v4()
+    };
+    let f = udp_frame(&flow, &IpFields::default(), &vec![0x5a; payload_len]).unwrap();
+    let mut out = vec![0u8; crate::uplink::tap::VNET_HDR_LEN];
+    out.extend_from_slice(&f);
+    out
+}
+
+/// A UDP frame as the driver transmits it (12-byte header first).
+fn tx_frame(payload_len: usize) -> Vec<u8> {
+    uplink_frame(payload_len)
+}
+
+#[test]
+fn a_guest_address_at_the_top_of_the_address_space_is_a_counted_drop() {
+    let mut h = harness(4);
+    h.up.push_rx(uplink_frame(100));
+    // An RX buffer whose address wraps past 2^64 once the header is added.
+    h.rx.push_chain(
+        &h.mem,
+        &[Desc {
+            addr: u64::MAX - 5,
+            len: 2048,
+            flags: super::testing::F_WRITE,
+            next: 0,
+        }],
+    )
+    .unwrap();
+    h.worker_event(0).unwrap();
+    assert_eq!(h.rx.used(&h.mem).len(), 1, "the buffer comes back");
+    assert_eq!(h.dev.stats.rx[0].drops(DropReason::BadDescriptor), 1);
+    // A TX chain likewise.
+    h.tx.push_chain(
+        &h.mem,
+        &[Desc {
+            addr: u64::MAX - 5,
+            len: 100,
+            flags: 0,
+            next: 0,
+        }],
+    )
+    .unwrap();
+    h.worker_event(1).unwrap();
+    assert_eq!(h.tx.used(&h.mem).len(), 1);
+    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadDescriptor), 1);
+}
+
+/// Posts `n` TX frames of `payload_len` bytes.
+fn post_tx(h: &mut Harness, n: usize, payload_len: usize) {
+    let f = tx_frame(payload_len);
+    for _ in 0..n {
+        let at = h.buffer(&f, f.len());
+        h.tx.push_chain(&h.mem, &[Desc::ro(at, f.len())]).unwrap();
+    }
+}
+
+#[test]
+fn transmit_stops_at_its_budget_and_resumes_after_other_work() {
+    for event_idx in [false, true] {
+        let features = if event_idx {
+            all()
+        } else {
+            all() - Features::EVENT_IDX
+        };
+        let mut h = Harness::new(features, 512, Offloads::ALL, 5);
+        post_tx(&mut h, 300, 60);
+        h.worker_event(1).unwrap();
+        assert_eq!(h.tx.used(&h.mem).len(), super::BUDGET);
+        assert_eq!(h.up.lock().sent_count, super::BUDGET as u64);
+        assert!(h.backend.take_resume(0), "the worker is asked to come back");
+        // While work is left the driver is asked not to kick.
+        if event_idx {
+            assert_ne!(h.tx.avail_event(&h.mem), h.tx.avail_idx());
+        } else {
+            assert_eq!(h.tx.used_flags(&h.mem), 1, "VRING_USED_F_NO_NOTIFY");
+        }
+        // Receive runs in between.
+        h.up.push_rx(uplink_frame(100));
+        let buf = h.arena.alloc(2048).unwrap();
+        h.rx.push_chain(&h.mem, &[Desc::wo(buf, 2048)]).unwrap();
+        h.worker_event(0).unwrap();
+        assert_eq!(h.rx.used(&h.mem).len(), 1);
+        h.worker_event(h.backend.resume_event()).unwrap();
+        assert_eq!(h.tx.used(&h.mem).len(), 300 - super::BUDGET);
+        assert!(!h.backend.take_resume(0));
+        // Done: notifications are on again.
+        if event_idx {
+            assert_eq!(h.tx.avail_event(&h.mem), h.tx.avail_idx());
+        } else {
+            assert_eq!(h.tx.used_flags(&h.mem), 0);
+        }
+        assert_eq!(
+            h.dev.stats.tx[0]
+                .packets
+                .load(std::sync::atomic::Ordering::Relaxed),
+            300
+        );
+    }
+}
+
+#[test]
+fn control_queue_stops_at_its_budget() {
+    let mut h = harness(6);
+    let cmd = bytes(&CtrlCommand::Rx {
+        mode: RxMode::Promisc,
+        on: true,
+    });
+    for _ in 0..100 {
+        let c = h.buffer(&cmd, cmd.len());
+        let a = h.buffer(&[0xee], 1);
+        h.ctrl
+            .push_chain(&h.mem, &[Desc::ro(c, cmd.len()), Desc::wo(a, 1)])
+            .unwrap();
+    }
+    h.ctrl_event(0).unwrap();
+    assert_eq!(h.ctrl.used(&h.mem).len(), super::CTRL_BUDGET);
+    assert!(h.backend.take_resume(1));
+    h.ctrl_event(h.backend.resume_event()).unwrap();
+    assert_eq!(h.ctrl.used(&h.mem).len(), 100 - super::CTRL_BUDGET);
+}
