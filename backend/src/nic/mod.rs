@@ -70,80 +70,125 @@ impl DeviceConfig {
 }
 
 /// Frames waiting for an RX queue: steered there by RSS from another
-/// worker, or read while the queue had no buffers. Bounded; buffers are
-/// recycled so the steady state does not allocate.
+/// worker, or read while the queue had no buffers. Bounded in frames and
+/// in bytes: every buffer it holds, queued or kept for reuse, is charged
+/// by its capacity. Buffers are recycled so the steady state does not
+/// allocate.
 #[derive(Debug)]
 pub struct Backlog {
-    frames: Mutex<VecDeque<Vec<u8>>>,
-    free: Mutex<Vec<Vec<u8>>>,
+    inner: Mutex<BacklogInner>,
     /// Signalled when frames are added; the owning worker listens on it.
     pub event: EventFd,
-    capacity: usize,
+    max_frames: usize,
+    max_bytes: usize,
 }
 
+#[derive(Debug, Default)]
+struct BacklogInner {
+    frames: VecDeque<Vec<u8>>,
+    /// Buffers of delivered frames, kept for the next ones.
+    free: Vec<Vec<u8>>,
+    /// Capacity of every buffer in `frames` and `free`.
+    held: usize,
+}
+
+/// Recycled buffers kept per backlog.
+const BACKLOG_FREE: usize = 64;
+
 impl Backlog {
-    pub fn new(capacity: usize) -> io::Result<Backlog> {
+    pub fn new(max_frames: usize, max_bytes: usize) -> io::Result<Backlog> {
         Ok(Backlog {
-            frames: Mutex::new(VecDeque::with_capacity(capacity)),
-            free: Mutex::new(Vec::new()),
+            inner: Mutex::new(BacklogInner {
+                frames: VecDeque::with_capacity(max_frames),
+                ..Default::default()
+            }),
             event: EventFd::new(EFD_NONBLOCK)?,
-            capacity,
+            max_frames,
+            max_bytes,
         })
     }
 
-    /// Queues a copy of `frame`; false (and nothing queued) when full.
+    fn lock(&self) -> MutexGuard<'_, BacklogInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a copy of `frame`; false (and nothing queued) when that
+    /// would pass either bound.
     pub fn push(&self, frame: &[u8]) -> bool {
-        let mut buf = self
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(frame);
-        let mut q = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
-        if q.len() >= self.capacity {
+        let mut g = self.lock();
+        if g.frames.len() >= self.max_frames || frame.len() > self.max_bytes {
             return false;
         }
-        q.push_back(buf);
+        // A recycled buffer, unless it is far larger than needed (a 64 KiB
+        // buffer must not hold a 60-byte frame against the byte bound).
+        let mut buf = match g.free.pop() {
+            Some(b) if b.capacity() <= 4 * frame.len().max(2048) => b,
+            Some(b) => {
+                g.held -= b.capacity();
+                drop(b);
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        g.held -= buf.capacity();
+        let need = buf.capacity().max(frame.len());
+        // Make room by giving recycled buffers back first.
+        while g.held + need > self.max_bytes {
+            let Some(b) = g.free.pop() else { break };
+            g.held -= b.capacity();
+        }
+        if g.held + need > self.max_bytes {
+            if g.held + buf.capacity() <= self.max_bytes && buf.capacity() > 0 {
+                g.held += buf.capacity();
+                g.free.push(buf);
+            }
+            return false;
+        }
+        buf.clear();
+        buf.reserve_exact(frame.len());
+        buf.extend_from_slice(frame);
+        g.held += buf.capacity();
+        g.frames.push_back(buf);
         true
     }
 
     /// Hands the oldest frame to `f`; it stays queued when `f` returns
     /// false (no room yet). Returns None when empty.
     pub fn deliver_front(&self, f: impl FnOnce(&[u8]) -> bool) -> Option<bool> {
-        let mut q = self.frames.lock().unwrap_or_else(PoisonError::into_inner);
-        let front = q.front()?;
+        let mut g = self.lock();
+        let front = g.frames.front()?;
         if !f(front) {
             return Some(false);
         }
-        if let Some(buf) = q.pop_front() {
-            drop(q);
-            let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-            if free.len() < self.capacity {
-                free.push(buf);
+        if let Some(buf) = g.frames.pop_front() {
+            if g.free.len() < BACKLOG_FREE {
+                g.free.push(buf);
+            } else {
+                g.held -= buf.capacity();
             }
         }
         Some(true)
     }
 
     pub fn len(&self) -> usize {
-        self.frames
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock().frames.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Drops everything queued (device reset).
+    /// Bytes of buffers held, queued or kept for reuse.
+    pub fn held_bytes(&self) -> usize {
+        self.lock().held
+    }
+
+    /// Drops everything queued and every recycled buffer (device reset).
     pub fn clear(&self) {
-        self.frames
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        let mut g = self.lock();
+        g.frames.clear();
+        g.free.clear();
+        g.held = 0;
     }
 }
 
@@ -205,6 +250,9 @@ impl std::fmt::Debug for Device {
 
 /// Backlog frames per RX queue.
 pub const BACKLOG_FRAMES: usize = 1024;
+/// Backlog bytes per RX queue: 128 GSO frames of 64 KiB, or all 1024
+/// frames at 1514 bytes.
+pub const BACKLOG_BYTES: usize = 8 << 20;
 
 impl Device {
     pub fn new(config: DeviceConfig, uplink: Box<dyn Uplink>) -> io::Result<Device> {
@@ -213,7 +261,7 @@ impl Device {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let pairs = usize::from(config.pairs);
         let backlogs = (0..pairs)
-            .map(|_| Backlog::new(BACKLOG_FRAMES))
+            .map(|_| Backlog::new(BACKLOG_FRAMES, BACKLOG_BYTES))
             .collect::<io::Result<_>>()?;
         Ok(Device {
             stats: Stats::new(pairs),
@@ -591,7 +639,7 @@ pub(crate) mod tests {
 
     #[test]
     fn backlog_is_bounded_and_ordered() {
-        let b = Backlog::new(2).unwrap();
+        let b = Backlog::new(2, 1 << 20).unwrap();
         assert!(b.push(b"one"));
         assert!(b.push(b"two"));
         assert!(!b.push(b"three"));
@@ -599,5 +647,53 @@ pub(crate) mod tests {
         assert_eq!(b.deliver_front(|_| false), Some(false));
         assert_eq!(b.deliver_front(|f| f == b"two"), Some(true));
         assert_eq!(b.deliver_front(|_| true), None);
+    }
+
+    #[test]
+    fn backlog_is_bounded_in_bytes_whatever_the_frame_sizes() {
+        let max = 1 << 20;
+        let b = Backlog::new(1024, max).unwrap();
+        let big = vec![1u8; 65_000];
+        let small = vec![2u8; 60];
+        // 64 KiB frames: only as many as fit in the bytes.
+        let mut queued = 0;
+        while b.push(&big) {
+            queued += 1;
+            assert!(b.held_bytes() <= max);
+        }
+        assert_eq!(queued, max / big.len());
+        assert_eq!(b.len(), queued);
+        // Delivered buffers are recycled, and still charged.
+        for _ in 0..queued {
+            assert_eq!(b.deliver_front(|f| f.len() == big.len()), Some(true));
+        }
+        assert!(b.held_bytes() > 0 && b.held_bytes() <= max);
+        // Small frames reuse nothing oversized: the old buffers are given
+        // back, and small frames fill up to the frame bound.
+        let mut n = 0;
+        while b.push(&small) {
+            n += 1;
+            assert!(b.held_bytes() <= max);
+        }
+        assert_eq!(
+            n, 1024,
+            "the frame bound, not the byte bound, stops small frames"
+        );
+        assert!(b.held_bytes() <= 1024 * 60 + 64 * 65_000);
+        // Mixed sizes in any order never pass the bound.
+        b.clear();
+        assert_eq!(b.held_bytes(), 0);
+        for k in 0..5000usize {
+            let f = if k % 7 == 0 {
+                &big[..]
+            } else {
+                &big[..40 + k % 1400]
+            };
+            let _ = b.push(f);
+            if k % 3 == 0 {
+                let _ = b.deliver_front(|_| true);
+            }
+            assert!(b.held_bytes() <= max, "{} bytes held", b.held_bytes());
+        }
     }
 }
