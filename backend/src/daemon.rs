@@ -4,10 +4,13 @@
 
 use std::{
     io,
-    os::unix::net::{UnixListener, UnixStream},
-    path::Path,
+    os::unix::{
+        ffi::OsStringExt as _,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     thread,
@@ -15,7 +18,7 @@ use std::{
 };
 
 use thiserror::Error;
-use vhost::vhost_user::Error as VhostUserError;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -144,22 +147,12 @@ pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonErro
     backend
         .register_listeners(&daemon.get_epoll_handlers())
         .map_err(DaemonError::Listeners)?;
-    let dir = std::env::temp_dir().join(format!(
-        "vnicd-{}-{}",
-        std::process::id(),
-        CONN.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).map_err(DaemonError::Socket)?;
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(DaemonError::Socket)?;
-    let inner = dir.join("backend.sock");
-    let il = UnixListener::bind(&inner).map_err(DaemonError::Socket)?;
-    let started = daemon.start_client(&inner.to_string_lossy());
-    let back = il.accept().map(|(s, _)| s);
-    drop(il);
-    let _ = std::fs::remove_dir_all(&dir);
-    started?;
-    let threads = relay(front, back.map_err(DaemonError::Socket)?).map_err(DaemonError::Socket)?;
+    let (back, mut listener) = backend_socket().map_err(DaemonError::Socket)?;
+    // The backend's end is already queued on the listener: this accept
+    // returns at once, and nothing is left on the filesystem to race for.
+    daemon.start(&mut listener)?;
+    drop(listener);
+    let threads = relay(front, back).map_err(DaemonError::Socket)?;
     let r = daemon.wait();
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
@@ -179,4 +172,119 @@ pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonErro
     }
 }
 
-static CONN: AtomicU32 = AtomicU32::new(0);
+/// A connected pair for the relay and the vhost-user backend: the relay's
+/// end, and a listener with the backend's end waiting on it
+/// (vhost-user-backend takes its connection from a listener). The
+/// listener is bound in a directory created exclusively with mode 0700
+/// (mkdtemp), and the socket and directory are removed before this
+/// returns, so no other local user can connect to it or make the bind
+/// fail.
+fn backend_socket() -> io::Result<(UnixStream, Listener)> {
+    let dir = private_dir()?;
+    let path = dir.join("backend.sock");
+    let bound = UnixListener::bind(&path).and_then(|l| {
+        let s = UnixStream::connect(&path)?;
+        Ok((s, l))
+    });
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    let (s, l) = bound?;
+    Ok((s, Listener::from(l)))
+}
+
+/// A new directory under the temporary directory, created with mode 0700
+/// under a name no one could have taken before.
+fn private_dir() -> io::Result<PathBuf> {
+    let template = std::env::temp_dir().join("vnicd-XXXXXX");
+    let mut buf = template.into_os_string().into_vec();
+    buf.push(0);
+    // SAFETY: `buf` is a writable, NUL-terminated path ending in six X
+    // characters, as mkdtemp(3) requires; it replaces them in place and
+    // does not keep the pointer.
+    let r = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
+    if r.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    buf.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::{sync::mpsc, time::Duration};
+
+    use super::*;
+    use crate::nic::{DeviceConfig, RssSettings};
+
+    fn device() -> Arc<Device> {
+        let cfg = DeviceConfig {
+            pairs: 1,
+            queue_size: 256,
+            mac: vnic_protocol::wire::ethernet::Address([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+            rss: RssSettings::default(),
+        };
+        Arc::new(Device::new(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
+    }
+
+    /// Serves a frontend that hangs up at once, in a thread: a serve that
+    /// blocks fails the test instead of hanging it.
+    fn serve_a_hang_up(dev: &Arc<Device>) -> Result<(), DaemonError> {
+        let (front, vmm) = UnixStream::pair().unwrap();
+        drop(vmm);
+        let dev = dev.clone();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(serve_conn(&dev, front));
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("serve_conn returned")
+    }
+
+    #[test]
+    fn files_another_local_user_prepares_in_the_temporary_directory_change_nothing() {
+        // What another user could set up for the per-connection names
+        // vnicd once used (/tmp/vnicd-<pid>-<n>): the directories, with a
+        // socket listening where the backend would connect.
+        let pid = std::process::id();
+        let mut traps = Vec::new();
+        for n in 0..32 {
+            let d = std::env::temp_dir().join(format!("vnicd-{pid}-{n}"));
+            let _ = std::fs::create_dir(&d);
+            let l = UnixListener::bind(d.join("backend.sock")).unwrap();
+            l.set_nonblocking(true).unwrap();
+            traps.push((d, l));
+        }
+        let dev = device();
+        let results: Vec<_> = (0..3).map(|_| serve_a_hang_up(&dev)).collect();
+        let mut caught = 0;
+        for (d, l) in traps {
+            if l.accept().is_ok() {
+                caught += 1;
+            }
+            let _ = std::fs::remove_dir_all(d);
+        }
+        for r in results {
+            assert!(r.is_ok(), "serving a frontend failed: {r:?}");
+        }
+        assert_eq!(caught, 0, "the backend connected to a planted socket");
+    }
+
+    #[test]
+    fn the_backend_socket_leaves_nothing_behind() {
+        let (a, l) = backend_socket().unwrap();
+        let b = l.accept().unwrap().unwrap();
+        let mut w = &a;
+        std::io::Write::write_all(&mut w, b"x").unwrap();
+        let mut got = [0u8; 1];
+        std::io::Read::read_exact(&mut &b, &mut got).unwrap();
+        assert_eq!(&got, b"x");
+        // Nothing else is queued, and the socket's path is gone.
+        l.set_nonblocking(true).unwrap();
+        assert!(matches!(l.accept(), Ok(None)));
+        let addr = a.peer_addr().unwrap();
+        assert!(addr.as_pathname().is_none_or(|p| !p.exists()));
+    }
+}
