@@ -1,13 +1,19 @@
 //! Invariant: the reassembler only emits a datagram once its fragments
-//! cover it exactly, never longer than 65535 bytes of length field, never
-//! built from overlapping fragments, and byte-equal to what the fragments
+//! cover it exactly, with a length field equal to its length and never
+//! over 65535 nor `max_datagram` (counting the first fragment's options or
+//! extension headers, whatever order the fragments come in), never built
+//! from overlapping fragments, and byte-equal to what the fragments
 //! carried; an overlap discards the datagram for good (until timeout); and
-//! a datagram whose non-overlapping fragments cover it is always emitted.
+//! a datagram whose non-overlapping fragments cover it, and that fits the
+//! limits, is always emitted.
 //!
-//! Input: byte 0 picks IPv4 or IPv6; then 4-byte operations on one
-//! datagram: offset (13 bits, in 8-byte units), length (8-byte units, plus
-//! a 0-7 byte tail on a final fragment), more-fragments flag, fill pattern;
-//! or, with the high flag bit, a 30 s pause that times the datagram out.
+//! Input: byte 0 picks IPv4 or IPv6 (bit 0), a longer unfragmentable part
+//! on fragments at offset 0 (bit 1: IPv4 options, IPv6 destination
+//! options, of a length the high nibble picks) and a small `max_datagram`
+//! (bit 2); then 4-byte operations on one datagram: offset (13 bits, in
+//! 8-byte units), length (8-byte units, plus a 0-7 byte tail on a final
+//! fragment), more-fragments flag, fill pattern; or, with the high flag
+//! bit, a 30 s pause that times the datagram out.
 
 #![no_main]
 
@@ -52,6 +58,27 @@ impl Model {
         }
         (covered == total && self.frags.iter().any(|f| f.0 == 0)).then_some(out)
     }
+    fn has_first(&self) -> bool {
+        self.frags.iter().any(|f| f.0 == 0)
+    }
+    /// Highest payload end held.
+    fn top(&self) -> usize {
+        self.frags
+            .iter()
+            .map(|(o, d, _)| o + d.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The length field of a datagram with `hdr` bytes of headers (IPv6: the
+/// fixed header included) and `end` bytes of payload.
+fn length_field(is_v6: bool, hdr: usize, end: usize) -> usize {
+    if is_v6 {
+        hdr - 40 + end
+    } else {
+        hdr + end
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -59,11 +86,22 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let is_v6 = mode & 1 != 0;
-    let hdr = if is_v6 { 40 } else { 20 };
-    let mut r = Reassembler::new(Limits {
+    let base = if is_v6 { 40 } else { 20 };
+    // Extra unfragmentable bytes on fragments at offset 0.
+    let extra = match (mode & 2 != 0, is_v6) {
+        (false, _) => 0,
+        (true, false) => 4 * (1 + usize::from(mode >> 4) % 10),
+        (true, true) => 8 * (1 + usize::from(mode >> 4)),
+    };
+    // Headers of the datagram as built: the first fragment's.
+    let hdr = base + extra;
+    let limits = Limits {
         max_memory: 64 << 20,
+        max_datagram: if mode & 4 != 0 { 2000 } else { 65535 },
         ..Default::default()
-    });
+    };
+    let limit = limits.max_datagram.min(65535);
+    let mut r = Reassembler::new(limits);
     let mut m = Model::default();
     let mut now = 0u64;
     for op in ops.chunks_exact(4) {
@@ -86,16 +124,29 @@ fuzz_target!(|data: &[u8]| {
         let payload: Vec<u8> = (0..len)
             .map(|i| ((offset + i) as u8) ^ (fill * 17))
             .collect();
+        let own_extra = if offset == 0 { extra } else { 0 };
         let pkt = if is_v6 {
-            build::ipv6_fragment(42, offset, more, &payload)
+            build::ipv6_fragment_with_dst_opts(42, offset, more, own_extra, &payload)
         } else {
-            build::ipv4_fragment(42, offset, more, &payload)
+            build::ipv4_fragment_with_options(42, offset, more, &[1; 40][..own_extra], &payload)
         };
         let Ok(pkt) = pkt else { continue };
         let end = offset + len;
         match r.push(now, &pkt) {
             Ok(Outcome::Complete(out)) => {
-                assert!(out.len() - if is_v6 { 40 } else { 0 } <= 65535);
+                // The length field says the real length, within the limits.
+                let field = if is_v6 {
+                    assert_eq!(
+                        usize::from(u16::from_be_bytes([out[4], out[5]])),
+                        out.len() - 40
+                    );
+                    out.len() - 40
+                } else {
+                    assert_eq!(usize::from(u16::from_be_bytes([out[2], out[3]])), out.len());
+                    out.len()
+                };
+                assert!(field <= limit, "datagram over the limit: {field}");
+                assert!(out.len() >= hdr);
                 let body = &out[hdr..];
                 if offset == 0 && !more {
                     assert!(is_v6);
@@ -130,7 +181,23 @@ fuzz_target!(|data: &[u8]| {
             Err(FragError::Duplicate) => assert!(m.duplicate(offset, end)),
             Err(FragError::Discarded) => assert!(m.dead),
             Err(FragError::Inconsistent | FragError::TooManyFragments) => m.dead = true,
-            Err(FragError::TooLarge) => assert!(end + if is_v6 { 0 } else { 20 } > 65535),
+            Err(FragError::TooLarge) => {
+                if offset == 0 && !more {
+                    // An atomic fragment, too large on its own.
+                    assert!(length_field(is_v6, hdr, end) > limit);
+                    continue;
+                }
+                // Too far even with the shortest header: dropped alone.
+                let alone = length_field(is_v6, base, end) > limit;
+                // Too large as built with the first fragment's headers,
+                // once those are known: the datagram is discarded.
+                let known = m.has_first() || offset == 0;
+                let whole = known && length_field(is_v6, hdr, m.top().max(end)) > limit;
+                assert!(alone || whole, "TooLarge at {offset}+{len}");
+                if !alone {
+                    m.dead = true;
+                }
+            }
             Err(FragError::Empty | FragError::Misaligned) => {
                 assert!(len == 0 || (more && len % 8 != 0));
             }

@@ -4,8 +4,13 @@
 //!   Linux does the same for IPv4 since the CVE-2018-5391 fixes), and later
 //!   fragments of it are dropped until it times out. An exact duplicate is
 //!   dropped alone.
-//! - A datagram may not exceed 65535 bytes of IP packet, nor hold more than
-//!   `max_fragments` fragments.
+//! - A datagram's length field (IPv4 total length, IPv6 payload length) may
+//!   not exceed 65535 nor `max_datagram`, counted as the datagram is built:
+//!   the first fragment's unfragmentable part (IPv4 header with its
+//!   options; IPv6 header and the extension headers before the fragment
+//!   header) plus the highest payload end, whatever order the fragments
+//!   come in. A datagram found too large is discarded. Nor may it hold
+//!   more than `max_fragments` fragments.
 //! - All held datagrams together stay within `max_memory` bytes, counting
 //!   the buffers actually allocated; the oldest datagram is evicted to make
 //!   room. Datagrams older than `timeout_ms` are dropped (no ICMP is sent,
@@ -59,7 +64,7 @@ pub enum FragError {
     Empty,
     #[error("non-final fragment length is not a multiple of 8")]
     Misaligned,
-    #[error("fragment reaches past the largest datagram")]
+    #[error("datagram over the largest length field: fragment dropped, or datagram discarded")]
     TooLarge,
     #[error("fragment overlaps another: datagram discarded")]
     Overlap,
@@ -227,6 +232,24 @@ fn parse(packet: &[u8]) -> Result<Option<Frag<'_>>, FragError> {
     }
 }
 
+/// The length field of a datagram built with an unfragmentable part of
+/// `header_len` bytes and `end` bytes of payload: IPv4 total length, IPv6
+/// payload length (the fragment header removed). None if it overflows.
+fn length_field(key: &Key, header_len: usize, end: usize) -> Option<usize> {
+    match key {
+        Key::V4 { .. } => header_len.checked_add(end),
+        Key::V6 { .. } => header_len.checked_sub(ipv6::HEADER_LEN)?.checked_add(end),
+    }
+}
+
+/// The shortest unfragmentable part a datagram of this kind can have.
+fn min_header_len(key: &Key) -> usize {
+    match key {
+        Key::V4 { .. } => ipv4::HEADER_LEN,
+        Key::V6 { .. } => ipv6::HEADER_LEN,
+    }
+}
+
 impl Reassembler {
     pub fn new(limits: Limits) -> Reassembler {
         Reassembler {
@@ -271,25 +294,17 @@ impl Reassembler {
     pub fn push(&mut self, now_ms: u64, packet: &[u8]) -> Result<Outcome<'_>, FragError> {
         self.expire(now_ms);
         let r = self.push_inner(now_ms, packet);
-        if let Err(e) = &r {
-            let s = &mut self.stats;
-            match *e {
-                FragError::Malformed(_) | FragError::Empty | FragError::Misaligned => {
-                    s.malformed += 1
-                }
-                FragError::TooLarge => s.too_large += 1,
-                FragError::Overlap => s.overlaps += 1,
-                FragError::Duplicate => s.duplicates += 1,
-                FragError::Inconsistent => s.inconsistent += 1,
-                FragError::TooManyFragments => s.too_many_fragments += 1,
-                FragError::Discarded => s.discarded += 1,
-                FragError::NoMemory => s.no_memory += 1,
-            }
+        if let Err(e) = r {
+            self.count(e);
         }
         match r? {
             Step::Complete(i) => {
-                self.assemble(i);
+                let built = self.assemble(i);
                 self.remove(i);
+                if let Err(e) = built {
+                    self.count(e);
+                    return Err(e);
+                }
                 self.stats.completed += 1;
                 Ok(Outcome::Complete(&self.out))
             }
@@ -298,14 +313,36 @@ impl Reassembler {
         }
     }
 
+    fn count(&mut self, e: FragError) {
+        let s = &mut self.stats;
+        match e {
+            FragError::Malformed(_) | FragError::Empty | FragError::Misaligned => s.malformed += 1,
+            FragError::TooLarge => s.too_large += 1,
+            FragError::Overlap => s.overlaps += 1,
+            FragError::Duplicate => s.duplicates += 1,
+            FragError::Inconsistent => s.inconsistent += 1,
+            FragError::TooManyFragments => s.too_many_fragments += 1,
+            FragError::Discarded => s.discarded += 1,
+            FragError::NoMemory => s.no_memory += 1,
+        }
+    }
+
     fn push_inner(&mut self, now_ms: u64, packet: &[u8]) -> Result<Step, FragError> {
         let Some(f) = parse(packet)? else {
             return Ok(Step::NotFragment);
         };
         self.stats.fragments += 1;
+        let limit = self.limits.max_datagram.min(65535);
+        let end = f
+            .offset
+            .checked_add(f.payload.len())
+            .ok_or(FragError::TooLarge)?;
         if f.offset == 0 && !f.more {
             // An atomic fragment (RFC 6946) stands on its own; it shares no
             // state with fragments of the same identification.
+            if length_field(&f.key, f.header.len(), end).is_none_or(|n| n > limit) {
+                return Err(FragError::TooLarge);
+            }
             self.insert(f.key, now_ms);
             let i = self.entries.len() - 1;
             let i = self.store(i, &f)?;
@@ -317,14 +354,9 @@ impl Reassembler {
         if f.more && f.payload.len() % 8 != 0 {
             return Err(FragError::Misaligned);
         }
-        let end = f.offset + f.payload.len();
-        // The length field of the reassembled datagram: IPv4 total length,
-        // IPv6 payload length (without the fragment header).
-        let field = match f.key {
-            Key::V4 { .. } => f.header.len() + end,
-            Key::V6 { .. } => f.header.len() - ipv6::HEADER_LEN + end,
-        };
-        if field > self.limits.max_datagram.min(65535) {
+        // Even with the shortest header the datagram could have, this
+        // fragment reaches too far: it is dropped alone.
+        if length_field(&f.key, min_header_len(&f.key), end).is_none_or(|n| n > limit) {
             return Err(FragError::TooLarge);
         }
         let i = match self.entries.iter().position(|e| e.key == f.key) {
@@ -354,6 +386,21 @@ impl Reassembler {
         if inconsistent {
             self.kill(i);
             return Err(FragError::Inconsistent);
+        }
+        // The datagram is built with the first fragment's unfragmentable
+        // part, whichever fragment brings the most payload: once that part
+        // is known, header and highest payload end must fit the limit.
+        let header_len = if f.offset == 0 {
+            Some(f.header.len())
+        } else {
+            (!e.header.is_empty()).then_some(e.header.len())
+        };
+        if let Some(h) = header_len {
+            let top = e.ranges.last().map_or(end, |&(_, en)| en.max(end));
+            if length_field(&f.key, h, top).is_none_or(|n| n > limit) {
+                self.kill(i);
+                return Err(FragError::TooLarge);
+            }
         }
         if e.ranges.len() + 1 > self.limits.max_fragments {
             self.kill(i);
@@ -475,29 +522,37 @@ impl Reassembler {
         }
     }
 
-    fn assemble(&mut self, i: usize) {
+    /// Builds entry `i`'s datagram in `out`. The limits were checked as
+    /// its fragments arrived; a length field that still does not fit is
+    /// refused rather than cut.
+    fn assemble(&mut self, i: usize) -> Result<(), FragError> {
         let e = &self.entries[i];
         let total = e.total.unwrap_or(e.data.len());
+        let payload = e.data.get(..total).ok_or(FragError::Inconsistent)?;
+        let field = length_field(&e.key, e.header.len(), total)
+            .filter(|&n| n <= self.limits.max_datagram)
+            .and_then(|n| u16::try_from(n).ok())
+            .ok_or(FragError::TooLarge)?;
         self.out.clear();
         self.out.extend_from_slice(&e.header);
-        self.out.extend_from_slice(&e.data[..total]);
-        let hl = e.header.len();
+        self.out.extend_from_slice(payload);
         match e.v6_next {
             None => {
                 let mut p = ipv4::Packet::new_unchecked(&mut self.out[..]);
                 let df = p.dont_frag();
-                p.set_total_len((hl + total) as u16);
+                p.set_total_len(field);
                 p.set_frag(df, false, 0);
                 p.fill_checksum();
             }
-            Some((field, next)) => {
-                if let Some(b) = self.out.get_mut(field) {
+            Some((at, next)) => {
+                if let Some(b) = self.out.get_mut(at) {
                     *b = next;
                 }
                 let mut p = ipv6::Packet::new_unchecked(&mut self.out[..]);
-                p.set_payload_len((hl - ipv6::HEADER_LEN + total) as u16);
+                p.set_payload_len(field);
             }
         }
+        Ok(())
     }
 }
 
@@ -676,6 +731,174 @@ mod tests {
         // Memory accounting returns to zero once everything times out.
         r.expire(1_000_000);
         assert_eq!(r.memory(), 0);
+    }
+
+    /// 40 bytes of IPv4 options: the longest header, 60 bytes.
+    const OPTIONS: [u8; 40] = [ipv4::option::NOP; 40];
+
+    fn v4_first(id: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+        build::ipv4_fragment_with_options(id, 0, more, &OPTIONS, payload).unwrap()
+    }
+
+    fn complete(r: Result<Outcome<'_>, FragError>) -> Vec<u8> {
+        match r {
+            Ok(Outcome::Complete(p)) => p.to_vec(),
+            o => panic!("{:?}", got(o)),
+        }
+    }
+
+    /// An outcome, a completed datagram reduced to its length.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Got {
+        NotFragment,
+        Held,
+        Complete(usize),
+    }
+
+    fn got(r: Result<Outcome<'_>, FragError>) -> Result<Got, FragError> {
+        r.map(|o| match o {
+            Outcome::NotFragment => Got::NotFragment,
+            Outcome::Held => Got::Held,
+            Outcome::Complete(p) => Got::Complete(p.len()),
+        })
+    }
+
+    /// The first fragment's options make the datagram longer than the
+    /// other fragments' headers say: 60 + 65515 > 65535 in either order.
+    #[test]
+    fn v4_options_of_the_first_fragment_count_toward_65535() {
+        let d = data(65515);
+        let mut r = Reassembler::default();
+        assert_eq!(
+            got(r.push(0, &v4_first(1, true, &d[..32000]))),
+            Ok(Got::Held)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_frag(1, 32000, false, &d[32000..]))),
+            Err(FragError::TooLarge)
+        );
+        // The first fragment arrives last.
+        assert_eq!(
+            got(r.push(0, &v4_frag(2, 32000, false, &d[32000..]))),
+            Ok(Got::Held)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_first(2, true, &d[..32000]))),
+            Err(FragError::TooLarge)
+        );
+        assert_eq!(r.stats().too_large, 2);
+        assert_eq!(r.stats().completed, 0);
+        // The datagrams stay discarded.
+        assert_eq!(
+            got(r.push(0, &v4_frag(1, 32000, false, &d[32000..]))),
+            Err(FragError::Discarded)
+        );
+
+        // 60 + 65475 = 65535 exactly fits, in either order.
+        let d = data(65475);
+        for (id, first_last) in [(3, false), (4, true)] {
+            let first = v4_first(id, true, &d[..32000]);
+            let last = v4_frag(id, 32000, false, &d[32000..]);
+            let (a, b) = if first_last {
+                (last, first)
+            } else {
+                (first, last)
+            };
+            assert_eq!(got(r.push(0, &a)), Ok(Got::Held));
+            let out = complete(r.push(0, &b));
+            let p = ipv4::Packet::new_checked(&out[..]).unwrap();
+            assert_eq!(out.len(), 65535);
+            assert_eq!(p.total_len(), out.len());
+            assert_eq!(p.header_len(), 60);
+            assert_eq!(p.options(), &OPTIONS[..]);
+            assert!(p.verify_checksum());
+            assert!(!p.is_fragment());
+            assert_eq!(p.payload(), &d[..]);
+        }
+        assert_eq!(r.stats().completed, 2);
+    }
+
+    #[test]
+    fn v4_options_of_the_first_fragment_count_toward_max_datagram() {
+        let mut r = Reassembler::new(Limits {
+            max_datagram: 1500,
+            ..Default::default()
+        });
+        // 20 + 1480 passes on the last fragment's header; 60 + 1480 does
+        // not.
+        let d = data(1480);
+        assert_eq!(
+            got(r.push(0, &v4_first(1, true, &d[..1440]))),
+            Ok(Got::Held)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_frag(1, 1440, false, &d[1440..]))),
+            Err(FragError::TooLarge)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_frag(2, 1440, false, &d[1440..]))),
+            Ok(Got::Held)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_first(2, true, &d[..1440]))),
+            Err(FragError::TooLarge)
+        );
+        assert_eq!(r.stats().too_large, 2);
+        // 60 + 1440 = 1500.
+        let d = data(1440);
+        assert_eq!(
+            got(r.push(0, &v4_frag(3, 1432, false, &d[1432..]))),
+            Ok(Got::Held)
+        );
+        let out = complete(r.push(0, &v4_first(3, true, &d[..1432])));
+        let p = ipv4::Packet::new_checked(&out[..]).unwrap();
+        assert_eq!(out.len(), 1500);
+        assert_eq!(p.total_len(), 1500);
+        assert_eq!(p.payload(), &d[..]);
+    }
+
+    /// A 1024-byte destination-options header before the fragment header
+    /// of the first fragment only.
+    #[test]
+    fn v6_extension_headers_of_the_first_fragment_count_toward_65535() {
+        let first = |id: u32, d: &[u8]| {
+            build::ipv6_fragment_with_dst_opts(id, 0, true, 1024, &d[..32000]).unwrap()
+        };
+        let d = data(65535);
+        let mut r = Reassembler::default();
+        assert_eq!(got(r.push(0, &first(1, &d))), Ok(Got::Held));
+        assert_eq!(
+            got(r.push(0, &v6_frag(1, 32000, false, &d[32000..]))),
+            Err(FragError::TooLarge)
+        );
+        assert_eq!(
+            got(r.push(0, &v6_frag(2, 32000, false, &d[32000..]))),
+            Ok(Got::Held)
+        );
+        assert_eq!(got(r.push(0, &first(2, &d))), Err(FragError::TooLarge));
+        assert_eq!(r.stats().too_large, 2);
+        assert_eq!(r.stats().completed, 0);
+
+        // 1024 + 64511 = 65535 of payload length fits, in either order.
+        let d = data(65535 - 1024);
+        for (id, first_last) in [(3, false), (4, true)] {
+            let a = first(id, &d);
+            let b = v6_frag(id, 32000, false, &d[32000..]);
+            let (a, b) = if first_last { (b, a) } else { (a, b) };
+            assert_eq!(got(r.push(0, &a)), Ok(Got::Held));
+            let out = complete(r.push(0, &b));
+            let p = ipv6::Packet::new_checked(&out[..]).unwrap();
+            assert_eq!(out.len(), 40 + 65535);
+            assert_eq!(p.payload_len(), out.len() - 40);
+            assert_eq!(p.next_header(), ip_proto::DST_OPTS);
+            // The destination options now name UDP, and the payload follows.
+            assert_eq!(out[40], ip_proto::UDP);
+            assert_eq!(&out[40 + 1024..], &d[..]);
+            let w = ipv6::walk(&p).unwrap();
+            assert_eq!(w.fragment, None);
+            assert_eq!(w.upper_proto, ip_proto::UDP);
+            assert_eq!(w.upper_offset, 40 + 1024);
+        }
     }
 
     #[test]

@@ -187,6 +187,18 @@ pub fn data_segment(seq: u32, ack: u32, flags: tcp::Flags) -> tcp::Repr {
 /// 192.0.2.1 -> 192.0.2.2 with identification `ident`, carrying
 /// `payload` at byte `offset`.
 pub fn ipv4_fragment(ident: u16, offset: usize, more: bool, payload: &[u8]) -> Result<Vec<u8>> {
+    ipv4_fragment_with_options(ident, offset, more, &[], payload)
+}
+
+/// [`ipv4_fragment`] with `options` (well formed, a multiple of 4 bytes,
+/// at most 40) in its header.
+pub fn ipv4_fragment_with_options(
+    ident: u16,
+    offset: usize,
+    more: bool,
+    options: &[u8],
+    payload: &[u8],
+) -> Result<Vec<u8>> {
     let r = ipv4::Repr {
         src_addr: Ipv4Addr::new(192, 0, 2, 1),
         dst_addr: Ipv4Addr::new(192, 0, 2, 2),
@@ -198,29 +210,72 @@ pub fn ipv4_fragment(ident: u16, offset: usize, more: bool, payload: &[u8]) -> R
         dont_frag: false,
         more_frags: more,
         frag_offset: offset,
-        options: ipv4::Options::default(),
+        options: ipv4::Options::new(options)?,
     };
     let mut b = vec![0u8; r.buffer_len()];
     r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]))?;
-    b[ipv4::HEADER_LEN..].copy_from_slice(payload);
+    b[r.header_len()..].copy_from_slice(payload);
     Ok(b)
 }
 
 /// One IPv6 fragment (fixed header, fragment header, payload) of a UDP
 /// datagram 2001:db8::1 -> 2001:db8::2 with identification `ident`.
 pub fn ipv6_fragment(ident: u32, offset: usize, more: bool, payload: &[u8]) -> Result<Vec<u8>> {
+    ipv6_fragment_with_dst_opts(ident, offset, more, 0, payload)
+}
+
+/// Option type of the padding [`ipv6_fragment_with_dst_opts`] puts in its
+/// destination-options header: RFC 4727's experiment value, skipped by a
+/// receiver that does not know it.
+pub const EXPERIMENT_OPTION: u8 = 0x1e;
+
+/// [`ipv6_fragment`] with a destination-options header of `dst_opts_len`
+/// bytes (0 for none, else a multiple of 8 up to 2048) before the
+/// fragment header, in the unfragmentable part.
+pub fn ipv6_fragment_with_dst_opts(
+    ident: u32,
+    offset: usize,
+    more: bool,
+    dst_opts_len: usize,
+    payload: &[u8],
+) -> Result<Vec<u8>> {
+    if dst_opts_len % 8 != 0 || dst_opts_len > 2048 {
+        return Err(Error::Malformed("ipv6 options header length"));
+    }
     let r = ipv6::Repr {
         src_addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
         dst_addr: Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
-        next_header: ip_proto::FRAGMENT,
-        payload_len: ipv6::FRAG_HEADER_LEN + payload.len(),
+        next_header: if dst_opts_len == 0 {
+            ip_proto::FRAGMENT
+        } else {
+            ip_proto::DST_OPTS
+        },
+        payload_len: dst_opts_len + ipv6::FRAG_HEADER_LEN + payload.len(),
         hop_limit: 64,
         traffic_class: 0,
         flow_label: 0,
     };
     let mut b = vec![0u8; r.buffer_len()];
     r.emit(&mut ipv6::Packet::new_unchecked(&mut b[..]))?;
-    let at = ipv6::HEADER_LEN;
+    let mut at = ipv6::HEADER_LEN;
+    if dst_opts_len > 0 {
+        // Options of up to 255 data bytes fill the header; a last lone
+        // byte is a Pad1.
+        let mut area = vec![0u8; dst_opts_len - 2];
+        let mut i = 0;
+        while area.len() - i >= 2 {
+            let n = (area.len() - i - 2).min(255);
+            area[i] = EXPERIMENT_OPTION;
+            area[i + 1] = n as u8;
+            i += 2 + n;
+        }
+        ipv6::OptionsRepr {
+            next_header: ip_proto::FRAGMENT,
+            options: &area,
+        }
+        .emit(&mut b[at..at + dst_opts_len])?;
+        at += dst_opts_len;
+    }
     ipv6::FragmentRepr {
         next_header: ip_proto::UDP,
         offset,
