@@ -5,12 +5,14 @@
 //! from overlapping fragments, and byte-equal to what the fragments
 //! carried; an overlap discards the datagram for good (until timeout); and
 //! a datagram whose non-overlapping fragments cover it, and that fits the
-//! limits, is always emitted.
+//! limits, is always emitted. After every call the memory charged is what
+//! the reassembler holds and within `max_memory` (`check_invariants`).
 //!
 //! Input: byte 0 picks IPv4 or IPv6 (bit 0), a longer unfragmentable part
 //! on fragments at offset 0 (bit 1: IPv4 options, IPv6 destination
-//! options, of a length the high nibble picks) and a small `max_datagram`
-//! (bit 2); then 4-byte operations on one datagram: offset (13 bits, in
+//! options, of a length the high nibble picks), a small `max_datagram`
+//! (bit 2) and a small `max_memory` (bit 3, the high nibble picks it);
+//! then 4-byte operations on one datagram: offset (13 bits, in
 //! 8-byte units), length (8-byte units, plus a 0-7 byte tail on a final
 //! fragment), more-fragments flag, fill pattern; or, with the high flag
 //! bit, a 30 s pause that times the datagram out.
@@ -96,7 +98,11 @@ fuzz_target!(|data: &[u8]| {
     // Headers of the datagram as built: the first fragment's.
     let hdr = base + extra;
     let limits = Limits {
-        max_memory: 64 << 20,
+        max_memory: if mode & 8 != 0 {
+            2048 + 4096 * usize::from(mode >> 4)
+        } else {
+            64 << 20
+        },
         max_datagram: if mode & 4 != 0 { 2000 } else { 65535 },
         ..Default::default()
     };
@@ -104,7 +110,20 @@ fuzz_target!(|data: &[u8]| {
     let mut r = Reassembler::new(limits);
     let mut m = Model::default();
     let mut now = 0u64;
+    let check = |r: &Reassembler| {
+        if let Err(e) = r.check_invariants() {
+            panic!("invariant broken: {e}");
+        }
+        assert!(r.memory() <= limits.max_memory);
+    };
+    let mut evictions = 0;
     for op in ops.chunks_exact(4) {
+        check(&r);
+        if r.stats().evictions != evictions {
+            // Only an atomic fragment's entry can push the datagram out.
+            evictions = r.stats().evictions;
+            m = Model::default();
+        }
         let flags = op[3];
         if flags & 0x80 != 0 {
             now += 30_000;
@@ -201,7 +220,16 @@ fuzz_target!(|data: &[u8]| {
             Err(FragError::Empty | FragError::Misaligned) => {
                 assert!(len == 0 || (more && len % 8 != 0));
             }
+            Err(FragError::NoMemory) => {
+                assert!(mode & 8 != 0, "out of memory with room to spare");
+                // The datagram went (an atomic fragment evicts it only if
+                // it has to: see the eviction count above).
+                if !(offset == 0 && !more) {
+                    m = Model::default();
+                }
+            }
             Err(e) => panic!("unexpected {e:?}"),
         }
     }
+    check(&r);
 });

@@ -11,10 +11,13 @@
 //!   header) plus the highest payload end, whatever order the fragments
 //!   come in. A datagram found too large is discarded. Nor may it hold
 //!   more than `max_fragments` fragments.
-//! - All held datagrams together stay within `max_memory` bytes, counting
-//!   the buffers actually allocated; the oldest datagram is evicted to make
-//!   room. Datagrams older than `timeout_ms` are dropped (no ICMP is sent,
-//!   RFC 8200 4.5).
+//! - Everything the reassembler holds stays within `max_memory` bytes:
+//!   every datagram's buffers by capacity and its bookkeeping, the buffers
+//!   kept for reuse and the output buffer. Buffers grow by exactly what is
+//!   needed; to make room, buffers kept for reuse go first, then the output
+//!   buffer, then the oldest datagrams.
+//! - Datagrams older than `timeout_ms` are dropped (no ICMP is sent, RFC
+//!   8200 4.5).
 //!
 //! The reassembler is sans-IO: callers pass the time in.
 
@@ -31,7 +34,7 @@ pub struct Limits {
     /// total length or the IPv6 payload length (at most 65535 either way).
     pub max_datagram: usize,
     pub max_fragments: usize,
-    /// Bytes of buffers held across all datagrams.
+    /// Bytes held at most: see [`Reassembler::memory`].
     pub max_memory: usize,
     pub timeout_ms: u64,
     /// Datagrams in progress at once.
@@ -51,9 +54,14 @@ impl Default for Limits {
     }
 }
 
-/// Bytes charged per fragment and per datagram on top of their buffers.
+/// Bytes charged per slot of a datagram's fragment list and per datagram
+/// on top of their buffers.
 pub const FRAGMENT_OVERHEAD: usize = 64;
 pub const DATAGRAM_OVERHEAD: usize = 256;
+
+// The overheads cover the bookkeeping they stand for.
+const _: () = assert!(core::mem::size_of::<Piece>() <= FRAGMENT_OVERHEAD);
+const _: () = assert!(core::mem::size_of::<Entry>() <= DATAGRAM_OVERHEAD);
 
 /// Why a fragment was dropped. Each is counted in [`Stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -136,13 +144,31 @@ struct Entry {
     data: Vec<u8>,
     /// Received fragments' byte ranges, sorted by offset, never
     /// overlapping; one per fragment, so exact duplicates are recognised.
-    ranges: Vec<(usize, usize)>,
+    /// Grown one slot at a time.
+    ranges: Vec<Piece>,
     /// Bytes received: the sum of the ranges.
     received: usize,
     total: Option<usize>,
     /// Discarded; later fragments are dropped until timeout.
     dead: bool,
-    mem: usize,
+}
+
+/// The byte range one fragment brought.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    start: usize,
+    end: usize,
+}
+
+impl Entry {
+    /// Bytes charged for the datagram: its buffers by capacity and its
+    /// bookkeeping.
+    fn cost(&self) -> usize {
+        DATAGRAM_OVERHEAD
+            .saturating_add(self.data.capacity())
+            .saturating_add(self.header.capacity())
+            .saturating_add(self.ranges.capacity().saturating_mul(FRAGMENT_OVERHEAD))
+    }
 }
 
 enum Step {
@@ -167,7 +193,9 @@ struct Frag<'a> {
 pub struct Reassembler {
     limits: Limits,
     entries: Vec<Entry>,
+    /// Data buffers kept for reuse.
     free: Vec<Vec<u8>>,
+    /// Bytes charged: the entries' costs, `free` and `out` by capacity.
     mem: usize,
     out: Vec<u8>,
     stats: Stats,
@@ -265,7 +293,10 @@ impl Reassembler {
     pub fn stats(&self) -> Stats {
         self.stats
     }
-    /// Bytes currently charged against `max_memory`.
+    /// Bytes currently charged against `max_memory`: for each datagram in
+    /// progress [`DATAGRAM_OVERHEAD`], the capacity of its data and header
+    /// buffers and [`FRAGMENT_OVERHEAD`] per slot of its fragment list; the
+    /// capacity of the buffers kept for reuse and of the output buffer.
     pub fn memory(&self) -> usize {
         self.mem
     }
@@ -283,7 +314,7 @@ impl Reassembler {
                 if !self.entries[i].dead {
                     self.stats.timeouts += 1;
                 }
-                self.remove(i);
+                self.remove(i, true);
             } else {
                 i += 1;
             }
@@ -299,9 +330,7 @@ impl Reassembler {
         }
         match r? {
             Step::Complete(i) => {
-                let built = self.assemble(i);
-                self.remove(i);
-                if let Err(e) = built {
+                if let Err(e) = self.finish(i) {
                     self.count(e);
                     return Err(e);
                 }
@@ -343,9 +372,8 @@ impl Reassembler {
             if length_field(&f.key, f.header.len(), end).is_none_or(|n| n > limit) {
                 return Err(FragError::TooLarge);
             }
-            self.insert(f.key, now_ms);
-            let i = self.entries.len() - 1;
-            let i = self.store(i, &f)?;
+            let i = self.insert(f.key, now_ms)?;
+            let i = self.store(i, &f, end)?;
             return Ok(Step::Complete(i));
         }
         if f.payload.is_empty() {
@@ -361,13 +389,13 @@ impl Reassembler {
         }
         let i = match self.entries.iter().position(|e| e.key == f.key) {
             Some(i) => i,
-            None => self.insert(f.key, now_ms),
+            None => self.insert(f.key, now_ms)?,
         };
         if self.entries[i].dead {
             return Err(FragError::Discarded);
         }
         let e = &self.entries[i];
-        for &(s, en) in &e.ranges {
+        for &Piece { start: s, end: en } in &e.ranges {
             if f.offset < en && s < end {
                 if s == f.offset && en == end {
                     return Err(FragError::Duplicate);
@@ -379,7 +407,7 @@ impl Reassembler {
         let e = &self.entries[i];
         let inconsistent = match (f.more, e.total) {
             (false, Some(t)) => t != end,
-            (false, None) => e.ranges.last().is_some_and(|&(_, en)| en > end),
+            (false, None) => e.ranges.last().is_some_and(|p| p.end > end),
             (true, Some(t)) => end > t,
             (true, None) => false,
         };
@@ -396,7 +424,7 @@ impl Reassembler {
             (!e.header.is_empty()).then_some(e.header.len())
         };
         if let Some(h) = header_len {
-            let top = e.ranges.last().map_or(end, |&(_, en)| en.max(end));
+            let top = e.ranges.last().map_or(end, |p| p.end.max(end));
             if length_field(&f.key, h, top).is_none_or(|n| n > limit) {
                 self.kill(i);
                 return Err(FragError::TooLarge);
@@ -406,7 +434,7 @@ impl Reassembler {
             self.kill(i);
             return Err(FragError::TooManyFragments);
         }
-        let i = self.store(i, &f)?;
+        let i = self.store(i, &f, end)?;
         let e = &mut self.entries[i];
         if !f.more {
             e.total = Some(end);
@@ -417,71 +445,115 @@ impl Reassembler {
         Ok(if done { Step::Complete(i) } else { Step::Held })
     }
 
-    /// Copies a fragment into entry `i`, evicting the oldest other
-    /// datagrams while the memory limit would be passed. Returns the
-    /// entry's index, which evictions may have moved.
-    fn store(&mut self, mut i: usize, f: &Frag<'_>) -> Result<usize, FragError> {
-        let end = f.offset + f.payload.len();
-        let grow = end.saturating_sub(self.entries[i].data.capacity());
-        let hdr = if f.offset == 0 { f.header.len() } else { 0 };
-        let cost = grow + hdr + FRAGMENT_OVERHEAD;
-        while self.mem + cost > self.limits.max_memory {
-            let victim = self
-                .entries
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .min_by_key(|(_, e)| e.created_ms)
-                .map(|(j, _)| j);
-            let Some(j) = victim else {
-                self.remove(i);
-                return Err(FragError::NoMemory);
-            };
-            self.remove(j);
-            self.stats.evictions += 1;
-            // `swap_remove` moved the last entry into slot `j`.
-            if i == self.entries.len() {
-                i = j;
-            }
-        }
+    /// Copies a fragment ending at `end` into entry `i`, making room for
+    /// what its buffers grow by. Returns the entry's index, which
+    /// evictions may have moved.
+    fn store(&mut self, i: usize, f: &Frag<'_>, end: usize) -> Result<usize, FragError> {
+        let e = &self.entries[i];
+        // Buffers grow by exactly this (see the `reserve_exact` below).
+        let data_grow = end.saturating_sub(e.data.capacity());
+        let header_grow = if f.offset == 0 {
+            f.header.len().saturating_sub(e.header.capacity())
+        } else {
+            0
+        };
+        let list_grow = if e.ranges.len() == e.ranges.capacity() {
+            FRAGMENT_OVERHEAD
+        } else {
+            0
+        };
+        let grow = data_grow
+            .saturating_add(header_grow)
+            .saturating_add(list_grow);
+        let i = self.make_room(grow, Some(i))?.unwrap_or(i);
         let e = &mut self.entries[i];
-        let before = e.data.capacity() + e.header.capacity();
+        let before = e.cost();
         if e.data.len() < end {
+            e.data.reserve_exact(end - e.data.len());
             e.data.resize(end, 0);
         }
-        e.data[f.offset..end].copy_from_slice(f.payload);
+        if let Some(d) = e.data.get_mut(f.offset..end) {
+            d.copy_from_slice(f.payload);
+        }
         if f.offset == 0 {
             e.header.clear();
+            e.header.reserve_exact(f.header.len());
             e.header.extend_from_slice(f.header);
             e.v6_next = f.v6_next;
         }
-        let after = e.data.capacity() + e.header.capacity();
-        let charge = after.saturating_sub(before) + FRAGMENT_OVERHEAD;
-        e.mem += charge;
-        self.mem += charge;
+        if e.ranges.len() == e.ranges.capacity() {
+            e.ranges.reserve_exact(1);
+        }
         e.received += f.payload.len();
-        let pos = e.ranges.partition_point(|&(s, _)| s < f.offset);
-        e.ranges.insert(pos, (f.offset, end));
-        Ok(i)
+        let pos = e.ranges.partition_point(|p| p.start < f.offset);
+        e.ranges.insert(
+            pos,
+            Piece {
+                start: f.offset,
+                end,
+            },
+        );
+        let after = e.cost();
+        self.mem = self.mem.saturating_sub(before).saturating_add(after);
+        // Had an allocation come out larger than asked, the capacities
+        // charged would say so: make room for it too.
+        Ok(self.make_room(0, Some(i))?.unwrap_or(i))
+    }
+
+    /// Frees memory until `need` more bytes fit the limit: buffers kept for
+    /// reuse first, then the output buffer, then the oldest datagrams
+    /// other than `keep`. Returns `keep`'s index, which evictions may move;
+    /// when even that is not enough, `keep` goes too and the answer is
+    /// `NoMemory`.
+    fn make_room(
+        &mut self,
+        need: usize,
+        mut keep: Option<usize>,
+    ) -> Result<Option<usize>, FragError> {
+        while self.mem.saturating_add(need) > self.limits.max_memory {
+            if let Some(b) = self.free.pop() {
+                self.mem = self.mem.saturating_sub(b.capacity());
+            } else if self.out.capacity() > 0 {
+                self.mem = self.mem.saturating_sub(self.out.capacity());
+                self.out = Vec::new();
+            } else if let Some(j) = self.oldest(keep) {
+                self.remove(j, false);
+                self.stats.evictions += 1;
+                // `swap_remove` moved the last entry into slot `j`.
+                if keep == Some(self.entries.len()) {
+                    keep = Some(j);
+                }
+            } else {
+                if let Some(i) = keep {
+                    self.remove(i, false);
+                }
+                return Err(FragError::NoMemory);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// The oldest entry other than `skip`.
+    fn oldest(&self, skip: Option<usize>) -> Option<usize> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| Some(j) != skip)
+            .min_by_key(|(_, e)| e.created_ms)
+            .map(|(j, _)| j)
     }
 
     /// Adds an entry at the end of the list and returns its index.
-    fn insert(&mut self, key: Key, now_ms: u64) -> usize {
+    fn insert(&mut self, key: Key, now_ms: u64) -> Result<usize, FragError> {
         if self.entries.len() >= self.limits.max_datagrams {
-            if let Some(j) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.created_ms)
-                .map(|(j, _)| j)
-            {
-                self.remove(j);
+            if let Some(j) = self.oldest(None) {
+                self.remove(j, true);
                 self.stats.evictions += 1;
             }
         }
+        self.make_room(DATAGRAM_OVERHEAD, None)?;
+        // A buffer kept for reuse is charged already.
         let data = self.free.pop().unwrap_or_default();
-        let mem = DATAGRAM_OVERHEAD + data.capacity();
-        self.mem += mem;
         self.entries.push(Entry {
             key,
             created_ms: now_ms,
@@ -492,48 +564,77 @@ impl Reassembler {
             received: 0,
             total: None,
             dead: false,
-            mem,
         });
-        self.entries.len() - 1
+        self.mem = self.mem.saturating_add(DATAGRAM_OVERHEAD);
+        Ok(self.entries.len() - 1)
     }
 
     /// Frees a datagram's buffers but keeps it, dead, until it times out.
     fn kill(&mut self, i: usize) {
         let e = &mut self.entries[i];
+        let before = e.cost();
         e.dead = true;
         let data = core::mem::take(&mut e.data);
         e.header = Vec::new();
         e.ranges = Vec::new();
-        self.mem -= e.mem - DATAGRAM_OVERHEAD;
-        e.mem = DATAGRAM_OVERHEAD;
+        e.received = 0;
+        e.total = None;
+        let after = e.cost();
+        self.mem = self.mem.saturating_sub(before).saturating_add(after);
         self.recycle(data);
     }
 
-    fn remove(&mut self, i: usize) {
+    /// Drops entry `i`; its data buffer is kept for reuse if `recycle` and
+    /// it fits the limit.
+    fn remove(&mut self, i: usize, recycle: bool) {
         let e = self.entries.swap_remove(i);
-        self.mem -= e.mem;
-        self.recycle(e.data);
+        self.mem = self.mem.saturating_sub(e.cost());
+        if recycle {
+            self.recycle(e.data);
+        }
     }
 
     fn recycle(&mut self, mut data: Vec<u8>) {
-        if self.free.len() < FREE_BUFFERS && data.capacity() > 0 {
+        let cap = data.capacity();
+        if self.free.len() < FREE_BUFFERS
+            && cap > 0
+            && self.mem.saturating_add(cap) <= self.limits.max_memory
+        {
             data.clear();
+            self.mem += cap;
             self.free.push(data);
         }
     }
 
-    /// Builds entry `i`'s datagram in `out`. The limits were checked as
-    /// its fragments arrived; a length field that still does not fit is
-    /// refused rather than cut.
-    fn assemble(&mut self, i: usize) -> Result<(), FragError> {
-        let e = &self.entries[i];
+    /// Takes entry `i` out and builds its datagram in `out`.
+    fn finish(&mut self, i: usize) -> Result<(), FragError> {
+        let e = self.entries.swap_remove(i);
+        self.mem = self.mem.saturating_sub(e.cost());
+        let built = self.assemble(&e);
+        self.recycle(e.data);
+        built
+    }
+
+    /// Builds the datagram of `e`, taken out of the list, in `out`. The
+    /// limits were checked as its fragments arrived; a length field that
+    /// still does not fit is refused rather than cut.
+    ///
+    /// `out` grows to exactly the datagram's length, which is less than
+    /// what `e` was charged: the memory limit holds.
+    fn assemble(&mut self, e: &Entry) -> Result<(), FragError> {
         let total = e.total.unwrap_or(e.data.len());
         let payload = e.data.get(..total).ok_or(FragError::Inconsistent)?;
         let field = length_field(&e.key, e.header.len(), total)
             .filter(|&n| n <= self.limits.max_datagram)
             .and_then(|n| u16::try_from(n).ok())
             .ok_or(FragError::TooLarge)?;
+        let old = self.out.capacity();
         self.out.clear();
+        self.out.reserve_exact(e.header.len() + payload.len());
+        self.mem = self
+            .mem
+            .saturating_sub(old)
+            .saturating_add(self.out.capacity());
         self.out.extend_from_slice(&e.header);
         self.out.extend_from_slice(payload);
         match e.v6_next {
@@ -550,6 +651,59 @@ impl Reassembler {
                 }
                 let mut p = ipv6::Packet::new_unchecked(&mut self.out[..]);
                 p.set_payload_len(field);
+            }
+        }
+        Ok(())
+    }
+
+    /// What [`Reassembler::memory`] should say, from the capacities.
+    fn held(&self) -> usize {
+        let entries = self
+            .entries
+            .iter()
+            .fold(0usize, |n, e| n.saturating_add(e.cost()));
+        self.free
+            .iter()
+            .fold(entries, |n, b| n.saturating_add(b.capacity()))
+            .saturating_add(self.out.capacity())
+    }
+
+    /// Checks the reassembler's own bookkeeping; used by tests and the
+    /// fuzzer.
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        if self.mem != self.held() {
+            return Err("memory count differs from the buffers held");
+        }
+        if self.mem > self.limits.max_memory {
+            return Err("memory over its limit");
+        }
+        if self.free.len() > FREE_BUFFERS {
+            return Err("too many buffers kept for reuse");
+        }
+        let limit = self.limits.max_datagram.min(65535);
+        for e in &self.entries {
+            let mut at = 0;
+            let mut sum = 0usize;
+            for p in &e.ranges {
+                if p.start < at || p.end <= p.start {
+                    return Err("fragment ranges overlap or are out of order");
+                }
+                at = p.end;
+                sum += p.end - p.start;
+            }
+            if sum != e.received {
+                return Err("received bytes differ from the ranges");
+            }
+            if e.total.is_some_and(|t| at > t) || e.data.len() < at {
+                return Err("fragment past the datagram's end");
+            }
+            if e.dead && (e.data.capacity() > 0 || !e.ranges.is_empty()) {
+                return Err("discarded datagram holds buffers");
+            }
+            if !e.header.is_empty()
+                && length_field(&e.key, e.header.len(), at).is_none_or(|n| n > limit)
+            {
+                return Err("datagram over the largest length field");
             }
         }
         Ok(())
@@ -595,7 +749,10 @@ mod tests {
         assert_eq!(p.total_len(), 3020);
         assert_eq!(p.payload(), &d[..]);
         assert_eq!(r.pending(), 0);
-        assert_eq!(r.memory(), 0);
+        // Held now: the output buffer (3020) and the data buffer kept for
+        // reuse (3000).
+        assert_eq!(r.memory(), 6020);
+        assert_eq!(r.memory(), held(&r));
         assert_eq!(r.stats().completed, 1);
     }
 
@@ -644,7 +801,9 @@ mod tests {
         assert_eq!(r.stats().completed, 0);
         r.expire(30_000);
         assert_eq!(r.pending(), 0);
-        assert_eq!(r.memory(), 0);
+        // Only the discarded datagram's buffer, kept for reuse, remains.
+        assert_eq!(r.memory(), 48);
+        assert_eq!(r.memory(), held(&r));
     }
 
     #[test]
@@ -728,9 +887,11 @@ mod tests {
         }
         assert!(peak > limits.max_memory / 2);
         assert!(r.stats().evictions > 0);
-        // Memory accounting returns to zero once everything times out.
+        // Once everything times out, only buffers kept for reuse remain.
         r.expire(1_000_000);
-        assert_eq!(r.memory(), 0);
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.memory(), r.free.iter().map(Vec::capacity).sum::<usize>());
+        assert_eq!(r.memory(), held(&r));
     }
 
     /// 40 bytes of IPv4 options: the longest header, 60 bytes.
@@ -899,6 +1060,103 @@ mod tests {
             assert_eq!(w.upper_proto, ip_proto::UDP);
             assert_eq!(w.upper_offset, 40 + 1024);
         }
+    }
+
+    /// What the reassembler holds, from the capacities of its buffers:
+    /// each datagram's overhead, data, header and fragment list, the
+    /// recycled buffers and the output buffer.
+    fn held(r: &Reassembler) -> usize {
+        let entries: usize = r
+            .entries
+            .iter()
+            .map(|e| {
+                DATAGRAM_OVERHEAD
+                    + e.data.capacity()
+                    + e.header.capacity()
+                    + e.ranges.capacity() * FRAGMENT_OVERHEAD
+            })
+            .sum();
+        let free: usize = r.free.iter().map(Vec::capacity).sum();
+        entries + free + r.out.capacity()
+    }
+
+    /// Many datagrams of varied sizes, cut into fragments of varied sizes
+    /// sent in shuffled order and interleaved; some never complete, some
+    /// time out, buffers are evicted and recycled. After every call the
+    /// reported memory is what is held and within the limit.
+    #[test]
+    fn memory_is_what_is_held_and_within_the_limit() {
+        let limits = Limits {
+            max_memory: 128 * 1024,
+            timeout_ms: 150,
+            ..Default::default()
+        };
+        let mut r = Reassembler::new(limits);
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        // Datagrams being sent: their fragments still to go.
+        let mut live: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut id = 0u16;
+        let mut completed = 0;
+        for now in 0..6000u64 {
+            if live.len() < 8 {
+                id += 1;
+                let v6 = next(2) == 1;
+                let size = 1 + next(16_000);
+                let d = data(size);
+                let mut frags = Vec::new();
+                let mut off = 0;
+                while off < size {
+                    let len = ((1 + next(300)) * 8).min(size - off);
+                    let more = off + len < size;
+                    let p = &d[off..off + len];
+                    frags.push(if v6 {
+                        v6_frag(u32::from(id), off, more, p)
+                    } else {
+                        v4_frag(id, off, more, p)
+                    });
+                    off += len;
+                }
+                for k in (1..frags.len()).rev() {
+                    frags.swap(k, next(k + 1));
+                }
+                if frags.len() > 1 && next(4) == 0 {
+                    // One fragment is lost: it waits until timeout.
+                    frags.pop();
+                }
+                live.push(frags);
+            }
+            let k = next(live.len());
+            let Some(f) = live[k].pop() else {
+                live.swap_remove(k);
+                continue;
+            };
+            if live[k].is_empty() {
+                live.swap_remove(k);
+            }
+            if let Ok(Outcome::Complete(_)) = r.push(now, &f) {
+                completed += 1;
+            }
+            assert!(
+                r.memory() <= limits.max_memory,
+                "at {now}: memory {} over {}",
+                r.memory(),
+                limits.max_memory
+            );
+            assert_eq!(r.memory(), held(&r), "at {now}");
+            r.check_invariants().unwrap();
+        }
+        let s = r.stats();
+        assert!(completed > 100, "{s:?}");
+        assert!(s.evictions > 0 && s.timeouts > 0, "{s:?}");
+        r.expire(1_000_000);
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.memory(), held(&r));
     }
 
     #[test]
