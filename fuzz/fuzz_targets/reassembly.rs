@@ -3,7 +3,9 @@
 //! over 65535 nor `max_datagram` (counting the first fragment's options or
 //! extension headers, whatever order the fragments come in), never built
 //! from overlapping fragments, and byte-equal to what the fragments
-//! carried; an overlap discards the datagram for good (until timeout); and
+//! carried; an overlap discards the datagram for good (until timeout), and
+//! so does a copy of a fragment's range with another more-fragments flag
+//! or other bytes, while an exact copy is a duplicate dropped alone; and
 //! a datagram whose non-overlapping fragments cover it, and that fits the
 //! limits, is always emitted. After every call the memory charged is what
 //! the reassembler holds and within `max_memory` (`check_invariants`).
@@ -37,10 +39,23 @@ impl Model {
             .iter()
             .any(|(o, d, _)| off < o + d.len() && *o < end && !(*o == off && o + d.len() == end))
     }
-    fn duplicate(&self, off: usize, end: usize) -> bool {
+    /// A fragment holds exactly this range.
+    fn same_range(&self, off: usize, end: usize) -> bool {
         self.frags
             .iter()
             .any(|(o, d, _)| *o == off && o + d.len() == end)
+    }
+    /// A fragment holds exactly this range and flag, but other bytes.
+    fn other_bytes(&self, off: usize, more: bool, payload: &[u8]) -> bool {
+        self.frags
+            .iter()
+            .any(|(o, d, m)| *o == off && *m == more && d.len() == payload.len() && d != payload)
+    }
+    /// A fragment holds exactly this range, flag and bytes.
+    fn duplicate(&self, off: usize, more: bool, payload: &[u8]) -> bool {
+        self.frags
+            .iter()
+            .any(|(o, d, m)| *o == off && *m == more && d == payload)
     }
     /// The datagram when the fragments cover [0, total) exactly.
     fn assembled(&self) -> Option<Vec<u8>> {
@@ -175,6 +190,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 assert!(!m.dead, "output from a discarded datagram");
                 assert!(!m.overlaps(offset, end), "output built over an overlap");
+                assert!(!m.same_range(offset, end), "output built over a copy");
                 m.frags.push((offset, payload, more));
                 let want = m
                     .assembled()
@@ -185,6 +201,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Outcome::Held) => {
                 assert!(!m.dead);
                 assert!(!m.overlaps(offset, end));
+                assert!(!m.same_range(offset, end), "a copy of a fragment held");
                 m.frags.push((offset, payload, more));
                 assert!(m.assembled().is_none(), "complete datagram was held back");
             }
@@ -194,10 +211,14 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!is_v6 && offset == 0 && !more);
             }
             Err(FragError::Overlap) => {
-                assert!(m.overlaps(offset, end));
+                // A true overlap, or a copy of a range with other bytes.
+                assert!(m.overlaps(offset, end) || m.other_bytes(offset, more, &payload));
                 m.dead = true;
             }
-            Err(FragError::Duplicate) => assert!(m.duplicate(offset, end)),
+            Err(FragError::Duplicate) => {
+                assert!(!m.dead);
+                assert!(m.duplicate(offset, more, &payload));
+            }
             Err(FragError::Discarded) => assert!(m.dead),
             Err(FragError::Inconsistent | FragError::TooManyFragments) => m.dead = true,
             Err(FragError::TooLarge) => {

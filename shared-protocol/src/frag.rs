@@ -2,8 +2,10 @@
 //!
 //! - Any overlap between fragments discards the whole datagram (RFC 5722;
 //!   Linux does the same for IPv4 since the CVE-2018-5391 fixes), and later
-//!   fragments of it are dropped until it times out. An exact duplicate is
-//!   dropped alone.
+//!   fragments of it are dropped until it times out. An exact duplicate
+//!   (same range, same more-fragments flag, same bytes) is dropped alone;
+//!   a copy of a held fragment's range with the other flag discards the
+//!   datagram as inconsistent, one with other bytes as an overlap.
 //! - A datagram's length field (IPv4 total length, IPv6 payload length) may
 //!   not exceed 65535 nor `max_datagram`, counted as the datagram is built:
 //!   the first fragment's unfragmentable part (IPv4 header with its
@@ -153,11 +155,12 @@ struct Entry {
     dead: bool,
 }
 
-/// The byte range one fragment brought.
+/// The byte range one fragment brought, and its more-fragments flag.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
     start: usize,
     end: usize,
+    more: bool,
 }
 
 impl Entry {
@@ -395,9 +398,20 @@ impl Reassembler {
             return Err(FragError::Discarded);
         }
         let e = &self.entries[i];
-        for &Piece { start: s, end: en } in &e.ranges {
-            if f.offset < en && s < end {
-                if s == f.offset && en == end {
+        for p in &e.ranges {
+            if f.offset < p.end && p.start < end {
+                if p.start == f.offset && p.end == end {
+                    // The same range: a duplicate only if it says the
+                    // same. A copy that disagrees on where the datagram
+                    // ends, or on its bytes, discards it (as Linux does).
+                    if p.more != f.more {
+                        self.kill(i);
+                        return Err(FragError::Inconsistent);
+                    }
+                    if e.data.get(p.start..p.end) != Some(f.payload) {
+                        self.kill(i);
+                        return Err(FragError::Overlap);
+                    }
                     return Err(FragError::Duplicate);
                 }
                 self.kill(i);
@@ -491,6 +505,7 @@ impl Reassembler {
             Piece {
                 start: f.offset,
                 end,
+                more: f.more,
             },
         );
         let after = e.cost();
@@ -851,6 +866,65 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert_eq!(r.stats().duplicates, 1);
+    }
+
+    /// A copy of a held fragment that says otherwise about the end of the
+    /// datagram, or carries other bytes, is no duplicate: the datagram is
+    /// discarded, as Linux does.
+    #[test]
+    fn same_range_with_other_flag_or_bytes_discards_the_datagram() {
+        let d = data(40);
+        let mut r = Reassembler::default();
+        // More-fragments cleared on a copy of a middle fragment.
+        r.push(0, &v4_frag(1, 0, true, &d[..16])).unwrap();
+        r.push(0, &v4_frag(1, 16, true, &d[16..32])).unwrap();
+        assert_eq!(
+            got(r.push(0, &v4_frag(1, 16, false, &d[16..32]))),
+            Err(FragError::Inconsistent)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_frag(1, 32, false, &d[32..]))),
+            Err(FragError::Discarded)
+        );
+        // More-fragments set on a copy of the last fragment (IPv6).
+        r.push(0, &v6_frag(2, 32, false, &d[32..])).unwrap();
+        r.push(0, &v6_frag(2, 0, true, &d[..16])).unwrap();
+        assert_eq!(
+            got(r.push(0, &v6_frag(2, 32, true, &d[32..]))),
+            Err(FragError::Inconsistent)
+        );
+        assert_eq!(
+            got(r.push(0, &v6_frag(2, 16, true, &d[16..32]))),
+            Err(FragError::Discarded)
+        );
+        // Same range and flag, other bytes.
+        let mut other = d[16..32].to_vec();
+        other[3] ^= 0xff;
+        r.push(0, &v4_frag(3, 0, true, &d[..16])).unwrap();
+        r.push(0, &v4_frag(3, 16, true, &d[16..32])).unwrap();
+        assert_eq!(
+            got(r.push(0, &v4_frag(3, 16, true, &other))),
+            Err(FragError::Overlap)
+        );
+        assert_eq!(
+            got(r.push(0, &v4_frag(3, 32, false, &d[32..]))),
+            Err(FragError::Discarded)
+        );
+        let s = r.stats();
+        assert_eq!((s.inconsistent, s.overlaps, s.discarded), (2, 1, 3));
+        assert_eq!((s.duplicates, s.completed), (0, 0));
+        // Same range, flag and bytes: a duplicate, and the datagram
+        // completes with the bytes sent.
+        r.push(0, &v4_frag(4, 16, true, &d[16..32])).unwrap();
+        assert_eq!(
+            got(r.push(0, &v4_frag(4, 16, true, &d[16..32]))),
+            Err(FragError::Duplicate)
+        );
+        r.push(0, &v4_frag(4, 32, false, &d[32..])).unwrap();
+        let out = complete(r.push(0, &v4_frag(4, 0, true, &d[..16])));
+        assert_eq!(&out[20..], &d[..]);
+        assert_eq!(r.stats().duplicates, 1);
+        r.check_invariants().unwrap();
     }
 
     #[test]
