@@ -1,8 +1,12 @@
 //! Invariant: whatever segments, timer expiries and application calls
 //! reach a connection in any state, the engine never panics, its own
-//! bookkeeping stays consistent (`check_invariants`), and every segment
-//! it emits is well-formed: a header that fits 60 bytes and a payload no
-//! longer than the caller allowed, matching the header's length.
+//! bookkeeping stays consistent (`check_invariants`, which also holds that
+//! no out-of-order byte past a known FIN is kept and that RCV.NXT never
+//! passes it untaken), every segment it emits is well-formed: a header
+//! that fits 60 bytes and a payload no longer than the caller allowed,
+//! matching the header's length; and once the peer's FIN is taken, no
+//! byte is delivered to the application any more and every ACK it sends
+//! acknowledges the same sequence number.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -138,6 +142,10 @@ fuzz_target!(|data: &[u8]| {
     let mut base_seq = peer.last().map_or(0, |(r, _)| r.seq_number);
     let mut base_ack = peer.last().map_or(0, |(r, _)| r.ack_number);
     let mut payload = vec![0u8; 2048];
+    // Bytes the application read, and (delivered bytes, ACK number) once
+    // the FIN was taken.
+    let mut read = 0usize;
+    let mut at_fin: Option<(usize, Option<u32>)> = None;
     while rest.len() >= 12 {
         let (op, tail) = rest.split_at(12);
         rest = tail;
@@ -184,7 +192,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 1 => {
                     let mut buf = vec![0u8; usize::from(u16_at(op, 2))];
-                    a.recv(&mut buf);
+                    read += a.recv(&mut buf);
                 }
                 2 => a.close(),
                 3 => a.abort(),
@@ -201,6 +209,12 @@ fuzz_target!(|data: &[u8]| {
                 if let Some((r, _)) = out.last() {
                     base_ack = r.seq_number;
                 }
+                if let Some((_, ack)) = &mut at_fin {
+                    for (r, _) in out.iter().filter(|(r, _)| r.flags.contains(Flags::ACK)) {
+                        let want = *ack.get_or_insert(r.ack_number);
+                        assert_eq!(r.ack_number, want, "ACK moved after the FIN");
+                    }
+                }
                 // The real peer sees them too and answers.
                 deliver(&mut b, now, &out);
                 let back = drain(&mut b, now, 1448);
@@ -212,6 +226,11 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Err(e) = a.check_invariants() {
             panic!("invariant broken: {e}");
+        }
+        let delivered = read + a.recv_available();
+        if a.fin_received() {
+            let (d, _) = *at_fin.get_or_insert((delivered, None));
+            assert_eq!(delivered, d, "bytes delivered after the FIN");
         }
         if let Err(e) = b.check_invariants() {
             panic!("peer invariant broken: {e}");

@@ -84,6 +84,28 @@ impl Assembler {
         true
     }
 
+    /// The sequence number just past the highest byte held.
+    pub fn end(&self) -> Option<u32> {
+        self.segs
+            .last()
+            .map(|(s, d)| s.wrapping_add(d.len() as u32))
+    }
+
+    /// Drops what lies at or past `end` (at or above `rcv_nxt`): the
+    /// peer's FIN is there, and bytes past it are no part of the stream.
+    pub fn truncate(&mut self, rcv_nxt: u32, end: u32) {
+        let cut = seq::dist(rcv_nxt, end);
+        self.segs.retain_mut(|(s, d)| {
+            let at = seq::dist(rcv_nxt, *s);
+            d.truncate(cut.saturating_sub(at));
+            !d.is_empty()
+        });
+        self.bytes = self.segs.iter().map(|(_, d)| d.len()).sum();
+        if self.last.is_some_and(|l| seq::dist(rcv_nxt, l) >= cut) {
+            self.last = None;
+        }
+    }
+
     /// Hands contiguous data starting at `rcv_nxt` to `out`; drops what
     /// now lies below `rcv_nxt`. Returns the bytes handed over.
     pub fn pop_ready(&mut self, mut rcv_nxt: u32, out: &mut dyn FnMut(&[u8])) -> usize {

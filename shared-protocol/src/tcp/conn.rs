@@ -110,7 +110,10 @@ pub struct Connection {
     rx: VecDeque<u8>,
     asm: Assembler,
     fin_received: bool,
-    ooo_fin: Option<u32>,
+    /// Sequence number of the peer's FIN once known, in order or not. The
+    /// first one known holds: nothing at or past it is taken, and a FIN
+    /// elsewhere is ignored.
+    rcv_fin: Option<u32>,
 
     // Options.
     ts_enabled: bool,
@@ -198,7 +201,7 @@ impl Connection {
             rx: VecDeque::new(),
             asm: Assembler::new(cfg.ooo_limit),
             fin_received: false,
-            ooo_fin: None,
+            rcv_fin: None,
             ts_enabled: false,
             ts_recent: 0,
             ts_offset: iss.rotate_left(13),
@@ -1025,6 +1028,22 @@ impl Connection {
             }
             return;
         }
+        let end = s.wrapping_add(data.len() as u32);
+        if let Some(f) = self.rcv_fin {
+            // The stream ends at the FIN already known: a FIN elsewhere
+            // is ignored, bytes at or past it are no part of the stream.
+            if fin && end != f {
+                fin = false;
+            }
+            if seq::gt(end, f) {
+                let keep = if seq::gt(f, s) { seq::dist(s, f) } else { 0 };
+                data = &data[..keep];
+                self.stats.dropped += 1;
+                self.ack_now = true;
+            }
+        } else if fin && s == self.rcv_nxt {
+            self.learn_fin(end);
+        }
         if s == self.rcv_nxt {
             let gap_filled = !self.asm.is_empty();
             if !data.is_empty() {
@@ -1036,10 +1055,7 @@ impl Connection {
                 self.stats.bytes_in += (data.len() + n) as u64;
                 self.event(Event::Readable);
             }
-            if self.ooo_fin == Some(self.rcv_nxt) {
-                fin = true;
-            }
-            if fin {
+            if self.rcv_fin == Some(self.rcv_nxt) {
                 self.receive_fin(now);
                 return;
             }
@@ -1058,11 +1074,19 @@ impl Connection {
             self.stats.ooo_segments += 1;
             if !self.asm.insert(self.rcv_nxt, s, data) {
                 self.stats.ooo_dropped += 1;
-            } else if fin {
-                self.ooo_fin = Some(s.wrapping_add(data.len() as u32));
+            } else if fin && self.rcv_fin.is_none() {
+                self.learn_fin(end);
             }
             self.ack_now = true;
         }
+    }
+
+    /// Records where the peer's FIN sits (above RCV.NXT or at the end of
+    /// the segment being taken); out-of-order data held past it is no
+    /// part of the stream.
+    fn learn_fin(&mut self, at: u32) {
+        self.rcv_fin = Some(at);
+        self.asm.truncate(self.rcv_nxt, at);
     }
 
     fn receive_fin(&mut self, now: Instant) {
@@ -1480,6 +1504,17 @@ impl Connection {
         }
         if self.asm.bytes() > self.cfg.ooo_limit {
             return Err("out-of-order data over its limit");
+        }
+        if self.fin_received && !self.asm.is_empty() {
+            return Err("out-of-order data held after the FIN");
+        }
+        if let (false, Some(f)) = (self.fin_received, self.rcv_fin) {
+            if !seq::lt(self.rcv_nxt, f) {
+                return Err("received up to the FIN without taking it");
+            }
+            if self.asm.end().is_some_and(|e| seq::gt(e, f)) {
+                return Err("out-of-order data held past the FIN");
+            }
         }
         if self.state.is_synchronized() && seq::gt(self.snd_una, self.fin_seq().wrapping_add(1)) {
             return Err("acknowledged beyond what was sent");

@@ -810,3 +810,178 @@ fn lost_syn_ack_is_resent_on_the_peers_syn() {
     assert_eq!(l.a.state(), State::Established);
     assert!(l.a.stats().retransmits >= 1, "A resent its SYN");
 }
+
+/// A's last header, as the template of segments made up from A to B: it
+/// carries B's receive point, A's timestamp and the right ACK.
+fn a_to_b(l: &Link) -> Repr {
+    let mut h = l
+        .sent_by(Side::A)
+        .last()
+        .copied()
+        .unwrap_or_else(|| panic!());
+    h.flags = Flags::ACK;
+    h.sack_ranges = [None; MAX_SACK_BLOCKS];
+    h.payload_len = 0;
+    h
+}
+
+/// B takes `data` at `seq` from A, with a FIN after it if `fin`.
+fn to_b(l: &mut Link, hdr: &Repr, seq: u32, data: &[u8], fin: bool) {
+    let mut h = *hdr;
+    h.seq_number = seq;
+    h.payload_len = data.len();
+    if fin {
+        h.flags |= Flags::FIN;
+    }
+    let now = l.now;
+    l.b.on_segment(now, &h, data);
+}
+
+/// Everything B sends now.
+fn b_sends(l: &mut Link) -> Vec<Repr> {
+    let now = l.now;
+    std::iter::from_fn(|| l.b.poll_transmit(now, 1460).map(|s| s.repr)).collect()
+}
+
+fn read_all(c: &mut Connection) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.recv(&mut buf);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn events(c: &mut Connection) -> Vec<Event> {
+    std::iter::from_fn(|| c.poll_event()).collect()
+}
+
+/// The last ACK number and SACK blocks B sent.
+fn b_ack(l: &mut Link) -> (u32, Vec<(u32, u32)>) {
+    let last = b_sends(l)
+        .last()
+        .copied()
+        .unwrap_or_else(|| panic!("B sent nothing"));
+    assert!(last.flags.contains(Flags::ACK));
+    let sacks = last.sack_ranges.iter().flatten().copied().collect();
+    (last.ack_number, sacks)
+}
+
+/// A FIN at X arrives before the data below it; then bytes at and past
+/// X, which are not part of the stream; then the gap. The application
+/// reads exactly the bytes below X and then end of stream; B acks X + 1.
+#[test]
+fn out_of_order_fin_ends_the_stream_where_it_says() {
+    let mut l = Link::established(cfg(), cfg());
+    let hdr = a_to_b(&l);
+    let base = hdr.seq_number;
+    let x = base.wrapping_add(1000);
+    let stream = pattern(1000);
+    to_b(&mut l, &hdr, x, &[], true);
+    to_b(&mut l, &hdr, x, &[0xee; 500], false);
+    let across = [&stream[800..], &[0xee; 300][..]].concat();
+    to_b(&mut l, &hdr, x.wrapping_sub(200), &across, false);
+    assert_eq!(l.b.recv_available(), 0);
+    // Held: only [X - 200, X).
+    assert_eq!(b_ack(&mut l), (base, vec![(x.wrapping_sub(200), x)]));
+
+    to_b(&mut l, &hdr, base, &stream[..800], false);
+    let got = read_all(&mut l.b);
+    assert_eq!(got.len(), stream.len());
+    assert_eq!(got, stream);
+    assert!(l.b.fin_received());
+    assert!(l.b.recv_finished());
+    assert_eq!(l.b.state(), State::CloseWait);
+    assert!(events(&mut l.b).contains(&Event::PeerClosed));
+    assert_eq!(b_ack(&mut l), (x.wrapping_add(1), vec![]));
+    // Data past the FIN sent again changes nothing.
+    to_b(&mut l, &hdr, x, &[0xee; 500], false);
+    assert_eq!(l.b.recv_available(), 0);
+    assert_eq!(b_ack(&mut l), (x.wrapping_add(1), vec![]));
+}
+
+/// A FIN at X out of order, then data up to X only, the upper part first:
+/// once the gap fills the FIN is taken. B had closed first, so it goes
+/// from FIN-WAIT-2 to TIME-WAIT.
+#[test]
+fn out_of_order_fin_is_taken_when_data_up_to_it_fills_the_gap() {
+    let mut l = Link::established(cfg(), cfg());
+    l.b.close();
+    l.run_until(|l| l.b.state() == State::FinWait2, 1_000_000);
+    assert_eq!(l.b.state(), State::FinWait2);
+    let hdr = a_to_b(&l);
+    let base = hdr.seq_number;
+    let x = base.wrapping_add(1000);
+    let stream = pattern(1000);
+    to_b(&mut l, &hdr, x, &[], true);
+    to_b(&mut l, &hdr, x.wrapping_sub(400), &stream[600..], false);
+    assert_eq!(b_ack(&mut l), (base, vec![(x.wrapping_sub(400), x)]));
+    assert_eq!(l.b.state(), State::FinWait2);
+    to_b(&mut l, &hdr, base, &stream[..600], false);
+    let got = read_all(&mut l.b);
+    assert_eq!(got.len(), stream.len());
+    assert_eq!(got, stream);
+    assert!(l.b.recv_finished());
+    assert_eq!(l.b.state(), State::TimeWait);
+    assert!(events(&mut l.b).contains(&Event::PeerClosed));
+    assert_eq!(b_ack(&mut l), (x.wrapping_add(1), vec![]));
+}
+
+/// A FIN at X out of order, then FINs at other places: the first one
+/// known holds. A later FIN past X and its bytes past X are ignored; a
+/// FIN below X is ignored but its data kept.
+#[test]
+fn a_second_fin_elsewhere_is_ignored() {
+    let mut l = Link::established(cfg(), cfg());
+    let hdr = a_to_b(&l);
+    let base = hdr.seq_number;
+    let x = base.wrapping_add(1000);
+    let stream = pattern(1000);
+    to_b(&mut l, &hdr, x, &[], true);
+    to_b(&mut l, &hdr, x, &[0xee; 100], true);
+    assert_eq!(b_ack(&mut l), (base, vec![]));
+    to_b(&mut l, &hdr, x.wrapping_sub(500), &stream[500..700], true);
+    assert_eq!(
+        b_ack(&mut l),
+        (base, vec![(x.wrapping_sub(500), x.wrapping_sub(300))])
+    );
+    // The gap below X - 500 fills: data up to X - 300, and no FIN there.
+    to_b(&mut l, &hdr, base, &stream[..500], false);
+    let got = read_all(&mut l.b);
+    assert_eq!(got.len(), 700);
+    assert_eq!(got, &stream[..700]);
+    assert!(!l.b.fin_received());
+    assert!(!l.b.recv_finished());
+    assert_eq!(l.b.state(), State::Established);
+    assert_eq!(b_ack(&mut l), (x.wrapping_sub(300), vec![]));
+    // The rest up to X, then the FIN at X.
+    to_b(&mut l, &hdr, x.wrapping_sub(300), &stream[700..], false);
+    let got = read_all(&mut l.b);
+    assert_eq!(got.len(), 300);
+    assert_eq!(got, &stream[700..]);
+    assert!(l.b.recv_finished());
+    assert_eq!(l.b.state(), State::CloseWait);
+    assert_eq!(b_ack(&mut l), (x.wrapping_add(1), vec![]));
+}
+
+/// Data held out of order past a FIN that then arrives in order is not
+/// part of the stream.
+#[test]
+fn in_order_fin_drops_data_held_past_it() {
+    let mut l = Link::established(cfg(), cfg());
+    let hdr = a_to_b(&l);
+    let base = hdr.seq_number;
+    let x = base.wrapping_add(1000);
+    let stream = pattern(1000);
+    to_b(&mut l, &hdr, x, &[0xee; 500], false);
+    to_b(&mut l, &hdr, base, &stream, true);
+    let got = read_all(&mut l.b);
+    assert_eq!(got.len(), stream.len());
+    assert_eq!(got, stream);
+    assert!(l.b.recv_finished());
+    assert_eq!(l.b.state(), State::CloseWait);
+    assert_eq!(b_ack(&mut l), (x.wrapping_add(1), vec![]));
+}
