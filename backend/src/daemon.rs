@@ -152,7 +152,8 @@ pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonErro
     // returns at once, and nothing is left on the filesystem to race for.
     daemon.start(&mut listener)?;
     drop(listener);
-    let threads = relay(front, back).map_err(DaemonError::Socket)?;
+    let vrings = 2 * u32::from(dev.config.pairs) + 1;
+    let threads = relay(front, back, vrings).map_err(DaemonError::Socket)?;
     let r = daemon.wait();
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
