@@ -84,7 +84,9 @@ where
     match last {
         Some(d) if d.has_next() => Err(DropReason::ChainTooLong),
         Some(_) => Ok(()),
-        None => Err(DropReason::ZeroLength),
+        // Not even the head came out: an indirect table that is not in
+        // guest memory or not a whole number of descriptors.
+        None => Err(DropReason::BadDescriptor),
     }
 }
 
@@ -143,7 +145,9 @@ where
     match last {
         Some(d) if d.has_next() => Err(DropReason::ChainTooLong),
         Some(_) => Ok(()),
-        None => Err(DropReason::ZeroLength),
+        // Not even the head came out: an indirect table that is not in
+        // guest memory or not a whole number of descriptors.
+        None => Err(DropReason::BadDescriptor),
     }
 }
 
@@ -313,11 +317,14 @@ impl RxBufs {
                 let len = desc.len() as usize;
                 if !desc.is_write_only() {
                     bad = Some(DropReason::BadChainLayout);
+                } else if len == 0 {
+                    // Holds nothing; skipped.
+                    continue;
                 } else if self.ndescs == MAX_RX_DESCS {
                     bad = Some(DropReason::ChainTooLong);
                 } else if self.ndescs == 0 && len < hdr_len {
                     bad = Some(DropReason::RxChainTooSmall);
-                } else if len > 0 {
+                } else {
                     self.descs[self.ndescs] = (desc.addr(), len);
                     self.ndescs += 1;
                     self.cap += len;
@@ -418,6 +425,9 @@ impl RxWriter<'_> {
                     continue;
                 }
                 let len = desc.len() as usize;
+                if len == 0 {
+                    continue;
+                }
                 if first_hdr.is_none() {
                     if len < hdr_len {
                         failure = Some(DropReason::RxChainTooSmall);

@@ -222,6 +222,11 @@ impl VnicBackend {
         self.event_id(Ev::Resume)
     }
 
+    /// The event that tells a worker frames wait in its RX backlog.
+    pub fn backlog_event(&self) -> u16 {
+        self.event_id(Ev::Backlog)
+    }
+
     /// Whether thread `i` (a worker, or `pairs` for the control queue)
     /// has work left over for its resume event; reading clears it.
     pub fn take_resume(&self, i: usize) -> bool {

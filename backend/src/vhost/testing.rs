@@ -445,6 +445,22 @@ impl Harness {
             .handle_event(ev, vmm_sys_util::epoll::EventSet::IN, &self.ctrl_vring, 1)
     }
 
+    /// Delivers the worker's own pending events (work resumed after a
+    /// budget, frames waiting in the backlog) until none is left, as its
+    /// epoll loop would.
+    pub fn settle(&self) -> std::io::Result<()> {
+        for _ in 0..10_000 {
+            if self.backend.take_resume(0) {
+                self.worker_event(self.backend.resume_event())?;
+            } else if self.dev.backlogs[0].event.read().is_ok() {
+                self.worker_event(self.backend.backlog_event())?;
+            } else {
+                return Ok(());
+            }
+        }
+        Err(std::io::Error::other("the worker never settles"))
+    }
+
     /// A buffer of `len` bytes holding `bytes` (zero-padded), with a
     /// random gap before it.
     pub fn buffer(&mut self, bytes: &[u8], len: usize) -> GuestAddress {

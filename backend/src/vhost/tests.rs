@@ -8,6 +8,8 @@ use vnic_protocol::virtio::{
     Features,
 };
 
+use std::collections::VecDeque;
+
 use super::testing::{Desc, Harness};
 use crate::{nic::DropReason, uplink::Offloads};
 
@@ -263,4 +265,588 @@ fn control_queue_stops_at_its_budget() {
     assert!(h.backend.take_resume(1));
     h.ctrl_event(h.backend.resume_event()).unwrap();
     assert_eq!(h.ctrl.used(&h.mem).len(), 100 - super::CTRL_BUDGET);
+}
+
+// The descriptor-chain layer (chain.rs) over guest memory: frames gathered
+// from and written into chains of buffers with random gaps between them,
+// direct and indirect, and every malformed chain a driver can write.
+
+use vm_memory::GuestAddress;
+use vnic_protocol::{
+    virtio::{
+        hdr::{GsoType, HDR_LEN, HDR_LEN_HASH},
+        HdrFlags, VirtioNetHdr,
+    },
+    wire::build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
+};
+
+use super::testing::{Rng, F_INDIRECT, F_NEXT, F_WRITE};
+
+const DEV_MAC: vnic_protocol::wire::ethernet::Address =
+    vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+/// A UDP frame of `len` bytes in all, from a source port that varies the
+/// flow's hash.
+fn udp(len: usize, port: u16) -> Vec<u8> {
+    let flow = Flow {
+        dst_mac: DEV_MAC,
+        src_port: port,
+        ..Flow::v4()
+    };
+    udp_frame(&flow, &IpFields::default(), &vec![0x3c; len.max(60) - 42]).unwrap()
+}
+
+/// Splits `len` bytes at up to `max_pieces - 1` random points.
+fn cut(rng: &mut Rng, len: usize, max_pieces: usize) -> Vec<usize> {
+    let n = 1 + rng.below(max_pieces as u64) as usize;
+    let mut points: Vec<usize> = (1..n).map(|_| rng.below(len as u64) as usize).collect();
+    points.push(0);
+    points.push(len);
+    points.sort_unstable();
+    points.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// Writes `bytes` as a chain of readable buffers split at random points
+/// (empty pieces included), direct or through an indirect table.
+fn post_readable(h: &mut Harness, bytes: &[u8], indirect: bool) -> u16 {
+    let lens = cut(h.arena.rng(), bytes.len(), 6);
+    let mut descs = Vec::new();
+    let mut at = 0;
+    for n in lens {
+        let addr = h.buffer(&bytes[at..at + n], n);
+        descs.push(Desc::ro(addr, n));
+        at += n;
+    }
+    if indirect {
+        let table = h.arena.alloc(16 * descs.len()).unwrap();
+        h.tx.push_indirect(&h.mem, table, &descs).unwrap()
+    } else {
+        h.tx.push_chain(&h.mem, &descs).unwrap()
+    }
+}
+
+fn tx_header(hdr: &VirtioNetHdr, hash: bool) -> Vec<u8> {
+    let mut b = vec![0u8; HDR_LEN_HASH];
+    let n = hdr.emit(&mut b, hash).unwrap();
+    b.truncate(n);
+    b
+}
+
+#[test]
+fn transmit_gathers_frames_from_scattered_and_indirect_buffers() {
+    for (seed, hash) in [(10, false), (11, true)] {
+        let features = if hash {
+            all()
+        } else {
+            all() - Features::HASH_REPORT
+        };
+        let mut h = Harness::new(features, 256, Offloads::ALL, seed);
+        let mut want = Vec::new();
+        for k in 0..120u16 {
+            // Plain frames up to the MTU, and TSO frames up to 64 KiB.
+            let (hdr, frame) = if k % 5 == 4 {
+                let len = 2000 + h.arena.rng().below(60_000) as usize;
+                let flow = Flow {
+                    dst_mac: DEV_MAC,
+                    ..Flow::v4()
+                };
+                let f = tcp_frame(
+                    &flow,
+                    data_segment(1, 1, vnic_protocol::wire::tcp::Flags::ACK),
+                    &IpFields::default(),
+                    &vec![k as u8; len],
+                )
+                .unwrap();
+                let hdr = VirtioNetHdr {
+                    flags: HdrFlags::NEEDS_CSUM,
+                    gso_type: GsoType::TcpV4 as u8,
+                    hdr_len: 54,
+                    gso_size: 1448,
+                    csum_start: 34,
+                    csum_offset: 16,
+                    ..Default::default()
+                };
+                (hdr, f)
+            } else {
+                let len = 60 + h.arena.rng().below(1455) as usize;
+                (VirtioNetHdr::default(), udp(len, 1000 + k))
+            };
+            let mut bytes = tx_header(&hdr, hash);
+            bytes.extend_from_slice(&frame);
+            post_readable(&mut h, &bytes, k % 3 == 0);
+            want.push(frame);
+            if h.tx.free() < 8 {
+                h.worker_event(1).unwrap();
+                while h.backend.take_resume(0) {
+                    h.worker_event(h.backend.resume_event()).unwrap();
+                }
+                h.tx.used(&h.mem);
+            }
+        }
+        h.worker_event(1).unwrap();
+        while h.backend.take_resume(0) {
+            h.worker_event(h.backend.resume_event()).unwrap();
+        }
+        let sent = h.up.sent();
+        assert_eq!(sent.len(), want.len(), "{}", h.dev.stats.render());
+        for (s, w) in sent.iter().zip(&want) {
+            assert_eq!(&s[HDR_LEN..], &w[..], "the frame, byte for byte");
+        }
+        // Past the copied headers, payload goes from guest memory as it is.
+        let kinds = h.up.lock().kinds.clone();
+        assert!(kinds
+            .iter()
+            .zip(&want)
+            .filter(|(_, w)| w.len() > super::chain::TX_PREFIX + 64)
+            .all(|(k, _)| k.iter().any(|&g| g)));
+        assert_eq!(h.up.lock().stray_pieces, 0);
+        assert_eq!(h.dev.stats.tx[0].total_drops(), 0);
+    }
+}
+
+/// Posts a chain made of `descs` exactly as given in table slots 0.. and
+/// runs TX; returns the drop reasons counted.
+fn tx_bad(h: &mut Harness, descs: &[Desc], head: u16) -> Vec<(DropReason, u64)> {
+    let before: Vec<u64> = DropReason::ALL
+        .iter()
+        .map(|&r| h.dev.stats.tx[0].drops(r))
+        .collect();
+    h.tx.push_raw(&h.mem, descs, head);
+    h.worker_event(1).unwrap();
+    let used = h.tx.used(&h.mem);
+    assert_eq!(used, vec![(u32::from(head), 0)], "the chain is given back");
+    DropReason::ALL
+        .iter()
+        .zip(before)
+        .map(|(&r, b)| (r, h.dev.stats.tx[0].drops(r) - b))
+        .filter(|x| x.1 > 0)
+        .collect()
+}
+
+#[test]
+fn malformed_transmit_chains_are_counted_by_reason() {
+    let mut h = Harness::new(all() - Features::HASH_REPORT, 16, Offloads::ALL, 12);
+    let mut ok = tx_header(&VirtioNetHdr::default(), false);
+    ok.extend_from_slice(&udp(100, 7));
+    let good = h.buffer(&ok, ok.len());
+    let outside = GuestAddress(0x4000_0000);
+    let hole = GuestAddress(super::testing::REGION_A.0 + super::testing::REGION_A.1 as u64 + 16);
+    let cases: Vec<(&str, Vec<Desc>, DropReason)> = vec![
+        (
+            "outside guest memory",
+            vec![Desc::ro(outside, 100)],
+            DropReason::BadDescriptor,
+        ),
+        (
+            "in the hole between regions",
+            vec![Desc::ro(hole, 100)],
+            DropReason::BadDescriptor,
+        ),
+        (
+            "across the end of a region",
+            vec![Desc::ro(
+                GuestAddress(super::testing::REGION_A.0 + super::testing::REGION_A.1 as u64 - 50),
+                100,
+            )],
+            DropReason::BadDescriptor,
+        ),
+        (
+            "zero length",
+            vec![Desc::ro(good, 0)],
+            DropReason::ZeroLength,
+        ),
+        (
+            "a loop",
+            vec![
+                Desc {
+                    addr: good.0,
+                    len: 20,
+                    flags: F_NEXT,
+                    next: 1,
+                },
+                Desc {
+                    addr: good.0,
+                    len: 20,
+                    flags: F_NEXT,
+                    next: 0,
+                },
+            ],
+            DropReason::ChainTooLong,
+        ),
+        (
+            "next past the table",
+            vec![Desc {
+                addr: good.0,
+                len: 20,
+                flags: F_NEXT,
+                next: 99,
+            }],
+            DropReason::ChainTooLong,
+        ),
+        (
+            "a writable buffer",
+            vec![Desc::wo(good, ok.len())],
+            DropReason::BadChainLayout,
+        ),
+        (
+            "an invalid header",
+            vec![Desc::ro(h.buffer(&[0xff; 80], 80), 80)],
+            DropReason::BadHeader,
+        ),
+        (
+            "an indirect table outside memory",
+            vec![Desc {
+                addr: outside.0,
+                len: 32,
+                flags: F_INDIRECT,
+                next: 0,
+            }],
+            DropReason::BadDescriptor,
+        ),
+    ];
+    for (what, descs, why) in cases {
+        let got = tx_bad(&mut h, &descs, 0);
+        assert_eq!(got, vec![(why, 1)], "{what}");
+    }
+    // A looping indirect table.
+    let table = h.arena.alloc(32).unwrap();
+    for (k, next) in [(0u64, 1u16), (1, 0)] {
+        let d = Desc {
+            addr: good.0,
+            len: 20,
+            flags: F_NEXT,
+            next,
+        };
+        let _ = vm_memory::Bytes::write_slice(
+            &h.mem,
+            &[
+                d.addr.to_le_bytes().as_slice(),
+                &d.len.to_le_bytes(),
+                &d.flags.to_le_bytes(),
+                &d.next.to_le_bytes(),
+            ]
+            .concat(),
+            GuestAddress(table.0 + 16 * k),
+        );
+    }
+    let got = tx_bad(
+        &mut h,
+        &[Desc {
+            addr: table.0,
+            len: 32,
+            flags: F_INDIRECT,
+            next: 0,
+        }],
+        0,
+    );
+    assert_eq!(
+        got,
+        vec![(DropReason::ChainTooLong, 1)],
+        "a looping indirect table"
+    );
+    // The queue still works.
+    h.tx.push_chain(&h.mem, &[Desc::ro(good, ok.len())])
+        .unwrap();
+    h.worker_event(1).unwrap();
+    assert_eq!(
+        h.up.sent().last().map(|f| f[HDR_LEN..].to_vec()),
+        Some(ok[HDR_LEN..].to_vec())
+    );
+}
+
+/// RX buffers the test posted, by head: (address, length) of each.
+type Posted = std::collections::HashMap<u16, Vec<(GuestAddress, usize)>>;
+
+fn post_rx(h: &mut Harness, posted: &mut Posted, lens: &[usize], indirect: bool) {
+    let mut descs = Vec::new();
+    for &n in lens {
+        let at = h.buffer(&vec![0xaa; n], n);
+        descs.push(Desc::wo(at, n));
+    }
+    let head = if indirect {
+        let table = h.arena.alloc(16 * descs.len()).unwrap();
+        h.rx.push_indirect(&h.mem, table, &descs).unwrap()
+    } else {
+        h.rx.push_chain(&h.mem, &descs).unwrap()
+    };
+    posted.insert(
+        head,
+        descs
+            .iter()
+            .map(|d| (GuestAddress(d.addr), d.len as usize))
+            .collect(),
+    );
+}
+
+/// The bytes the device wrote into a used chain.
+fn used_bytes(h: &Harness, posted: &Posted, head: u32, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut left = len as usize;
+    for &(at, n) in &posted[&(head as u16)] {
+        let k = n.min(left);
+        out.extend_from_slice(&h.read(at, k));
+        left -= k;
+    }
+    assert_eq!(left, 0, "used length within the chain");
+    out
+}
+
+#[test]
+fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_hash() {
+    for (seed, mergeable, hash) in [
+        (20, true, true),
+        (21, true, false),
+        (22, false, true),
+        (23, false, false),
+    ] {
+        let mut features = all();
+        if !mergeable {
+            features -= Features::MRG_RXBUF;
+        }
+        if !hash {
+            features -= Features::HASH_REPORT;
+        }
+        let hdr_len = if hash { HDR_LEN_HASH } else { HDR_LEN };
+        let mut h = Harness::new(features, 256, Offloads::ALL, seed);
+        let mut posted = Posted::new();
+        let mut frames = Vec::new();
+        for k in 0..60u16 {
+            let len = 60 + h.arena.rng().below(1455) as usize;
+            let f = udp(len, 2000 + k);
+            let mut tap = vec![0u8; crate::uplink::tap::VNET_HDR_LEN];
+            tap.extend_from_slice(&f);
+            h.up.push_rx(tap);
+            frames.push(f);
+        }
+        // Buffers: with MRG_RXBUF many small one-descriptor chains;
+        // without, chains of several descriptors that hold a whole frame,
+        // some indirect.
+        while h.rx.free() > 8 {
+            if mergeable {
+                let n = 256 + h.arena.rng().below(900) as usize;
+                post_rx(&mut h, &mut posted, &[n], false);
+            } else {
+                let lens = [hdr_len + 10, 700, 900];
+                let indirect = h.arena.rng().below(2) == 0;
+                post_rx(&mut h, &mut posted, &lens, indirect);
+            }
+        }
+        let mut got = Vec::new();
+        let mut used = VecDeque::new();
+        for _ in 0..100 {
+            h.worker_event(0).unwrap();
+            used.extend(h.rx.used(&h.mem));
+            while let Some((head, len)) = used.pop_front() {
+                let mut b = used_bytes(&h, &posted, head, len);
+                let hdr = VirtioNetHdr::parse(&b, hash).unwrap();
+                let nb = if mergeable { hdr.num_buffers } else { 1 };
+                for _ in 1..nb {
+                    let (h2, l2) = used.pop_front().expect("the frame's other buffers");
+                    b.extend_from_slice(&used_bytes(&h, &posted, h2, l2));
+                }
+                got.push((hdr, b.split_off(hdr_len)));
+            }
+            if got.len() == frames.len() {
+                break;
+            }
+            while h.rx.free() > 8 {
+                post_rx(&mut h, &mut posted, &[2048], false);
+            }
+        }
+        assert_eq!(got.len(), frames.len(), "{}", h.dev.stats.render());
+        for ((hdr, f), want) in got.iter().zip(&frames) {
+            assert_eq!(f, want, "mergeable {mergeable} hash {hash}");
+            if hash {
+                let s = h.dev.steer(want);
+                assert_eq!(hdr.hash_value, s.hash);
+                assert_eq!(hdr.hash_report, 3, "UDPv4");
+                assert_ne!(hdr.hash_value, 0);
+            }
+        }
+        assert_eq!(h.dev.stats.rx[0].total_drops(), 0);
+        assert_eq!(h.up.lock().stray_pieces, 0);
+    }
+}
+
+#[test]
+fn a_gso_frame_spills_into_further_mergeable_buffers() {
+    let mut h = harness(24);
+    // As a TAP with TSO hands it over: 30000 bytes of TCP.
+    let flow = Flow {
+        dst_mac: DEV_MAC,
+        ..Flow::v4()
+    };
+    let f = tcp_frame(
+        &flow,
+        data_segment(1, 1, vnic_protocol::wire::tcp::Flags::ACK),
+        &IpFields::default(),
+        &(0..30_000u32).map(|i| i as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let vh = VirtioNetHdr {
+        gso_type: GsoType::TcpV4 as u8,
+        gso_size: 1448,
+        hdr_len: 54,
+        ..Default::default()
+    };
+    let mut tap = vec![0u8; HDR_LEN];
+    vh.emit(&mut tap, false).unwrap();
+    tap.extend_from_slice(&f);
+    h.up.push_rx(tap);
+    let mut posted = Posted::new();
+    while h.rx.free() > 0 {
+        post_rx(&mut h, &mut posted, &[1536], false);
+    }
+    h.worker_event(0).unwrap();
+    let used = h.rx.used(&h.mem);
+    let mut b = Vec::new();
+    for &(head, len) in &used {
+        b.extend_from_slice(&used_bytes(&h, &posted, head, len));
+    }
+    let hdr = VirtioNetHdr::parse(&b, true).unwrap();
+    assert_eq!(usize::from(hdr.num_buffers), used.len());
+    assert_eq!(used.len(), (HDR_LEN_HASH + f.len()).div_ceil(1536));
+    assert_eq!(hdr.gso_type, GsoType::TcpV4 as u8);
+    assert_eq!(&b[HDR_LEN_HASH..], &f[..]);
+}
+
+#[test]
+fn malformed_receive_chains_are_counted_and_given_back() {
+    let mut h = Harness::new(all() - Features::MRG_RXBUF, 16, Offloads::ALL, 25);
+    let good = h.arena.alloc(2048).unwrap();
+    let outside = GuestAddress(0x4000_0000);
+    let cases: Vec<(&str, Vec<Desc>, DropReason)> = vec![
+        (
+            "a readable buffer",
+            vec![Desc::ro(good, 2048)],
+            DropReason::BadChainLayout,
+        ),
+        (
+            "outside guest memory",
+            vec![Desc::wo(outside, 2048)],
+            DropReason::BadDescriptor,
+        ),
+        (
+            "a first buffer shorter than the header",
+            vec![Desc::wo(good, 4)],
+            DropReason::RxChainTooSmall,
+        ),
+        (
+            "too small for the frame",
+            vec![Desc::wo(good, 100)],
+            DropReason::RxChainTooSmall,
+        ),
+        (
+            "a loop",
+            vec![
+                Desc {
+                    addr: good.0,
+                    len: 20,
+                    flags: F_WRITE | F_NEXT,
+                    next: 1,
+                },
+                Desc {
+                    addr: good.0 + 20,
+                    len: 20,
+                    flags: F_WRITE | F_NEXT,
+                    next: 0,
+                },
+            ],
+            DropReason::ChainTooLong,
+        ),
+    ];
+    for (what, descs, why) in cases {
+        let before = h.dev.stats.rx[0].drops(why);
+        h.up.push_rx({
+            let mut t = vec![0u8; HDR_LEN];
+            t.extend_from_slice(&udp(1000, 9));
+            t
+        });
+        h.rx.push_raw(&h.mem, &descs, 0);
+        h.worker_event(0).unwrap();
+        h.settle().unwrap();
+        let used = h.rx.used(&h.mem);
+        assert_eq!(used.len(), 1, "{what}: given back");
+        assert_eq!(used[0].1, 0, "{what}: nothing written");
+        assert_eq!(
+            h.dev.stats.rx[0].drops(why),
+            before + 1,
+            "{what}: {}",
+            h.dev.stats.render()
+        );
+        // The frame itself waits (in the uplink or the backlog) for
+        // buffers that work; dropped here before the next case.
+        h.up.lock().to_receive.clear();
+        h.dev.backlogs[0].clear();
+    }
+    // Zero-length buffers are skipped, not written.
+    let f = udp(200, 9);
+    let mut t = vec![0u8; HDR_LEN];
+    t.extend_from_slice(&f);
+    h.up.push_rx(t);
+    let mut posted = Posted::new();
+    post_rx(
+        &mut h,
+        &mut posted,
+        &[0, HDR_LEN_HASH + 100, 0, 2048],
+        false,
+    );
+    h.worker_event(0).unwrap();
+    let used = h.rx.used(&h.mem);
+    assert_eq!(used.len(), 1);
+    let b = used_bytes(&h, &posted, used[0].0, used[0].1);
+    assert_eq!(&b[HDR_LEN_HASH..], &f[..]);
+}
+
+#[test]
+fn malformed_control_chains_are_counted() {
+    let mut h = harness(26);
+    let cmd = bytes(&CtrlCommand::Rx {
+        mode: RxMode::Promisc,
+        on: true,
+    });
+    let c = h.buffer(&cmd, cmd.len());
+    let a = h.buffer(&[0xee], 1);
+    let outside = GuestAddress(0x4000_0000);
+    let cases: Vec<(&str, Vec<Desc>, DropReason)> = vec![
+        (
+            "readable after writable",
+            vec![Desc::wo(a, 1), Desc::ro(c, cmd.len())],
+            DropReason::BadChainLayout,
+        ),
+        (
+            "readable outside memory",
+            vec![Desc::ro(outside, 2), Desc::wo(a, 1)],
+            DropReason::BadDescriptor,
+        ),
+        (
+            "writable outside memory",
+            vec![Desc::ro(c, cmd.len()), Desc::wo(outside, 1)],
+            DropReason::BadDescriptor,
+        ),
+        (
+            "readable part too large",
+            vec![Desc::ro(c, 70_000), Desc::wo(a, 1)],
+            DropReason::Oversized,
+        ),
+    ];
+    for (what, descs, why) in cases {
+        let before = h.dev.stats.ctrl.drops(why);
+        h.ctrl.push_chain(&h.mem, &descs).unwrap();
+        h.ctrl_event(0).unwrap();
+        let used = h.ctrl.used(&h.mem);
+        assert_eq!(used.len(), 1, "{what}");
+        assert_eq!(used[0].1, 0, "{what}");
+        assert_eq!(h.dev.stats.ctrl.drops(why), before + 1, "{what}");
+    }
+    assert!(!h.dev.ctrl_state().filter.promisc);
+    // Through an indirect table, with the ack in its own buffer: applied.
+    let table = h.arena.alloc(32).unwrap();
+    h.ctrl
+        .push_indirect(&h.mem, table, &[Desc::ro(c, cmd.len()), Desc::wo(a, 1)])
+        .unwrap();
+    h.ctrl_event(0).unwrap();
+    assert_eq!(h.ctrl.used(&h.mem)[0].1, 1);
+    assert_eq!(h.read(a, 1), [ACK_OK]);
+    assert!(h.dev.ctrl_state().filter.promisc);
 }
