@@ -38,10 +38,13 @@ pub enum DropReason {
     /// A malformed control command, or one on a chain without room for
     /// the ack.
     BadControl,
+    /// The available ring named a descriptor past the queue's end (it
+    /// cannot be given back), or a ring is not in guest memory.
+    BadRing,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::BadDescriptor,
         DropReason::ChainTooLong,
         DropReason::ZeroLength,
@@ -56,6 +59,7 @@ impl DropReason {
         DropReason::OffloadFailed,
         DropReason::Filtered,
         DropReason::BadControl,
+        DropReason::BadRing,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +78,7 @@ impl DropReason {
             DropReason::OffloadFailed => "offload_failed",
             DropReason::Filtered => "filtered",
             DropReason::BadControl => "bad_control",
+            DropReason::BadRing => "bad_ring",
         }
     }
 

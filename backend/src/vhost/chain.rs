@@ -15,9 +15,31 @@ use vnic_protocol::{
 };
 
 use crate::{
-    nic::{Device, DropReason, QueueSet, MAX_FRAME},
+    nic::{Device, DropReason, QueueSet, QueueStats, MAX_FRAME},
     uplink::{tap::VNET_HDR_LEN, PieceMut, MAX_PIECES},
 };
+
+/// The next available chain of `q` whose head is a descriptor of the
+/// queue. The available ring may name any 16-bit value; a head past the
+/// queue's end has no descriptor and cannot be handed back through the
+/// used ring, so it is counted (`bad_ring`) and passed over.
+pub(super) fn pop_valid<M>(
+    q: &mut virtio_queue::Queue,
+    mem: M,
+    stats: &QueueStats,
+) -> Option<DescriptorChain<M>>
+where
+    M: Clone + Deref,
+    M::Target: GuestMemory,
+{
+    loop {
+        let chain = q.pop_descriptor_chain(mem.clone())?;
+        if chain.head_index() < q.size() {
+            return Some(chain);
+        }
+        stats.drop(DropReason::BadRing);
+    }
+}
 
 /// Most RX buffers one frame may be spread over with MRG_RXBUF.
 const MAX_RX_BUFFERS: usize = 64;
@@ -155,6 +177,7 @@ where
 pub(super) struct RxWriter<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub vring: &'a VringRwLock,
+    pub stats: &'a QueueStats,
     pub mergeable: bool,
     pub hash_report: bool,
 }
@@ -303,9 +326,10 @@ impl RxBufs {
         need: usize,
         hdr_len: usize,
         mergeable: bool,
+        stats: &QueueStats,
     ) -> io::Result<Result<(), DropReason>> {
         while self.cap < need && self.nchains < MAX_RX_BUFFERS && (self.nchains == 0 || mergeable) {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_valid(q, mem, stats) else {
                 break;
             };
             let head = chain.head_index();
@@ -406,7 +430,7 @@ impl RxWriter<'_> {
                 failure = Some(DropReason::RxChainTooSmall);
                 break;
             }
-            let Some(chain) = q.pop_descriptor_chain(self.mem) else {
+            let Some(chain) = pop_valid(q, self.mem, self.stats) else {
                 for _ in 0..count {
                     q.go_to_previous_position();
                 }
@@ -509,7 +533,7 @@ impl RxWriter<'_> {
             ndescs: 0,
             cap: 0,
         };
-        if let Err(why) = rx.pop_until(q, mem, hdr_len + expect, hdr_len, mergeable)? {
+        if let Err(why) = rx.pop_until(q, mem, hdr_len + expect, hdr_len, mergeable, self.stats)? {
             return Ok(Direct::Dropped(why));
         }
         if rx.cap < hdr_len + expect {
@@ -587,7 +611,7 @@ impl RxWriter<'_> {
         if fits && !spill.is_empty() {
             // Move the spilled part into more buffers, if the driver has them.
             let before = rx.cap;
-            let got = rx.pop_until(q, mem, total, hdr_len, mergeable)?;
+            let got = rx.pop_until(q, mem, total, hdr_len, mergeable, self.stats)?;
             if let Err(why) = got {
                 return Ok(Direct::Dropped(why));
             }

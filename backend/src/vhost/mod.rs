@@ -42,11 +42,11 @@ use vnic_protocol::virtio::{
     Features,
 };
 
-use self::chain::{gather_tx, split_chain, write_span, Direct, RxWriter};
+use self::chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter};
 use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
-        Device, DropReason, QueueSet, TxScratch, MAX_FRAME,
+        Device, DropReason, QueueSet, QueueStats, TxScratch, MAX_FRAME,
     },
     uplink::{
         tap::{MAX_TAP_FRAME, VNET_HDR_LEN},
@@ -138,16 +138,17 @@ impl Worker {
     }
 }
 
-/// The next available chain of `vring`, if any.
-fn pop_chain<M>(vring: &VringRwLock, mem: &M) -> Option<virtio_queue::DescriptorChain<M>>
+/// The next available chain of `vring` with a valid head, if any.
+fn pop_chain<M>(
+    vring: &VringRwLock,
+    mem: &M,
+    stats: &QueueStats,
+) -> Option<virtio_queue::DescriptorChain<M>>
 where
     M: Clone + std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
-    vring
-        .get_mut()
-        .get_queue_mut()
-        .pop_descriptor_chain(mem.clone())
+    pop_valid(vring.get_mut().get_queue_mut(), mem.clone(), stats)
 }
 
 /// What reading the uplink gave.
@@ -165,6 +166,8 @@ pub struct VnicBackend {
     dev: Arc<Device>,
     mem: RwLock<Mem>,
     acked: AtomicU64,
+    /// Errors from rings the guest broke, for rate-limited logging.
+    ring_errors: AtomicU64,
     workers: Vec<Mutex<Worker>>,
     /// Each pair's RX vring, recorded at its worker's first event, so
     /// that steering can see which queues the frontend enabled.
@@ -195,6 +198,7 @@ impl VnicBackend {
             dev,
             mem: RwLock::new(mem),
             acked: AtomicU64::new(0),
+            ring_errors: AtomicU64::new(0),
         })
     }
 
@@ -315,7 +319,7 @@ impl VnicBackend {
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             while moved < CTRL_BUDGET {
-                let Some(chain) = pop_chain(vring, &mem) else {
+                let Some(chain) = pop_chain(vring, &mem, &self.dev.stats.ctrl) else {
                     break;
                 };
                 let head = chain.head_index();
@@ -423,7 +427,7 @@ impl VnicBackend {
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             while moved < BUDGET {
-                let Some(chain) = pop_chain(vring, &mem) else {
+                let Some(chain) = pop_chain(vring, &mem, stats) else {
                     break;
                 };
                 let head = chain.head_index();
@@ -469,7 +473,7 @@ impl VnicBackend {
         Ok(())
     }
 
-    fn notify(&self, vring: &VringRwLock, stats: &crate::nic::QueueStats) -> io::Result<()> {
+    fn notify(&self, vring: &VringRwLock, stats: &QueueStats) -> io::Result<()> {
         if vring.needs_notification().map_err(io::Error::other)? {
             vring.signal_used_queue()?;
             stats.notified(true);
@@ -503,13 +507,14 @@ impl VnicBackend {
     fn process_rx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory();
         let acked = self.acked();
+        let stats = &self.dev.stats.rx[i];
         let mut writer = RxWriter {
             mem: &mem,
             vring,
+            stats,
             mergeable: acked.contains(Features::MRG_RXBUF),
             hash_report: acked.contains(Features::HASH_REPORT),
         };
-        let stats = &self.dev.stats.rx[i];
         let backlog = &self.dev.backlogs[i];
         let active = self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
@@ -752,6 +757,39 @@ impl VhostUserBackend for VnicBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // An error here would end the worker thread, and with it its
+        // queues, for the rest of the connection. Whatever the guest did
+        // (a ring outside its memory), the error is counted and logged and
+        // the worker goes on with its other queues and events.
+        if let Err(e) = self.dispatch(device_event, vrings, thread_id) {
+            let stats = &self.dev.stats;
+            let q = match (thread_id == self.pairs(), device_event) {
+                (true, _) => &stats.ctrl,
+                (false, 1) => &stats.tx[thread_id.min(self.pairs() - 1)],
+                (false, e) if e == self.event_id(Ev::Resume) => {
+                    &stats.tx[thread_id.min(self.pairs() - 1)]
+                }
+                _ => &stats.rx[thread_id.min(self.pairs() - 1)],
+            };
+            q.drop(DropReason::BadRing);
+            if self.ring_errors.fetch_add(1, Ordering::Relaxed) < 10 {
+                log::warn!("worker {thread_id}: event {device_event}: {e}");
+            } else {
+                log::debug!("worker {thread_id}: event {device_event}: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VnicBackend {
+    /// Handles one event of thread `thread_id`.
+    fn dispatch(
+        &self,
+        device_event: u16,
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {

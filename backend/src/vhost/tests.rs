@@ -850,3 +850,64 @@ fn malformed_control_chains_are_counted() {
     assert_eq!(h.read(a, 1), [ACK_OK]);
     assert!(h.dev.ctrl_state().filter.promisc);
 }
+
+#[test]
+fn a_head_past_the_queue_is_counted_and_passed_over() {
+    let mut h = harness(27);
+    let mut ok = tx_header(&VirtioNetHdr::default(), true);
+    ok.extend_from_slice(&udp(100, 7));
+    let good = h.buffer(&ok, ok.len());
+    // The available ring names descriptor 300 of a 256-entry queue: it
+    // has no used entry to give back, so it is passed over and counted.
+    h.tx.publish(&h.mem, 300);
+    h.tx.push_chain(&h.mem, &[Desc::ro(good, ok.len())])
+        .unwrap();
+    h.worker_event(1).unwrap();
+    let used = h.tx.used(&h.mem);
+    assert_eq!(used.len(), 1);
+    assert!(used[0].0 < 256);
+    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+    assert_eq!(h.up.sent().len(), 1);
+    // The same on RX and on the control queue.
+    h.rx.publish(&h.mem, 0xffff);
+    h.up.push_rx({
+        let mut t = vec![0u8; HDR_LEN];
+        t.extend_from_slice(&udp(100, 8));
+        t
+    });
+    let mut posted = Posted::new();
+    post_rx(&mut h, &mut posted, &[2048], false);
+    h.worker_event(0).unwrap();
+    assert_eq!(h.rx.used(&h.mem).len(), 1);
+    assert_eq!(h.dev.stats.rx[0].drops(DropReason::BadRing), 1);
+    h.ctrl.publish(&h.mem, 256);
+    h.ctrl_event(0).unwrap();
+    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadRing), 1);
+}
+
+#[test]
+fn a_used_ring_outside_guest_memory_does_not_end_the_worker() {
+    use vhost_user_backend::VringT;
+    let mut h = harness(28);
+    let mut ok = tx_header(&VirtioNetHdr::default(), true);
+    ok.extend_from_slice(&udp(100, 7));
+    let good = h.buffer(&ok, ok.len());
+    h.tx.push_chain(&h.mem, &[Desc::ro(good, ok.len())])
+        .unwrap();
+    // The driver put the TX used ring where there is no memory.
+    h.pair[1]
+        .set_queue_info(h.tx.desc.0, h.tx.avail.0, 0x4000_0000)
+        .unwrap();
+    h.worker_event(1).unwrap();
+    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+    // The worker's other queue still works.
+    h.up.push_rx({
+        let mut t = vec![0u8; HDR_LEN];
+        t.extend_from_slice(&udp(100, 8));
+        t
+    });
+    let mut posted = Posted::new();
+    post_rx(&mut h, &mut posted, &[2048], false);
+    h.worker_event(0).unwrap();
+    assert_eq!(h.rx.used(&h.mem).len(), 1);
+}
