@@ -58,7 +58,7 @@ fuzzed=0
 for t in $targets; do
     echo "--> $t"
     (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" -- \
-        -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 25)
+        -max_total_time="$fuzz_seconds" -timeout=30 -print_final_stats=1 2>&1 | tail -n 25)
     fuzzed=$((fuzzed + 1))
 done
 

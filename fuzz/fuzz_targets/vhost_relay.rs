@@ -207,9 +207,6 @@ fuzz_target!(|data: &[u8]| {
                 if fl & 4 != 0 {
                     payload.extend_from_slice(&input.take(8));
                 }
-                if request == SET_PROTOCOL_FEATURES && payload.len() >= 8 {
-                    reply_ack = payload[0] & (1 << 3) != 0;
-                }
                 // Through the parser, as the bytes arrive on the socket;
                 // now and then with a size over the protocol's largest.
                 let m = Msg::new(request, flags, payload);
@@ -224,6 +221,9 @@ fuzz_target!(|data: &[u8]| {
                     .expect("a message within the limits parses")
                     .expect("whole");
                 assert_eq!(used, HDR_LEN + m.payload.len());
+                if request == SET_PROTOCOL_FEATURES && m.payload.len() >= 8 {
+                    reply_ack = m.payload[0] & (1 << 3) != 0;
+                }
                 if m.needs_reply() {
                     *model.asked.entry(m.request()).or_default() += 1;
                     if m.request() == ADD_MEM_REG && reply_ack {
@@ -237,7 +237,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        model.check(&core);
+        if !model.over {
+            model.check(&core);
+        }
     }
     // The backend answers everything it owes.
     while !model.over && !model.outstanding.is_empty() {

@@ -30,25 +30,15 @@ pub struct FakeState {
     pub guest_ranges: Vec<(usize, usize)>,
     /// Pieces of guest memory outside `guest_ranges`.
     pub stray_pieces: u64,
+    /// Keep every frame sent (tests), or only count them (fuzzing).
+    pub discard: bool,
 }
 
 /// See the module documentation. Clones share their state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FakeUplink {
     pub state: Arc<Mutex<FakeState>>,
     pub offloads: Offloads,
-    /// Keep every frame sent (tests) or only count them (fuzzing).
-    pub keep: bool,
-}
-
-impl Default for FakeUplink {
-    fn default() -> Self {
-        FakeUplink {
-            state: Arc::default(),
-            offloads: Offloads::default(),
-            keep: true,
-        }
-    }
 }
 
 impl FakeUplink {
@@ -96,6 +86,7 @@ impl Uplink for FakeUplink {
 
     fn send(&self, _q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
         let mut st = self.lock();
+        let keep = !st.discard;
         let mut frame = Vec::new();
         let mut n = 0;
         for p in pieces {
@@ -107,12 +98,12 @@ impl Uplink for FakeUplink {
                 }
             }
             n += p.len();
-            if self.keep {
+            if keep {
                 p.copy_to(&mut frame);
             }
         }
         st.sent_count += 1;
-        if self.keep {
+        if keep {
             st.sent.push(frame);
             st.kinds.push(
                 pieces

@@ -317,6 +317,7 @@ impl VnicBackend {
         let mut writable = Vec::new();
         let mut moved = 0;
         loop {
+            let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
             while moved < CTRL_BUDGET {
                 let Some(chain) = pop_chain(vring, &mem, &self.dev.stats.ctrl) else {
@@ -338,6 +339,11 @@ impl VnicBackend {
                 break;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+            if moved == round {
+                // Chains announced but none to take: see process_tx.
+                self.dev.stats.ctrl.drop(DropReason::BadRing);
                 break;
             }
         }
@@ -425,6 +431,7 @@ impl VnicBackend {
         let hdr_len = self.acked().hdr_len();
         let mut moved = 0;
         loop {
+            let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
             while moved < BUDGET {
                 let Some(chain) = pop_chain(vring, &mem, stats) else {
@@ -464,6 +471,15 @@ impl VnicBackend {
                 break;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+            if moved == round {
+                // The driver's avail index says chains wait, yet none
+                // could be taken: it ran more than a queue's worth ahead
+                // (virtio-queue then refuses to pop), or the ring is not
+                // in guest memory. Going round again would spin forever;
+                // the queue stays stuck until the driver resets it.
+                stats.drop(DropReason::BadRing);
                 break;
             }
         }

@@ -167,18 +167,21 @@ struct Region {
     key: [u8; 32],
     /// Devices that added it and did not remove it.
     users: u32,
-    /// The backend has not answered its ADD_MEM_REG yet.
-    pending: bool,
-    /// Repeats added while pending that asked for a reply.
-    waiting: u32,
+    /// The backend has not answered its ADD_MEM_REG yet: the number of
+    /// that request among those owed.
+    pending: Option<u64>,
 }
 
 /// An ADD_MEM_REG whose answer the backend owes.
 #[derive(Debug)]
 struct Owed {
+    id: u64,
     key: [u8; 32],
     /// The frontend asked for the answer itself.
     pass_on: bool,
+    /// Repeats of the region, added before the answer came, that asked
+    /// for one: they get the same answer.
+    waiting: u32,
 }
 
 /// The relay's decisions; see the module documentation.
@@ -192,6 +195,8 @@ pub struct RelayCore {
     pending: Vec<(u32, Vec<u8>)>,
     regions: Vec<Region>,
     owed: VecDeque<Owed>,
+    /// Numbers the ADD_MEM_REG answers owed.
+    next_owed: u64,
 }
 
 /// The relay cannot go on (the connection ends).
@@ -208,6 +213,7 @@ impl RelayCore {
             pending: Vec::new(),
             regions: Vec::new(),
             owed: VecDeque::new(),
+            next_owed: 0,
         }
     }
 
@@ -220,7 +226,7 @@ impl RelayCore {
     pub fn regions(&self) -> impl Iterator<Item = ([u8; 32], u32)> + '_ {
         self.regions
             .iter()
-            .filter(|r| !r.pending)
+            .filter(|r| r.pending.is_none())
             .map(|r| (r.key, r.users))
     }
 
@@ -274,12 +280,14 @@ impl RelayCore {
                 key.copy_from_slice(&m.payload[REGION_KEY]);
                 if let Some(r) = self.regions.iter_mut().find(|r| r.key == key) {
                     r.users += 1;
-                    if !r.pending {
+                    if r.pending.is_none() {
                         log::debug!("region already known to the backend: acked here");
                         Self::local_reply(&m, 0, &mut out);
                     } else if m.needs_reply() {
                         // Answered with the first add's answer.
-                        r.waiting += 1;
+                        if let Some(o) = self.owed.iter_mut().rev().find(|o| o.key == key) {
+                            o.waiting += 1;
+                        }
                     }
                     return Ok(out);
                 }
@@ -290,16 +298,19 @@ impl RelayCore {
                     }
                     return Err(Fatal(format!("more than {MAX_REGIONS} memory regions")));
                 }
+                let id = self.next_owed;
+                self.next_owed += 1;
                 self.regions.push(Region {
                     key,
                     users: 1,
-                    pending: self.reply_ack,
-                    waiting: 0,
+                    pending: self.reply_ack.then_some(id),
                 });
                 if self.reply_ack {
                     self.owed.push_back(Owed {
+                        id,
                         key,
                         pass_on: m.needs_reply(),
+                        waiting: 0,
                     });
                     m.set_flags(m.flags() | FLAG_NEED_REPLY);
                 }
@@ -342,18 +353,21 @@ impl RelayCore {
         let ok = m.ack_value() == Some(0);
         let value = m.ack_value().unwrap_or(1);
         let mut out = Vec::new();
-        if let Some(i) = self.regions.iter().position(|r| r.key == owed.key) {
-            let waiting = self.regions[i].waiting;
-            self.regions[i].waiting = 0;
+        // The region may be gone meanwhile (SET_MEM_TABLE, a removal).
+        if let Some(i) = self
+            .regions
+            .iter()
+            .position(|r| r.key == owed.key && r.pending == Some(owed.id))
+        {
             if ok {
-                self.regions[i].pending = false;
+                self.regions[i].pending = None;
             } else {
                 log::info!("the backend refused a memory region");
                 self.regions.swap_remove(i);
             }
-            for _ in 0..waiting {
-                out.push(Out::ToFrontend(reply(ADD_MEM_REG, value)));
-            }
+        }
+        for _ in 0..owed.waiting {
+            out.push(Out::ToFrontend(reply(ADD_MEM_REG, value)));
         }
         if owed.pass_on {
             out.insert(0, Out::ToFrontend(m));

@@ -375,17 +375,28 @@ impl Harness {
         offloads: crate::uplink::Offloads,
         seed: u64,
     ) -> Harness {
+        Harness::with_regions(features, size, offloads, seed, &[REGION_A, REGION_B])
+    }
+
+    /// [`Harness::new`] over guest memory of the given regions (address,
+    /// length); the rings and the arena go into the first, which must
+    /// hold three rings of `size` entries.
+    pub fn with_regions(
+        features: vnic_protocol::virtio::Features,
+        size: u16,
+        offloads: crate::uplink::Offloads,
+        seed: u64,
+        regions: &[(u64, usize)],
+    ) -> Harness {
         use vhost_user_backend::VhostUserBackend;
+        let ranges: Vec<(GuestAddress, usize)> =
+            regions.iter().map(|&(a, n)| (GuestAddress(a), n)).collect();
         #[allow(clippy::expect_used)]
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(REGION_A.0), REGION_A.1),
-            (GuestAddress(REGION_B.0), REGION_B.1),
-        ])
-        .expect("guest memory");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("guest memory");
+        let first = regions.first().copied().unwrap_or(REGION_A);
         let atomic = GuestMemoryAtomic::new(mem.clone());
-        let mut up = crate::uplink::fake::FakeUplink::with_offloads(offloads);
+        let up = crate::uplink::fake::FakeUplink::with_offloads(offloads);
         up.lock().guest_ranges = host_ranges(&mem);
-        up.keep = true;
         let cfg = crate::nic::DeviceConfig {
             pairs: 1,
             queue_size: size,
@@ -403,7 +414,7 @@ impl Harness {
         let event_idx = features.contains(vnic_protocol::virtio::Features::EVENT_IDX);
         backend.set_event_idx(event_idx);
         let fp = DriverRing::footprint(size).next_multiple_of(4096);
-        let base = GuestAddress(REGION_A.0);
+        let base = GuestAddress(first.0);
         let rx = DriverRing::new(&mem, base, size, seed ^ 1);
         let tx = DriverRing::new(&mem, base.unchecked_add(fp), size, seed ^ 2);
         let ctrl = DriverRing::new(&mem, base.unchecked_add(2 * fp), size, seed ^ 3);
@@ -412,7 +423,7 @@ impl Harness {
         let start = 3 * fp;
         let arena = Arena::new(
             base.unchecked_add(start),
-            REGION_A.1 as u64 - start,
+            (first.1 as u64).saturating_sub(start),
             seed ^ 4,
         );
         Harness {

@@ -911,3 +911,28 @@ fn a_used_ring_outside_guest_memory_does_not_end_the_worker() {
     h.worker_event(0).unwrap();
     assert_eq!(h.rx.used(&h.mem).len(), 1);
 }
+
+#[test]
+fn an_avail_index_that_runs_ahead_stops_the_queue_without_spinning() {
+    for event_idx in [true, false] {
+        let features = if event_idx {
+            all()
+        } else {
+            all() - Features::EVENT_IDX
+        };
+        let mut h = Harness::new(features, 16, Offloads::ALL, 29);
+        // 17 heads on a 16-entry ring: the index is a queue ahead of the
+        // device, which virtio-queue refuses to walk.
+        for _ in 0..17 {
+            h.tx.publish(&h.mem, 0);
+        }
+        // Returns (it used to go round forever) and counts the stuck ring.
+        h.worker_event(1).unwrap();
+        assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+        for _ in 0..17 {
+            h.ctrl.publish(&h.mem, 0);
+        }
+        h.ctrl_event(0).unwrap();
+        assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadRing), 1);
+    }
+}
