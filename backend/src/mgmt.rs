@@ -7,8 +7,12 @@ use std::{
     io::{self, BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::Path,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread::{self, JoinHandle},
+    time::Duration,
 };
 
 use crate::nic::Device;
@@ -20,7 +24,14 @@ fn answer(dev: &Device, req: &str) -> String {
     }
 }
 
-fn handle(dev: &Device, stream: UnixStream) -> io::Result<()> {
+/// How long a client may take to send its request or read the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Clients served at once; more are told the server is busy.
+const MAX_CLIENTS: usize = 8;
+
+fn handle(dev: &Device, stream: UnixStream, timeout: Duration) -> io::Result<()> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     let mut line = String::new();
     BufReader::new(stream.try_clone()?)
         .take(4096)
@@ -31,21 +42,46 @@ fn handle(dev: &Device, stream: UnixStream) -> io::Result<()> {
 
 /// Listens on `path` (replacing a stale socket) in a thread of its own.
 pub fn serve(path: &Path, dev: Arc<Device>) -> io::Result<JoinHandle<()>> {
+    serve_with(path, dev, CLIENT_TIMEOUT)
+}
+
+/// [`serve`] with a client timeout of `timeout`. Each client is served in
+/// a thread of its own, so one that never finishes its request holds up
+/// no other; it is dropped after `timeout`.
+pub fn serve_with(path: &Path, dev: Arc<Device>, timeout: Duration) -> io::Result<JoinHandle<()>> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
+    let busy = Arc::new(AtomicUsize::new(0));
     thread::Builder::new()
         .name("vnicd-mgmt".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                match conn {
-                    Ok(s) => {
-                        if let Err(e) = handle(&dev, s) {
+                let s = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("mgmt accept: {e}");
+                        continue;
+                    }
+                };
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    let _ = s.set_write_timeout(Some(timeout));
+                    let _ = (&s).write_all(b"error: busy, try again\n");
+                    continue;
+                }
+                let (dev, busy) = (dev.clone(), busy.clone());
+                let spawned = thread::Builder::new()
+                    .name("vnicd-mgmt-client".into())
+                    .spawn(move || {
+                        if let Err(e) = handle(&dev, s, timeout) {
                             log::debug!("mgmt request: {e}");
                         }
-                    }
-                    Err(e) => log::warn!("mgmt accept: {e}"),
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("mgmt client thread: {e}");
                 }
             }
         })
@@ -59,4 +95,46 @@ pub fn request(path: &Path, req: &str) -> io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::{sync::mpsc, time::Instant};
+
+    use super::*;
+    use crate::nic::{tests::config, tests::FakeUplink};
+
+    #[test]
+    fn a_client_that_never_finishes_its_request_holds_up_no_other() {
+        let dir = std::env::temp_dir().join(format!("vnic-mgmt-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mgmt");
+        let dev = Arc::new(Device::new(config(1), Box::new(FakeUplink::default())).unwrap());
+        dev.stats.tx[0].packet(60);
+        let _server = serve_with(&path, dev, Duration::from_millis(300)).unwrap();
+        // Connects and sends half a line, then nothing.
+        let mut silent = UnixStream::connect(&path).unwrap();
+        silent.write_all(b"sta").unwrap();
+        // Another client is answered meanwhile (in a thread: a server
+        // that blocks fails the test instead of hanging it).
+        let (tx, rx) = mpsc::channel();
+        let p = path.clone();
+        thread::spawn(move || {
+            let _ = tx.send(request(&p, "stats"));
+        });
+        let out = rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+        assert!(out.contains("tx0.packets 1\n"), "{out}");
+        // The silent client is dropped: it reads the end of the stream.
+        silent
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let t0 = Instant::now();
+        let mut rest = Vec::new();
+        silent.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
