@@ -5,14 +5,16 @@
 //! in the same run: a plain memcpy of the same frame bytes, the least a
 //! device that moves them could cost.
 //!
-//! Instructions per packet come from valgrind's callgrind (this machine
-//! has no hardware counters): vnicd runs twice under it with different
-//! packet counts, and the difference is divided by the packet difference.
+//! Instructions per packet, on request, come from valgrind's callgrind
+//! (this machine has no hardware counters): vnicd runs twice under it with
+//! different packet counts, and the difference is divided by the packet
+//! difference.
 //!
 //! `cargo bench -p vnic-backend --bench datapath` (VNIC_BENCH_SECONDS sets
-//! the time per case, default 3; VNIC_BENCH_NO_CALLGRIND=1 skips the
-//! instruction counts; VNIC_BENCH_ONLY=TEXT runs the cases whose name and
-//! size contain TEXT; VNIC_BENCH_KEEP=PATH keeps callgrind's output).
+//! the time per case, default 3; VNIC_BENCH_CALLGRIND=1 adds the
+//! instruction counts, which take minutes; VNIC_BENCH_ONLY=TEXT runs the
+//! cases whose name and size contain TEXT; VNIC_BENCH_KEEP=PATH keeps
+//! callgrind's output).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -24,7 +26,7 @@ use std::{
 
 use vnic_guest::net::{NetOptions, VirtioNet};
 use vnic_protocol::{
-    virtio::{hdr::GsoType, HdrFlags, VirtioNetHdr},
+    virtio::{hdr::GsoType, Features, HdrFlags, VirtioNetHdr},
     wire::{
         build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
         tcp::Flags,
@@ -82,9 +84,14 @@ fn frame(size: usize) -> (VirtioNetHdr, Vec<u8>) {
 fn opts() -> NetOptions {
     NetOptions {
         queue_size: 1024,
+        // As the stack and a Linux guest drive it.
+        features: NetOptions::DEFAULT_FEATURES | Features::EVENT_IDX,
         ..Default::default()
     }
 }
+
+/// Frames a driver posts before it kicks (testpmd's default burst).
+const BURST: usize = 32;
 
 fn start(case: &Case, wrapper: &[&str], once: bool) -> Vnicd {
     let uplink = match case.dir {
@@ -98,28 +105,39 @@ fn start(case: &Case, wrapper: &[&str], once: bool) -> Vnicd {
     Vnicd::start_wrapped(wrapper, VNICD, &args).expect("vnicd starts")
 }
 
-/// Moves packets for `dur` or until `limit` packets; returns (packets,
-/// frame bytes, seconds).
-fn drive(socket: &Path, case: &Case, dur: Duration, limit: u64) -> (u64, u64, f64) {
+/// What one run moved.
+struct Moved {
+    packets: u64,
+    bytes: u64,
+    secs: f64,
+    /// Guest notifications to the device (TX kicks, or RX refill kicks).
+    kicks: u64,
+    /// TX waits for room that timed out (a lost wake-up).
+    stalls: u64,
+}
+
+/// Moves packets for `dur` or until `limit` packets. Transmit is a
+/// driver's: bursts of [`BURST`] with one kick each if the device asks,
+/// and a sleep on the TX interrupt when the ring is full; the packets
+/// counted are those the device handed back.
+fn drive(socket: &Path, case: &Case, dur: Duration, limit: u64) -> Moved {
     let mut g = VirtioNet::connect(socket, opts()).expect("guest connects");
     let (hdr, f) = frame(case.size);
     let t0 = Instant::now();
-    let (mut pkts, mut bytes) = (0u64, 0u64);
+    let (mut pkts, mut bytes, mut kicks, mut stalls) = (0u64, 0u64, 0u64, 0u64);
     match case.dir {
         Dir::Tx => {
-            let mut posted = 0u64;
-            while t0.elapsed() < dur && pkts < limit {
-                while posted < limit && g.post_tx(0, &hdr, &f).unwrap() {
-                    posted += 1;
-                }
-                g.kick_tx(0).unwrap();
-                let n = g.reclaim_tx(0).unwrap() as u64;
-                pkts += n;
-                bytes += n * f.len() as u64;
-                if n == 0 {
-                    std::thread::yield_now();
+            let tx = g.tx(0).unwrap();
+            while t0.elapsed() < dur && tx.completed < limit {
+                let want = (BURST as u64).min(limit - tx.posted) as usize;
+                if want == 0 || tx.post_burst(&hdr, &f, want).unwrap() == 0 {
+                    tx.wait_for_room(Duration::from_secs(1)).unwrap();
                 }
             }
+            pkts = tx.completed;
+            bytes = pkts * f.len() as u64;
+            kicks = tx.kicks;
+            stalls = tx.stalls;
         }
         Dir::Rx => {
             while t0.elapsed() < dur && pkts < limit {
@@ -140,7 +158,13 @@ fn drive(socket: &Path, case: &Case, dur: Duration, limit: u64) -> (u64, u64, f6
             g.rx_length_errors
         );
     }
-    (pkts, bytes, t0.elapsed().as_secs_f64())
+    Moved {
+        packets: pkts,
+        bytes,
+        secs: t0.elapsed().as_secs_f64(),
+        kicks,
+        stalls,
+    }
 }
 
 /// Packets per second of memcpy'ing the same frame into a buffer.
@@ -166,7 +190,7 @@ fn callgrind_total(case: &Case, limit: u64) -> Option<u64> {
     let out = dir.join("callgrind.out");
     let arg = format!("--callgrind-out-file={}", out.display());
     let v = start(case, &["valgrind", "--tool=callgrind", "-q", &arg], true);
-    let (n, _, _) = drive(&v.socket, case, Duration::from_secs(600), limit);
+    let n = drive(&v.socket, case, Duration::from_secs(600), limit).packets;
     if n < limit {
         return None;
     }
@@ -203,11 +227,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let dur = Duration::from_secs(secs);
-    let callgrind = std::env::var("VNIC_BENCH_NO_CALLGRIND").as_deref() != Ok("1")
-        && std::process::Command::new("valgrind")
+    let callgrind = std::env::var("VNIC_BENCH_CALLGRIND").as_deref() == Ok("1");
+    if callgrind
+        && !std::process::Command::new("valgrind")
             .arg("--version")
             .output()
-            .is_ok_and(|o| o.status.success());
+            .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("VNIC_BENCH_CALLGRIND=1 needs valgrind");
+        std::process::exit(1);
+    }
     let cases = [
         Case {
             name: "guest->vnicd->sink",
@@ -240,37 +269,56 @@ fn main() {
             size: 65000,
         },
     ];
-    println!("| path | frame | packets/s | Gbit/s | memcpy baseline packets/s | vs baseline | instructions/packet |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| path | frame | packets/s | Gbit/s | memcpy baseline packets/s | vs baseline | guest kicks/packet | vnicd notifications/packet | instructions/packet |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let only = std::env::var("VNIC_BENCH_ONLY").unwrap_or_default();
     for c in cases
         .iter()
         .filter(|c| format!("{} {}", c.name, c.size).contains(&only))
     {
         let v = start(c, &[], false);
-        let (n, bytes, s) = drive(&v.socket, c, dur, u64::MAX);
+        let m = drive(&v.socket, c, dur, u64::MAX);
+        let st = v.stats().unwrap();
         if std::env::var("VNIC_BENCH_STATS").is_ok() {
-            let st = v.stats().unwrap();
             let nz: Vec<_> = st.iter().filter(|(_, v)| **v != 0).collect();
             eprintln!("{}: {nz:?}", c.name);
         }
         drop(v);
-        let pps = n as f64 / s;
-        let gbps = bytes as f64 * 8.0 / s / 1e9;
+        assert_eq!(m.stalls, 0, "{}: a transmit wait timed out", c.name);
+        let q = match c.dir {
+            Dir::Tx => "tx0",
+            Dir::Rx => "rx0",
+        };
+        let notes = st.get(&format!("{q}.notifications")).copied().unwrap_or(0);
+        let pps = m.packets as f64 / m.secs;
+        let gbps = m.bytes as f64 * 8.0 / m.secs / 1e9;
         let base = baseline(c.size, Duration::from_secs(1));
+        let per = |x: u64| {
+            if m.packets == 0 {
+                "n/a".to_owned()
+            } else {
+                format!("{:.4}", x as f64 / m.packets as f64)
+            }
+        };
+        let kicks = match c.dir {
+            Dir::Tx => per(m.kicks),
+            Dir::Rx => "-".to_owned(),
+        };
         let ipp = if callgrind {
             instructions_per_packet(c).map_or("n/a".to_owned(), |v| format!("{v:.0}"))
         } else {
-            "skipped".to_owned()
+            "-".to_owned()
         };
         println!(
-            "| {} | {} B | {:.0} | {:.2} | {:.0} | {:.3}x | {} |",
+            "| {} | {} B | {:.0} | {:.2} | {:.0} | {:.3}x | {} | {} | {} |",
             c.name,
             c.size,
             pps,
             gbps,
             base,
             pps / base,
+            kicks,
+            per(notes),
             ipp
         );
     }

@@ -168,11 +168,23 @@ pub struct TxQueue {
     mem: GuestMemoryMmap,
     pool: Pool,
     kick: EventFd,
+    /// The TX interrupt (used-buffer notifications), armed only while the
+    /// driver waits for room.
+    call: EventFd,
     hdr_len: usize,
     /// Notifications sent to the device.
     pub kicks: u64,
     /// Frames posted since the last notification.
     unkicked: usize,
+    /// Frames made available.
+    pub posted: u64,
+    /// Chains the device handed back (frames completed).
+    pub completed: u64,
+    /// Waits for room that ended with a notification from the device.
+    pub waits: u64,
+    /// Waits for room that timed out: the device's notification (or our
+    /// kick) was lost.
+    pub stalls: u64,
 }
 
 /// One RX/TX queue pair: rings, buffers and notification fds. It shares
@@ -350,7 +362,84 @@ impl TxQueue {
         self.mem.write_slice(frame, addr.unchecked_add_len(hl))?;
         self.pool.add(&self.mem, hl + frame.len(), false)?;
         self.unkicked += 1;
+        self.posted += 1;
         Ok(true)
+    }
+
+    /// Posts up to `max` copies of `frame` (as room allows, reclaiming
+    /// completed chains) and notifies the device once for them if it asks
+    /// to be. Returns how many were posted; 0 means the ring is full (see
+    /// [`TxQueue::wait_for_room`]).
+    pub fn post_burst(&mut self, hdr: &VirtioNetHdr, frame: &[u8], max: usize) -> Result<usize> {
+        let mut n = 0;
+        while n < max && self.post(hdr, frame)? {
+            n += 1;
+        }
+        self.kick()?;
+        Ok(n)
+    }
+
+    /// Waits up to `timeout` for the device to hand back TX chains when
+    /// the ring is full: kicks what is pending, arms the TX interrupt
+    /// (the event index, or clears NO_INTERRUPT) and sleeps on it unless
+    /// chains came back meanwhile, then turns the interrupt off again.
+    /// Returns the chains reclaimed. A wait that times out with nothing
+    /// back counts as a stall: with a device that keeps its side of the
+    /// notification protocol it never happens. (A wake-up with nothing
+    /// back, from a notification that predates the wait, is not one: the
+    /// wait goes on.)
+    pub fn wait_for_room(&mut self, timeout: Duration) -> Result<usize> {
+        self.kick()?;
+        let n = self.reclaim()?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pool.q.enable_interrupts(&self.mem)? {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
+            // SAFETY: `pfd` is one valid pollfd for the duration of the
+            // call.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            let _ = self.call.read();
+            if r == 0 || Instant::now() >= deadline {
+                if !self.pool.q.has_used(&self.mem)? {
+                    self.stalls += 1;
+                }
+                break;
+            }
+            if r > 0 {
+                self.waits += 1;
+            }
+            if self.pool.q.has_used(&self.mem)? {
+                break;
+            }
+        }
+        self.pool.q.disable_interrupts(&self.mem)?;
+        self.reclaim()
+    }
+
+    /// The TX interrupt's eventfd, for a caller that waits on several.
+    pub fn call(&self) -> &EventFd {
+        &self.call
+    }
+
+    /// Arms the TX interrupt; whether chains came back meanwhile.
+    pub fn arm(&mut self) -> Result<bool> {
+        self.pool.q.enable_interrupts(&self.mem)
+    }
+
+    /// Turns the TX interrupt off (chains are reclaimed when posting).
+    pub fn disarm(&mut self) -> Result<()> {
+        self.pool.q.disable_interrupts(&self.mem)
     }
 
     /// Notifies the device of posted frames if it asked to be.
@@ -372,6 +461,7 @@ impl TxQueue {
         while self.pool.used(&self.mem)?.is_some() {
             n += 1;
         }
+        self.completed += n as u64;
         Ok(n)
     }
 
@@ -462,9 +552,14 @@ impl VirtioNet {
                     mem: t.dma.mem.clone(),
                     pool: w,
                     kick: fd(t.kick_fd(2 * i + 1))?,
+                    call: fd(t.call_fd(2 * i + 1))?,
                     hdr_len,
                     kicks: 0,
                     unkicked: 0,
+                    posted: 0,
+                    completed: 0,
+                    waits: 0,
+                    stalls: 0,
                 },
             });
         }
@@ -485,6 +580,9 @@ impl VirtioNet {
         };
         for qp in &mut dev.qps {
             qp.rx.fill()?;
+            // TX completions are reclaimed when posting; the interrupt is
+            // armed only to wait for room (see TxQueue::wait_for_room).
+            qp.tx.disarm()?;
         }
         Ok(dev)
     }
@@ -598,9 +696,15 @@ impl VirtioNet {
         self.qp(q)?.tx.post(hdr, frame)
     }
 
-    /// Notifies the device of frames posted on TX queue `q`.
+    /// Notifies the device of frames posted on TX queue `q`, unless it
+    /// asked not to be (VRING_USED_F_NO_NOTIFY, or the event index).
     pub fn kick_tx(&mut self, q: usize) -> Result<()> {
-        Ok(self.qp(q)?.tx.kick.write(1)?)
+        self.qp(q)?.tx.kick()
+    }
+
+    /// The transmit half of pair `q`, while the device still holds it.
+    pub fn tx(&mut self, q: usize) -> Result<&mut TxQueue> {
+        Ok(&mut self.qp(q)?.tx)
     }
 
     /// Sends raw descriptor bytes: `bytes` is header and frame as the

@@ -28,7 +28,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::{
     epoll::EventSet,
@@ -55,6 +55,10 @@ use crate::{
 };
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver does not want used-buffer
+/// notifications (without EVENT_IDX).
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Frames a worker moves per wake-up before it yields to other events.
 const BUDGET: usize = 256;
@@ -149,6 +153,63 @@ where
     M::Target: vm_memory::GuestMemory,
 {
     pop_valid(vring.get_mut().get_queue_mut(), mem.clone(), stats)
+}
+
+/// Whether the driver's avail index is more than a queue's worth ahead of
+/// the device (or cannot be read), which no well-behaved driver does.
+fn avail_overrun<M>(vring: &VringRwLock, mem: &M) -> bool
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let st = vring.get_ref();
+    let q = st.get_queue();
+    match q.avail_idx(&**mem, Ordering::Acquire) {
+        Ok(idx) => (idx - std::num::Wrapping(q.next_avail())).0 > q.size(),
+        Err(_) => true,
+    }
+}
+
+/// The driver's available index (0 if the ring cannot be read).
+fn avail_idx<M>(vring: &VringRwLock, mem: &M) -> u16
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    vring
+        .get_ref()
+        .get_queue()
+        .avail_idx(&**mem, Ordering::Acquire)
+        .map_or(0, |w| w.0)
+}
+
+/// Asks the driver of an RX queue that ran out of buffers to notify the
+/// device when it posts more than the `seen` it had posted; returns
+/// whether it posted more meanwhile (then the caller goes on at once).
+///
+/// Without EVENT_IDX that is clearing VRING_USED_F_NO_NOTIFY. With it,
+/// `avail_event` must be `seen`, not the device's position as
+/// virtio-queue writes it: a device that put unused buffers back
+/// (`go_to_previous_position`) sits behind the index the driver last
+/// checked, and a driver only kicks when its index passes `avail_event`
+/// (virtio 1.3, 2.7.10): it would never kick again.
+fn want_buffers<M>(vring: &VringRwLock, mem: &M, seen: u16) -> io::Result<bool>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    vring.enable_notification().map_err(io::Error::other)?;
+    {
+        let st = vring.get_ref();
+        let q = st.get_queue();
+        if q.event_idx_enabled() {
+            let at = q.used_ring() + 4 + 8 * u64::from(q.size());
+            mem.store(seen.to_le(), GuestAddress(at), Ordering::Release)
+                .map_err(io::Error::other)?;
+        }
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    Ok(avail_idx(vring, mem) != seen)
 }
 
 /// What reading the uplink gave.
@@ -341,8 +402,8 @@ impl VnicBackend {
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
-            if moved == round {
-                // Chains announced but none to take: see process_tx.
+            if moved == round && avail_overrun(vring, &mem) {
+                // See process_tx.
                 self.dev.stats.ctrl.drop(DropReason::BadRing);
                 break;
             }
@@ -473,12 +534,14 @@ impl VnicBackend {
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
-            if moved == round {
+            if moved == round && avail_overrun(vring, &mem) {
                 // The driver's avail index says chains wait, yet none
-                // could be taken: it ran more than a queue's worth ahead
-                // (virtio-queue then refuses to pop), or the ring is not
-                // in guest memory. Going round again would spin forever;
-                // the queue stays stuck until the driver resets it.
+                // could be taken: it ran more than a queue's worth ahead,
+                // and virtio-queue refuses to pop. Going round again would
+                // spin forever; the queue stays stuck until the driver
+                // resets it. (An empty round is otherwise the driver
+                // publishing just as notifications were re-enabled: go
+                // round again for it.)
                 stats.drop(DropReason::BadRing);
                 break;
             }
@@ -489,8 +552,22 @@ impl VnicBackend {
         Ok(())
     }
 
+    /// Signals the driver of used buffers unless it asked not to be: with
+    /// EVENT_IDX through `used_event` (virtio-queue checks it), without it
+    /// through VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags,
+    /// which virtio-queue does not look at.
     fn notify(&self, vring: &VringRwLock, stats: &QueueStats) -> io::Result<()> {
-        if vring.needs_notification().map_err(io::Error::other)? {
+        let wanted = vring.needs_notification().map_err(io::Error::other)?;
+        let suppressed = {
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            !q.event_idx_enabled()
+                && self
+                    .memory()
+                    .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
+                    .is_ok_and(|f| u16::from_le(f) & AVAIL_F_NO_INTERRUPT != 0)
+        };
+        if wanted && !suppressed {
             vring.signal_used_queue()?;
             stats.notified(true);
         } else {
@@ -536,9 +613,45 @@ impl VnicBackend {
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev.config.mtu) + 14 + 8;
         let mut moved = 0;
-        let mut full = false;
+        loop {
+            // While frames move, the driver need not kick when it posts
+            // buffers: the uplink wakes the worker.
+            vring.disable_notification().map_err(io::Error::other)?;
+            let seen = avail_idx(vring, &mem);
+            let starved = self.rx_round(i, &mut writer, active, max_frame, small, &mut moved)?;
+            if moved >= BUDGET {
+                // More may be waiting; come back after other events.
+                let _ = backlog.event.write(1);
+                break;
+            }
+            // Out of buffers with frames waiting: ask the driver to kick
+            // when it posts more, unless it already did meanwhile.
+            if !starved || !want_buffers(vring, &mem, seen)? {
+                break;
+            }
+        }
+        if moved > 0 {
+            self.notify(vring, stats)?;
+        }
+        Ok(())
+    }
+
+    /// One round of [`VnicBackend::process_rx`]: the backlog first, then
+    /// the uplink, up to the budget. Returns whether it stopped because
+    /// the driver had too few buffers posted.
+    fn rx_round(
+        &self,
+        i: usize,
+        writer: &mut RxWriter<'_>,
+        active: QueueSet,
+        max_frame: usize,
+        small: usize,
+        moved: &mut usize,
+    ) -> io::Result<bool> {
+        let stats = &self.dev.stats.rx[i];
+        let backlog = &self.dev.backlogs[i];
         // Frames already waiting here go first, in order.
-        while moved < BUDGET {
+        while *moved < BUDGET {
             match backlog.deliver_front(|f| {
                 let steering = self.dev.steer(f.get(VNET_HDR_LEN..).unwrap_or(&[]));
                 match writer.write(f, &steering) {
@@ -553,18 +666,15 @@ impl VnicBackend {
                     }
                 }
             }) {
-                Some(true) => moved += 1,
-                Some(false) => {
-                    full = true;
-                    break;
-                }
+                Some(true) => *moved += 1,
+                Some(false) => return Ok(true),
                 None => break,
             }
         }
         let mut w = self.workers[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        while !full && moved < BUDGET {
+        while *moved < BUDGET {
             // Provision for 64 KiB only while big frames are coming.
             let expect = if w.rx_big {
                 max_frame
@@ -573,7 +683,6 @@ impl VnicBackend {
             };
             let Worker { rx, rx_out, .. } = &mut *w;
             let direct = writer.receive_direct(&self.dev, i, i, active, expect, rx, rx_out)?;
-            moved += 1;
             match direct {
                 Direct::Delivered(n) => {
                     w.rx_big = n > small;
@@ -582,45 +691,37 @@ impl VnicBackend {
                         .direct
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                Direct::Empty => {
-                    moved -= 1;
-                    break;
-                }
+                Direct::Empty => return Ok(false),
                 Direct::Dropped(why) => stats.drop(why),
                 Direct::Elsewhere(target) => {
                     w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
                     self.hand_over(target, &w.rx_out);
                     if target == i {
                         // Too few buffers for it: wait for the driver.
-                        break;
+                        *moved += 1;
+                        return Ok(true);
                     }
                 }
                 Direct::NoBuffers => {
                     // Read into our own buffer so the frame is not lost,
                     // and keep it until the driver posts buffers.
                     match self.read_uplink(i, &mut w.rx) {
-                        Uplinked::Empty => break,
+                        Uplinked::Empty => return Ok(false),
                         Uplinked::Dropped => {}
                         Uplinked::Frame { len, steered } => {
                             let target = active.pick(steered, i);
                             self.hand_over(target, &w.rx[..len]);
                             if target == i {
-                                break;
+                                *moved += 1;
+                                return Ok(true);
                             }
                         }
                     }
                 }
             }
+            *moved += 1;
         }
-        drop(w);
-        if moved >= BUDGET {
-            // More may be waiting; come back after other events.
-            let _ = backlog.event.write(1);
-        }
-        if moved > 0 {
-            self.notify(vring, stats)?;
-        }
-        Ok(())
+        Ok(false)
     }
 
     /// Reads one frame from uplink queue `i` into `buf` (TAP header

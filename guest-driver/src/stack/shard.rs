@@ -72,17 +72,20 @@ pub(crate) struct Shard {
     pub wake: EventFd,
     /// The RX interrupt, to sleep on outside the lock.
     call: EventFd,
+    /// The TX interrupt, armed while the TX ring is full.
+    tx_call: EventFd,
     /// Frames other shards received for flows of this one.
     pub inbox: Mutex<Vec<(VirtioNetHdr, Vec<u8>)>>,
 }
 
 impl Shard {
     pub fn new(qp: QueuePair, wake: EventFd) -> Shard {
-        let call = qp
-            .rx
-            .call()
-            .try_clone()
-            .unwrap_or_else(|_| EventFd::new(0).unwrap_or_else(|_| std::process::abort()));
+        let clone = |e: &EventFd| {
+            e.try_clone()
+                .unwrap_or_else(|_| EventFd::new(0).unwrap_or_else(|_| std::process::abort()))
+        };
+        let call = clone(qp.rx.call());
+        let tx_call = clone(qp.tx.call());
         Shard {
             st: Mutex::new(ShardState {
                 rx: qp.rx,
@@ -92,6 +95,7 @@ impl Shard {
             cond: Condvar::new(),
             wake,
             call,
+            tx_call,
             inbox: Mutex::new(Vec::new()),
         }
     }
@@ -105,7 +109,7 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
     let busy = inner.cfg.busy_poll;
     while !inner.stop.load(Ordering::Relaxed) {
         let now = inner.now();
-        let (n, next) = {
+        let (n, next, tx_armed, tx_raced) = {
             let Ok(mut g) = shard.st.lock() else {
                 return;
             };
@@ -133,15 +137,26 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
             if let Err(e) = st.tx.kick() {
                 warn!("shard {idx}: kick failed: {e}");
             }
+            // With the TX ring full, output waits for the device to hand
+            // chains back: sleep on the TX interrupt too, armed now (and
+            // if chains came back meanwhile, do not sleep at all).
+            let (mut tx_armed, mut tx_raced) = (false, false);
+            if let Ok(false) = st.tx.has_room() {
+                match st.tx.arm() {
+                    Ok(raced) => (tx_armed, tx_raced) = (true, raced),
+                    Err(e) => warn!("shard {idx}: arming TX: {e}"),
+                }
+            }
             let wake = std::mem::take(&mut st.p.wake_users);
             drop(g);
             if wake {
                 shard.cond.notify_all();
                 inner.notify();
             }
-            (n, next)
+            (n, next, tx_armed, tx_raced)
         };
-        if n >= budget {
+        if n >= budget || tx_raced {
+            disarm_tx(shard, tx_armed);
             continue;
         }
         if let Some(b) = busy {
@@ -160,6 +175,7 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
                     .map(|s| s.rx.rearm().unwrap_or(true))
                     .unwrap_or(false);
             if raced {
+                disarm_tx(shard, tx_armed);
                 continue;
             }
         }
@@ -168,36 +184,45 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
             Duration::from_micros(t.0.saturating_sub(now2.0))
         });
         if sleep.is_zero() {
+            disarm_tx(shard, tx_armed);
             continue;
         }
-        wait2(
-            &shard.call,
-            &shard.wake,
+        let tx_call = tx_armed.then_some(&shard.tx_call);
+        wait(
+            &[Some(&shard.call), Some(&shard.wake), tx_call],
             sleep.max(Duration::from_micros(200)),
         );
+        disarm_tx(shard, tx_armed);
     }
 }
 
-fn wait2(a: &EventFd, b: &EventFd, timeout: Duration) {
+/// Turns the TX interrupt off again after a wait for room.
+fn disarm_tx(shard: &Shard, armed: bool) {
+    if armed {
+        if let Ok(mut st) = shard.st.lock() {
+            let _ = st.tx.disarm();
+        }
+    }
+}
+
+/// Sleeps until one of `fds` is readable or `timeout` passes; drains them.
+fn wait(fds: &[Option<&EventFd>], timeout: Duration) {
     use std::os::fd::AsRawFd;
-    let mut pfd = [
-        libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+    let mut pfd = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 3];
+    for (p, e) in pfd.iter_mut().zip(fds) {
+        p.fd = e.map_or(-1, AsRawFd::as_raw_fd);
+    }
     let ms = timeout.as_millis().clamp(1, 200) as libc::c_int;
-    // SAFETY: `pfd` is an array of two valid pollfds for the duration of
-    // the call.
-    unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
-    let _ = a.read();
-    let _ = b.read();
+    // SAFETY: `pfd` is an array of three valid pollfds (a negative fd is
+    // ignored) for the duration of the call.
+    unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, ms) };
+    for e in fds.iter().flatten() {
+        let _ = e.read();
+    }
 }
 
 /// Timers and output of every connection; removes finished ones.
