@@ -161,6 +161,18 @@ pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonErro
     for t in threads {
         let _ = t.join();
     }
+    drop(daemon);
+    // Every epoll handler holds the backend; once they are all gone the
+    // exit eventfds vhost-user-backend leaves open can be closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&backend) > 1 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    if Arc::strong_count(&backend) == 1 {
+        backend.close_exit_fds();
+    } else {
+        log::warn!("a worker of the last connection is still running");
+    }
     // A frontend that goes away (guest shutdown, VMM exit) ends the
     // connection, not vnicd.
     match r {

@@ -17,7 +17,7 @@ mod tests;
 
 use std::{
     io,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
@@ -229,6 +229,9 @@ pub struct VnicBackend {
     acked: AtomicU64,
     /// Errors from rings the guest broke, for rate-limited logging.
     ring_errors: AtomicU64,
+    /// The consumer ends of the exit events handed to vhost-user-backend;
+    /// see [`VnicBackend::close_exit_fds`].
+    exit_fds: Mutex<Vec<RawFd>>,
     workers: Vec<Mutex<Worker>>,
     /// Each pair's RX vring, recorded at its worker's first event, so
     /// that steering can see which queues the frontend enabled.
@@ -260,6 +263,7 @@ impl VnicBackend {
             mem: RwLock::new(mem),
             acked: AtomicU64::new(0),
             ring_errors: AtomicU64::new(0),
+            exit_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -285,6 +289,27 @@ impl VnicBackend {
     /// left over when it ran out of budget.
     pub fn resume_event(&self) -> u16 {
         self.event_id(Ev::Resume)
+    }
+
+    /// Closes the exit events' consumer ends. vhost-user-backend 0.24
+    /// registers each with its worker's epoll through `into_raw_fd()` and
+    /// never closes it (event_loop.rs, `VringEpollHandler::new`): one
+    /// descriptor per worker thread per frontend connection, for good.
+    /// Call it once the daemon and every epoll handler of this backend are
+    /// gone (the backend's `Arc` is the caller's alone).
+    pub fn close_exit_fds(&self) {
+        for fd in self
+            .exit_fds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            // SAFETY: `fd` is an eventfd this backend created in
+            // `exit_event` and gave up with `into_raw_fd()` inside
+            // vhost-user-backend, which never closes it; the handler whose
+            // epoll held it is gone, so nothing uses or closes it else.
+            unsafe { libc::close(fd) };
+        }
     }
 
     /// The event that tells a worker frames wait in its RX backlog.
@@ -867,7 +892,13 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let pair =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        self.exit_fds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     fn handle_event(
