@@ -8,6 +8,8 @@
 #
 #   VNIC_IPERF_SECONDS   iperf3 run length each way (default 10)
 #   VNIC_BENCH_SECONDS   measurement time per micro-benchmark (default 3)
+#   VNIC_BENCH_CALLGRIND=1  add instructions per packet to the data-path
+#                           table (callgrind runs; takes many minutes)
 #   VNIC_MAIN_GUEST_ONLY=1  stop after the guest table
 set -euo pipefail
 cd "$(dirname "$0")/.."
