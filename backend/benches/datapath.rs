@@ -26,7 +26,7 @@ use std::{
 
 use vnic_guest::net::{NetOptions, VirtioNet};
 use vnic_protocol::{
-    virtio::{hdr::GsoType, Features, HdrFlags, VirtioNetHdr},
+    virtio::{hdr::GsoType, Features, VirtioNetHdr},
     wire::{
         build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
         tcp::Flags,
@@ -68,16 +68,7 @@ fn frame(size: usize) -> (VirtioNetHdr, Vec<u8>) {
             &vec![0x5a; size - 66],
         )
         .unwrap();
-        let h = VirtioNetHdr {
-            flags: HdrFlags::NEEDS_CSUM,
-            gso_type: GsoType::TcpV4 as u8,
-            hdr_len: 66,
-            gso_size: 1448,
-            csum_start: 34,
-            csum_offset: 16,
-            ..Default::default()
-        };
-        (h, f)
+        (VirtioNetHdr::tcp_tso(GsoType::TcpV4, 34, 66, 1448), f)
     }
 }
 

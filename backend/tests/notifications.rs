@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use vnic_guest::net::{NetOptions, VirtioNet};
 use vnic_protocol::{
-    virtio::{hdr::GsoType, Features, HdrFlags, VirtioNetHdr},
+    virtio::{hdr::GsoType, Features, VirtioNetHdr},
     wire::{
         build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
         tcp::Flags,
@@ -34,13 +34,15 @@ struct Run {
     device_notifications: u64,
 }
 
-fn run(event_idx: bool, hdr: VirtioNetHdr, frame: &[u8], frames: u64, burst: usize) -> Run {
-    let v = Vnicd::start(VNICD, &["--uplink", "sink", "--queue-size", "256"]).unwrap();
+/// A vnicd with `uplink` and 256-entry queues, and vnic-guest connected
+/// to it with or without EVENT_IDX.
+fn connect(uplink: &str, event_idx: bool) -> (Vnicd, VirtioNet) {
+    let v = Vnicd::start(VNICD, &["--uplink", uplink, "--queue-size", "256"]).unwrap();
     let mut features = NetOptions::DEFAULT_FEATURES;
     if event_idx {
         features |= Features::EVENT_IDX;
     }
-    let mut g = VirtioNet::connect(
+    let g = VirtioNet::connect(
         &v.socket,
         NetOptions {
             queue_size: 256,
@@ -50,6 +52,11 @@ fn run(event_idx: bool, hdr: VirtioNetHdr, frame: &[u8], frames: u64, burst: usi
     )
     .unwrap();
     assert_eq!(g.features.contains(Features::EVENT_IDX), event_idx);
+    (v, g)
+}
+
+fn run(event_idx: bool, hdr: VirtioNetHdr, frame: &[u8], frames: u64, burst: usize) -> Run {
+    let (v, mut g) = connect("sink", event_idx);
     let tx = g.tx(0).unwrap();
     while tx.posted < frames {
         let want = burst.min((frames - tx.posted) as usize);
@@ -112,16 +119,7 @@ fn tso() -> (VirtioNetHdr, Vec<u8>) {
         &vec![0x5a; 65_000 - 54],
     )
     .unwrap();
-    let h = VirtioNetHdr {
-        flags: HdrFlags::NEEDS_CSUM,
-        gso_type: GsoType::TcpV4 as u8,
-        hdr_len: 54,
-        gso_size: 1448,
-        csum_start: 34,
-        csum_offset: 16,
-        ..Default::default()
-    };
-    (h, f)
+    (VirtioNetHdr::tcp_tso(GsoType::TcpV4, 34, 54, 1448), f)
 }
 
 #[test]
@@ -158,21 +156,7 @@ struct RxRun {
 }
 
 fn run_rx(event_idx: bool, size: usize, frames: u64) -> RxRun {
-    let uplink = format!("source:{size}");
-    let v = Vnicd::start(VNICD, &["--uplink", &uplink, "--queue-size", "256"]).unwrap();
-    let mut features = NetOptions::DEFAULT_FEATURES;
-    if event_idx {
-        features |= Features::EVENT_IDX;
-    }
-    let mut g = VirtioNet::connect(
-        &v.socket,
-        NetOptions {
-            queue_size: 256,
-            features,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (v, mut g) = connect(&format!("source:{size}"), event_idx);
     let mut qps = g.take_pairs();
     let rx = &mut qps[0].rx;
     let (mut received, mut polls, mut waits, mut stalls) = (0u64, 0u64, 0u64, 0u64);

@@ -208,15 +208,7 @@ fn tso_frame_reaches_a_kernel_tcp_socket_as_a_stream() {
         sup.len() - l4,
     );
     sup[l4 + 16..l4 + 18].copy_from_slice(&ps.to_be_bytes());
-    let hdr = VirtioNetHdr {
-        flags: HdrFlags::NEEDS_CSUM,
-        gso_type: GsoType::TcpV4 as u8,
-        hdr_len: 54,
-        gso_size: 1448,
-        csum_start: l4 as u16,
-        csum_offset: 16,
-        ..Default::default()
-    };
+    let hdr = VirtioNetHdr::tcp_tso(GsoType::TcpV4, l4 as u16, 54, 1448);
     g.send(0, &hdr, &sup).unwrap();
     let mut sent = chunk.len();
     // The rest, if the window was smaller, after the kernel's ACK.

@@ -27,6 +27,7 @@ use vnic_backend::{
     uplink::Offloads,
     vhost::testing::{Desc, DriverRing, Harness, F_INDIRECT, F_WRITE},
 };
+use vnic_fuzz::Input;
 use vnic_protocol::virtio::Features;
 
 struct Counting;
@@ -75,25 +76,6 @@ const A: (u64, usize) = (0x1_0000, 64 * 1024);
 const B: (u64, usize) = (0x4_0000, 16 * 1024);
 /// The largest frame and header the device writes into RX buffers.
 const MAX_RX_USED: u32 = 65_535 + 14 + 8 + 20;
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let (b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(*b)
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes([self.byte()?, self.byte()?]))
-    }
-    fn take(&mut self, n: usize) -> &[u8] {
-        let n = n.min(self.0.len());
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        a
-    }
-}
 
 fn ring(h: &Harness, q: usize) -> &DriverRing {
     match q {

@@ -19,6 +19,7 @@ use vnic_backend::vhost::relay::{
     MAX_PAYLOAD, MAX_REGIONS, REM_MEM_REG, SET_FEATURES, SET_MEM_TABLE, SET_PROTOCOL_FEATURES,
     SET_VRING_ENABLE,
 };
+use vnic_fuzz::Input;
 
 const VRINGS: u32 = 5;
 const REQUESTS: [u32; 8] = [
@@ -31,22 +32,6 @@ const REQUESTS: [u32; 8] = [
     1,
     24,
 ];
-
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let (b, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(*b)
-    }
-    fn take(&mut self, n: usize) -> Vec<u8> {
-        let n = n.min(self.0.len());
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        a.to_vec()
-    }
-}
 
 #[derive(Default)]
 struct Model {
@@ -202,10 +187,10 @@ fuzz_target!(|data: &[u8]| {
                         p[0] = fl >> 3;
                         p
                     }
-                    _ => input.take(usize::from(len) * 4),
+                    _ => input.take(usize::from(len) * 4).to_vec(),
                 };
                 if fl & 4 != 0 {
-                    payload.extend_from_slice(&input.take(8));
+                    payload.extend_from_slice(input.take(8));
                 }
                 // Through the parser, as the bytes arrive on the socket;
                 // now and then with a size over the protocol's largest.

@@ -495,16 +495,7 @@ pub(crate) mod tests {
     }
 
     fn tso_hdr(gso_size: u16) -> [u8; 12] {
-        let h = VirtioNetHdr {
-            flags: HdrFlags::NEEDS_CSUM,
-            gso_type: GsoType::TcpV4 as u8,
-            hdr_len: 66,
-            gso_size,
-            csum_start: 34,
-            csum_offset: 16,
-            num_buffers: 0,
-            ..Default::default()
-        };
+        let h = VirtioNetHdr::tcp_tso(GsoType::TcpV4, 34, 66, gso_size);
         let mut b = [0u8; 12];
         h.emit(&mut b, false).unwrap();
         b

@@ -275,7 +275,7 @@ use vm_memory::GuestAddress;
 use vnic_protocol::{
     virtio::{
         hdr::{GsoType, HDR_LEN, HDR_LEN_HASH},
-        HdrFlags, VirtioNetHdr,
+        VirtioNetHdr,
     },
     wire::build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
 };
@@ -357,16 +357,7 @@ fn transmit_gathers_frames_from_scattered_and_indirect_buffers() {
                     &vec![k as u8; len],
                 )
                 .unwrap();
-                let hdr = VirtioNetHdr {
-                    flags: HdrFlags::NEEDS_CSUM,
-                    gso_type: GsoType::TcpV4 as u8,
-                    hdr_len: 54,
-                    gso_size: 1448,
-                    csum_start: 34,
-                    csum_offset: 16,
-                    ..Default::default()
-                };
-                (hdr, f)
+                (VirtioNetHdr::tcp_tso(GsoType::TcpV4, 34, 54, 1448), f)
             } else {
                 let len = 60 + h.arena.rng().below(1455) as usize;
                 (VirtioNetHdr::default(), udp(len, 1000 + k))

@@ -79,7 +79,26 @@ fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
+/// Offset of the checksum field in a TCP header (`csum_offset`).
+pub const TCP_CSUM_OFFSET: u16 = 16;
+
 impl VirtioNetHdr {
+    /// The header a driver puts on a TCP super-frame for the device to
+    /// segment: a partial checksum from the TCP header at `csum_start`,
+    /// `hdr_len` bytes of headers before the payload, `gso_size`-byte
+    /// segments.
+    pub fn tcp_tso(gso: GsoType, csum_start: u16, hdr_len: u16, gso_size: u16) -> VirtioNetHdr {
+        VirtioNetHdr {
+            flags: HdrFlags::NEEDS_CSUM,
+            gso_type: gso as u8,
+            hdr_len,
+            gso_size,
+            csum_start,
+            csum_offset: TCP_CSUM_OFFSET,
+            ..Default::default()
+        }
+    }
+
     /// Reads a header of [`HDR_LEN`] bytes, or [`HDR_LEN_HASH`] with
     /// `with_hash`. Unknown flag bits are an error; the gso type is
     /// checked by [`VirtioNetHdr::gso`].

@@ -203,15 +203,7 @@ mod tests {
     use crate::wire::{frame::tests::tcp4_frame, tcp::Flags};
 
     fn tso(gso_size: u16) -> VirtioNetHdr {
-        VirtioNetHdr {
-            flags: HdrFlags::NEEDS_CSUM,
-            gso_type: GsoType::TcpV4 as u8,
-            hdr_len: 66,
-            gso_size,
-            csum_start: 34,
-            csum_offset: 16,
-            ..Default::default()
-        }
+        VirtioNetHdr::tcp_tso(GsoType::TcpV4, 34, 66, gso_size)
     }
 
     #[test]
