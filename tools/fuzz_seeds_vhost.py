@@ -103,9 +103,11 @@ def relay_seeds():
         assert len(payload) % 4 == 0
         return bytes([1, sel, fl, len(payload) // 4]) + payload
 
-    SET_FEATURES, SET_PROTOCOL_FEATURES, SET_VRING_ENABLE, SET_MEM_TABLE, ADD, REM = range(6)
+    SET_FEATURES, SET_PROTOCOL_FEATURES, SET_VRING_ENABLE, SET_MEM_TABLE, ADD, REM, GET_FEATURES = range(7)
     seeds = {}
-    start = (msg(SET_VRING_ENABLE, 1 | (0 << 3)) + msg(SET_VRING_ENABLE, 1 | (1 << 3))
+    # GET_FEATURES first (and its answer), as QEMU starts.
+    start = (msg(GET_FEATURES, 0) + b"\x00"
+             + msg(SET_VRING_ENABLE, 1 | (0 << 3)) + msg(SET_VRING_ENABLE, 1 | (1 << 3))
              + msg(SET_PROTOCOL_FEATURES, 2, struct.pack("<Q", 0x8 | 0x200))
              + msg(SET_FEATURES, 2, struct.pack("<Q", 1 << 30 | 1 << 32)))
     regions = (msg(ADD, 1 | (1 << 4)) + b"\x00" + msg(ADD, 1 | (1 << 4))

@@ -4,7 +4,7 @@
 //! connection. Requests: `stats`.
 
 use std::{
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
     path::Path,
     sync::{
@@ -12,7 +12,7 @@ use std::{
         Arc,
     },
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::nic::Device;
@@ -29,15 +29,29 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Clients served at once; more are told the server is busy.
 const MAX_CLIENTS: usize = 8;
 
+/// Reads one request line (at most 4096 bytes) and answers it; the whole
+/// request must arrive within `timeout`, however it is cut up.
 fn handle(dev: &Device, stream: UnixStream, timeout: Duration) -> io::Result<()> {
-    stream.set_read_timeout(Some(timeout))?;
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut s = &stream;
+    while !line.contains(&b'\n') && line.len() < 4096 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    let req = String::from_utf8_lossy(&line[..end.min(4096)]);
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = String::new();
-    BufReader::new(stream.try_clone()?)
-        .take(4096)
-        .read_line(&mut line)?;
-    let mut out = stream;
-    out.write_all(answer(dev, &line).as_bytes())
+    s.write_all(answer(dev, &req).as_bytes())
 }
 
 /// Listens on `path` (replacing a stale socket) in a thread of its own.
@@ -72,6 +86,7 @@ pub fn serve_with(path: &Path, dev: Arc<Device>, timeout: Duration) -> io::Resul
                     continue;
                 }
                 let (dev, busy) = (dev.clone(), busy.clone());
+                let held = busy.clone();
                 let spawned = thread::Builder::new()
                     .name("vnicd-mgmt-client".into())
                     .spawn(move || {
@@ -82,6 +97,7 @@ pub fn serve_with(path: &Path, dev: Arc<Device>, timeout: Duration) -> io::Resul
                     });
                 if let Err(e) = spawned {
                     log::warn!("mgmt client thread: {e}");
+                    held.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         })
@@ -135,6 +151,27 @@ mod tests {
         silent.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
         assert!(t0.elapsed() < Duration::from_secs(20));
+        // A client that sends a byte now and then is dropped all the same
+        // once its request has taken longer than the timeout.
+        let mut slow = UnixStream::connect(&path).unwrap();
+        let t0 = Instant::now();
+        let mut closed = false;
+        for _ in 0..100 {
+            thread::sleep(Duration::from_millis(100));
+            if slow.write_all(b"s").is_err() {
+                closed = true;
+                break;
+            }
+            slow.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 16];
+            if matches!(slow.read(&mut b), Ok(0)) {
+                closed = true;
+                break;
+            }
+            slow.set_nonblocking(false).unwrap();
+        }
+        assert!(closed, "a trickling client is dropped");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -15,9 +15,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use libfuzzer_sys::fuzz_target;
 use vnic_backend::vhost::relay::{
-    reply, Msg, Out, RelayCore, ADD_MEM_REG, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION, HDR_LEN,
-    MAX_PAYLOAD, MAX_REGIONS, REM_MEM_REG, SET_FEATURES, SET_MEM_TABLE, SET_PROTOCOL_FEATURES,
-    SET_VRING_ENABLE,
+    reply, Msg, Out, RelayCore, ADD_MEM_REG, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION,
+    GET_FEATURES, HDR_LEN, MAX_PAYLOAD, MAX_REGIONS, REM_MEM_REG, SET_FEATURES, SET_MEM_TABLE,
+    SET_PROTOCOL_FEATURES, SET_VRING_ENABLE,
 };
 use vnic_fuzz::Input;
 
@@ -29,7 +29,7 @@ const REQUESTS: [u32; 8] = [
     SET_MEM_TABLE,
     ADD_MEM_REG,
     REM_MEM_REG,
-    1,
+    GET_FEATURES,
     24,
 ];
 
@@ -37,7 +37,10 @@ const REQUESTS: [u32; 8] = [
 struct Model {
     /// Accepted regions, as the backend has them.
     backend: BTreeSet<[u8; 32]>,
-    backend_reply_ack: bool,
+    /// GET_FEATURES was answered (with PROTOCOL_FEATURES offered).
+    offered: bool,
+    /// SET_PROTOCOL_FEATURES acked REPLY_ACK.
+    acked_reply_ack: bool,
     /// Answers the backend owes (request, value), oldest first.
     outstanding: VecDeque<(u32, u64)>,
     /// Decides which regions the backend refuses (about one in eight).
@@ -56,6 +59,11 @@ fn key(m: &Msg) -> Option<[u8; 32]> {
 }
 
 impl Model {
+    /// REPLY_ACK in force in the backend (the vhost crate's rule).
+    fn reply_ack(&self) -> bool {
+        self.offered && self.acked_reply_ack
+    }
+
     fn deliver(&mut self, out: Vec<Out>) {
         for o in out {
             match o {
@@ -82,8 +90,14 @@ impl Model {
     fn backend_takes(&mut self, m: Msg) {
         let mut value = 0;
         match m.request() {
+            GET_FEATURES => {
+                // Always answered, with PROTOCOL_FEATURES offered.
+                self.offered = true;
+                self.outstanding.push_back((GET_FEATURES, 1 << 30));
+                return;
+            }
             SET_PROTOCOL_FEATURES => match m.ack_value() {
-                Some(v) => self.backend_reply_ack = v & (1 << 3) != 0,
+                Some(v) => self.acked_reply_ack = v & (1 << 3) != 0,
                 // vhost ends the connection on a short message.
                 None => self.over = true,
             },
@@ -105,7 +119,7 @@ impl Model {
                     // Refused: answered if asked, and the connection ends.
                     _ => {
                         value = 1;
-                        if !(m.needs_reply() && self.backend_reply_ack) {
+                        if !(m.needs_reply() && self.reply_ack()) {
                             self.over = true;
                         }
                     }
@@ -113,7 +127,7 @@ impl Model {
             }
             _ => {}
         }
-        if m.needs_reply() && self.backend_reply_ack {
+        if m.needs_reply() && self.reply_ack() {
             self.outstanding.push_back((m.request(), value));
         }
     }
@@ -157,7 +171,6 @@ fuzz_target!(|data: &[u8]| {
         rng: data.len() as u64,
         ..Model::default()
     };
-    let mut reply_ack = false;
     while let Some(op) = input.byte() {
         if model.over {
             break;
@@ -206,12 +219,10 @@ fuzz_target!(|data: &[u8]| {
                     .expect("a message within the limits parses")
                     .expect("whole");
                 assert_eq!(used, HDR_LEN + m.payload.len());
-                if request == SET_PROTOCOL_FEATURES && m.payload.len() >= 8 {
-                    reply_ack = m.payload[0] & (1 << 3) != 0;
-                }
-                if m.needs_reply() {
+
+                if m.needs_reply() || m.request() == GET_FEATURES {
                     *model.asked.entry(m.request()).or_default() += 1;
-                    if m.request() == ADD_MEM_REG && reply_ack {
+                    if m.request() == ADD_MEM_REG && core.reply_ack() {
                         model.asked_with_ack += 1;
                     }
                 }

@@ -4,7 +4,7 @@
 use std::{io, ops::Deref};
 
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vnic_protocol::{
     rss::Steering,
@@ -51,14 +51,16 @@ pub(super) const TX_PREFIX: usize = 256;
 
 /// Gathers a TX chain without copying its payload: the driver's header
 /// and the first [`TX_PREFIX`] frame bytes are copied into `head`, the
-/// rest is left in guest memory as regions in `rest`. Chains with more
-/// pieces than a vectored write takes are copied whole into `head`.
+/// rest is left in guest memory as regions in `rest`. Once a chain has
+/// more pieces than a vectored write takes, the descriptors past that
+/// point are copied, in order, into `tail`, which follows `rest`.
 pub(super) fn gather_tx<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
     hdr_len: usize,
     head: &mut Vec<u8>,
     rest: &mut Vec<(GuestAddress, usize)>,
+    tail: &mut Vec<u8>,
 ) -> Result<(), DropReason>
 where
     M: Deref,
@@ -66,6 +68,7 @@ where
 {
     head.clear();
     rest.clear();
+    tail.clear();
     let want = hdr_len + TX_PREFIX;
     let mut total = 0usize;
     let mut last: Option<Descriptor> = None;
@@ -78,13 +81,20 @@ where
         if total > HDR_LEN_HASH + MAX_FRAME {
             return Err(DropReason::Oversized);
         }
+        // Room for the device's header, the copied prefix and the tail.
+        if !tail.is_empty() || rest.len() + 3 >= MAX_PIECES {
+            let at = tail.len();
+            tail.resize(at + len, 0);
+            mem.read_slice(&mut tail[at..], desc.addr())
+                .map_err(|_| DropReason::BadDescriptor)?;
+            last = Some(desc);
+            continue;
+        }
         let copy = if rest.is_empty() {
             len.min(want.saturating_sub(head.len()))
         } else {
             0
         };
-        let room_for_pieces = rest.len() + 3 < MAX_PIECES;
-        let copy = if room_for_pieces { copy } else { len };
         if copy > 0 {
             let at = head.len();
             head.resize(at + copy, 0);
@@ -197,6 +207,8 @@ pub(super) enum Direct {
     Elsewhere(usize),
     /// Dropped for this reason.
     Dropped(DropReason),
+    /// The uplink failed (counted as `uplink_error`); nothing was read.
+    Failed,
 }
 
 /// Most RX descriptors one read may fill.
@@ -309,6 +321,9 @@ pub(super) fn write_span(
 /// and the writable descriptors in order.
 struct RxBufs {
     chains: [(u16, usize); MAX_RX_BUFFERS],
+    /// The available-ring position each chain was popped from, so that
+    /// chains can be put back even past heads `pop_valid` skipped.
+    pos: [u16; MAX_RX_BUFFERS],
     descs: [(GuestAddress, usize); MAX_RX_DESCS],
     nchains: usize,
     ndescs: usize,
@@ -365,15 +380,19 @@ impl RxBufs {
                 return Ok(Err(why));
             }
             self.chains[self.nchains] = (head, self.ndescs - first);
+            self.pos[self.nchains] = q.next_avail().wrapping_sub(1);
             self.nchains += 1;
         }
         Ok(Ok(()))
     }
 
-    /// Returns the last `n` popped chains to the ring, unused.
+    /// Returns the last `n` popped chains to the ring, unused: the next
+    /// pop starts at the first of them again.
     fn unpop(&self, q: &mut virtio_queue::Queue, n: usize) {
-        for _ in 0..n {
-            q.go_to_previous_position();
+        if let Some(&p) = self.nchains.checked_sub(n).and_then(|k| self.pos.get(k)) {
+            if n > 0 {
+                q.set_next_avail(p);
+            }
         }
     }
 
@@ -424,6 +443,7 @@ impl RxWriter<'_> {
         let mut count = 0;
         let mut written = 0;
         let mut first_hdr: Option<GuestAddress> = None;
+        let mut first_pos: Option<u16> = None;
         let mut failure = None;
         while written < total {
             if count == MAX_RX_BUFFERS || (count == 1 && !self.mergeable) {
@@ -431,11 +451,14 @@ impl RxWriter<'_> {
                 break;
             }
             let Some(chain) = pop_valid(q, self.mem, self.stats) else {
-                for _ in 0..count {
-                    q.go_to_previous_position();
+                // Put back what was popped for this frame (from its first
+                // position: heads skipped in between are seen again).
+                if let Some(p) = first_pos {
+                    q.set_next_avail(p);
                 }
                 return Err(DropReason::RxNoBuffers);
             };
+            first_pos.get_or_insert(q.next_avail().wrapping_sub(1));
             let head = chain.head_index();
             let mut in_chain = 0usize;
             let mut last_next = false;
@@ -528,6 +551,7 @@ impl RxWriter<'_> {
         let q = state.get_queue_mut();
         let mut rx = RxBufs {
             chains: [(0u16, 0usize); MAX_RX_BUFFERS],
+            pos: [0u16; MAX_RX_BUFFERS],
             descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
             nchains: 0,
             ndescs: 0,
@@ -571,11 +595,14 @@ impl RxWriter<'_> {
             Ok(n) => n,
             Err(e) => {
                 rx.unpop(q, rx.nchains);
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(Direct::Empty),
-                    io::ErrorKind::InvalidData => Ok(Direct::Dropped(DropReason::RxChainTooSmall)),
-                    _ => Err(e),
-                };
+                return Ok(match e.kind() {
+                    io::ErrorKind::WouldBlock => Direct::Empty,
+                    io::ErrorKind::InvalidData => Direct::Dropped(DropReason::RxChainTooSmall),
+                    _ => {
+                        log::debug!("uplink queue {uq}: {e}");
+                        Direct::Failed
+                    }
+                });
             }
         };
         if n <= VNET_HDR_LEN {

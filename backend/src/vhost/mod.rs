@@ -121,6 +121,8 @@ struct Worker {
     tx: Vec<u8>,
     /// The rest of a TX frame, left in guest memory.
     rest: Vec<(GuestAddress, usize)>,
+    /// Pieces past what a vectored write takes, copied.
+    tail: Vec<u8>,
     rx: Vec<u8>,
     /// A received frame on its way to another queue.
     rx_out: Vec<u8>,
@@ -134,6 +136,7 @@ impl Worker {
         Worker {
             tx: Vec::with_capacity(HDR_LEN_HASH + MAX_FRAME),
             rest: Vec::with_capacity(MAX_PIECES),
+            tail: Vec::new(),
             rx: vec![0u8; VNET_HDR_LEN + MAX_FRAME],
             rx_out: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME),
             rx_big: false,
@@ -155,19 +158,37 @@ where
     pop_valid(vring.get_mut().get_queue_mut(), mem.clone(), stats)
 }
 
-/// Whether the driver's avail index is more than a queue's worth ahead of
-/// the device (or cannot be read), which no well-behaved driver does.
-fn avail_overrun<M>(vring: &VringRwLock, mem: &M) -> bool
+/// Whether a TX or control loop must stop although the driver's avail
+/// index says chains wait (`enable_notification` was true): after a round
+/// that took nothing (`empty_round`) for the second time in a row, or at
+/// once when the index ran more than a queue's worth ahead. virtio-queue
+/// then pops nothing (so do a queue that is not ready, an avail ring at
+/// address 0, an entry that cannot be read), and going round again would
+/// spin forever; the queue stays stuck until the driver resets it. One
+/// empty round is the driver publishing just as notifications were
+/// re-enabled, and the next round takes its chains.
+fn stuck<M>(vring: &VringRwLock, mem: &M, empty_round: bool, empties: &mut u32) -> bool
 where
     M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
+    if !empty_round {
+        *empties = 0;
+        return false;
+    }
+    *empties += 1;
     let st = vring.get_ref();
     let q = st.get_queue();
-    match q.avail_idx(&**mem, Ordering::Acquire) {
-        Ok(idx) => (idx - std::num::Wrapping(q.next_avail())).0 > q.size(),
-        Err(_) => true,
-    }
+    let overrun = q.avail_idx(&**mem, Ordering::Acquire).map_or(true, |idx| {
+        (idx - std::num::Wrapping(q.next_avail())).0 > q.size()
+    });
+    *empties > 1 || overrun || !q.ready()
+}
+
+/// Whether the frontend has the queue enabled and ready.
+fn live(vring: &VringRwLock) -> bool {
+    let st = vring.get_ref();
+    st.is_enabled() && st.get_queue().ready()
 }
 
 /// The driver's available index (0 if the ring cannot be read).
@@ -203,7 +224,10 @@ where
         let st = vring.get_ref();
         let q = st.get_queue();
         if q.event_idx_enabled() {
-            let at = q.used_ring() + 4 + 8 * u64::from(q.size());
+            let at = q
+                .used_ring()
+                .checked_add(4 + 8 * u64::from(q.size()))
+                .ok_or_else(|| io::Error::other("used ring at the top of the address space"))?;
             mem.store(seen.to_le(), GuestAddress(at), Ordering::Release)
                 .map_err(io::Error::other)?;
         }
@@ -402,6 +426,7 @@ impl VnicBackend {
         let mut readable = Vec::new();
         let mut writable = Vec::new();
         let mut moved = 0;
+        let mut empty = 0;
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
@@ -427,8 +452,7 @@ impl VnicBackend {
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
-            if moved == round && avail_overrun(vring, &mem) {
-                // See process_tx.
+            if stuck(vring, &mem, moved == round, &mut empty) {
                 self.dev.stats.ctrl.drop(DropReason::BadRing);
                 break;
             }
@@ -509,13 +533,18 @@ impl VnicBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let Worker {
-            tx, rest, scratch, ..
+            tx,
+            rest,
+            tail,
+            scratch,
+            ..
         } = &mut *w;
         let stats = &self.dev.stats.tx[i];
         // The driver's header on transmit has the negotiated size: 20
         // bytes with HASH_REPORT, 12 otherwise.
         let hdr_len = self.acked().hdr_len();
         let mut moved = 0;
+        let mut empty = 0;
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
@@ -524,7 +553,7 @@ impl VnicBackend {
                     break;
                 };
                 let head = chain.head_index();
-                match gather_tx(&mem, chain, hdr_len, tx, rest) {
+                match gather_tx(&mem, chain, hdr_len, tx, rest, tail) {
                     Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
                     Ok(()) => {
                         let mut pieces = [Piece::Local(&[]); MAX_PIECES];
@@ -535,12 +564,17 @@ impl VnicBackend {
                                 Err(_) => ok = false,
                             }
                         }
+                        let mut n = rest.len();
+                        if !tail.is_empty() && n < MAX_PIECES {
+                            pieces[n] = Piece::Local(tail);
+                            n += 1;
+                        }
                         if ok {
                             let _ = self.dev.transmit_pieces(
                                 i,
                                 &tx[..hdr_len],
                                 &tx[hdr_len..],
-                                &pieces[..rest.len()],
+                                &pieces[..n],
                                 scratch,
                             );
                         } else {
@@ -559,14 +593,7 @@ impl VnicBackend {
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
-            if moved == round && avail_overrun(vring, &mem) {
-                // The driver's avail index says chains wait, yet none
-                // could be taken: it ran more than a queue's worth ahead,
-                // and virtio-queue refuses to pop. Going round again would
-                // spin forever; the queue stays stuck until the driver
-                // resets it. (An empty round is otherwise the driver
-                // publishing just as notifications were re-enabled: go
-                // round again for it.)
+            if stuck(vring, &mem, moved == round, &mut empty) {
                 stats.drop(DropReason::BadRing);
                 break;
             }
@@ -717,6 +744,10 @@ impl VnicBackend {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Direct::Empty => return Ok(false),
+                Direct::Failed => {
+                    stats.drop(DropReason::UplinkError);
+                    return Ok(false);
+                }
                 Direct::Dropped(why) => stats.drop(why),
                 Direct::Elsewhere(target) => {
                     w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
@@ -757,7 +788,8 @@ impl VnicBackend {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Uplinked::Empty,
             Err(e) => {
-                log::warn!("uplink queue {i}: {e}");
+                log::debug!("uplink queue {i}: {e}");
+                stats.drop(DropReason::UplinkError);
                 return Uplinked::Empty;
             }
         };
@@ -951,7 +983,11 @@ impl VnicBackend {
                 0 => self.process_ctrl(v),
                 e if e == self.event_id(Ev::Resume) => {
                     let _ = self.take_resume(i);
-                    self.process_ctrl(v)
+                    if live(v) {
+                        self.process_ctrl(v)
+                    } else {
+                        Ok(())
+                    }
                 }
                 _ => Ok(()),
             };
@@ -960,16 +996,20 @@ impl VnicBackend {
             return Ok(());
         }
         self.rx_vrings[i].get_or_init(|| vrings[0].clone());
-        let rx_live = || {
-            let st = vrings[0].get_ref();
-            st.is_enabled() && st.get_queue().ready()
-        };
+        let rx_live = || live(&vrings[0]);
         match device_event {
             0 => self.process_rx(i, &vrings[0]),
             1 => self.process_tx(i, &vrings[1]),
             e if e == self.event_id(Ev::Resume) => {
                 let _ = self.take_resume(i);
-                self.process_tx(i, &vrings[1])
+                // The frontend may have stopped the queue meanwhile
+                // (GET_VRING_BASE): kicks are checked by vhost-user-backend,
+                // our own resume event is not.
+                if live(&vrings[1]) {
+                    self.process_tx(i, &vrings[1])
+                } else {
+                    Ok(())
+                }
             }
             e if e == self.event_id(Ev::Uplink) || e == self.event_id(Ev::Backlog) => {
                 if e == self.event_id(Ev::Backlog) {

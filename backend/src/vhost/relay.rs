@@ -16,11 +16,14 @@
 //! same memory regions. The backend takes a region once; the relay counts
 //! the devices that added a region, acks the repeats itself, and passes a
 //! removal on only when the last of them removes it. A region counts only
-//! once the backend accepted it: with REPLY_ACK negotiated the relay asks
-//! the backend for its answer to every ADD_MEM_REG (passing the answer on
-//! only if the frontend asked for one), and repeats of a region whose
-//! first add is still unanswered get that answer too. Without REPLY_ACK a
-//! refused region ends the connection, in the backend and so here.
+//! once the backend accepted it: with REPLY_ACK in force (as the vhost
+//! crate decides it: GET_FEATURES answered, with PROTOCOL_FEATURES in it
+//! as vnicd always offers, and REPLY_ACK acked in SET_PROTOCOL_FEATURES) the relay asks the
+//! backend for its answer to every ADD_MEM_REG (passing the answer on only
+//! if the frontend asked for one), and repeats of a region whose first add
+//! is still unanswered get that answer too. The backend ends the
+//! connection after refusing a region either way; until then the relay's
+//! count stays true.
 //!
 //! The decisions are [`RelayCore`]'s, apart from the sockets, so that they
 //! are tested and fuzzed on message streams alone.
@@ -47,6 +50,7 @@ const MAX_FDS: usize = 32;
 /// Memory regions a backend takes (vhost's VHOST_USER_MAX_MEM_SLOTS).
 pub const MAX_REGIONS: usize = 509;
 
+pub const GET_FEATURES: u32 = 1;
 pub const SET_FEATURES: u32 = 2;
 pub const SET_MEM_TABLE: u32 = 5;
 pub const SET_PROTOCOL_FEATURES: u32 = 16;
@@ -190,7 +194,11 @@ pub struct RelayCore {
     /// Vrings the device has: SET_VRING_ENABLE for others is refused.
     vrings: u32,
     acked: bool,
-    reply_ack: bool,
+    /// GET_FEATURES went to the backend, which offers PROTOCOL_FEATURES
+    /// (vnicd always does): the vhost crate then knows it was offered.
+    offered: bool,
+    /// SET_PROTOCOL_FEATURES acked REPLY_ACK.
+    acked_reply_ack: bool,
     /// vring index -> the SET_VRING_ENABLE payload last asked for.
     pending: Vec<(u32, Vec<u8>)>,
     regions: Vec<Region>,
@@ -209,12 +217,19 @@ impl RelayCore {
         RelayCore {
             vrings,
             acked: false,
-            reply_ack: false,
+            offered: false,
+            acked_reply_ack: false,
             pending: Vec::new(),
             regions: Vec::new(),
             owed: VecDeque::new(),
             next_owed: 0,
         }
+    }
+
+    /// Whether the backend answers requests that ask for it (REPLY_ACK
+    /// in force, by the vhost crate's rule).
+    pub fn reply_ack(&self) -> bool {
+        self.offered && self.acked_reply_ack
     }
 
     /// Held SET_VRING_ENABLE states.
@@ -245,13 +260,14 @@ impl RelayCore {
     pub fn from_frontend(&mut self, mut m: Msg) -> Result<Vec<Out>, Fatal> {
         let mut out = Vec::new();
         match m.request() {
+            GET_FEATURES => self.offered = true,
             SET_FEATURES if m.payload.len() >= 8 => {
                 let v = m.ack_value().unwrap_or(0);
                 self.acked = v & PROTOCOL_FEATURES != 0;
             }
             SET_PROTOCOL_FEATURES if m.payload.len() >= 8 => {
                 let v = m.ack_value().unwrap_or(0);
-                self.reply_ack = v & PROTOCOL_F_REPLY_ACK != 0;
+                self.acked_reply_ack = v & PROTOCOL_F_REPLY_ACK != 0;
             }
             SET_VRING_ENABLE if !self.acked => {
                 let index = m
@@ -291,7 +307,7 @@ impl RelayCore {
                     }
                     return Ok(out);
                 }
-                if self.regions.len() >= MAX_REGIONS {
+                if self.regions.len() >= MAX_REGIONS || self.owed.len() >= MAX_REGIONS {
                     if m.needs_reply() {
                         Self::local_reply(&m, 1, &mut out);
                         return Ok(out);
@@ -300,12 +316,13 @@ impl RelayCore {
                 }
                 let id = self.next_owed;
                 self.next_owed += 1;
+                let reply_ack = self.reply_ack();
                 self.regions.push(Region {
                     key,
                     users: 1,
-                    pending: self.reply_ack.then_some(id),
+                    pending: reply_ack.then_some(id),
                 });
-                if self.reply_ack {
+                if reply_ack {
                     self.owed.push_back(Owed {
                         id,
                         key,
@@ -591,6 +608,16 @@ mod tests {
         let mut c = RelayCore::new(5);
         c.from_frontend(u64msg(SET_PROTOCOL_FEATURES, PROTOCOL_F_REPLY_ACK))
             .unwrap();
+        // REPLY_ACK is not in force before GET_FEATURES: nothing is asked
+        // of the backend.
+        let out = c.from_frontend(region(9, ADD_MEM_REG, false)).unwrap();
+        assert_eq!(kinds(&out), [(true, ADD_MEM_REG, FLAG_VERSION)]);
+        assert_eq!(c.owed(), 0);
+        assert_eq!(c.regions().count(), 1);
+        c.from_frontend(region(9, REM_MEM_REG, false)).unwrap();
+        c.from_frontend(Msg::new(GET_FEATURES, FLAG_VERSION, Vec::new()))
+            .unwrap();
+        assert!(c.reply_ack());
         // The frontend does not ask for an answer; the relay does.
         let out = c.from_frontend(region(1, ADD_MEM_REG, false)).unwrap();
         assert_eq!(
