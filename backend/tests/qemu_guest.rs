@@ -115,19 +115,28 @@ fn iperf3_tcp_both_ways_with_multiqueue_rss_and_udp() {
     let u = section("UDP-JSON", "UDP-END");
     let lost = iperf_number(&u, "\"sum\"", "lost_percent").expect("udp loss in the report");
     assert!(lost < 1.0, "udp loss {lost}%: {u}");
-    // Device RSS spread the 4-stream receive over both queues: vnicd's
-    // per-queue counters show traffic on each, and so does the guest's
-    // driver, which refilled (kicked) each RX queue again. (Linux
-    // 6.12's virtio_net keeps no per-queue packet counts of its own when
-    // the device has no DEVICE_STATS.)
+    // Device RSS spread the 4-stream receive over both queues, and the
+    // guest's driver took frames from each: vnicd wrote more frames into
+    // each RX queue than the 256 buffers it holds, which it can only do
+    // once the driver has taken frames and reposted their buffers. (Linux
+    // 6.12's virtio_net keeps no per-queue packet counts of its own
+    // without DEVICE_STATS, and vnicd turns the driver's refill kicks off
+    // while it has buffers, so those no longer count traffic per queue:
+    // the driver kicked each queue at least once, to post its buffers.)
     let st = p.vnicd.stats().unwrap();
-    assert!(st["rx0.packets"] > 100 && st["rx1.packets"] > 100, "{st:?}");
+    assert!(
+        st["rx0.packets"] > 2 * 256 && st["rx1.packets"] > 2 * 256,
+        "{st:?}"
+    );
     let queues = section("QUEUES", "VNIC-OUT-END");
     let kicks: Vec<u64> = queues
         .lines()
         .filter_map(|l| l.split(':').nth(1)?.trim().parse().ok())
         .collect();
-    assert!(kicks.len() == 2 && kicks.iter().all(|&n| n > 1), "{queues}");
+    assert!(
+        kicks.len() == 2 && kicks.iter().all(|&n| n >= 1),
+        "{queues}"
+    );
 }
 
 #[test]
