@@ -85,19 +85,18 @@ pub fn serve_with(path: &Path, dev: Arc<Device>, timeout: Duration) -> io::Resul
                     let _ = (&s).write_all(b"error: busy, try again\n");
                     continue;
                 }
-                let (dev, busy) = (dev.clone(), busy.clone());
-                let held = busy.clone();
+                let (dev, done) = (dev.clone(), busy.clone());
                 let spawned = thread::Builder::new()
                     .name("vnicd-mgmt-client".into())
                     .spawn(move || {
                         if let Err(e) = handle(&dev, s, timeout) {
                             log::debug!("mgmt request: {e}");
                         }
-                        busy.fetch_sub(1, Ordering::AcqRel);
+                        done.fetch_sub(1, Ordering::AcqRel);
                     });
                 if let Err(e) = spawned {
                     log::warn!("mgmt client thread: {e}");
-                    held.fetch_sub(1, Ordering::AcqRel);
+                    busy.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         })

@@ -312,27 +312,33 @@ impl RxQueue {
     /// Waits up to `timeout` for the RX interrupt or `also` to become
     /// readable; drains both.
     pub fn wait(&self, also: Option<&EventFd>, timeout: Duration) {
-        let mut pfd = [
-            libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: also.map_or(-1, |e| e.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let ms = timeout.as_millis().min(1000) as libc::c_int;
-        // SAFETY: `pfd` is an array of two valid pollfds for the duration
-        // of the call; a negative fd is ignored by poll(2).
-        unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
-        let _ = self.call.read();
-        if let Some(e) = also {
-            let _ = e.read();
-        }
+        wait_any(
+            &[Some(&self.call), also],
+            timeout.min(Duration::from_secs(1)),
+        );
     }
+}
+
+/// Sleeps until one of `fds` (at most three) is readable or `timeout`
+/// passes, then drains them all. Returns poll(2)'s answer: how many were
+/// readable, 0 when the time ran out, negative on an error (EINTR).
+pub(crate) fn wait_any(fds: &[Option<&EventFd>], timeout: Duration) -> i32 {
+    let mut pfd = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 3];
+    for (p, e) in pfd.iter_mut().zip(fds) {
+        p.fd = e.map_or(-1, AsRawFd::as_raw_fd);
+    }
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is an array of three valid pollfds (a negative fd is
+    // ignored by poll(2)) for the duration of the call.
+    let r = unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, ms) };
+    for e in fds.iter().flatten() {
+        let _ = e.read();
+    }
+    r
 }
 
 impl TxQueue {
@@ -400,16 +406,10 @@ impl TxQueue {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
-            // SAFETY: `pfd` is one valid pollfd for the duration of the
-            // call.
-            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-            let _ = self.call.read();
+            let r = wait_any(
+                &[Some(&self.call)],
+                left.clamp(Duration::from_millis(1), Duration::from_secs(60)),
+            );
             if r == 0 || Instant::now() >= deadline {
                 if !self.pool.q.has_used(&self.mem)? {
                     self.stalls += 1;

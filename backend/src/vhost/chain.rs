@@ -389,10 +389,11 @@ impl RxBufs {
     /// Returns the last `n` popped chains to the ring, unused: the next
     /// pop starts at the first of them again.
     fn unpop(&self, q: &mut virtio_queue::Queue, n: usize) {
+        if n == 0 {
+            return;
+        }
         if let Some(&p) = self.nchains.checked_sub(n).and_then(|k| self.pos.get(k)) {
-            if n > 0 {
-                q.set_next_avail(p);
-            }
+            q.set_next_avail(p);
         }
     }
 

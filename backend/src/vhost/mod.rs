@@ -458,7 +458,7 @@ impl VnicBackend {
             }
         }
         if moved > 0 {
-            self.notify(vring, &self.dev.stats.ctrl)?;
+            self.notify(vring, &mem, &self.dev.stats.ctrl)?;
         }
         Ok(())
     }
@@ -599,7 +599,7 @@ impl VnicBackend {
             }
         }
         if moved > 0 {
-            self.notify(vring, stats)?;
+            self.notify(vring, &mem, stats)?;
         }
         Ok(())
     }
@@ -608,14 +608,18 @@ impl VnicBackend {
     /// EVENT_IDX through `used_event` (virtio-queue checks it), without it
     /// through VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags,
     /// which virtio-queue does not look at.
-    fn notify(&self, vring: &VringRwLock, stats: &QueueStats) -> io::Result<()> {
+    fn notify(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        stats: &QueueStats,
+    ) -> io::Result<()> {
         let wanted = vring.needs_notification().map_err(io::Error::other)?;
         let suppressed = {
             let st = vring.get_ref();
             let q = st.get_queue();
             !q.event_idx_enabled()
-                && self
-                    .memory()
+                && mem
                     .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
                     .is_ok_and(|f| u16::from_le(f) & AVAIL_F_NO_INTERRUPT != 0)
         };
@@ -683,7 +687,7 @@ impl VnicBackend {
             }
         }
         if moved > 0 {
-            self.notify(vring, stats)?;
+            self.notify(vring, &mem, stats)?;
         }
         Ok(())
     }
@@ -996,7 +1000,6 @@ impl VnicBackend {
             return Ok(());
         }
         self.rx_vrings[i].get_or_init(|| vrings[0].clone());
-        let rx_live = || live(&vrings[0]);
         match device_event {
             0 => self.process_rx(i, &vrings[0]),
             1 => self.process_tx(i, &vrings[1]),
@@ -1015,7 +1018,7 @@ impl VnicBackend {
                 if e == self.event_id(Ev::Backlog) {
                     let _ = self.dev.backlogs[i].event.read();
                 }
-                if rx_live() {
+                if live(&vrings[0]) {
                     self.process_rx(i, &vrings[0])
                 } else {
                     // This pair's RX queue is off: pass what arrives on its

@@ -27,7 +27,7 @@ use super::{
     Inner,
 };
 use crate::{
-    net::{QueuePair, RxQueue, TxQueue},
+    net::{self, QueuePair, RxQueue, TxQueue},
     Error, Result,
 };
 
@@ -188,9 +188,9 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
             continue;
         }
         let tx_call = tx_armed.then_some(&shard.tx_call);
-        wait(
+        net::wait_any(
             &[Some(&shard.call), Some(&shard.wake), tx_call],
-            sleep.max(Duration::from_micros(200)),
+            sleep.clamp(Duration::from_millis(1), Duration::from_millis(200)),
         );
         disarm_tx(shard, tx_armed);
     }
@@ -202,26 +202,6 @@ fn disarm_tx(shard: &Shard, armed: bool) {
         if let Ok(mut st) = shard.st.lock() {
             let _ = st.tx.disarm();
         }
-    }
-}
-
-/// Sleeps until one of `fds` is readable or `timeout` passes; drains them.
-fn wait(fds: &[Option<&EventFd>], timeout: Duration) {
-    use std::os::fd::AsRawFd;
-    let mut pfd = [libc::pollfd {
-        fd: -1,
-        events: libc::POLLIN,
-        revents: 0,
-    }; 3];
-    for (p, e) in pfd.iter_mut().zip(fds) {
-        p.fd = e.map_or(-1, AsRawFd::as_raw_fd);
-    }
-    let ms = timeout.as_millis().clamp(1, 200) as libc::c_int;
-    // SAFETY: `pfd` is an array of three valid pollfds (a negative fd is
-    // ignored) for the duration of the call.
-    unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, ms) };
-    for e in fds.iter().flatten() {
-        let _ = e.read();
     }
 }
 
