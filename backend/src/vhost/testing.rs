@@ -362,6 +362,10 @@ pub struct Harness {
     pub arena: Arena,
 }
 
+/// The harness device's MAC address.
+pub const DEVICE_MAC: vnic_protocol::wire::ethernet::Address =
+    vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
 /// Where the harness puts guest memory: two regions with a hole between.
 pub const REGION_A: (u64, usize) = (0x1_0000, 4 << 20);
 pub const REGION_B: (u64, usize) = (0x100_0000, 1 << 20);
@@ -400,7 +404,7 @@ impl Harness {
         let cfg = crate::nic::DeviceConfig {
             pairs: 1,
             queue_size: size,
-            mac: vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            mac: DEVICE_MAC,
             mtu: 1500,
             rss: crate::nic::RssSettings::default(),
         };

@@ -143,14 +143,13 @@ fn control_chain_with_an_absurd_writable_part_is_refused_without_writing() {
 
 /// A UDP frame from the uplink (TAP header first).
 fn uplink_frame(payload_len: usize) -> Vec<u8> {
-    use vnic_protocol::wire::build::{udp_frame, Flow, IpFields};
-    let flow = Flow {
-        dst_mac: vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
-        ..Flow::v4()
-    };
-    let f = udp_frame(&flow, &IpFields::default(), &vec![0x5a; payload_len]).unwrap();
+    tap(&udp(42 + payload_len, 40000))
+}
+
+/// `frame` behind the uplink's 12-byte virtio-net header (all zero).
+fn tap(frame: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; crate::uplink::tap::VNET_HDR_LEN];
-    out.extend_from_slice(&f);
+    out.extend_from_slice(frame);
     out
 }
 
@@ -282,8 +281,7 @@ use vnic_protocol::{
 
 use super::testing::{Rng, F_INDIRECT, F_NEXT, F_WRITE};
 
-const DEV_MAC: vnic_protocol::wire::ethernet::Address =
-    vnic_protocol::wire::ethernet::Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+use super::testing::DEVICE_MAC as DEV_MAC;
 
 /// A UDP frame of `len` bytes in all, from a source port that varies the
 /// flow's hash.
@@ -325,10 +323,12 @@ fn post_readable(h: &mut Harness, bytes: &[u8], indirect: bool) -> u16 {
     }
 }
 
-fn tx_header(hdr: &VirtioNetHdr, hash: bool) -> Vec<u8> {
+/// `frame` behind the driver's header (20 bytes with `hash`, else 12).
+fn with_tx_header(hdr: &VirtioNetHdr, hash: bool, frame: &[u8]) -> Vec<u8> {
     let mut b = vec![0u8; HDR_LEN_HASH];
     let n = hdr.emit(&mut b, hash).unwrap();
     b.truncate(n);
+    b.extend_from_slice(frame);
     b
 }
 
@@ -362,8 +362,7 @@ fn transmit_gathers_frames_from_scattered_and_indirect_buffers() {
                 let len = 60 + h.arena.rng().below(1455) as usize;
                 (VirtioNetHdr::default(), udp(len, 1000 + k))
             };
-            let mut bytes = tx_header(&hdr, hash);
-            bytes.extend_from_slice(&frame);
+            let bytes = with_tx_header(&hdr, hash, &frame);
             post_readable(&mut h, &bytes, k % 3 == 0);
             want.push(frame);
             if h.tx.free() < 8 {
@@ -417,8 +416,7 @@ fn tx_bad(h: &mut Harness, descs: &[Desc], head: u16) -> Vec<(DropReason, u64)> 
 #[test]
 fn malformed_transmit_chains_are_counted_by_reason() {
     let mut h = Harness::new(all() - Features::HASH_REPORT, 16, Offloads::ALL, 12);
-    let mut ok = tx_header(&VirtioNetHdr::default(), false);
-    ok.extend_from_slice(&udp(100, 7));
+    let ok = with_tx_header(&VirtioNetHdr::default(), false, &udp(100, 7));
     let good = h.buffer(&ok, ok.len());
     let outside = GuestAddress(0x4000_0000);
     let hole = GuestAddress(super::testing::REGION_A.0 + super::testing::REGION_A.1 as u64 + 16);
@@ -604,9 +602,7 @@ fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_h
         for k in 0..60u16 {
             let len = 60 + h.arena.rng().below(1455) as usize;
             let f = udp(len, 2000 + k);
-            let mut tap = vec![0u8; crate::uplink::tap::VNET_HDR_LEN];
-            tap.extend_from_slice(&f);
-            h.up.push_rx(tap);
+            h.up.push_rx(tap(&f));
             frames.push(f);
         }
         // Buffers: with MRG_RXBUF many small one-descriptor chains;
@@ -748,11 +744,7 @@ fn malformed_receive_chains_are_counted_and_given_back() {
     ];
     for (what, descs, why) in cases {
         let before = h.dev.stats.rx[0].drops(why);
-        h.up.push_rx({
-            let mut t = vec![0u8; HDR_LEN];
-            t.extend_from_slice(&udp(1000, 9));
-            t
-        });
+        h.up.push_rx(tap(&udp(1000, 9)));
         h.rx.push_raw(&h.mem, &descs, 0);
         h.worker_event(0).unwrap();
         h.settle().unwrap();
@@ -772,9 +764,7 @@ fn malformed_receive_chains_are_counted_and_given_back() {
     }
     // Zero-length buffers are skipped, not written.
     let f = udp(200, 9);
-    let mut t = vec![0u8; HDR_LEN];
-    t.extend_from_slice(&f);
-    h.up.push_rx(t);
+    h.up.push_rx(tap(&f));
     let mut posted = Posted::new();
     post_rx(
         &mut h,
@@ -845,8 +835,7 @@ fn malformed_control_chains_are_counted() {
 #[test]
 fn a_head_past_the_queue_is_counted_and_passed_over() {
     let mut h = harness(27);
-    let mut ok = tx_header(&VirtioNetHdr::default(), true);
-    ok.extend_from_slice(&udp(100, 7));
+    let ok = with_tx_header(&VirtioNetHdr::default(), true, &udp(100, 7));
     let good = h.buffer(&ok, ok.len());
     // The available ring names descriptor 300 of a 256-entry queue: it
     // has no used entry to give back, so it is passed over and counted.
@@ -861,11 +850,7 @@ fn a_head_past_the_queue_is_counted_and_passed_over() {
     assert_eq!(h.up.sent().len(), 1);
     // The same on RX and on the control queue.
     h.rx.publish(&h.mem, 0xffff);
-    h.up.push_rx({
-        let mut t = vec![0u8; HDR_LEN];
-        t.extend_from_slice(&udp(100, 8));
-        t
-    });
+    h.up.push_rx(tap(&udp(100, 8)));
     let mut posted = Posted::new();
     post_rx(&mut h, &mut posted, &[2048], false);
     h.worker_event(0).unwrap();
@@ -880,8 +865,7 @@ fn a_head_past_the_queue_is_counted_and_passed_over() {
 fn a_used_ring_outside_guest_memory_does_not_end_the_worker() {
     use vhost_user_backend::VringT;
     let mut h = harness(28);
-    let mut ok = tx_header(&VirtioNetHdr::default(), true);
-    ok.extend_from_slice(&udp(100, 7));
+    let ok = with_tx_header(&VirtioNetHdr::default(), true, &udp(100, 7));
     let good = h.buffer(&ok, ok.len());
     h.tx.push_chain(&h.mem, &[Desc::ro(good, ok.len())])
         .unwrap();
@@ -892,11 +876,7 @@ fn a_used_ring_outside_guest_memory_does_not_end_the_worker() {
     h.worker_event(1).unwrap();
     assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
     // The worker's other queue still works.
-    h.up.push_rx({
-        let mut t = vec![0u8; HDR_LEN];
-        t.extend_from_slice(&udp(100, 8));
-        t
-    });
+    h.up.push_rx(tap(&udp(100, 8)));
     let mut posted = Posted::new();
     post_rx(&mut h, &mut posted, &[2048], false);
     h.worker_event(0).unwrap();
@@ -932,8 +912,7 @@ fn an_avail_index_that_runs_ahead_stops_the_queue_without_spinning() {
 fn a_queue_stopped_with_chains_announced_does_not_spin() {
     use vhost_user_backend::VringT;
     let mut h = harness(30);
-    let mut ok = tx_header(&VirtioNetHdr::default(), true);
-    ok.extend_from_slice(&udp(100, 7));
+    let ok = with_tx_header(&VirtioNetHdr::default(), true, &udp(100, 7));
     let good = h.buffer(&ok, ok.len());
     h.tx.push_chain(&h.mem, &[Desc::ro(good, ok.len())])
         .unwrap();
@@ -961,9 +940,7 @@ fn buffers_put_back_past_a_bad_head_are_not_lost() {
     let small = *posted.keys().next().unwrap();
     h.rx.publish(&h.mem, 999);
     let f = udp(1400, 3);
-    let mut t = vec![0u8; HDR_LEN];
-    t.extend_from_slice(&f);
-    h.up.push_rx(t);
+    h.up.push_rx(tap(&f));
     h.worker_event(0).unwrap();
     h.settle().unwrap();
     assert!(h.rx.used(&h.mem).is_empty(), "the frame waits for buffers");
@@ -983,8 +960,7 @@ fn buffers_put_back_past_a_bad_head_are_not_lost() {
 #[test]
 fn a_chain_of_more_pieces_than_a_write_takes_is_sent_in_order() {
     let mut h = Harness::new(all() - Features::HASH_REPORT, 256, Offloads::ALL, 32);
-    let mut bytes = tx_header(&VirtioNetHdr::default(), false);
-    bytes.extend_from_slice(&udp(1400, 9));
+    let bytes = with_tx_header(&VirtioNetHdr::default(), false, &udp(1400, 9));
     // 100 pieces: the header and prefix copied, 60 left in guest memory,
     // the rest copied after them.
     let n = 100;
