@@ -8,7 +8,7 @@ use vnic_protocol::{
     wire::ethernet::Address,
 };
 
-use crate::nic::{DeviceConfig, RssSettings};
+use crate::nic::{vf::VfSettings, DeviceConfig, RssSettings};
 
 /// Largest number of queue pairs.
 pub const MAX_PAIRS: u16 = 16;
@@ -34,6 +34,14 @@ pub enum ConfigError {
     RssTable(String),
     #[error("--rss-hash-types: unknown type {0:?} (known: ipv4 tcpv4 udpv4 ipv6 tcpv6 udpv6 ip_ex tcp_ex udp_ex)")]
     HashType(String),
+    #[error("--vfs must be 0 to {max}, not {0}", max = crate::nic::MAX_VFS)]
+    Vfs(usize),
+    #[error("--vf-socket {0:?}: expected I=PATH with I below --vfs")]
+    VfSocket(String),
+    #[error("--vf {0:?}: {1}")]
+    Vf(String, String),
+    #[error("--eswitch {0:?}: expected legacy or switchdev")]
+    Eswitch(String),
 }
 
 /// Where the device's host side goes.
@@ -65,17 +73,95 @@ impl std::str::FromStr for UplinkSpec {
     }
 }
 
+/// One virtual function: where it listens and how it is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfConfig {
+    pub socket: PathBuf,
+    pub settings: VfSettings,
+}
+
 /// Everything vnicd runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// The PF's vhost-user socket.
     pub socket: PathBuf,
     /// Connect to a listening VMM instead of listening.
     pub client: bool,
     pub device: DeviceConfig,
+    pub vfs: Vec<VfConfig>,
+    /// Each VF gets a host TAP representor, named by
+    /// [`representor_name`].
+    pub switchdev: bool,
     pub uplink: UplinkSpec,
     pub mgmt: Option<PathBuf>,
     /// Serve one frontend connection, then exit.
     pub once: bool,
+}
+
+/// The VF ports: `vfs` of them, VF i on `<socket>.vf<i>` unless
+/// `sockets` (`I=PATH`) says otherwise, with the `I:key=value,...`
+/// settings of `settings` over the defaults (MAC from the PF's).
+pub fn vf_ports(
+    socket: &std::path::Path,
+    pf_mac: Address,
+    vfs: usize,
+    sockets: &[String],
+    settings: &[String],
+) -> Result<Vec<VfConfig>, ConfigError> {
+    if vfs > crate::nic::MAX_VFS {
+        return Err(ConfigError::Vfs(vfs));
+    }
+    let mut out: Vec<VfConfig> = (0..vfs)
+        .map(|i| {
+            let mut p = socket.as_os_str().to_owned();
+            p.push(format!(".vf{i}"));
+            VfConfig {
+                socket: PathBuf::from(p),
+                settings: VfSettings::new(crate::nic::default_vf_mac(pf_mac, i)),
+            }
+        })
+        .collect();
+    let index = |s: &str, err: &dyn Fn() -> ConfigError| -> Result<usize, ConfigError> {
+        s.parse::<usize>().ok().filter(|&i| i < vfs).ok_or_else(err)
+    };
+    for spec in sockets {
+        let err = || ConfigError::VfSocket(spec.clone());
+        let (i, path) = spec.split_once('=').ok_or_else(err)?;
+        let i = index(i, &err)?;
+        if path.is_empty() {
+            return Err(err());
+        }
+        out[i].socket = PathBuf::from(path);
+    }
+    for spec in settings {
+        let (i, list) = spec
+            .split_once(':')
+            .ok_or_else(|| ConfigError::Vf(spec.clone(), "expected I:key=value,...".into()))?;
+        let i = index(i, &|| {
+            ConfigError::Vf(spec.clone(), format!("no VF {i} (--vfs {vfs})"))
+        })?;
+        let pairs = VfSettings::parse_list(list)
+            .map_err(|e| ConfigError::Vf(spec.clone(), e.to_string()))?;
+        out[i].settings = out[i]
+            .settings
+            .with(pairs)
+            .map_err(|e| ConfigError::Vf(spec.clone(), e.to_string()))?;
+    }
+    Ok(out)
+}
+
+/// Whether `--eswitch` asks for switchdev mode.
+pub fn parse_eswitch(s: &str) -> Result<bool, ConfigError> {
+    match s {
+        "legacy" => Ok(false),
+        "switchdev" => Ok(true),
+        _ => Err(ConfigError::Eswitch(s.to_owned())),
+    }
+}
+
+/// The TAP representor of VF `n`.
+pub fn representor_name(n: usize) -> String {
+    format!("vnicrep{n}")
 }
 
 pub fn check_queues(n: u16) -> Result<u16, ConfigError> {
@@ -221,6 +307,33 @@ mod tests {
         assert!("source:10".parse::<UplinkSpec>().is_err());
         assert!("tap:".parse::<UplinkSpec>().is_err());
         assert!("tap:0123456789abcdef".parse::<UplinkSpec>().is_err());
+    }
+
+    #[test]
+    fn vf_args() {
+        let pf = Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let sock = std::path::Path::new("/run/vnic.sock");
+        let v = vf_ports(
+            sock,
+            pf,
+            3,
+            &["2=/run/other.sock".into()],
+            &["1:vlan=100,qos=2,trust=on".into()],
+        )
+        .unwrap();
+        assert_eq!(v[0].socket, PathBuf::from("/run/vnic.sock.vf0"));
+        assert_eq!(v[2].socket, PathBuf::from("/run/other.sock"));
+        assert_eq!(v[1].settings.vlan.unwrap().tci(), (2 << 13) | 100);
+        assert!(v[1].settings.trust && !v[0].settings.trust);
+        assert_eq!(v[0].settings.mac.0, [0x52, 0x54, 0, 0x12, 0xf0, 0]);
+        assert_eq!(v[2].settings.mac.0, [0x52, 0x54, 0, 0x12, 0xf0, 2]);
+        assert!(vf_ports(sock, pf, 65, &[], &[]).is_err());
+        assert!(vf_ports(sock, pf, 2, &["2=/x".into()], &[]).is_err());
+        assert!(vf_ports(sock, pf, 2, &["1".into()], &[]).is_err());
+        assert!(vf_ports(sock, pf, 2, &[], &["0:vlan=5000".into()]).is_err());
+        assert!(vf_ports(sock, pf, 2, &[], &["5:trust=on".into()]).is_err());
+        assert!(parse_eswitch("switchdev").unwrap());
+        assert!(parse_eswitch("bridge").is_err());
     }
 
     #[test]

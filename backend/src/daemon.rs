@@ -1,6 +1,6 @@
-//! Running a port: open the uplink once, then serve one vhost-user
-//! frontend after another, so a guest reboot or a VMM restart needs no
-//! vnicd restart.
+//! Running the NIC: open the uplink once, then serve each port (the PF
+//! and every VF) on its own vhost-user socket, one frontend after
+//! another, so a guest reboot or a VMM restart needs no vnicd restart.
 
 use std::{
     io,
@@ -25,7 +25,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::{
     config::{Config, UplinkSpec},
     mgmt,
-    nic::Device,
+    nic::Nic,
     uplink::{
         bench::{Sink, Source},
         tap::Tap,
@@ -58,8 +58,8 @@ impl From<vhost_user_backend::Error> for DaemonError {
     }
 }
 
-/// Builds the device the configuration describes.
-pub fn build_device(cfg: &Config) -> Result<Arc<Device>, DaemonError> {
+/// Builds the NIC the configuration describes.
+pub fn build_nic(cfg: &Config) -> Result<Arc<Nic>, DaemonError> {
     let pairs = usize::from(cfg.device.pairs);
     let uplink: Box<dyn Uplink> = match &cfg.uplink {
         UplinkSpec::None => Box::new(NoUplink { queues: pairs }),
@@ -71,41 +71,103 @@ pub fn build_device(cfg: &Config) -> Result<Arc<Device>, DaemonError> {
             Box::new(Source::new(pairs, *n, cfg.device.mac).map_err(DaemonError::Device)?)
         }
     };
+    let vfs = cfg.vfs.iter().map(|v| v.settings.clone()).collect();
     Ok(Arc::new(
-        Device::new(cfg.device.clone(), uplink).map_err(DaemonError::Device)?,
+        Nic::new(cfg.device.clone(), vfs, uplink, cfg.switchdev).map_err(DaemonError::Device)?,
     ))
 }
 
-/// Serves frontends until `stop` is set (checked between connections) or,
-/// with `cfg.once`, after the first.
+/// Serves frontends on every port until `stop` is set (checked between
+/// connections) or, with `cfg.once`, after the first frontend of any port
+/// has gone.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), DaemonError> {
-    let dev = build_device(cfg)?;
+    let nic = build_nic(cfg)?;
     let _mgmt = match &cfg.mgmt {
-        Some(p) => Some(mgmt::serve(p, dev.clone()).map_err(DaemonError::Mgmt)?),
+        Some(p) => Some(mgmt::serve(p, nic.clone()).map_err(DaemonError::Mgmt)?),
         None => None,
     };
-    let listener = if cfg.client {
-        None
-    } else {
-        if cfg.socket.exists() {
-            std::fs::remove_file(&cfg.socket).map_err(DaemonError::Socket)?;
-        }
-        log::info!("listening on {}", cfg.socket.display());
-        Some(UnixListener::bind(&cfg.socket).map_err(DaemonError::Socket)?)
-    };
+    let mut sockets = vec![cfg.socket.clone()];
+    sockets.extend(cfg.vfs.iter().map(|v| v.socket.clone()));
+    // Listen on every port before any frontend is served, so a VMM can
+    // connect to any of them as soon as vnicd logs that it listens.
+    let mut listeners = Vec::new();
+    for path in &sockets {
+        listeners.push(if cfg.client {
+            None
+        } else {
+            if path.exists() {
+                std::fs::remove_file(path).map_err(DaemonError::Socket)?;
+            }
+            log::info!("listening on {}", path.display());
+            Some(UnixListener::bind(path).map_err(DaemonError::Socket)?)
+        });
+    }
+    if nic.ports.len() == 1 {
+        let none = AtomicBool::new(false);
+        return serve_port(
+            cfg,
+            &nic,
+            0,
+            listeners[0].as_ref(),
+            &cfg.socket,
+            stop,
+            &none,
+        );
+    }
+    // A thread per port, and one that reads the uplink while the PF has
+    // no frontend. The first port to end (an error, or --once) ends
+    // vnicd; the others may sit in accept() and end with the process.
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let (nic, done) = (nic.clone(), done.clone());
+        thread::Builder::new()
+            .name("vnicd-uplink".into())
+            .spawn(move || nic.pump_uplink(&done))
+            .map_err(DaemonError::Socket)?;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (p, (listener, path)) in listeners.into_iter().zip(sockets).enumerate() {
+        let (cfg, nic, done, tx) = (cfg.clone(), nic.clone(), done.clone(), tx.clone());
+        thread::Builder::new()
+            .name(format!("vnicd-{}", nic.ports[p].name()))
+            .spawn(move || {
+                let r = serve_port(&cfg, &nic, p, listener.as_ref(), &path, &done, &done);
+                let _ = tx.send(r);
+            })
+            .map_err(DaemonError::Socket)?;
+    }
+    let r = rx
+        .recv()
+        .unwrap_or_else(|_| Err(DaemonError::Vhost("every port thread ended".into())));
+    done.store(true, Ordering::Relaxed);
+    r
+}
+
+/// Serves port `p`'s frontends, one after another.
+fn serve_port(
+    cfg: &Config,
+    nic: &Arc<Nic>,
+    p: usize,
+    listener: Option<&UnixListener>,
+    path: &Path,
+    stop: &AtomicBool,
+    done: &AtomicBool,
+) -> Result<(), DaemonError> {
     loop {
-        let front = match &listener {
+        let front = match listener {
             Some(l) => l.accept().map_err(DaemonError::Socket)?.0,
-            None => connect(&cfg.socket)?,
+            None => connect(path)?,
         };
-        match serve_conn(&dev, front) {
-            Ok(()) => log::info!("frontend disconnected"),
+        match serve_conn(nic, p, front) {
+            Ok(()) => log::info!("{}: frontend disconnected", nic.ports[p].name()),
             // A frontend that breaks the protocol loses its connection;
             // vnicd goes on serving the next one.
-            Err(DaemonError::Vhost(e)) => log::error!("frontend connection ended: {e}"),
+            Err(DaemonError::Vhost(e)) => {
+                log::error!("{}: frontend connection ended: {e}", nic.ports[p].name());
+            }
             Err(e) => return Err(e),
         }
-        if cfg.once || stop.load(Ordering::Relaxed) {
+        if cfg.once || stop.load(Ordering::Relaxed) || done.load(Ordering::Relaxed) {
             return Ok(());
         }
     }
@@ -130,14 +192,25 @@ fn connect(path: &Path) -> Result<UnixStream, DaemonError> {
     }
 }
 
-/// Serves one frontend connection to its end. The vhost-user backend
-/// talks to the frontend through [`relay`] over a private socket.
-pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonError> {
+/// Serves one frontend connection of port `p` to its end. The vhost-user
+/// backend talks to the frontend through [`relay`] over a private socket.
+pub fn serve_conn(nic: &Arc<Nic>, p: usize, front: UnixStream) -> Result<(), DaemonError> {
     // Nothing the previous frontend set up or left queued carries over.
-    dev.reset().map_err(DaemonError::Device)?;
+    nic.reset(p).map_err(DaemonError::Device)?;
+    nic.attach(p, true);
+    let r = serve_attached(nic, p, front);
+    nic.attach(p, false);
+    r
+}
+
+fn serve_attached(nic: &Arc<Nic>, p: usize, front: UnixStream) -> Result<(), DaemonError> {
     let backend = Arc::new(
-        VnicBackend::new(dev.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(DaemonError::Device)?,
+        VnicBackend::new(
+            nic.clone(),
+            p,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(DaemonError::Device)?,
     );
     let mut daemon = VhostUserDaemon::new(
         "vnicd".to_owned(),
@@ -152,7 +225,7 @@ pub fn serve_conn(dev: &Arc<Device>, front: UnixStream) -> Result<(), DaemonErro
     // returns at once, and nothing is left on the filesystem to race for.
     daemon.start(&mut listener)?;
     drop(listener);
-    let vrings = 2 * u32::from(dev.config.pairs) + 1;
+    let vrings = 2 * u32::from(nic.ports[p].config.pairs) + 1;
     let threads = relay(front, back, vrings).map_err(DaemonError::Socket)?;
     let r = daemon.wait();
     for h in daemon.get_epoll_handlers() {
@@ -231,7 +304,7 @@ mod tests {
     use super::*;
     use crate::nic::{DeviceConfig, RssSettings};
 
-    fn device() -> Arc<Device> {
+    fn device() -> Arc<Nic> {
         let cfg = DeviceConfig {
             pairs: 1,
             queue_size: 256,
@@ -239,18 +312,18 @@ mod tests {
             mtu: 1500,
             rss: RssSettings::default(),
         };
-        Arc::new(Device::new(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
+        Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }
 
     /// Serves a frontend that hangs up at once, in a thread: a serve that
     /// blocks fails the test instead of hanging it.
-    fn serve_a_hang_up(dev: &Arc<Device>) -> Result<(), DaemonError> {
+    fn serve_a_hang_up(dev: &Arc<Nic>) -> Result<(), DaemonError> {
         let (front, vmm) = UnixStream::pair().unwrap();
         drop(vmm);
         let dev = dev.clone();
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
-            let _ = tx.send(serve_conn(&dev, front));
+            let _ = tx.send(serve_conn(&dev, 0, front));
         });
         rx.recv_timeout(Duration::from_secs(20))
             .expect("serve_conn returned")

@@ -25,8 +25,11 @@ enum Cmd {
     Ctl {
         #[arg(long)]
         mgmt: PathBuf,
-        /// Request: stats
-        request: String,
+        /// Request: `stats`, `link show [--json]`, or `vf N SETTING VALUE...`
+        /// (mac, vlan, qos, proto, spoofchk, trust, max_tx_rate, min_tx_rate,
+        /// state).
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        request: Vec<String>,
     },
 }
 
@@ -64,6 +67,21 @@ struct RunArgs {
     /// Management socket for `vnicd ctl`.
     #[arg(long)]
     mgmt: Option<PathBuf>,
+    /// Virtual functions (0-64); VF i listens on the --socket path with
+    /// `.vf<i>` appended.
+    #[arg(long, default_value_t = 0)]
+    vfs: usize,
+    /// I=PATH: VF I's vhost-user socket instead of the default (repeatable).
+    #[arg(long = "vf-socket")]
+    vf_socket: Vec<String>,
+    /// I:key=value,...: VF I's settings (mac, vlan, qos, proto, spoofchk,
+    /// trust, max_tx_rate, min_tx_rate, state), as `ip link set DEV vf I`
+    /// takes them (repeatable).
+    #[arg(long = "vf")]
+    vf: Vec<String>,
+    /// legacy, or switchdev (a TAP representor per VF).
+    #[arg(long, default_value = "legacy", value_parser = config::parse_eswitch)]
+    eswitch: bool,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -83,7 +101,11 @@ fn run(a: RunArgs) -> Result<(), String> {
         a.queues,
     )
     .map_err(|e| e.to_string())?;
+    let vfs =
+        config::vf_ports(&socket, a.mac, a.vfs, &a.vf_socket, &a.vf).map_err(|e| e.to_string())?;
     let cfg = Config {
+        vfs,
+        switchdev: a.eswitch,
         socket,
         client: a.client,
         device: DeviceConfig {
@@ -105,9 +127,15 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Some(Cmd::Ctl { mgmt, request }) => mgmt::request(&mgmt, &request)
-            .map(|out| print!("{out}"))
-            .map_err(|e| format!("{}: {e}", mgmt.display())),
+        Some(Cmd::Ctl { mgmt, request }) => mgmt::request(&mgmt, &request.join(" "))
+            .map_err(|e| format!("{}: {e}", mgmt.display()))
+            .and_then(|out| match out.strip_prefix("error: ") {
+                Some(e) => Err(e.trim_end().to_owned()),
+                None => {
+                    print!("{out}");
+                    Ok(())
+                }
+            }),
         None => run(cli.run),
     };
     match r {

@@ -1,7 +1,14 @@
 //! The management socket and its client, `vnicd ctl`.
 //!
 //! A request is one line; the answer is text, then the server closes the
-//! connection. Requests: `stats`.
+//! connection. Requests:
+//! - `stats`: every counter, `name value` per line (a VF's prefixed with
+//!   `vf<n>.`);
+//! - `link show [--json]`: the PF and its VFs in ip-link's layout;
+//! - `vf N [mac M] [vlan V [qos Q] [proto 802.1Q|802.1ad]] [spoofchk on|off]
+//!   [trust on|off] [max_tx_rate R] [min_tx_rate R] [state auto|enable|disable]`.
+//!
+//! An answer that starts with `error:` changed nothing.
 
 use std::{
     io::{self, Read, Write},
@@ -15,12 +22,158 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::nic::Device;
+use std::fmt::Write as _;
 
-fn answer(dev: &Device, req: &str) -> String {
-    match req.trim() {
-        "stats" => dev.stats.render(),
-        other => format!("error: unknown request {other:?}; known: stats\n"),
+use crate::nic::Nic;
+
+fn answer(nic: &Nic, req: &str) -> String {
+    let words: Vec<&str> = req.split_whitespace().collect();
+    match words.as_slice() {
+        ["stats"] => stats(nic),
+        ["link", "show"] | ["link"] => link_show(nic),
+        ["link", "show", "--json"] | ["link", "--json"] => link_json(nic),
+        ["vf", n, rest @ ..] => set_vf(nic, n, rest),
+        _ => format!(
+            "error: unknown request {:?}; known: stats, link show [--json], vf N SETTING VALUE...\n",
+            req.trim()
+        ),
+    }
+}
+
+/// Every port's counters; a VF's names start with `vf<n>.`.
+fn stats(nic: &Nic) -> String {
+    let mut out = nic.pf().stats.render();
+    for port in &nic.ports[1..] {
+        let prefix = port.name();
+        for line in port.stats.render().lines() {
+            let _ = writeln!(out, "{prefix}.{line}");
+        }
+    }
+    out
+}
+
+fn set_vf(nic: &Nic, n: &str, words: &[&str]) -> String {
+    let Some(n) = n.parse::<usize>().ok().filter(|&n| n + 1 < nic.ports.len()) else {
+        return format!(
+            "error: vf {n:?}: this vnicd has {} VFs\n",
+            nic.ports.len() - 1
+        );
+    };
+    if words.is_empty() || words.len() % 2 != 0 {
+        return "error: expected SETTING VALUE pairs\n".to_owned();
+    }
+    let pairs: Vec<(&str, &str)> = words.chunks(2).map(|c| (c[0], c[1])).collect();
+    match nic.set_vf(n + 1, &pairs) {
+        Ok(()) => "ok\n".to_owned(),
+        Err(e) => format!("error: vf {n}: {e}\n"),
+    }
+}
+
+/// The PF and its VFs in `ip link show`'s layout.
+fn link_show(nic: &Nic) -> String {
+    let view = nic.switch.view();
+    let mut out = String::new();
+    let pf = nic.pf();
+    let up = view.uplink_up;
+    let _ = writeln!(
+        out,
+        "0: {}: <BROADCAST,MULTICAST{}> mtu {} state {} frontend {}",
+        pf.name(),
+        if up { ",UP,LOWER_UP" } else { "" },
+        pf.config.mtu,
+        if up { "UP" } else { "DOWN" },
+        attached(pf.is_attached()),
+    );
+    let _ = writeln!(
+        out,
+        "    link/ether {} brd ff:ff:ff:ff:ff:ff",
+        pf.ctrl_state().mac
+    );
+    for port in &nic.ports[1..] {
+        let s = port.settings().clone();
+        let _ = write!(
+            out,
+            "    vf {}     link/ether {} brd ff:ff:ff:ff:ff:ff",
+            port.id - 1,
+            s.mac
+        );
+        if let Some(v) = s.vlan {
+            let _ = write!(out, ", vlan {}", v.vid);
+            if v.qos != 0 {
+                let _ = write!(out, ", qos {}", v.qos);
+            }
+            if v.proto != crate::nic::vf::TPID_8021Q {
+                let _ = write!(out, ", vlan protocol {}", v.proto_name());
+            }
+        }
+        if s.max_tx_rate != 0 || s.min_tx_rate != 0 {
+            let _ = write!(
+                out,
+                ", max_tx_rate {}Mbps, min_tx_rate {}Mbps",
+                s.max_tx_rate, s.min_tx_rate
+            );
+        }
+        let _ = writeln!(
+            out,
+            ", spoof checking {}, link-state {}, trust {}, frontend {}",
+            on_off(s.spoofchk),
+            s.state.name(),
+            on_off(s.trust),
+            attached(port.is_attached()),
+        );
+    }
+    out
+}
+
+/// [`link_show`] as JSON, in the shape of `ip -j link show`'s vfinfo_list.
+fn link_json(nic: &Nic) -> String {
+    let pf = nic.pf();
+    let vfs: Vec<serde_json::Value> = nic.ports[1..]
+        .iter()
+        .map(|port| {
+            let s = port.settings().clone();
+            let vlans: Vec<serde_json::Value> = s
+                .vlan
+                .iter()
+                .map(|v| serde_json::json!({"vlan": v.vid, "qos": v.qos, "protocol": v.proto_name()}))
+                .collect();
+            serde_json::json!({
+                "vf": port.id - 1,
+                "address": s.mac.to_string(),
+                "vlan_list": vlans,
+                "rate": {"max_tx": s.max_tx_rate, "min_tx": s.min_tx_rate},
+                "spoofchk": s.spoofchk,
+                "link_state": s.state.name(),
+                "trust": s.trust,
+                "frontend": port.is_attached(),
+            })
+        })
+        .collect();
+    let v = serde_json::json!([{
+        "ifindex": 0,
+        "ifname": pf.name(),
+        "mtu": pf.config.mtu,
+        "operstate": if nic.switch.view().uplink_up { "UP" } else { "DOWN" },
+        "address": pf.ctrl_state().mac.to_string(),
+        "frontend": pf.is_attached(),
+        "vfinfo_list": vfs,
+    }]);
+    format!("{v}\n")
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn attached(b: bool) -> &'static str {
+    if b {
+        "attached"
+    } else {
+        "none"
     }
 }
 
@@ -31,7 +184,7 @@ const MAX_CLIENTS: usize = 8;
 
 /// Reads one request line (at most 4096 bytes) and answers it; the whole
 /// request must arrive within `timeout`, however it is cut up.
-fn handle(dev: &Device, stream: UnixStream, timeout: Duration) -> io::Result<()> {
+fn handle(dev: &Nic, stream: UnixStream, timeout: Duration) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut line = Vec::new();
     let mut buf = [0u8; 512];
@@ -55,14 +208,14 @@ fn handle(dev: &Device, stream: UnixStream, timeout: Duration) -> io::Result<()>
 }
 
 /// Listens on `path` (replacing a stale socket) in a thread of its own.
-pub fn serve(path: &Path, dev: Arc<Device>) -> io::Result<JoinHandle<()>> {
+pub fn serve(path: &Path, dev: Arc<Nic>) -> io::Result<JoinHandle<()>> {
     serve_with(path, dev, CLIENT_TIMEOUT)
 }
 
 /// [`serve`] with a client timeout of `timeout`. Each client is served in
 /// a thread of its own, so one that never finishes its request holds up
 /// no other; it is dropped after `timeout`.
-pub fn serve_with(path: &Path, dev: Arc<Device>, timeout: Duration) -> io::Result<JoinHandle<()>> {
+pub fn serve_with(path: &Path, dev: Arc<Nic>, timeout: Duration) -> io::Result<JoinHandle<()>> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
@@ -126,8 +279,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vnic-mgmt-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("mgmt");
-        let dev = Arc::new(Device::new(config(1), Box::new(FakeUplink::default())).unwrap());
-        dev.stats.tx[0].packet(60);
+        let dev = Arc::new(Nic::single(config(1), Box::new(FakeUplink::default())).unwrap());
+        dev.pf().stats.tx[0].packet(60);
         let _server = serve_with(&path, dev, Duration::from_millis(300)).unwrap();
         // Connects and sends half a line, then nothing.
         let mut silent = UnixStream::connect(&path).unwrap();

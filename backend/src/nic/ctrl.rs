@@ -9,10 +9,12 @@ use vnic_protocol::{
         ctrl::{Coal, CtrlCommand, RxMode},
         Features,
     },
-    wire::ethernet::{self, Address},
+    wire::ethernet::Address,
 };
 
-use super::Device;
+use std::sync::Arc;
+
+use super::Nic;
 
 /// Largest RSS key the device takes (config space rss_max_key_size).
 pub const RSS_MAX_KEY: u8 = 40;
@@ -71,7 +73,7 @@ pub struct CoalState {
 }
 
 /// State the control queue changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CtrlState {
     pub mac: Address,
     pub filter: RxFilter,
@@ -81,10 +83,12 @@ pub struct CtrlState {
     pub announce: bool,
     /// Receive offloads currently enabled (GUEST_OFFLOADS_SET).
     pub guest_offloads: Features,
+    /// The RSS configuration in force.
+    pub rss: Arc<Rss>,
 }
 
 impl CtrlState {
-    pub fn new(mac: Address, pairs: u16) -> CtrlState {
+    pub fn new(mac: Address, pairs: u16, rss: Rss) -> CtrlState {
         CtrlState {
             mac,
             filter: RxFilter::default(),
@@ -94,6 +98,7 @@ impl CtrlState {
             },
             announce: false,
             guest_offloads: Features::empty(),
+            rss: Arc::new(rss),
         }
     }
 }
@@ -106,12 +111,34 @@ fn refuse<T>(why: impl Into<String>) -> Result<T, Refused> {
     Err(Refused(why.into()))
 }
 
-impl Device {
-    /// Applies one control command; returns the device-writable answer
-    /// (empty but for VQ_GET).
-    pub fn control(&self, cmd: &CtrlCommand, acked: Features) -> Result<Vec<u8>, Refused> {
-        let pairs = self.config.pairs;
-        let mut st = self.ctrl_state();
+impl Nic {
+    /// Applies one control command of port `p`'s driver; returns the
+    /// device-writable answer (empty but for VQ_GET). The switch sees the
+    /// change from its next batch on.
+    pub fn control(
+        &self,
+        p: usize,
+        cmd: &CtrlCommand,
+        acked: Features,
+    ) -> Result<Vec<u8>, Refused> {
+        let r = self.control_inner(p, cmd, acked);
+        self.publish(p);
+        r
+    }
+
+    fn control_inner(
+        &self,
+        p: usize,
+        cmd: &CtrlCommand,
+        acked: Features,
+    ) -> Result<Vec<u8>, Refused> {
+        let port = self
+            .ports
+            .get(p)
+            .ok_or_else(|| Refused(format!("no port {p}")))?;
+        let pairs = port.config.pairs;
+        let trusted = port.settings().trust;
+        let mut st = port.ctrl_state();
         let needs = |f: Features| {
             if acked.contains(f) {
                 Ok(())
@@ -128,6 +155,9 @@ impl Device {
                 );
                 if extra {
                     needs(Features::CTRL_RX_EXTRA)?;
+                }
+                if *on && !trusted && matches!(mode, RxMode::Promisc | RxMode::AllMulti) {
+                    return refuse(format!("{mode:?} on an untrusted VF"));
                 }
                 let f = &mut st.filter;
                 *match mode {
@@ -159,6 +189,9 @@ impl Device {
                 if a.is_multicast() || a.0 == [0; 6] {
                     return refuse(format!("{a} cannot be a NIC's address"));
                 }
+                if !trusted && *a != st.mac {
+                    return refuse(format!("an untrusted VF cannot change its MAC to {a}"));
+                }
                 st.mac = *a;
             }
             CtrlCommand::VlanAdd(v) | CtrlCommand::VlanDel(v) => {
@@ -182,12 +215,11 @@ impl Device {
                 }
                 st.active_pairs = *n;
                 if !acked.contains(Features::RSS) {
-                    let rss = self.current_rss();
                     let table =
                         IndirectionTable::spread(128, *n).map_err(|e| Refused(e.to_string()))?;
-                    let new = Rss::new(rss.key(), rss.types, table, 0)
+                    let new = Rss::new(st.rss.key(), st.rss.types, table, 0)
                         .map_err(|e| Refused(e.to_string()))?;
-                    self.set_rss(new);
+                    st.rss = Arc::new(new);
                 }
             }
             CtrlCommand::RssConfig(c) => {
@@ -214,7 +246,7 @@ impl Device {
                     .map_err(|e| Refused(e.to_string()))?;
                 let rss = Rss::new(&c.key, types, table, c.unclassified_queue)
                     .map_err(|e| Refused(e.to_string()))?;
-                self.set_rss(rss);
+                st.rss = Arc::new(rss);
                 st.active_pairs = c.max_tx_vq;
             }
             CtrlCommand::HashConfig(c) => {
@@ -224,10 +256,10 @@ impl Device {
                 if c.key.len() < MIN_KEY_LEN || c.key.len() > usize::from(RSS_MAX_KEY) {
                     return refuse(format!("key of {} bytes", c.key.len()));
                 }
-                let cur = self.current_rss();
+                let cur = st.rss.clone();
                 let rss = Rss::new(&c.key, types, cur.table.clone(), cur.unclassified_queue)
                     .map_err(|e| Refused(e.to_string()))?;
-                self.set_rss(rss);
+                st.rss = Arc::new(rss);
             }
             CtrlCommand::GuestOffloadsSet(bits) => {
                 needs(Features::CTRL_GUEST_OFFLOADS)?;
@@ -235,7 +267,7 @@ impl Device {
                 if !(Features::GUEST_OFFLOADS & acked).contains(want) {
                     return refuse(format!("offloads {bits:#x} beyond those negotiated"));
                 }
-                self.set_guest_features(want | (acked - Features::GUEST_OFFLOADS))
+                self.set_rx_features(p, want | (acked - Features::GUEST_OFFLOADS))
                     .map_err(|e| Refused(e.to_string()))?;
                 st.guest_offloads = want;
             }
@@ -265,26 +297,6 @@ impl Device {
         }
         Ok(Vec::new())
     }
-
-    /// Whether the receive filters pass `frame`.
-    pub fn rx_accepts(&self, frame: &[u8]) -> bool {
-        let st = self.ctrl_state();
-        if !st.filter.active && st.filter.vlans.is_none() {
-            return true;
-        }
-        let Ok(eth) = ethernet::Frame::new_checked(frame) else {
-            return false;
-        };
-        // The outer tag decides, whatever follows it.
-        let vid = if ethernet::is_vlan_tpid(eth.ethertype()) {
-            ethernet::VlanTag::new_checked(eth.payload())
-                .ok()
-                .map(|t| t.vid())
-        } else {
-            None
-        };
-        st.filter.accepts(st.mac, eth.dst_addr(), vid)
-    }
 }
 
 #[cfg(test)]
@@ -300,8 +312,8 @@ mod tests {
 
     #[test]
     fn filters() {
-        let dev = Device::new(config(2), Box::new(FakeUplink::default())).unwrap();
-        let me = dev.config.mac;
+        let dev = Nic::single(config(2), Box::new(FakeUplink::default())).unwrap();
+        let me = dev.pf().config.mac;
         let other = Address([2, 0, 0, 0, 0, 9]);
         let mc = Address([1, 0, 0x5e, 0, 0, 1]);
         let frame = |dst: Address| {
@@ -311,10 +323,11 @@ mod tests {
             f
         };
         assert!(
-            dev.rx_accepts(&frame(other)),
+            dev.rx_accepts(0, &frame(other)),
             "no filtering before the driver asks"
         );
         dev.control(
+            0,
             &CtrlCommand::MacTableSet {
                 unicast: vec![],
                 multicast: vec![mc],
@@ -322,12 +335,13 @@ mod tests {
             all(),
         )
         .unwrap();
-        assert!(dev.rx_accepts(&frame(me)));
-        assert!(!dev.rx_accepts(&frame(other)));
-        assert!(dev.rx_accepts(&frame(mc)));
-        assert!(!dev.rx_accepts(&frame(Address([1, 0, 0x5e, 0, 0, 2]))));
-        assert!(dev.rx_accepts(&frame(Address::BROADCAST)));
+        assert!(dev.rx_accepts(0, &frame(me)));
+        assert!(!dev.rx_accepts(0, &frame(other)));
+        assert!(dev.rx_accepts(0, &frame(mc)));
+        assert!(!dev.rx_accepts(0, &frame(Address([1, 0, 0x5e, 0, 0, 2]))));
+        assert!(dev.rx_accepts(0, &frame(Address::BROADCAST)));
         dev.control(
+            0,
             &CtrlCommand::Rx {
                 mode: RxMode::Promisc,
                 on: true,
@@ -335,26 +349,30 @@ mod tests {
             all(),
         )
         .unwrap();
-        assert!(dev.rx_accepts(&frame(other)));
+        assert!(dev.rx_accepts(0, &frame(other)));
         // VLAN filtering: only added ids pass.
-        dev.control(&CtrlCommand::VlanAdd(100), all()).unwrap();
+        dev.control(0, &CtrlCommand::VlanAdd(100), all()).unwrap();
         let mut tagged = frame(me);
         tagged.splice(12..12, [0x81, 0, 0, 100]);
-        assert!(dev.rx_accepts(&tagged));
+        assert!(dev.rx_accepts(0, &tagged));
         tagged[15] = 101;
-        assert!(!dev.rx_accepts(&tagged));
+        assert!(!dev.rx_accepts(0, &tagged));
     }
 
     #[test]
     fn err_for_invalid_values_and_unnegotiated_features() {
-        let dev = Device::new(config(2), Box::new(FakeUplink::default())).unwrap();
-        assert!(dev.control(&CtrlCommand::VqPairsSet(3), all()).is_err());
-        assert!(dev.control(&CtrlCommand::VqPairsSet(1), all()).is_ok());
+        let dev = Nic::single(config(2), Box::new(FakeUplink::default())).unwrap();
+        assert!(dev.control(0, &CtrlCommand::VqPairsSet(3), all()).is_err());
+        assert!(dev.control(0, &CtrlCommand::VqPairsSet(1), all()).is_ok());
         assert!(dev
-            .control(&CtrlCommand::VqPairsSet(1), Features::empty())
+            .control(0, &CtrlCommand::VqPairsSet(1), Features::empty())
             .is_err());
         assert!(dev
-            .control(&CtrlCommand::MacAddrSet(Address([1, 2, 3, 4, 5, 6])), all())
+            .control(
+                0,
+                &CtrlCommand::MacAddrSet(Address([1, 2, 3, 4, 5, 6])),
+                all()
+            )
             .is_err());
         // VQ_SET on a disabled queue (pairs now 1: vq 2 is off).
         let c = Coal {
@@ -363,6 +381,7 @@ mod tests {
         };
         assert!(dev
             .control(
+                0,
                 &CtrlCommand::CoalVqSet {
                     vq_index: 2,
                     coal: c
@@ -371,6 +390,7 @@ mod tests {
             )
             .is_err());
         dev.control(
+            0,
             &CtrlCommand::CoalVqSet {
                 vq_index: 1,
                 coal: c,
@@ -379,15 +399,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            dev.control(&CtrlCommand::CoalVqGet { vq_index: 1 }, all())
+            dev.control(0, &CtrlCommand::CoalVqGet { vq_index: 1 }, all())
                 .unwrap(),
             c.to_bytes()
         );
         // The last command that set a queue wins.
-        dev.control(&CtrlCommand::CoalTxSet(Coal::default()), all())
+        dev.control(0, &CtrlCommand::CoalTxSet(Coal::default()), all())
             .unwrap();
         assert_eq!(
-            dev.control(&CtrlCommand::CoalVqGet { vq_index: 1 }, all())
+            dev.control(0, &CtrlCommand::CoalVqGet { vq_index: 1 }, all())
                 .unwrap(),
             Coal::default().to_bytes()
         );
@@ -400,21 +420,21 @@ mod tests {
                 key: vec![7; key],
             })
         };
-        assert!(dev.control(&rss(vec![0, 1, 1, 0], 40), all()).is_ok());
+        assert!(dev.control(0, &rss(vec![0, 1, 1, 0], 40), all()).is_ok());
         assert!(
-            dev.control(&rss(vec![0, 2], 40), all()).is_err(),
+            dev.control(0, &rss(vec![0, 2], 40), all()).is_err(),
             "queue 2 of 2"
         );
         assert!(
-            dev.control(&rss(vec![0; 256], 40), all()).is_err(),
+            dev.control(0, &rss(vec![0; 256], 40), all()).is_err(),
             "table too long"
         );
         assert!(
-            dev.control(&rss(vec![0, 1], 52), all()).is_err(),
+            dev.control(0, &rss(vec![0, 1], 52), all()).is_err(),
             "key too long"
         );
         assert!(
-            dev.control(&rss(vec![0, 1], 20), all()).is_err(),
+            dev.control(0, &rss(vec![0, 1], 20), all()).is_err(),
             "key too short"
         );
     }

@@ -1,14 +1,23 @@
-//! The device model, free of vhost: transmit decisions (pass GSO through,
-//! segment or checksum in software), RSS steering, the per-queue backlog
-//! that carries frames between workers, and the counters.
+//! The device model, free of vhost: the NIC's ports (the PF and its VFs),
+//! the embedded switch between them and the uplink, transmit decisions
+//! (pass GSO through, segment or checksum in software), RSS steering, the
+//! per-queue backlogs that carry frames between workers and ports, and the
+//! counters.
 
 pub mod ctrl;
+pub mod port;
 pub mod stats;
+pub mod switch;
+pub mod vf;
 
 use std::{
     collections::VecDeque,
     io,
-    sync::{atomic::Ordering, Mutex, MutexGuard, PoisonError, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::Instant,
 };
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -17,14 +26,21 @@ use vnic_protocol::{
     rss::{HashTypes, IndirectionTable, Rss, RssError, Steering},
     virtio::{
         hdr::{GsoType, HDR_LEN},
-        validate_prefix, Features, HdrFlags, VirtioNetHdr,
+        validate_prefix, Features, HdrFlags, Validated, VirtioNetHdr,
     },
-    wire::{ethernet::Address, parse_frame_prefix},
+    wire::ethernet::Address,
 };
 
-use self::ctrl::CtrlState;
-pub use self::stats::{DropReason, QueueStats, Stats};
-use crate::uplink::{Offloads, Piece, Uplink, MAX_PIECES};
+use self::{
+    ctrl::CtrlState,
+    switch::{insert_tag, strip_tag, PortSet, PortView, Route, Switch, View, L2, MAX_LEARNED},
+    vf::{SettingError, TokenBucket, VfSettings},
+};
+pub use self::{
+    port::Port,
+    stats::{DropReason, QueueStats, Stats},
+};
+use crate::uplink::{tap::VNET_HDR_LEN, Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
 
 /// Largest frame the device moves (a 64 KiB GSO frame and its headers).
 pub const MAX_FRAME: usize = vnic_protocol::virtio::validate::MAX_FRAME_LEN;
@@ -223,27 +239,49 @@ impl QueueSet {
     }
 }
 
-/// Scratch space of one transmit worker.
+/// Scratch space of one worker: segmentation, and the copies a frame
+/// needs on its way to other ports.
 #[derive(Debug, Default)]
 pub struct TxScratch {
     seg: Segmenter,
+    /// A frame in one piece for software offloads.
     frame: Vec<u8>,
+    /// A frame with its 12-byte header, as it enters the switch.
+    copy: Vec<u8>,
+    /// The same frame as one receiving port gets it.
+    port: Vec<u8>,
+    /// A segment on its way into a port's backlog.
+    piece: Vec<u8>,
 }
 
-/// The device: configuration, uplink, RSS state, backlogs, counters.
-pub struct Device {
-    pub config: DeviceConfig,
-    pub stats: Stats,
+/// Where a frame read from the uplink goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UplinkRoute {
+    /// To the PF alone, unchanged: it may stay in the buffers it was read
+    /// into. RSS sends it to this queue.
+    Pf(Steering),
+    /// Anywhere else too: through [`Nic::from_uplink`].
+    Switch,
+    /// Nowhere.
+    Drop(DropReason),
+}
+
+/// The NIC: its ports (the PF, then the VFs), the switch between them and
+/// the uplink they share.
+pub struct Nic {
+    pub ports: Vec<Port>,
+    pub switch: Switch,
     uplink: Box<dyn Uplink>,
-    rss: RwLock<Rss>,
-    ctrl: Mutex<CtrlState>,
-    pub backlogs: Vec<Backlog>,
+    /// Serialises changes to learned addresses.
+    learning: Mutex<()>,
+    /// The time base of rate limiting.
+    epoch: Instant,
 }
 
-impl std::fmt::Debug for Device {
+impl std::fmt::Debug for Nic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device")
-            .field("config", &self.config)
+        f.debug_struct("Nic")
+            .field("ports", &self.ports.len())
             .finish_non_exhaustive()
     }
 }
@@ -253,124 +291,299 @@ pub const BACKLOG_FRAMES: usize = 1024;
 /// Backlog bytes per RX queue: 128 GSO frames of 64 KiB, or all 1024
 /// frames at 1514 bytes.
 pub const BACKLOG_BYTES: usize = 8 << 20;
+/// Most VFs one vnicd serves.
+pub const MAX_VFS: usize = 64;
 
-impl Device {
-    pub fn new(config: DeviceConfig, uplink: Box<dyn Uplink>) -> io::Result<Device> {
-        let rss = config
-            .build_rss()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let pairs = usize::from(config.pairs);
-        let backlogs = (0..pairs)
-            .map(|_| Backlog::new(BACKLOG_FRAMES, BACKLOG_BYTES))
-            .collect::<io::Result<_>>()?;
-        Ok(Device {
-            stats: Stats::new(pairs),
+/// The MAC of VF `n` when none is given: the PF's first four octets, then
+/// 0xf0 | n >> 8 and n & 0xff.
+pub fn default_vf_mac(pf: Address, n: usize) -> Address {
+    let mut m = pf.0;
+    m[4] = 0xf0 | ((n >> 8) as u8 & 0x0f);
+    m[5] = n as u8;
+    Address(m)
+}
+
+impl Nic {
+    /// A NIC with a PF of `config` and one VF per entry of `vfs`; every
+    /// port has the PF's queues, MTU and RSS settings.
+    pub fn new(
+        config: DeviceConfig,
+        vfs: Vec<VfSettings>,
+        uplink: Box<dyn Uplink>,
+        switchdev: bool,
+    ) -> io::Result<Nic> {
+        if vfs.len() > MAX_VFS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} VFs, at most {MAX_VFS}", vfs.len()),
+            ));
+        }
+        let mut ports = vec![Port::new(0, config.clone(), VfSettings::pf(config.mac))?];
+        for (n, s) in vfs.into_iter().enumerate() {
+            if ports.iter().any(|p| p.settings().mac == s.mac) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("VF {n}: MAC {} is another port's", s.mac),
+                ));
+            }
+            ports.push(Port::new(1 + n, config.clone(), s)?);
+        }
+        let nic = Nic {
+            switch: Switch::new(View {
+                gen: 0,
+                ports: Vec::new(),
+                uplink_up: true,
+                switchdev,
+            }),
+            ports,
             uplink,
-            rss: RwLock::new(rss),
-            ctrl: Mutex::new(CtrlState::new(config.mac, config.pairs)),
-            backlogs,
-            config,
-        })
+            learning: Mutex::new(()),
+            epoch: Instant::now(),
+        };
+        for p in 0..nic.ports.len() {
+            nic.publish(p);
+        }
+        Ok(nic)
+    }
+
+    /// A NIC with a PF only.
+    pub fn single(config: DeviceConfig, uplink: Box<dyn Uplink>) -> io::Result<Nic> {
+        Nic::new(config, Vec::new(), uplink, false)
+    }
+
+    pub fn pf(&self) -> &Port {
+        &self.ports[0]
     }
 
     pub fn uplink(&self) -> &dyn Uplink {
         self.uplink.as_ref()
     }
 
-    /// Applies the receive offloads the driver accepted to the uplink.
-    pub fn set_guest_features(&self, acked: Features) -> io::Result<()> {
-        let csum = acked.contains(Features::GUEST_CSUM);
-        self.uplink.set_rx_offloads(Offloads {
-            csum,
-            tso4: csum && acked.contains(Features::GUEST_TSO4),
-            tso6: csum && acked.contains(Features::GUEST_TSO6),
-            tso_ecn: csum && acked.contains(Features::GUEST_ECN),
-            uso: csum && acked.contains(Features::GUEST_USO4 | Features::GUEST_USO6),
-        })
+    /// Nanoseconds since the NIC was made (the rate limiters' clock).
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Where RSS sends a received frame.
-    pub fn steer(&self, frame: &[u8]) -> Steering {
-        self.steer_prefix(frame, frame.len())
+    /// Replaces port `p`'s entry in the switch's view with its state now.
+    /// Lock order: the port's control state, then its settings, then the
+    /// view.
+    pub fn publish(&self, p: usize) {
+        let Some(port) = self.ports.get(p) else {
+            return;
+        };
+        let caps = port.rx_caps();
+        let st = port.ctrl_state();
+        let settings = port.settings().clone();
+        let attached = port.is_attached();
+        self.switch.update(|v| {
+            let learned = v
+                .ports
+                .get(p)
+                .map(|old| old.learned.clone())
+                .unwrap_or_default();
+            let pv = Arc::new(PortView {
+                mac: st.mac,
+                filter: st.filter.clone(),
+                rss: st.rss.clone(),
+                settings,
+                caps,
+                attached,
+                learned,
+                is_vf: p > 0,
+            });
+            if p < v.ports.len() {
+                v.ports[p] = pv;
+            } else {
+                v.ports.push(pv);
+            }
+        });
     }
 
-    /// [`Device::steer`] from the first bytes of a frame of `len` bytes.
-    pub fn steer_prefix(&self, prefix: &[u8], len: usize) -> Steering {
-        let rss = self.rss.read().unwrap_or_else(PoisonError::into_inner);
-        match parse_frame_prefix(prefix, len) {
-            Ok(info) => rss.steer(&info),
-            Err(_) => Steering {
-                queue: rss.unclassified_queue,
+    /// Records that a frontend came or went on port `p`.
+    pub fn attach(&self, p: usize, on: bool) {
+        if let Some(port) = self.ports.get(p) {
+            port.set_attached(on);
+            self.publish(p);
+        }
+    }
+
+    /// Applies the receive offloads the driver of port `p` accepted; the
+    /// PF's also go to the uplink.
+    pub fn set_guest_features(&self, p: usize, acked: Features) -> io::Result<()> {
+        let Some(port) = self.ports.get(p) else {
+            return Ok(());
+        };
+        port.set_acked(acked);
+        self.publish(p);
+        if p == 0 {
+            self.uplink.set_rx_offloads(port::rx_offloads(acked))?;
+        }
+        Ok(())
+    }
+
+    /// Changes the receive offloads in force (GUEST_OFFLOADS_SET).
+    fn set_rx_features(&self, p: usize, f: Features) -> io::Result<()> {
+        let Some(port) = self.ports.get(p) else {
+            return Ok(());
+        };
+        port.set_rx_features(f);
+        if p == 0 {
+            self.uplink.set_rx_offloads(port::rx_offloads(f))?;
+        }
+        Ok(())
+    }
+
+    /// Applies `key value` settings to port `p` (see
+    /// [`VfSettings::with`]): all of them, or none when one is bad.
+    pub fn set_vf(&self, p: usize, pairs: &[(&str, &str)]) -> Result<(), SettingError> {
+        let port = self.ports.get(p).ok_or_else(|| SettingError {
+            key: "vf".into(),
+            value: p.saturating_sub(1).to_string(),
+            why: format!("this vnicd has {} VFs", self.ports.len() - 1),
+        })?;
+        {
+            let mut st = port.ctrl_state();
+            let mut cur = port.settings();
+            let new = cur.with(pairs.iter().copied())?;
+            if new.mac != cur.mac {
+                let taken = self
+                    .ports
+                    .iter()
+                    .filter(|o| o.id != p)
+                    .any(|o| o.ctrl_state().mac == new.mac);
+                if taken {
+                    return Err(SettingError {
+                        key: "mac".into(),
+                        value: new.mac.to_string(),
+                        why: "another port has it".into(),
+                    });
+                }
+                st.mac = new.mac;
+            }
+            if new.max_tx_rate != cur.max_tx_rate {
+                *port.bucket() =
+                    (new.max_tx_rate > 0).then(|| TokenBucket::new(new.max_tx_rate, self.now()));
+            }
+            *cur = new;
+        }
+        self.publish(p);
+        Ok(())
+    }
+
+    /// Back to the state of a freshly created port (new frontend, or the
+    /// driver reset it): configured RSS, no filters, no coalescing, the
+    /// settings' MAC.
+    pub fn reset(&self, p: usize) -> io::Result<()> {
+        let Some(port) = self.ports.get(p) else {
+            return Ok(());
+        };
+        let rss = port
+            .config
+            .build_rss()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        {
+            let mut st = port.ctrl_state();
+            let mac = port.settings().mac;
+            *st = CtrlState::new(mac, port.config.pairs, rss);
+        }
+        for b in &port.backlogs {
+            b.clear();
+        }
+        self.switch.update(|v| {
+            if let Some(pv) = v.ports.get_mut(p) {
+                let mut n = (**pv).clone();
+                n.learned.clear();
+                *pv = Arc::new(n);
+            }
+        });
+        self.publish(p);
+        Ok(())
+    }
+
+    /// Whether port `p`'s receive filters and VLAN take `frame`.
+    pub fn rx_accepts(&self, p: usize, frame: &[u8]) -> bool {
+        let view = self.switch.view();
+        let (Some(pv), Some(l2)) = (view.ports.get(p), L2::parse(frame)) else {
+            return false;
+        };
+        pv.egress(l2.vid()).is_some() && pv.takes(l2.dst)
+    }
+
+    /// Where port `p`'s RSS sends a received frame.
+    pub fn steer(&self, p: usize, frame: &[u8]) -> Steering {
+        let view = self.switch.view();
+        match view.ports.get(p) {
+            Some(pv) => pv.steer(frame, frame.len()),
+            None => Steering {
+                queue: 0,
                 hash: 0,
                 report: vnic_protocol::rss::HashReport::None,
             },
         }
     }
 
-    /// The state the control queue changes.
-    pub fn ctrl_state(&self) -> MutexGuard<'_, CtrlState> {
-        self.ctrl.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Back to the state of a freshly created device (new frontend, or
-    /// the driver reset it): configured RSS, no filters, no coalescing.
-    pub fn reset(&self) -> io::Result<()> {
-        *self.ctrl_state() = CtrlState::new(self.config.mac, self.config.pairs);
-        let rss = self
-            .config
-            .build_rss()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        self.set_rss(rss);
-        for b in &self.backlogs {
-            b.clear();
+    /// How long port `p` must wait before it sends again (its
+    /// `max_tx_rate`), in nanoseconds; None when it may send now.
+    pub fn tx_wait(&self, p: usize, view: &View) -> Option<u64> {
+        if view.ports.get(p)?.settings.max_tx_rate == 0 {
+            return None;
         }
-        Ok(())
+        let now = self.now();
+        self.ports.get(p)?.bucket().as_mut()?.wait(now)
     }
 
-    /// A copy of the RSS configuration in force.
-    pub fn current_rss(&self) -> Rss {
-        self.rss
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Replaces the RSS configuration.
-    pub fn set_rss(&self, rss: Rss) {
-        *self.rss.write().unwrap_or_else(PoisonError::into_inner) = rss;
-    }
-
-    /// Sends one frame the driver put on TX queue `q`: `hdr` is the
-    /// driver's virtio-net header (12 or 20 bytes; the uplink gets the
-    /// first 12) and `frame` the whole frame.
+    /// Sends one frame port `p`'s driver put on TX queue `q`: `hdr` is the
+    /// driver's virtio-net header (12 or 20 bytes; the first 12 travel
+    /// on) and `frame` the whole frame.
     pub fn transmit(
         &self,
+        p: usize,
         q: usize,
         hdr: &[u8],
         frame: &[u8],
         scratch: &mut TxScratch,
     ) -> Result<(), DropReason> {
-        self.transmit_pieces(q, hdr, frame, &[], scratch)
+        let view = self.switch.view();
+        self.transmit_pieces(p, q, hdr, frame, &[], scratch, &view)
     }
 
-    /// [`Device::transmit`] for a frame whose first bytes, `prefix` (all
-    /// its headers), were copied out of guest memory and whose rest stays
+    /// [`Nic::transmit`] for a frame whose first bytes, `prefix` (all its
+    /// headers), were copied out of guest memory and whose rest stays
     /// there as `rest`. When the uplink takes the frame as it is, the
     /// validated prefix and the guest's payload are written in one
     /// vectored write, without copying the payload.
+    #[allow(clippy::too_many_arguments)]
     pub fn transmit_pieces(
         &self,
+        p: usize,
         q: usize,
         hdr: &[u8],
         prefix: &[u8],
         rest: &[Piece<'_>],
         scratch: &mut TxScratch,
+        view: &View,
     ) -> Result<(), DropReason> {
-        let stats = self.stats.tx.get(q).ok_or(DropReason::UplinkError)?;
+        let stats = self
+            .ports
+            .get(p)
+            .and_then(|port| port.stats.tx.get(q))
+            .ok_or(DropReason::UplinkError)?;
         let len = prefix.len() + rest.iter().map(Piece::len).sum::<usize>();
-        let r = self.transmit_inner(q, hdr, prefix, rest, len, scratch, stats);
+        let r = self.transmit_inner(p, q, hdr, prefix, rest, len, scratch, stats, view);
         match r {
-            Ok(()) => stats.packet(len),
+            Ok(()) => {
+                stats.packet(len);
+                if view
+                    .ports
+                    .get(p)
+                    .is_some_and(|v| v.settings.max_tx_rate > 0)
+                {
+                    let now = self.now();
+                    if let Some(b) = self.ports[p].bucket().as_mut() {
+                        b.take(now, len);
+                    }
+                }
+            }
             Err(why) => stats.drop(why),
         }
         r
@@ -379,6 +592,7 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     fn transmit_inner(
         &self,
+        p: usize,
         q: usize,
         hdr_bytes: &[u8],
         prefix: &[u8],
@@ -386,29 +600,129 @@ impl Device {
         len: usize,
         scratch: &mut TxScratch,
         stats: &QueueStats,
+        view: &View,
     ) -> Result<(), DropReason> {
         if len == 0 {
             return Err(DropReason::ZeroLength);
         }
         let hdr = VirtioNetHdr::parse(hdr_bytes, false).map_err(|_| DropReason::BadHeader)?;
         let v = validate_prefix(&hdr, prefix, len).map_err(|e| {
-            log::debug!("tx{q}: bad header: {e}");
+            log::debug!("port {p} tx{q}: bad header: {e}");
             DropReason::BadHeader
         })?;
-        if v.gso == GsoType::None && len > usize::from(self.config.mtu) + 14 + 8 {
+        if v.gso == GsoType::None && len > usize::from(self.ports[p].config.mtu) + 14 + 8 {
             return Err(DropReason::Oversized);
         }
-        let caps = self.uplink.tx_offloads();
-        let gso_ok = match v.gso {
-            GsoType::None => true,
-            GsoType::TcpV4 => caps.tso4 && (!v.ecn || caps.tso_ecn),
-            GsoType::TcpV6 => caps.tso6 && (!v.ecn || caps.tso_ecn),
-            GsoType::UdpL4 => caps.uso,
-            GsoType::Udp => false,
+        let pv = view.ports.get(p).ok_or(DropReason::UplinkError)?;
+        if !pv.link_up(view.uplink_up) {
+            return Err(DropReason::LinkDown);
+        }
+        let l2 = L2::parse(prefix).ok_or(DropReason::BadHeader)?;
+        if pv.settings.vlan.is_some() && l2.tag.is_some() {
+            // A port VLAN is the guest's whole world: it cannot tag.
+            return Err(DropReason::VlanViolation);
+        }
+        if l2.src != pv.mac {
+            if pv.settings.spoofchk {
+                return Err(DropReason::Spoofed);
+            }
+            if l2.src.is_unicast() && !pv.learned.contains(&l2.src) {
+                self.learn(p, l2.src);
+            }
+        }
+        let route = if view.ports.len() == 1 && pv.settings.vlan.is_none() {
+            Route {
+                ports: PortSet::default(),
+                uplink: true,
+                vid: l2.vid(),
+                tag: None,
+            }
+        } else {
+            view.route(Some(p), &l2)
         };
+        if !route.ports.is_empty() {
+            // One copy of the frame enters the switch; each port gets its
+            // own rewrite of it.
+            let TxScratch {
+                copy,
+                seg,
+                port,
+                piece,
+                ..
+            } = scratch;
+            copy.clear();
+            copy.extend_from_slice(&hdr_bytes[..HDR_LEN]);
+            copy[10] = 0;
+            copy[11] = 0;
+            copy.extend_from_slice(prefix);
+            for r in rest {
+                r.copy_to(copy);
+            }
+            for t in route.ports.iter() {
+                self.to_port(t, copy, &route, view, seg, port, piece);
+            }
+        }
+        if !route.uplink {
+            return Ok(());
+        }
+        match route.tag {
+            None => self.to_uplink(q, hdr_bytes, &hdr, &v, prefix, rest, scratch, stats),
+            Some(tag) => {
+                // The port VLAN's tag goes on at the wire: the frame is
+                // copied once with it, and checked again.
+                let TxScratch { copy, port, .. } = scratch;
+                if route.ports.is_empty() {
+                    copy.clear();
+                    copy.extend_from_slice(&hdr_bytes[..HDR_LEN]);
+                    copy.extend_from_slice(prefix);
+                    for r in rest {
+                        r.copy_to(copy);
+                    }
+                }
+                port.clear();
+                port.extend_from_slice(copy);
+                insert_tag(port, HDR_LEN, tag);
+                let tagged = std::mem::take(port);
+                let r = self.uplink_tagged(q, &tagged, scratch, stats);
+                scratch.port = tagged;
+                r
+            }
+        }
+    }
+
+    /// [`Nic::to_uplink`] for a frame in one piece after its header.
+    fn uplink_tagged(
+        &self,
+        q: usize,
+        buf: &[u8],
+        scratch: &mut TxScratch,
+        stats: &QueueStats,
+    ) -> Result<(), DropReason> {
+        let (h, frame) = buf.split_at(HDR_LEN);
+        let hdr = VirtioNetHdr::parse(h, false).map_err(|_| DropReason::BadHeader)?;
+        let v = validate_prefix(&hdr, frame, frame.len()).map_err(|_| DropReason::BadHeader)?;
+        self.to_uplink(q, h, &hdr, &v, frame, &[], scratch, stats)
+    }
+
+    /// Sends a checked frame to uplink queue `q` (of TX queue `q`): as it
+    /// is when the uplink takes its offloads, else segmented or
+    /// checksummed here.
+    #[allow(clippy::too_many_arguments)]
+    fn to_uplink(
+        &self,
+        q: usize,
+        hdr_bytes: &[u8],
+        hdr: &VirtioNetHdr,
+        v: &Validated,
+        prefix: &[u8],
+        rest: &[Piece<'_>],
+        scratch: &mut TxScratch,
+        stats: &QueueStats,
+    ) -> Result<(), DropReason> {
+        let caps = self.uplink.tx_offloads();
         let needs_csum = hdr.flags.contains(HdrFlags::NEEDS_CSUM);
         let uq = q % self.uplink.queues().max(1);
-        if gso_ok && (!needs_csum || caps.csum) {
+        if takes_gso(caps, v.gso, v.ecn) && (!needs_csum || caps.csum) {
             if v.gso != GsoType::None {
                 stats.gso_packets.fetch_add(1, Ordering::Relaxed);
             }
@@ -435,8 +749,8 @@ impl Device {
         let plain = [0u8; HDR_LEN];
         if v.gso != GsoType::None {
             let mut result = Ok(());
-            let TxScratch { seg, frame } = scratch;
-            seg.segment(frame, &v, hdr.gso_size, &mut |h, p| {
+            let TxScratch { seg, frame, .. } = scratch;
+            seg.segment(frame, v, hdr.gso_size, &mut |h, p| {
                 let r = self.send(
                     uq,
                     &[Piece::Local(&plain), Piece::Local(h), Piece::Local(p)],
@@ -466,6 +780,254 @@ impl Device {
                 Err(DropReason::UplinkError)
             }
         }
+    }
+
+    /// Remembers that port `p` sends from `mac` (it has no spoof
+    /// checking), so frames to `mac` reach it; another port that had
+    /// `mac` loses it.
+    fn learn(&self, p: usize, mac: Address) {
+        let _g = self.learning.lock().unwrap_or_else(PoisonError::into_inner);
+        if self
+            .switch
+            .view()
+            .ports
+            .get(p)
+            .is_none_or(|pv| pv.learned.contains(&mac))
+        {
+            return;
+        }
+        self.switch.update(|v| {
+            for (i, pv) in v.ports.iter_mut().enumerate() {
+                let has = pv.learned.contains(&mac);
+                if i == p || has {
+                    let mut n = (**pv).clone();
+                    n.learned.retain(|m| *m != mac);
+                    if i == p {
+                        if n.learned.len() >= MAX_LEARNED {
+                            n.learned.remove(0);
+                        }
+                        n.learned.push(mac);
+                    }
+                    *pv = Arc::new(n);
+                }
+            }
+        });
+    }
+
+    /// How a frame read from the uplink is to go, from its first bytes.
+    pub fn uplink_route(&self, view: &View, peek: &[u8], len: usize) -> UplinkRoute {
+        let Some(l2) = L2::parse(peek) else {
+            return UplinkRoute::Drop(DropReason::RxMalformed);
+        };
+        let Some(pf) = view.ports.first() else {
+            return UplinkRoute::Drop(DropReason::PortDown);
+        };
+        if view.ports.len() == 1 {
+            return if pf.egress(l2.vid()).is_some() && pf.takes(l2.dst) {
+                UplinkRoute::Pf(pf.steer(peek, len))
+            } else {
+                UplinkRoute::Drop(DropReason::Filtered)
+            };
+        }
+        let route = view.route(None, &l2);
+        if route.ports == PortSet::default().with(0) {
+            UplinkRoute::Pf(pf.steer(peek, len))
+        } else if route.ports.is_empty() {
+            UplinkRoute::Drop(DropReason::Filtered)
+        } else {
+            UplinkRoute::Switch
+        }
+    }
+
+    /// Switches a frame read from the uplink (12-byte header first) to
+    /// the ports it is for. Drops are counted in `stats` (the reading
+    /// queue's) or on the receiving port.
+    pub fn from_uplink(
+        &self,
+        buf: &[u8],
+        view: &View,
+        stats: &QueueStats,
+        scratch: &mut TxScratch,
+    ) {
+        let Some(l2) = buf.get(HDR_LEN..).and_then(L2::parse) else {
+            stats.drop(DropReason::RxMalformed);
+            return;
+        };
+        let route = view.route(None, &l2);
+        if route.ports.is_empty() {
+            stats.drop(DropReason::Filtered);
+            return;
+        }
+        let TxScratch {
+            seg, port, piece, ..
+        } = scratch;
+        for t in route.ports.iter() {
+            self.to_port(t, buf, &route, view, seg, port, piece);
+        }
+    }
+
+    /// Delivers a frame (12-byte header first) to port `t`: with the VLAN
+    /// tag that port sees it with, and within the receive offloads its
+    /// driver accepted (segmented or checksummed here otherwise). Drops
+    /// are counted on the port.
+    #[allow(clippy::too_many_arguments)]
+    fn to_port(
+        &self,
+        t: usize,
+        buf: &[u8],
+        route: &Route,
+        view: &View,
+        seg: &mut Segmenter,
+        out: &mut Vec<u8>,
+        piece: &mut Vec<u8>,
+    ) {
+        let (Some(port), Some(tv)) = (self.ports.get(t), view.ports.get(t)) else {
+            return;
+        };
+        let stats = &port.stats.rx[0];
+        if !tv.attached {
+            stats.drop(DropReason::PortDown);
+            return;
+        }
+        if !tv.link_up(view.uplink_up) {
+            stats.drop(DropReason::LinkDown);
+            return;
+        }
+        let Some(frame) = buf.get(HDR_LEN..) else {
+            stats.drop(DropReason::RxMalformed);
+            return;
+        };
+        let has_tag = L2::parse(frame).is_some_and(|l| l.tag.is_some());
+        let want_tag = tv.egress(route.vid).unwrap_or(false) && route.vid != 0;
+        out.clear();
+        out.extend_from_slice(buf);
+        match (has_tag, want_tag, route.tag) {
+            (true, false, _) => strip_tag(out, HDR_LEN),
+            (false, true, Some(tag)) => insert_tag(out, HDR_LEN, tag),
+            _ => {}
+        }
+        let Ok(hdr) = VirtioNetHdr::parse(&out[..HDR_LEN], false) else {
+            stats.drop(DropReason::RxMalformed);
+            return;
+        };
+        let Ok((gso, ecn)) = hdr.gso() else {
+            stats.drop(DropReason::RxMalformed);
+            return;
+        };
+        let caps = tv.caps;
+        let needs_csum = hdr.flags.contains(HdrFlags::NEEDS_CSUM);
+        if takes_gso(caps, gso, ecn) && (!needs_csum || caps.csum) {
+            if gso != GsoType::None {
+                stats.gso_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            self.push_rx(t, out, tv);
+            return;
+        }
+        stats.sw_offloads.fetch_add(1, Ordering::Relaxed);
+        let frame_len = out.len() - HDR_LEN;
+        let Ok(v) = validate_prefix(&hdr, &out[HDR_LEN..], frame_len) else {
+            stats.drop(DropReason::OffloadFailed);
+            return;
+        };
+        if gso != GsoType::None {
+            let plain = [0u8; HDR_LEN];
+            let r = seg.segment(&out[HDR_LEN..], &v, hdr.gso_size, &mut |h, p| {
+                piece.clear();
+                piece.extend_from_slice(&plain);
+                piece.extend_from_slice(h);
+                piece.extend_from_slice(p);
+                self.push_rx(t, piece, tv);
+            });
+            if r.is_err() {
+                stats.drop(DropReason::OffloadFailed);
+            }
+            return;
+        }
+        let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+        if complete_checksum(&mut out[HDR_LEN..], start, off).is_err() {
+            stats.drop(DropReason::OffloadFailed);
+            return;
+        }
+        out[..HDR_LEN].fill(0);
+        self.push_rx(t, out, tv);
+    }
+
+    /// Queues a frame for the RX queue port `t`'s RSS picks among those
+    /// enabled.
+    fn push_rx(&self, t: usize, buf: &[u8], tv: &PortView) {
+        let port = &self.ports[t];
+        let frame = buf.get(HDR_LEN..).unwrap_or(&[]);
+        let peek = &frame[..frame.len().min(256)];
+        let steered = usize::from(tv.steer(peek, frame.len()).queue);
+        let active = QueueSet(port.enabled_rx.load(Ordering::Relaxed));
+        let q = active
+            .pick(steered, 0)
+            .min(port.backlogs.len().saturating_sub(1));
+        let Some(b) = port.backlogs.get(q) else {
+            return;
+        };
+        if b.push(buf) {
+            let _ = b.event.write(1);
+        } else {
+            port.stats.rx[q].drop(DropReason::RxNoBuffers);
+        }
+    }
+
+    /// Reads the uplink while the PF has no frontend (its workers read it
+    /// otherwise) and switches what arrives to the VFs; returns when
+    /// `stop` is set. Frames for the PF are dropped as `port_down`.
+    pub fn pump_uplink(&self, stop: &AtomicBool) {
+        let queues = self.uplink.queues();
+        let mut fds: Vec<libc::pollfd> = (0..queues)
+            .filter_map(|q| self.uplink.rx_fd(q))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let mut buf = vec![0u8; VNET_HDR_LEN + MAX_FRAME];
+        let mut scratch = TxScratch::default();
+        let mut view = self.switch.view();
+        while !stop.load(Ordering::Relaxed) {
+            if fds.is_empty() || self.pf().is_attached() || self.ports.len() == 1 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            // SAFETY: `fds` is a live, writable array of `fds.len()`
+            // pollfd entries for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
+            if n <= 0 {
+                continue;
+            }
+            self.switch.refresh(&mut view);
+            for q in 0..queues {
+                let stats = &self.pf().stats.rx[q.min(self.pf().stats.rx.len() - 1)];
+                for _ in 0..256 {
+                    match self.uplink.recv(q, &mut [PieceMut::Local(&mut buf)]) {
+                        Ok(n) => self.from_uplink(&buf[..n], &view, stats, &mut scratch),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            log::debug!("uplink queue {q}: {e}");
+                            stats.drop(DropReason::UplinkError);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether an uplink (or port) with offloads `caps` takes a frame of
+/// this GSO kind as it is.
+fn takes_gso(caps: Offloads, gso: GsoType, ecn: bool) -> bool {
+    match gso {
+        GsoType::None => true,
+        GsoType::TcpV4 => caps.tso4 && (!ecn || caps.tso_ecn),
+        GsoType::TcpV6 => caps.tso6 && (!ecn || caps.tso_ecn),
+        GsoType::UdpL4 => caps.uso,
+        GsoType::Udp => false,
     }
 }
 
@@ -504,7 +1066,7 @@ pub(crate) mod tests {
     #[test]
     fn gso_passes_through_when_the_uplink_takes_it() {
         let up = FakeUplink::with_offloads(Offloads::ALL);
-        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let dev = Nic::single(config(1), Box::new(up.clone())).unwrap();
         let f = tcp_frame(
             &Flow::v4(),
             data_segment(1, 1, Flags::ACK),
@@ -512,14 +1074,14 @@ pub(crate) mod tests {
             &[9; 5000],
         )
         .unwrap();
-        dev.transmit(0, &tso_hdr(1448), &f, &mut TxScratch::default())
+        dev.transmit(0, 0, &tso_hdr(1448), &f, &mut TxScratch::default())
             .unwrap();
         let sent = up.sent();
         assert_eq!(sent.len(), 1);
         assert_eq!(&sent[0][..10], &tso_hdr(1448)[..10]);
         assert_eq!(&sent[0][12..], &f[..]);
         assert_eq!(
-            dev.stats.tx[0]
+            dev.pf().stats.tx[0]
                 .gso_packets
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
@@ -530,7 +1092,7 @@ pub(crate) mod tests {
     fn payload_in_guest_memory_is_passed_through_not_copied() {
         use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
         let up = FakeUplink::with_offloads(Offloads::ALL);
-        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let dev = Nic::single(config(1), Box::new(up.clone())).unwrap();
         let f = tcp_frame(
             &Flow::v4(),
             data_segment(1, 1, Flags::ACK),
@@ -545,10 +1107,12 @@ pub(crate) mod tests {
             .unwrap();
         dev.transmit_pieces(
             0,
+            0,
             &tso_hdr(1448),
             &f[..256],
             &[Piece::Guest(rest)],
             &mut TxScratch::default(),
+            &dev.switch.view(),
         )
         .unwrap();
         assert_eq!(&up.sent()[0][12..], &f[..]);
@@ -558,7 +1122,7 @@ pub(crate) mod tests {
     #[test]
     fn gso_is_segmented_in_software_otherwise() {
         let up = FakeUplink::default();
-        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let dev = Nic::single(config(1), Box::new(up.clone())).unwrap();
         let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let f = tcp_frame(
             &Flow::v4(),
@@ -567,7 +1131,7 @@ pub(crate) mod tests {
             &payload,
         )
         .unwrap();
-        dev.transmit(0, &tso_hdr(1448), &f, &mut TxScratch::default())
+        dev.transmit(0, 0, &tso_hdr(1448), &f, &mut TxScratch::default())
             .unwrap();
         let sent = up.sent();
         assert_eq!(sent.len(), 4);
@@ -585,7 +1149,7 @@ pub(crate) mod tests {
     #[test]
     fn bad_headers_are_counted_drops() {
         let up = FakeUplink::default();
-        let dev = Device::new(config(1), Box::new(up.clone())).unwrap();
+        let dev = Nic::single(config(1), Box::new(up.clone())).unwrap();
         let f = tcp_frame(
             &Flow::v4(),
             data_segment(1, 1, Flags::ACK),
@@ -595,21 +1159,267 @@ pub(crate) mod tests {
         .unwrap();
         let mut s = TxScratch::default();
         assert_eq!(
-            dev.transmit(0, &tso_hdr(0), &f, &mut s),
+            dev.transmit(0, 0, &tso_hdr(0), &f, &mut s),
             Err(DropReason::BadHeader)
         );
         assert_eq!(
-            dev.transmit(0, &[0; 12], &[], &mut s),
+            dev.transmit(0, 0, &[0; 12], &[], &mut s),
             Err(DropReason::ZeroLength)
         );
         let big = vec![0u8; 3000];
         assert_eq!(
-            dev.transmit(0, &[0; 12], &big, &mut s),
+            dev.transmit(0, 0, &[0; 12], &big, &mut s),
             Err(DropReason::Oversized)
         );
-        assert_eq!(dev.stats.tx[0].drops(DropReason::BadHeader), 1);
-        assert_eq!(dev.stats.tx[0].total_drops(), 3);
+        assert_eq!(dev.pf().stats.tx[0].drops(DropReason::BadHeader), 1);
+        assert_eq!(dev.pf().stats.tx[0].total_drops(), 3);
         assert!(up.sent().is_empty());
+    }
+
+    /// A NIC with `n` VFs on `up`, every port attached with every
+    /// offload accepted.
+    fn nic_with_vfs(n: usize, up: &FakeUplink) -> Nic {
+        let pf = config(1).mac;
+        let vfs = (0..n)
+            .map(|i| VfSettings::new(default_vf_mac(pf, i)))
+            .collect();
+        let nic = Nic::new(config(1), vfs, Box::new(up.clone()), false).unwrap();
+        for p in 0..=n {
+            nic.attach(p, true);
+            nic.set_guest_features(p, crate::vhost::offered_features())
+                .unwrap();
+        }
+        nic
+    }
+
+    fn vf_mac(n: usize) -> Address {
+        default_vf_mac(config(1).mac, n)
+    }
+
+    fn frame(src: Address, dst: Address, payload: usize) -> Vec<u8> {
+        let flow = Flow {
+            src_mac: src,
+            dst_mac: dst,
+            ..Flow::v4()
+        };
+        let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+        tcp_frame(
+            &flow,
+            data_segment(1, 1, Flags::ACK),
+            &IpFields::default(),
+            &body,
+        )
+        .unwrap()
+    }
+
+    /// Every frame waiting in port `p`'s backlogs, header first.
+    fn received(nic: &Nic, p: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for b in &nic.ports[p].backlogs {
+            while b
+                .deliver_front(|f| {
+                    out.push(f.to_vec());
+                    true
+                })
+                .is_some()
+            {}
+        }
+        out
+    }
+
+    fn send(nic: &Nic, p: usize, hdr: &[u8], f: &[u8]) -> Result<(), DropReason> {
+        nic.transmit(p, 0, hdr, f, &mut TxScratch::default())
+    }
+
+    #[test]
+    fn vf_to_vf_frames_stay_in_the_switch_and_the_rest_reach_the_wire() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let nic = nic_with_vfs(2, &up);
+        let f = frame(vf_mac(0), vf_mac(1), 100);
+        send(&nic, 1, &[0; 12], &f).unwrap();
+        let got = received(&nic, 2);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0][12..], &f[..]);
+        assert!(up.sent().is_empty(), "a VF-to-VF frame touched the uplink");
+        assert!(received(&nic, 0).is_empty());
+        assert_eq!(nic.ports[1].stats.tx[0].packets.load(Ordering::Relaxed), 1);
+        // To the PF.
+        let f = frame(vf_mac(0), config(1).mac, 10);
+        send(&nic, 1, &[0; 12], &f).unwrap();
+        assert_eq!(received(&nic, 0).len(), 1);
+        assert!(up.sent().is_empty());
+        // To a host beyond the uplink: the wire, and the PF (whose driver
+        // set no filter, so it takes everything), not the other VF.
+        let away = Address([2, 0, 0, 0, 9, 9]);
+        send(&nic, 1, &[0; 12], &frame(vf_mac(0), away, 10)).unwrap();
+        assert_eq!(up.sent().len(), 1);
+        assert_eq!(received(&nic, 0).len(), 1);
+        assert!(received(&nic, 2).is_empty());
+        // Broadcast: every other port and the wire, once each.
+        let b = frame(vf_mac(1), Address::BROADCAST, 10);
+        send(&nic, 2, &[0; 12], &b).unwrap();
+        assert_eq!(up.sent().len(), 2);
+        assert_eq!(received(&nic, 0).len(), 1);
+        assert_eq!(received(&nic, 1).len(), 1);
+        assert!(received(&nic, 2).is_empty());
+        // From the wire to VF1: VF1 alone.
+        let from_wire = [&[0u8; 12][..], &frame(away, vf_mac(1), 10)].concat();
+        let view = nic.switch.view();
+        assert_eq!(
+            nic.uplink_route(&view, &from_wire[12..], from_wire.len() - 12),
+            UplinkRoute::Switch
+        );
+        nic.from_uplink(
+            &from_wire,
+            &view,
+            &nic.pf().stats.rx[0],
+            &mut TxScratch::default(),
+        );
+        assert_eq!(received(&nic, 2), vec![from_wire.clone()]);
+        assert!(received(&nic, 0).is_empty() && received(&nic, 1).is_empty());
+        // To the PF only: it stays on the PF's direct path.
+        let to_pf = frame(away, config(1).mac, 10);
+        assert!(matches!(
+            nic.uplink_route(&view, &to_pf, to_pf.len()),
+            UplinkRoute::Pf(_)
+        ));
+    }
+
+    #[test]
+    fn gso_between_vfs_passes_whole_or_is_segmented_for_the_receiver() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let nic = nic_with_vfs(2, &up);
+        let f = frame(vf_mac(0), vf_mac(1), 5000);
+        // VF1 takes TSO: one frame, its header intact.
+        send(&nic, 1, &tso_hdr(1448), &f).unwrap();
+        let got = received(&nic, 2);
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0][..10], &tso_hdr(1448)[..10]);
+        assert_eq!(&got[0][12..], &f[..]);
+        // VF1 without receive offloads: MSS-sized frames, checksums done.
+        nic.set_guest_features(2, Features::VERSION_1).unwrap();
+        send(&nic, 1, &tso_hdr(1448), &f).unwrap();
+        let got = received(&nic, 2);
+        assert_eq!(got.len(), 4);
+        let mut payload = Vec::new();
+        for s in &got {
+            assert_eq!(&s[..12], &[0; 12]);
+            let fr = &s[12..];
+            assert!(l4_checksum_ok(fr, &parse_frame(fr).unwrap()));
+            payload.extend_from_slice(&fr[66..]);
+        }
+        assert_eq!(payload, f[66..]);
+        assert_eq!(
+            nic.ports[2].stats.rx[0].sw_offloads.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn spoof_checking_drops_foreign_sources_and_learning_follows_them_when_off() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let nic = nic_with_vfs(2, &up);
+        let new_mac = Address([2, 0, 0, 0, 7, 7]);
+        let f = frame(new_mac, Address::BROADCAST, 10);
+        assert_eq!(send(&nic, 1, &[0; 12], &f), Err(DropReason::Spoofed));
+        assert_eq!(nic.ports[1].stats.tx[0].drops(DropReason::Spoofed), 1);
+        assert!(up.sent().is_empty() && received(&nic, 2).is_empty());
+        nic.set_vf(1, &[("spoofchk", "off")]).unwrap();
+        send(&nic, 1, &[0; 12], &f).unwrap();
+        assert_eq!(up.sent().len(), 1);
+        assert_eq!(received(&nic, 2).len(), 1);
+        // The switch learned the address: frames to it reach VF0.
+        let back = frame(vf_mac(1), new_mac, 10);
+        send(&nic, 2, &[0; 12], &back).unwrap();
+        assert_eq!(received(&nic, 1).len(), 1);
+        assert_eq!(up.sent().len(), 1, "not flooded to the wire");
+    }
+
+    #[test]
+    fn a_port_vlan_is_tagged_on_the_wire_untagged_to_the_guest_and_cannot_be_left() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let nic = nic_with_vfs(2, &up);
+        nic.set_vf(1, &[("vlan", "100"), ("qos", "2")]).unwrap();
+        let away = Address([2, 0, 0, 0, 9, 9]);
+        let f = frame(vf_mac(0), away, 10);
+        send(&nic, 1, &[0; 12], &f).unwrap();
+        let sent = up.sent();
+        assert_eq!(sent.len(), 1);
+        let wire = &sent[0][12..];
+        assert_eq!(&wire[..12], &f[..12]);
+        assert_eq!(&wire[12..16], &[0x81, 0x00, 0x40, 100]);
+        assert_eq!(&wire[16..], &f[12..]);
+        // Not to VF1, which is not in VLAN 100; the PF (a trunk) sees the
+        // frame tagged.
+        assert!(received(&nic, 2).is_empty());
+        let pf = received(&nic, 0);
+        assert_eq!(&pf[0][12 + 12..12 + 16], &[0x81, 0x00, 0x40, 100]);
+        // A tagged frame from the guest is refused.
+        let mut tagged = f.clone();
+        tagged.splice(12..12, [0x81, 0, 0, 200]);
+        assert_eq!(
+            send(&nic, 1, &[0; 12], &tagged),
+            Err(DropReason::VlanViolation)
+        );
+        // From the wire: tagged 100 reaches VF0 untagged; untagged does
+        // not reach it.
+        let mut from_wire = vec![0u8; 12];
+        from_wire.extend_from_slice(&frame(away, vf_mac(0), 10));
+        let plain = from_wire.clone();
+        from_wire.splice(24..24, [0x81, 0, 0, 100]);
+        let view = nic.switch.view();
+        let st = &nic.pf().stats.rx[0];
+        nic.from_uplink(&from_wire, &view, st, &mut TxScratch::default());
+        assert_eq!(received(&nic, 1), vec![plain.clone()]);
+        nic.from_uplink(&plain, &view, st, &mut TxScratch::default());
+        assert!(received(&nic, 1).is_empty());
+    }
+
+    #[test]
+    fn link_state_and_missing_frontends_drop_and_count() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let nic = nic_with_vfs(2, &up);
+        nic.set_vf(1, &[("state", "disable")]).unwrap();
+        let f = frame(vf_mac(0), vf_mac(1), 10);
+        assert_eq!(send(&nic, 1, &[0; 12], &f), Err(DropReason::LinkDown));
+        send(&nic, 2, &[0; 12], &frame(vf_mac(1), vf_mac(0), 10)).unwrap();
+        assert_eq!(nic.ports[1].stats.rx[0].drops(DropReason::LinkDown), 1);
+        assert!(received(&nic, 1).is_empty());
+        nic.set_vf(1, &[("state", "enable")]).unwrap();
+        send(&nic, 1, &[0; 12], &f).unwrap();
+        assert_eq!(received(&nic, 2).len(), 1);
+        // A port whose frontend is gone.
+        nic.attach(2, false);
+        send(&nic, 1, &[0; 12], &f).unwrap();
+        assert_eq!(nic.ports[2].stats.rx[0].drops(DropReason::PortDown), 1);
+        assert!(received(&nic, 2).is_empty());
+    }
+
+    #[test]
+    fn an_untrusted_vf_cannot_go_promiscuous_or_change_its_mac() {
+        use vnic_protocol::virtio::ctrl::{CtrlCommand, RxMode};
+        let up = FakeUplink::default();
+        let nic = nic_with_vfs(1, &up);
+        let all = crate::vhost::offered_features();
+        let promisc = CtrlCommand::Rx {
+            mode: RxMode::Promisc,
+            on: true,
+        };
+        let mac = CtrlCommand::MacAddrSet(Address([2, 0, 0, 0, 5, 5]));
+        assert!(nic.control(1, &promisc, all).is_err());
+        assert!(nic.control(1, &mac, all).is_err());
+        assert!(!nic.switch.view().ports[1].filter.promisc);
+        nic.set_vf(1, &[("trust", "on")]).unwrap();
+        assert!(nic.control(1, &promisc, all).is_ok());
+        assert!(nic.control(1, &mac, all).is_ok());
+        assert_eq!(nic.switch.view().ports[1].mac, Address([2, 0, 0, 0, 5, 5]));
+        // A bad setting changes nothing, whatever came before it.
+        assert!(nic
+            .set_vf(1, &[("trust", "off"), ("vlan", "5000")])
+            .is_err());
+        assert!(nic.ports[1].settings().trust);
+        // Another port's MAC is refused.
+        assert!(nic.set_vf(1, &[("mac", "02:00:00:00:00:01")]).is_err());
     }
 
     #[test]

@@ -41,10 +41,20 @@ pub enum DropReason {
     /// The available ring named a descriptor past the queue's end (it
     /// cannot be given back), or a ring is not in guest memory.
     BadRing,
+    /// The port's link is down (`state disable`, or auto with the uplink
+    /// down).
+    LinkDown,
+    /// A frame from a port with spoof checking whose source MAC is not the
+    /// port's.
+    Spoofed,
+    /// A tagged frame from a port that has a port VLAN.
+    VlanViolation,
+    /// The receiving port has no frontend.
+    PortDown,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::BadDescriptor,
         DropReason::ChainTooLong,
         DropReason::ZeroLength,
@@ -60,6 +70,10 @@ impl DropReason {
         DropReason::Filtered,
         DropReason::BadControl,
         DropReason::BadRing,
+        DropReason::LinkDown,
+        DropReason::Spoofed,
+        DropReason::VlanViolation,
+        DropReason::PortDown,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +93,10 @@ impl DropReason {
             DropReason::Filtered => "filtered",
             DropReason::BadControl => "bad_control",
             DropReason::BadRing => "bad_ring",
+            DropReason::LinkDown => "link_down",
+            DropReason::Spoofed => "spoofed",
+            DropReason::VlanViolation => "vlan_violation",
+            DropReason::PortDown => "port_down",
         }
     }
 

@@ -15,7 +15,7 @@ use vnic_protocol::{
 };
 
 use crate::{
-    nic::{Device, DropReason, QueueSet, QueueStats, MAX_FRAME},
+    nic::{switch::View, DropReason, Nic, QueueSet, QueueStats, UplinkRoute, MAX_FRAME},
     uplink::{tap::VNET_HDR_LEN, PieceMut, MAX_PIECES},
 };
 
@@ -205,6 +205,9 @@ pub(super) enum Direct {
     /// RSS sends it to `queue`: copied into `out` (TAP header and frame),
     /// the buffers returned to the ring unused.
     Elsewhere(usize),
+    /// For other ports (too): copied into `out` for the switch, the
+    /// buffers returned to the ring unused.
+    Switched,
     /// Dropped for this reason.
     Dropped(DropReason),
     /// The uplink failed (counted as `uplink_error`); nothing was read.
@@ -533,7 +536,8 @@ impl RxWriter<'_> {
     #[allow(clippy::too_many_arguments)]
     pub fn receive_direct(
         &mut self,
-        dev: &Device,
+        nic: &Nic,
+        view: &View,
         uq: usize,
         own: usize,
         active: QueueSet,
@@ -590,7 +594,7 @@ impl RxWriter<'_> {
                 pieces[np] = PieceMut::Local(&mut *overflow);
                 np += 1;
             }
-            dev.uplink().recv(uq, &mut pieces[..np])
+            nic.uplink().recv(uq, &mut pieces[..np])
         };
         let n = match n {
             Ok(n) => n,
@@ -628,14 +632,23 @@ impl RxWriter<'_> {
         }
         peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
         let peek = &peek[..plen];
-        if !dev.rx_accepts(peek) {
-            rx.unpop(q, rx.nchains);
-            return Ok(Direct::Dropped(DropReason::Filtered));
-        }
-        let steering = dev.steer_prefix(peek, frame_len);
-        let target = active.pick(usize::from(steering.queue), own);
+        let (steering, target) = match nic.uplink_route(view, peek, frame_len) {
+            UplinkRoute::Pf(s) => (s, Some(active.pick(usize::from(s.queue), own))),
+            UplinkRoute::Switch => {
+                let none = Steering {
+                    queue: 0,
+                    hash: 0,
+                    report: vnic_protocol::rss::HashReport::None,
+                };
+                (none, None)
+            }
+            UplinkRoute::Drop(why) => {
+                rx.unpop(q, rx.nchains);
+                return Ok(Direct::Dropped(why));
+            }
+        };
         let total = hdr_len + frame_len;
-        let mut fits = target == own;
+        let mut fits = target == Some(own);
         if fits && !spill.is_empty() {
             // Move the spilled part into more buffers, if the driver has them.
             let before = rx.cap;
@@ -658,9 +671,10 @@ impl RxWriter<'_> {
             );
             out[VNET_HDR_LEN + in_guest..].copy_from_slice(spill);
             rx.unpop(q, rx.nchains);
-            return Ok(match r {
-                Ok(()) => Direct::Elsewhere(target),
-                Err(why) => Direct::Dropped(why),
+            return Ok(match (r, target) {
+                (Ok(()), Some(t)) => Direct::Elsewhere(t),
+                (Ok(()), None) => Direct::Switched,
+                (Err(why), _) => Direct::Dropped(why),
             });
         }
         // Ours: keep the buffers the frame filled, return the rest.

@@ -34,6 +34,7 @@ use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
     eventfd::{EventFd, EFD_NONBLOCK},
+    timerfd::TimerFd,
 };
 use vnic_protocol::virtio::{
     config::{VirtioNetConfig, DUPLEX_FULL, STATUS_ANNOUNCE, STATUS_LINK_UP},
@@ -46,7 +47,8 @@ use self::chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWrite
 use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
-        Device, DropReason, QueueSet, QueueStats, TxScratch, MAX_FRAME,
+        switch::View,
+        DropReason, Nic, Port, QueueSet, QueueStats, TxScratch, UplinkRoute, MAX_FRAME,
     },
     uplink::{
         tap::{MAX_TAP_FRAME, VNET_HDR_LEN},
@@ -79,6 +81,8 @@ enum Ev {
     /// TX (or, on the control thread, the control queue) ran out of
     /// budget with chains left.
     Resume = 3,
+    /// The port's transmit rate allows the next frame.
+    Timer = 4,
 }
 
 /// Features the device offers (the control queue ones come with it).
@@ -129,10 +133,12 @@ struct Worker {
     /// The last frame received was larger than the MTU (a GSO frame).
     rx_big: bool,
     scratch: TxScratch,
+    /// The switch's view, refreshed per batch.
+    view: Arc<View>,
 }
 
 impl Worker {
-    fn new() -> Worker {
+    fn new(view: Arc<View>) -> Worker {
         Worker {
             tx: Vec::with_capacity(HDR_LEN_HASH + MAX_FRAME),
             rest: Vec::with_capacity(MAX_PIECES),
@@ -141,6 +147,7 @@ impl Worker {
             rx_out: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME),
             rx_big: false,
             scratch: TxScratch::default(),
+            view,
         }
     }
 }
@@ -236,19 +243,40 @@ where
     Ok(avail_idx(vring, mem) != seen)
 }
 
+/// A timerfd whose reads never block (a reset between the wake-up and
+/// the read leaves it unexpired).
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let t = TimerFd::new()?;
+    let fd = t.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no
+    // memory is passed.
+    let ok = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    if ok {
+        Ok(t)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// What reading the uplink gave.
 enum Uplinked {
     /// Nothing there (or the uplink failed, logged).
     Empty,
-    /// A frame that was dropped and counted.
+    /// A frame that was dropped and counted, or passed to the switch.
     Dropped,
-    /// A frame of `len` bytes (TAP header included) RSS sends to `steered`.
+    /// A frame of `len` bytes (TAP header included) for the PF, which RSS
+    /// sends to `steered`.
     Frame { len: usize, steered: usize },
 }
 
 /// One vnic port as a vhost-user backend.
 pub struct VnicBackend {
-    dev: Arc<Device>,
+    nic: Arc<Nic>,
+    /// Which of the NIC's ports this is.
+    port: usize,
     mem: RwLock<Mem>,
     acked: AtomicU64,
     /// Errors from rings the guest broke, for rate-limited logging.
@@ -263,27 +291,42 @@ pub struct VnicBackend {
     /// Per worker, then the control thread: work left over when a budget
     /// ran out (see [`VnicBackend::resume_event`]).
     resume: Vec<EventFd>,
+    /// Per worker: fires when the port's rate limit lets TX go on.
+    timers: Vec<Mutex<TimerFd>>,
 }
 
 impl std::fmt::Debug for VnicBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VnicBackend")
-            .field("dev", &self.dev)
+            .field("port", &self.port)
             .finish_non_exhaustive()
     }
 }
 
 impl VnicBackend {
-    pub fn new(dev: Arc<Device>, mem: Mem) -> io::Result<VnicBackend> {
-        let pairs = usize::from(dev.config.pairs);
+    /// The backend of port `port` of `nic`.
+    pub fn new(nic: Arc<Nic>, port: usize, mem: Mem) -> io::Result<VnicBackend> {
+        let p = nic
+            .ports
+            .get(port)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such port"))?;
+        let pairs = usize::from(p.config.pairs);
         let resume = (0..=pairs)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<_>>()?;
+        let timers = (0..pairs)
+            .map(|_| nonblocking_timer().map(Mutex::new))
+            .collect::<io::Result<_>>()?;
+        let view = nic.switch.view();
         Ok(VnicBackend {
             resume,
-            workers: (0..pairs).map(|_| Mutex::new(Worker::new())).collect(),
+            timers,
+            workers: (0..pairs)
+                .map(|_| Mutex::new(Worker::new(view.clone())))
+                .collect(),
             rx_vrings: (0..pairs).map(|_| OnceLock::new()).collect(),
-            dev,
+            nic,
+            port,
             mem: RwLock::new(mem),
             acked: AtomicU64::new(0),
             ring_errors: AtomicU64::new(0),
@@ -299,8 +342,13 @@ impl VnicBackend {
             .memory()
     }
 
+    /// The port this backend serves.
+    fn dev(&self) -> &Port {
+        &self.nic.ports[self.port]
+    }
+
     fn pairs(&self) -> usize {
-        usize::from(self.dev.config.pairs)
+        usize::from(self.dev().config.pairs)
     }
 
     /// The id of one of the backend's own events (above every queue id
@@ -376,14 +424,23 @@ impl VnicBackend {
             if i >= self.pairs() {
                 continue;
             }
-            if let Some(fd) = self.dev.uplink().rx_fd(i) {
+            if let Some(t) = self.timers.get(i) {
+                let fd = t.lock().unwrap_or_else(PoisonError::into_inner).as_raw_fd();
+                h.register_listener(fd, EventSet::IN, u64::from(self.event_id(Ev::Timer)))?;
+            }
+            // The PF's workers read the uplink; frames for other ports go
+            // through the switch into their backlogs.
+            let uplink_fd = (self.port == 0)
+                .then(|| self.nic.uplink().rx_fd(i))
+                .flatten();
+            if let Some(fd) = uplink_fd {
                 h.register_listener(
                     fd,
                     EventSet::IN | EventSet::EDGE_TRIGGERED,
                     u64::from(self.event_id(Ev::Uplink)),
                 )?;
             }
-            if let Some(b) = self.dev.backlogs.get(i) {
+            if let Some(b) = self.dev().backlogs.get(i) {
                 h.register_listener(
                     b.event.as_raw_fd(),
                     EventSet::IN,
@@ -399,16 +456,21 @@ impl VnicBackend {
     }
 
     fn config(&self) -> VirtioNetConfig {
-        let st = self.dev.ctrl_state();
-        let mut status = STATUS_LINK_UP;
+        let view = self.nic.switch.view();
+        let up = view
+            .ports
+            .get(self.port)
+            .is_some_and(|pv| pv.link_up(view.uplink_up));
+        let st = self.dev().ctrl_state();
+        let mut status = if up { STATUS_LINK_UP } else { 0 };
         if st.announce {
             status |= STATUS_ANNOUNCE;
         }
         VirtioNetConfig {
             mac: st.mac,
             status,
-            max_virtqueue_pairs: self.dev.config.pairs,
-            mtu: self.dev.config.mtu,
+            max_virtqueue_pairs: self.dev().config.pairs,
+            mtu: self.dev().config.mtu,
             speed: 100_000,
             duplex: DUPLEX_FULL,
             rss_max_key_size: RSS_MAX_KEY,
@@ -431,7 +493,7 @@ impl VnicBackend {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
             while moved < CTRL_BUDGET {
-                let Some(chain) = pop_chain(vring, &mem, &self.dev.stats.ctrl) else {
+                let Some(chain) = pop_chain(vring, &mem, &self.dev().stats.ctrl) else {
                     break;
                 };
                 let head = chain.head_index();
@@ -439,7 +501,7 @@ impl VnicBackend {
                 let used = match split_chain(&mem, chain, &mut readable, &mut writable) {
                     Ok(()) => self.answer_ctrl(&mem, acked, &readable, &writable),
                     Err(why) => {
-                        self.dev.stats.ctrl.drop(why);
+                        self.dev().stats.ctrl.drop(why);
                         0
                     }
                 };
@@ -453,12 +515,12 @@ impl VnicBackend {
                 break;
             }
             if stuck(vring, &mem, moved == round, &mut empty) {
-                self.dev.stats.ctrl.drop(DropReason::BadRing);
+                self.dev().stats.ctrl.drop(DropReason::BadRing);
                 break;
             }
         }
         if moved > 0 {
-            self.notify(vring, &mem, &self.dev.stats.ctrl)?;
+            self.notify(vring, &mem, &self.dev().stats.ctrl)?;
         }
         Ok(())
     }
@@ -473,7 +535,7 @@ impl VnicBackend {
         readable: &[u8],
         writable: &[(GuestAddress, usize)],
     ) -> u32 {
-        let stats = &self.dev.stats.ctrl;
+        let stats = &self.dev().stats.ctrl;
         let room: usize = writable.iter().map(|w| w.1).sum();
         if room == 0 {
             // Nowhere to put the ack: the command is not even looked at.
@@ -483,7 +545,7 @@ impl VnicBackend {
         let mut out = [0u8; 1 + CTRL_MAX_ANSWER];
         let mut n = 1;
         out[0] = match CtrlCommand::parse_message(readable) {
-            Ok(cmd) => match self.dev.control(&cmd, acked) {
+            Ok(cmd) => match self.nic.control(self.port, &cmd, acked) {
                 Ok(answer) if answer.len() <= CTRL_MAX_ANSWER && answer.len() < room => {
                     out[1..1 + answer.len()].copy_from_slice(&answer);
                     n += answer.len();
@@ -537,18 +599,28 @@ impl VnicBackend {
             rest,
             tail,
             scratch,
+            view,
             ..
         } = &mut *w;
-        let stats = &self.dev.stats.tx[i];
+        self.nic.switch.refresh(view);
+        let stats = &self.dev().stats.tx[i];
         // The driver's header on transmit has the negotiated size: 20
         // bytes with HASH_REPORT, 12 otherwise.
         let hdr_len = self.acked().hdr_len();
         let mut moved = 0;
         let mut empty = 0;
+        let mut limited = false;
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
             while moved < BUDGET {
+                if let Some(wait) = self.nic.tx_wait(self.port, view) {
+                    // Over the port's rate: the chains wait in the ring
+                    // and the timer brings the worker back.
+                    self.arm_timer(i, wait);
+                    limited = true;
+                    break;
+                }
                 let Some(chain) = pop_chain(vring, &mem, stats) else {
                     break;
                 };
@@ -570,12 +642,14 @@ impl VnicBackend {
                             n += 1;
                         }
                         if ok {
-                            let _ = self.dev.transmit_pieces(
+                            let _ = self.nic.transmit_pieces(
+                                self.port,
                                 i,
                                 &tx[..hdr_len],
                                 &tx[hdr_len..],
                                 &pieces[..n],
                                 scratch,
+                                view,
                             );
                         } else {
                             stats.drop(DropReason::BadDescriptor);
@@ -585,6 +659,9 @@ impl VnicBackend {
                 }
                 vring.add_used(head, 0).map_err(io::Error::other)?;
                 moved += 1;
+            }
+            if limited {
+                break;
             }
             if moved >= BUDGET {
                 self.resume_later(i);
@@ -602,6 +679,17 @@ impl VnicBackend {
             self.notify(vring, &mem, stats)?;
         }
         Ok(())
+    }
+
+    /// Brings worker `i` back in `ns` nanoseconds (its TX rate limit).
+    fn arm_timer(&self, i: usize, ns: u64) {
+        if let Some(t) = self.timers.get(i) {
+            let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = t.reset(std::time::Duration::from_nanos(ns.max(1000)), None) {
+                log::warn!("worker {i}: rate timer: {e}");
+                self.resume_later(i);
+            }
+        }
     }
 
     /// Signals the driver of used buffers unless it asked not to be: with
@@ -643,20 +731,22 @@ impl VnicBackend {
         if acked.contains(Features::GUEST_CSUM) && acked.intersects(gso) {
             MAX_TAP_FRAME
         } else {
-            usize::from(self.dev.config.mtu) + 14 + 8
+            usize::from(self.dev().config.mtu) + 14 + 8
         }
     }
 
-    /// Moves frames from the backlog and the uplink into RX queue `i`.
+    /// Moves frames from the backlog and (on the PF) the uplink into RX
+    /// queue `i`.
     ///
     /// Frames are read from the uplink straight into the guest's buffers;
     /// one that RSS sends to another queue is copied into that queue's
-    /// backlog. When too few buffers are posted, frames are read into
-    /// vnicd's own buffer and wait in the backlog.
+    /// backlog, and one for another port goes through the switch. When
+    /// too few buffers are posted, frames are read into vnicd's own
+    /// buffer and wait in the backlog.
     fn process_rx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory();
         let acked = self.acked();
-        let stats = &self.dev.stats.rx[i];
+        let stats = &self.dev().stats.rx[i];
         let mut writer = RxWriter {
             mem: &mem,
             vring,
@@ -664,10 +754,10 @@ impl VnicBackend {
             mergeable: acked.contains(Features::MRG_RXBUF),
             hash_report: acked.contains(Features::HASH_REPORT),
         };
-        let backlog = &self.dev.backlogs[i];
+        let backlog = &self.dev().backlogs[i];
         let active = self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
-        let small = usize::from(self.dev.config.mtu) + 14 + 8;
+        let small = usize::from(self.dev().config.mtu) + 14 + 8;
         let mut moved = 0;
         loop {
             // While frames move, the driver need not kick when it posts
@@ -704,15 +794,24 @@ impl VnicBackend {
         small: usize,
         moved: &mut usize,
     ) -> io::Result<bool> {
-        let stats = &self.dev.stats.rx[i];
-        let backlog = &self.dev.backlogs[i];
+        let stats = &self.dev().stats.rx[i];
+        let backlog = &self.dev().backlogs[i];
+        let mut w = self.workers[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.nic.switch.refresh(&mut w.view);
+        let view = w.view.clone();
+        let Some(me) = view.ports.get(self.port) else {
+            return Ok(false);
+        };
         // Frames already waiting here go first, in order.
         while *moved < BUDGET {
             match backlog.deliver_front(|f| {
-                let steering = self.dev.steer(f.get(VNET_HDR_LEN..).unwrap_or(&[]));
+                let frame = f.get(VNET_HDR_LEN..).unwrap_or(&[]);
+                let steering = me.steer(&frame[..frame.len().min(256)], frame.len());
                 match writer.write(f, &steering) {
                     Ok(()) => {
-                        stats.packet(f.len().saturating_sub(VNET_HDR_LEN));
+                        stats.packet(frame.len());
                         true
                     }
                     Err(DropReason::RxNoBuffers) => false,
@@ -727,9 +826,10 @@ impl VnicBackend {
                 None => break,
             }
         }
-        let mut w = self.workers[i]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        if self.port != 0 {
+            // Only the PF's workers read the uplink.
+            return Ok(false);
+        }
         while *moved < BUDGET {
             // Provision for 64 KiB only while big frames are coming.
             let expect = if w.rx_big {
@@ -737,8 +837,11 @@ impl VnicBackend {
             } else {
                 max_frame.min(small)
             };
-            let Worker { rx, rx_out, .. } = &mut *w;
-            let direct = writer.receive_direct(&self.dev, i, i, active, expect, rx, rx_out)?;
+            let Worker {
+                rx, rx_out, view, ..
+            } = &mut *w;
+            let direct =
+                writer.receive_direct(&self.nic, view, i, i, active, expect, rx, rx_out)?;
             match direct {
                 Direct::Delivered(n) => {
                     w.rx_big = n > small;
@@ -753,6 +856,16 @@ impl VnicBackend {
                     return Ok(false);
                 }
                 Direct::Dropped(why) => stats.drop(why),
+                Direct::Switched => {
+                    w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
+                    let Worker {
+                        rx_out,
+                        view,
+                        scratch,
+                        ..
+                    } = &mut *w;
+                    self.nic.from_uplink(rx_out, view, stats, scratch);
+                }
                 Direct::Elsewhere(target) => {
                     w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
                     self.hand_over(target, &w.rx_out);
@@ -765,7 +878,10 @@ impl VnicBackend {
                 Direct::NoBuffers => {
                     // Read into our own buffer so the frame is not lost,
                     // and keep it until the driver posts buffers.
-                    match self.read_uplink(i, &mut w.rx) {
+                    let Worker {
+                        rx, view, scratch, ..
+                    } = &mut *w;
+                    match self.read_uplink(i, rx, view, scratch) {
                         Uplinked::Empty => return Ok(false),
                         Uplinked::Dropped => {}
                         Uplinked::Frame { len, steered } => {
@@ -785,10 +901,17 @@ impl VnicBackend {
     }
 
     /// Reads one frame from uplink queue `i` into `buf` (TAP header
-    /// first) and applies the receive filters and RSS.
-    fn read_uplink(&self, i: usize, buf: &mut [u8]) -> Uplinked {
-        let stats = &self.dev.stats.rx[i];
-        let n = match self.dev.uplink().recv(i, &mut [PieceMut::Local(buf)]) {
+    /// first); a frame for the PF alone is returned with its RSS queue,
+    /// any other goes through the switch.
+    fn read_uplink(
+        &self,
+        i: usize,
+        buf: &mut [u8],
+        view: &View,
+        scratch: &mut TxScratch,
+    ) -> Uplinked {
+        let stats = &self.dev().stats.rx[i];
+        let n = match self.nic.uplink().recv(i, &mut [PieceMut::Local(buf)]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Uplinked::Empty,
             Err(e) => {
@@ -801,31 +924,64 @@ impl VnicBackend {
             stats.drop(DropReason::RxMalformed);
             return Uplinked::Dropped;
         };
-        if !self.dev.rx_accepts(frame) {
-            stats.drop(DropReason::Filtered);
-            return Uplinked::Dropped;
-        }
-        Uplinked::Frame {
-            len: n,
-            steered: usize::from(self.dev.steer(frame).queue),
+        match self
+            .nic
+            .uplink_route(view, &frame[..frame.len().min(256)], frame.len())
+        {
+            UplinkRoute::Pf(steering) => Uplinked::Frame {
+                len: n,
+                steered: usize::from(steering.queue),
+            },
+            UplinkRoute::Switch => {
+                self.nic.from_uplink(&buf[..n], view, stats, scratch);
+                Uplinked::Dropped
+            }
+            UplinkRoute::Drop(why) => {
+                stats.drop(why);
+                Uplinked::Dropped
+            }
         }
     }
 
     /// Reads uplink queue `i` for a worker whose own RX queue is off and
     /// hands every frame to an enabled queue; with none enabled, frames
-    /// are dropped and counted.
+    /// are dropped and counted. Frames waiting in this queue's backlog
+    /// move the same way.
     fn forward_uplink(&self, i: usize) {
         let active = self.enabled_queues();
-        let stats = &self.dev.stats.rx[i];
+        let stats = &self.dev().stats.rx[i];
+        let backlog = &self.dev().backlogs[i];
+        let to = active.pick(i, usize::MAX);
+        if to != i {
+            for _ in 0..BUDGET {
+                let moved = backlog.deliver_front(|f| {
+                    match to {
+                        usize::MAX => stats.drop(DropReason::RxNoBuffers),
+                        t => self.hand_over(t, f),
+                    }
+                    true
+                });
+                if moved.is_none() {
+                    break;
+                }
+            }
+        }
+        if self.port != 0 {
+            return;
+        }
         let mut w = self.workers[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.nic.switch.refresh(&mut w.view);
         for moved in 0..=BUDGET {
             if moved == BUDGET {
-                let _ = self.dev.backlogs[i].event.write(1);
+                let _ = backlog.event.write(1);
                 break;
             }
-            let (len, steered) = match self.read_uplink(i, &mut w.rx) {
+            let Worker {
+                rx, view, scratch, ..
+            } = &mut *w;
+            let (len, steered) = match self.read_uplink(i, rx, view, scratch) {
                 Uplinked::Empty => break,
                 Uplinked::Dropped => continue,
                 Uplinked::Frame { len, steered } => (len, steered),
@@ -842,28 +998,32 @@ impl VnicBackend {
     }
 
     /// The RX queues frames may go to now: set up and enabled by the
-    /// frontend, and within the pairs the driver asked for.
+    /// frontend, and within the pairs the driver asked for. The switch
+    /// learns them too.
     fn enabled_queues(&self) -> QueueSet {
-        let pairs = usize::from(self.dev.ctrl_state().active_pairs.max(1)).min(self.pairs());
+        let pairs = usize::from(self.dev().ctrl_state().active_pairs.max(1)).min(self.pairs());
         let mut set = 0u32;
         for (j, v) in self.rx_vrings.iter().enumerate().take(pairs) {
             if v.get().is_some_and(|v| v.get_ref().is_enabled()) {
                 set |= 1 << j;
             }
         }
+        self.dev()
+            .enabled_rx
+            .store(set, std::sync::atomic::Ordering::Relaxed);
         QueueSet(set)
     }
 
     /// Queues a frame (TAP header first) for RX queue `target`.
     fn hand_over(&self, target: usize, frame: &[u8]) {
-        let Some(b) = self.dev.backlogs.get(target) else {
+        let Some(b) = self.dev().backlogs.get(target) else {
             return;
         };
         if b.push(frame) {
             let _ = b.event.write(1);
         } else {
             log::debug!("rx{target}: backlog full, frame dropped");
-            self.dev.stats.rx[target].drop(DropReason::RxNoBuffers);
+            self.dev().stats.rx[target].drop(DropReason::RxNoBuffers);
         }
     }
 }
@@ -877,7 +1037,7 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.dev.config.queue_size)
+        usize::from(self.dev().config.queue_size)
     }
 
     fn features(&self) -> u64 {
@@ -887,7 +1047,7 @@ impl VhostUserBackend for VnicBackend {
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Release);
         let f = Features::from_bits_retain(features);
-        if let Err(e) = self.dev.set_guest_features(f) {
+        if let Err(e) = self.nic.set_guest_features(self.port, f) {
             log::warn!("setting uplink offloads: {e}");
         }
     }
@@ -900,7 +1060,7 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn reset_device(&self) {
-        if let Err(e) = self.dev.reset() {
+        if let Err(e) = self.nic.reset(self.port) {
             log::warn!("device reset: {e}");
         }
     }
@@ -949,7 +1109,7 @@ impl VhostUserBackend for VnicBackend {
         // (a ring outside its memory), the error is counted and logged and
         // the worker goes on with its other queues and events.
         if let Err(e) = self.dispatch(device_event, vrings, thread_id) {
-            let stats = &self.dev.stats;
+            let stats = &self.dev().stats;
             let q = match (thread_id == self.pairs(), device_event) {
                 (true, _) => &stats.ctrl,
                 (false, 1) => &stats.tx[thread_id.min(self.pairs() - 1)],
@@ -1014,9 +1174,30 @@ impl VnicBackend {
                     Ok(())
                 }
             }
+            e if e == self.event_id(Ev::Timer) => {
+                if let Some(t) = self.timers.get(i) {
+                    let t = t.lock().unwrap_or_else(PoisonError::into_inner);
+                    // Expired: reading clears it (it may already be).
+                    let mut n = 0u64;
+                    // SAFETY: reads 8 bytes into `n` from the timerfd this
+                    // backend owns; a timerfd read writes at most that.
+                    let _ = unsafe {
+                        libc::read(
+                            t.as_raw_fd(),
+                            std::ptr::addr_of_mut!(n).cast(),
+                            std::mem::size_of::<u64>(),
+                        )
+                    };
+                }
+                if live(&vrings[1]) {
+                    self.process_tx(i, &vrings[1])
+                } else {
+                    Ok(())
+                }
+            }
             e if e == self.event_id(Ev::Uplink) || e == self.event_id(Ev::Backlog) => {
                 if e == self.event_id(Ev::Backlog) {
-                    let _ = self.dev.backlogs[i].event.read();
+                    let _ = self.dev().backlogs[i].event.read();
                 }
                 if live(&vrings[0]) {
                     self.process_rx(i, &vrings[0])

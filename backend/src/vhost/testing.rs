@@ -350,7 +350,7 @@ pub struct Harness {
     pub mem: GuestMemoryMmap,
     pub atomic: GuestMemoryAtomic<GuestMemoryMmap>,
     pub up: crate::uplink::fake::FakeUplink,
-    pub dev: std::sync::Arc<crate::nic::Device>,
+    pub nic: std::sync::Arc<crate::nic::Nic>,
     pub backend: super::VnicBackend,
     pub rx: DriverRing,
     pub tx: DriverRing,
@@ -409,11 +409,12 @@ impl Harness {
             rss: crate::nic::RssSettings::default(),
         };
         #[allow(clippy::expect_used)]
-        let dev = std::sync::Arc::new(
-            crate::nic::Device::new(cfg, Box::new(up.clone())).expect("device"),
+        let nic = std::sync::Arc::new(
+            crate::nic::Nic::single(cfg, Box::new(up.clone())).expect("device"),
         );
+        nic.attach(0, true);
         #[allow(clippy::expect_used)]
-        let backend = super::VnicBackend::new(dev.clone(), atomic.clone()).expect("backend");
+        let backend = super::VnicBackend::new(nic.clone(), 0, atomic.clone()).expect("backend");
         backend.acked_features(features.bits());
         let event_idx = features.contains(vnic_protocol::virtio::Features::EVENT_IDX);
         backend.set_event_idx(event_idx);
@@ -434,7 +435,7 @@ impl Harness {
             mem,
             atomic,
             up,
-            dev,
+            nic,
             backend,
             rx,
             tx,
@@ -467,13 +468,18 @@ impl Harness {
         for _ in 0..10_000 {
             if self.backend.take_resume(0) {
                 self.worker_event(self.backend.resume_event())?;
-            } else if self.dev.backlogs[0].event.read().is_ok() {
+            } else if self.pf().backlogs[0].event.read().is_ok() {
                 self.worker_event(self.backend.backlog_event())?;
             } else {
                 return Ok(());
             }
         }
         Err(std::io::Error::other("the worker never settles"))
+    }
+
+    /// The port the harness drives.
+    pub fn pf(&self) -> &crate::nic::Port {
+        self.nic.pf()
     }
 
     /// A buffer of `len` bytes holding `bytes` (zero-padded), with a

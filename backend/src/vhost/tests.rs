@@ -73,14 +73,14 @@ fn control_ack_comes_first_then_the_answer() {
     assert_eq!(len, 9);
     assert_eq!(h.read(outs[0], 9), [ACK_OK, 7, 0, 0, 0, 9, 0, 0, 0]);
     assert_eq!(
-        h.dev
+        h.pf()
             .stats
             .ctrl
             .packets
             .load(std::sync::atomic::Ordering::Relaxed),
         3
     );
-    assert_eq!(h.dev.stats.ctrl.total_drops(), 0);
+    assert_eq!(h.pf().stats.ctrl.total_drops(), 0);
 }
 
 #[test]
@@ -90,11 +90,11 @@ fn control_answer_without_room_is_err_and_counted() {
     let ((_, len), outs) = ctrl(&mut h, &get, &[1]);
     assert_eq!(len, 1);
     assert_eq!(h.read(outs[0], 1), [ACK_ERR]);
-    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadControl), 1);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadControl), 1);
     // Nothing writable at all: nothing written, a counted drop.
     let ((_, len), _) = ctrl(&mut h, &get, &[]);
     assert_eq!(len, 0);
-    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadControl), 2);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadControl), 2);
 }
 
 #[test]
@@ -127,16 +127,16 @@ fn control_chain_with_an_absurd_writable_part_is_refused_without_writing() {
     let used = h.ctrl.used(&h.mem);
     assert_eq!(used, vec![(u32::from(head), 0)]);
     assert_eq!(h.read(at, 64), vec![0xee; 64], "nothing written");
-    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadControl), 1);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadControl), 1);
     // Writable buffers that are each fine but together far larger than
     // any answer: refused the same way.
     let big = 40 * 1024;
     let ((_, len), outs) = ctrl(&mut h, &promisc, &[big, big]);
     assert_eq!(len, 0);
     assert_eq!(h.read(outs[0], 4), [0xee; 4]);
-    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadControl), 2);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadControl), 2);
     assert!(
-        !h.dev.ctrl_state().filter.promisc,
+        !h.pf().ctrl_state().filter.promisc,
         "the command was not applied"
     );
 }
@@ -175,7 +175,7 @@ fn a_guest_address_at_the_top_of_the_address_space_is_a_counted_drop() {
     .unwrap();
     h.worker_event(0).unwrap();
     assert_eq!(h.rx.used(&h.mem).len(), 1, "the buffer comes back");
-    assert_eq!(h.dev.stats.rx[0].drops(DropReason::BadDescriptor), 1);
+    assert_eq!(h.pf().stats.rx[0].drops(DropReason::BadDescriptor), 1);
     // A TX chain likewise.
     h.tx.push_chain(
         &h.mem,
@@ -189,7 +189,7 @@ fn a_guest_address_at_the_top_of_the_address_space_is_a_counted_drop() {
     .unwrap();
     h.worker_event(1).unwrap();
     assert_eq!(h.tx.used(&h.mem).len(), 1);
-    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadDescriptor), 1);
+    assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadDescriptor), 1);
 }
 
 /// Posts `n` TX frames of `payload_len` bytes.
@@ -237,7 +237,7 @@ fn transmit_stops_at_its_budget_and_resumes_after_other_work() {
             assert_eq!(h.tx.used_flags(&h.mem), 0);
         }
         assert_eq!(
-            h.dev.stats.tx[0]
+            h.pf().stats.tx[0]
                 .packets
                 .load(std::sync::atomic::Ordering::Relaxed),
             300
@@ -378,7 +378,7 @@ fn transmit_gathers_frames_from_scattered_and_indirect_buffers() {
             h.worker_event(h.backend.resume_event()).unwrap();
         }
         let sent = h.up.sent();
-        assert_eq!(sent.len(), want.len(), "{}", h.dev.stats.render());
+        assert_eq!(sent.len(), want.len(), "{}", h.pf().stats.render());
         for (s, w) in sent.iter().zip(&want) {
             assert_eq!(&s[HDR_LEN..], &w[..], "the frame, byte for byte");
         }
@@ -390,7 +390,7 @@ fn transmit_gathers_frames_from_scattered_and_indirect_buffers() {
             .filter(|(_, w)| w.len() > super::chain::TX_PREFIX + 64)
             .all(|(k, _)| k.iter().any(|&g| g)));
         assert_eq!(h.up.lock().stray_pieces, 0);
-        assert_eq!(h.dev.stats.tx[0].total_drops(), 0);
+        assert_eq!(h.pf().stats.tx[0].total_drops(), 0);
     }
 }
 
@@ -399,7 +399,7 @@ fn transmit_gathers_frames_from_scattered_and_indirect_buffers() {
 fn tx_bad(h: &mut Harness, descs: &[Desc], head: u16) -> Vec<(DropReason, u64)> {
     let before: Vec<u64> = DropReason::ALL
         .iter()
-        .map(|&r| h.dev.stats.tx[0].drops(r))
+        .map(|&r| h.pf().stats.tx[0].drops(r))
         .collect();
     h.tx.push_raw(&h.mem, descs, head);
     h.worker_event(1).unwrap();
@@ -408,7 +408,7 @@ fn tx_bad(h: &mut Harness, descs: &[Desc], head: u16) -> Vec<(DropReason, u64)> 
     DropReason::ALL
         .iter()
         .zip(before)
-        .map(|(&r, b)| (r, h.dev.stats.tx[0].drops(r) - b))
+        .map(|(&r, b)| (r, h.pf().stats.tx[0].drops(r) - b))
         .filter(|x| x.1 > 0)
         .collect()
 }
@@ -640,17 +640,17 @@ fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_h
                 post_rx(&mut h, &mut posted, &[2048], false);
             }
         }
-        assert_eq!(got.len(), frames.len(), "{}", h.dev.stats.render());
+        assert_eq!(got.len(), frames.len(), "{}", h.pf().stats.render());
         for ((hdr, f), want) in got.iter().zip(&frames) {
             assert_eq!(f, want, "mergeable {mergeable} hash {hash}");
             if hash {
-                let s = h.dev.steer(want);
+                let s = h.nic.steer(0, want);
                 assert_eq!(hdr.hash_value, s.hash);
                 assert_eq!(hdr.hash_report, 3, "UDPv4");
                 assert_ne!(hdr.hash_value, 0);
             }
         }
-        assert_eq!(h.dev.stats.rx[0].total_drops(), 0);
+        assert_eq!(h.pf().stats.rx[0].total_drops(), 0);
         assert_eq!(h.up.lock().stray_pieces, 0);
     }
 }
@@ -743,7 +743,7 @@ fn malformed_receive_chains_are_counted_and_given_back() {
         ),
     ];
     for (what, descs, why) in cases {
-        let before = h.dev.stats.rx[0].drops(why);
+        let before = h.pf().stats.rx[0].drops(why);
         h.up.push_rx(tap(&udp(1000, 9)));
         h.rx.push_raw(&h.mem, &descs, 0);
         h.worker_event(0).unwrap();
@@ -752,15 +752,15 @@ fn malformed_receive_chains_are_counted_and_given_back() {
         assert_eq!(used.len(), 1, "{what}: given back");
         assert_eq!(used[0].1, 0, "{what}: nothing written");
         assert_eq!(
-            h.dev.stats.rx[0].drops(why),
+            h.pf().stats.rx[0].drops(why),
             before + 1,
             "{what}: {}",
-            h.dev.stats.render()
+            h.pf().stats.render()
         );
         // The frame itself waits (in the uplink or the backlog) for
         // buffers that work; dropped here before the next case.
         h.up.lock().to_receive.clear();
-        h.dev.backlogs[0].clear();
+        h.pf().backlogs[0].clear();
     }
     // Zero-length buffers are skipped, not written.
     let f = udp(200, 9);
@@ -812,15 +812,15 @@ fn malformed_control_chains_are_counted() {
         ),
     ];
     for (what, descs, why) in cases {
-        let before = h.dev.stats.ctrl.drops(why);
+        let before = h.pf().stats.ctrl.drops(why);
         h.ctrl.push_chain(&h.mem, &descs).unwrap();
         h.ctrl_event(0).unwrap();
         let used = h.ctrl.used(&h.mem);
         assert_eq!(used.len(), 1, "{what}");
         assert_eq!(used[0].1, 0, "{what}");
-        assert_eq!(h.dev.stats.ctrl.drops(why), before + 1, "{what}");
+        assert_eq!(h.pf().stats.ctrl.drops(why), before + 1, "{what}");
     }
-    assert!(!h.dev.ctrl_state().filter.promisc);
+    assert!(!h.pf().ctrl_state().filter.promisc);
     // Through an indirect table, with the ack in its own buffer: applied.
     let table = h.arena.alloc(32).unwrap();
     h.ctrl
@@ -829,7 +829,7 @@ fn malformed_control_chains_are_counted() {
     h.ctrl_event(0).unwrap();
     assert_eq!(h.ctrl.used(&h.mem)[0].1, 1);
     assert_eq!(h.read(a, 1), [ACK_OK]);
-    assert!(h.dev.ctrl_state().filter.promisc);
+    assert!(h.pf().ctrl_state().filter.promisc);
 }
 
 #[test]
@@ -846,7 +846,7 @@ fn a_head_past_the_queue_is_counted_and_passed_over() {
     let used = h.tx.used(&h.mem);
     assert_eq!(used.len(), 1);
     assert!(used[0].0 < 256);
-    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadRing), 1);
     assert_eq!(h.up.sent().len(), 1);
     // The same on RX and on the control queue.
     h.rx.publish(&h.mem, 0xffff);
@@ -855,10 +855,10 @@ fn a_head_past_the_queue_is_counted_and_passed_over() {
     post_rx(&mut h, &mut posted, &[2048], false);
     h.worker_event(0).unwrap();
     assert_eq!(h.rx.used(&h.mem).len(), 1);
-    assert_eq!(h.dev.stats.rx[0].drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.rx[0].drops(DropReason::BadRing), 1);
     h.ctrl.publish(&h.mem, 256);
     h.ctrl_event(0).unwrap();
-    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadRing), 1);
 }
 
 #[test]
@@ -874,7 +874,7 @@ fn a_used_ring_outside_guest_memory_does_not_end_the_worker() {
         .set_queue_info(h.tx.desc.0, h.tx.avail.0, 0x4000_0000)
         .unwrap();
     h.worker_event(1).unwrap();
-    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadRing), 1);
     // The worker's other queue still works.
     h.up.push_rx(tap(&udp(100, 8)));
     let mut posted = Posted::new();
@@ -899,12 +899,12 @@ fn an_avail_index_that_runs_ahead_stops_the_queue_without_spinning() {
         }
         // Returns (it used to go round forever) and counts the stuck ring.
         h.worker_event(1).unwrap();
-        assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+        assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadRing), 1);
         for _ in 0..17 {
             h.ctrl.publish(&h.mem, 0);
         }
         h.ctrl_event(0).unwrap();
-        assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadRing), 1);
+        assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadRing), 1);
     }
 }
 
@@ -920,15 +920,15 @@ fn a_queue_stopped_with_chains_announced_does_not_spin() {
     // announced: nothing pops, yet the avail index says one waits.
     h.pair[1].set_queue_ready(false);
     h.worker_event(1).unwrap();
-    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadRing), 1);
     // A resume left over from before is not even looked at.
     h.worker_event(h.backend.resume_event()).unwrap();
-    assert_eq!(h.dev.stats.tx[0].drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadRing), 1);
     assert!(h.up.sent().is_empty());
     h.ctrl.publish(&h.mem, 0);
     h.ctrl_vring[0].set_queue_ready(false);
     h.ctrl_event(0).unwrap();
-    assert_eq!(h.dev.stats.ctrl.drops(DropReason::BadRing), 1);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadRing), 1);
 }
 
 #[test]
@@ -973,10 +973,10 @@ fn a_chain_of_more_pieces_than_a_write_takes_is_sent_in_order() {
     h.tx.push_chain(&h.mem, &descs).unwrap();
     h.worker_event(1).unwrap();
     assert_eq!(
-        h.dev.stats.tx[0].total_drops(),
+        h.pf().stats.tx[0].total_drops(),
         0,
         "{}",
-        h.dev.stats.render()
+        h.pf().stats.render()
     );
     assert_eq!(&h.up.sent()[0][HDR_LEN..], &bytes[HDR_LEN..]);
 }

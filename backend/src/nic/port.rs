@@ -1,0 +1,130 @@
+//! One virtio-net function of the NIC: the PF or a VF. Its queues'
+//! backlogs and counters, the state its control queue changes, its
+//! administrative settings and its transmit rate limiter.
+
+use std::{
+    io,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Mutex, MutexGuard, PoisonError,
+    },
+};
+
+use vnic_protocol::virtio::Features;
+
+use super::{
+    ctrl::CtrlState,
+    vf::{TokenBucket, VfSettings},
+    Backlog, DeviceConfig, Stats, BACKLOG_BYTES, BACKLOG_FRAMES,
+};
+use crate::uplink::Offloads;
+
+/// One port.
+#[derive(Debug)]
+pub struct Port {
+    /// 0 is the PF, 1 + n is VF n.
+    pub id: usize,
+    pub config: DeviceConfig,
+    pub stats: Stats,
+    ctrl: Mutex<CtrlState>,
+    settings: Mutex<VfSettings>,
+    /// Features the driver accepted.
+    acked: AtomicU64,
+    /// The receive offloads in force: those accepted, or what
+    /// GUEST_OFFLOADS_SET chose since (as guest feature bits).
+    rx_features: AtomicU64,
+    attached: AtomicBool,
+    /// RX queues a frame may be steered to, as the frontend enabled them
+    /// (bit i: queue i); kept by the port's vhost workers.
+    pub enabled_rx: AtomicU32,
+    /// `max_tx_rate`, when set.
+    bucket: Mutex<Option<TokenBucket>>,
+    /// Per RX queue: frames waiting for it.
+    pub backlogs: Vec<Backlog>,
+}
+
+impl Port {
+    pub fn new(id: usize, config: DeviceConfig, settings: VfSettings) -> io::Result<Port> {
+        let pairs = usize::from(config.pairs);
+        let rss = config
+            .build_rss()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let backlogs = (0..pairs)
+            .map(|_| Backlog::new(BACKLOG_FRAMES, BACKLOG_BYTES))
+            .collect::<io::Result<_>>()?;
+        Ok(Port {
+            id,
+            stats: Stats::new(pairs),
+            ctrl: Mutex::new(CtrlState::new(settings.mac, config.pairs, rss)),
+            bucket: Mutex::new(None),
+            settings: Mutex::new(settings),
+            acked: AtomicU64::new(0),
+            rx_features: AtomicU64::new(0),
+            attached: AtomicBool::new(false),
+            enabled_rx: AtomicU32::new(1),
+            backlogs,
+            config,
+        })
+    }
+
+    /// `vf<n>` for a VF, `pf` for the PF.
+    pub fn name(&self) -> String {
+        match self.id {
+            0 => "pf".to_owned(),
+            n => format!("vf{}", n - 1),
+        }
+    }
+
+    /// The state the control queue changes.
+    pub fn ctrl_state(&self) -> MutexGuard<'_, CtrlState> {
+        self.ctrl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn settings(&self) -> MutexGuard<'_, VfSettings> {
+        self.settings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn bucket(&self) -> MutexGuard<'_, Option<TokenBucket>> {
+        self.bucket.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn acked(&self) -> Features {
+        Features::from_bits_retain(self.acked.load(Ordering::Acquire))
+    }
+
+    pub(super) fn set_acked(&self, f: Features) {
+        self.acked.store(f.bits(), Ordering::Release);
+        self.rx_features.store(f.bits(), Ordering::Release);
+    }
+
+    pub(super) fn set_rx_features(&self, f: Features) {
+        self.rx_features.store(f.bits(), Ordering::Release);
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_attached(&self, on: bool) {
+        self.attached.store(on, Ordering::Release);
+    }
+
+    /// The receive offloads in force.
+    pub fn rx_caps(&self) -> Offloads {
+        rx_offloads(Features::from_bits_retain(
+            self.rx_features.load(Ordering::Acquire),
+        ))
+    }
+}
+
+/// The receive offloads a set of guest features allows.
+pub fn rx_offloads(f: Features) -> Offloads {
+    let csum = f.contains(Features::GUEST_CSUM);
+    Offloads {
+        csum,
+        tso4: csum && f.contains(Features::GUEST_TSO4),
+        tso6: csum && f.contains(Features::GUEST_TSO6),
+        tso_ecn: csum && f.contains(Features::GUEST_ECN),
+        uso: csum && f.contains(Features::GUEST_USO4 | Features::GUEST_USO6),
+    }
+}
