@@ -10,13 +10,13 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use vnic_guest::{cli::NetArgs, stack::TcpStream};
-use vnic_tests::{require_netns, BridgedPort, PortInNs};
+use vnic_tests::{require_netns, BridgedPort, PortInNs, Proc};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
@@ -57,51 +57,6 @@ fn net_args(s: &PortInNs) -> Vec<String> {
         "--queues".into(),
         "2".into(),
     ]
-}
-
-/// A child process killed on drop.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        Proc(Some(
-            cmd.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
-        ))
-    }
-
-    /// Waits up to `limit`; returns (success, stdout, stderr).
-    fn finish(mut self, limit: Duration) -> (bool, String, String) {
-        let mut c = self.0.take().unwrap_or_else(|| panic!("no child"));
-        let end = Instant::now() + limit;
-        loop {
-            if let Ok(Some(_)) = c.try_wait() {
-                break;
-            }
-            if Instant::now() > end {
-                let _ = c.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = c.wait_with_output().unwrap_or_else(|e| panic!("wait: {e}"));
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn in_ns(s: &PortInNs, cmd: &str, args: &[&str]) -> Command {

@@ -182,6 +182,21 @@ impl NetNs {
         .map_err(|_| io::Error::other("frame sender panicked"))?
     }
 
+    /// Reads frames arriving on `dev` inside the namespace with a packet
+    /// socket for `secs`, at most `max` of them; each comes with the VLAN
+    /// tag (TPID, TCI) it had on the wire, whether the kernel left it in
+    /// the bytes or moved it to the packet's metadata (PACKET_AUXDATA).
+    /// Frames the namespace itself sends are not included.
+    pub fn capture(
+        &self,
+        dev: &str,
+        secs: f64,
+        max: usize,
+    ) -> thread::JoinHandle<io::Result<Vec<Captured>>> {
+        let dev = std::ffi::CString::new(dev).unwrap_or_default();
+        self.enter(move || capture_on(&dev, Duration::from_secs_f64(secs), max))
+    }
+
     /// The MAC address of `dev` inside the namespace.
     pub fn mac(&self, dev: &str) -> io::Result<[u8; 6]> {
         let s = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
@@ -195,6 +210,134 @@ impl NetNs {
         }
         Ok(m)
     }
+}
+
+/// One frame a packet socket read: its bytes (tag removed, as the kernel
+/// hands it over) and the VLAN tag it arrived with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub frame: Vec<u8>,
+    /// TPID and TCI.
+    pub vlan: Option<(u16, u16)>,
+}
+
+fn capture_on(dev: &std::ffi::CStr, limit: Duration, max: usize) -> io::Result<Vec<Captured>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `dev` is NUL-terminated and outlives the call.
+    let index = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    at.sll_family = libc::AF_PACKET as u16;
+    at.sll_protocol = proto;
+    at.sll_ifindex = i32::try_from(index).map_err(io::Error::other)?;
+    // SAFETY: `at` is a valid sockaddr_ll for the length given.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&at).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let on: libc::c_int = 1;
+    // SAFETY: an int option, passed by pointer with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = Instant::now() + limit;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65_600];
+    let mut control = [0u64; 64];
+    while out.len() < max {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        // SAFETY: one valid pollfd for the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            continue;
+        }
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain old data; all-zero is valid.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        // SAFETY: msghdr is plain old data; all-zero is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = std::ptr::from_mut(&mut from).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: every pointer in `msg` is valid for its length.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            continue;
+        }
+        let frame = buf[..n as usize].to_vec();
+        let mut vlan = None;
+        // SAFETY: the control buffer was filled by recvmsg and `msg`
+        // describes it; CMSG_* walk within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                    let aux: libc::tpacket_auxdata =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                        let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                            aux.tp_vlan_tpid
+                        } else {
+                            0x8100
+                        };
+                        vlan = Some((tpid, aux.tp_vlan_tci));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if vlan.is_none() && frame.len() >= 16 {
+            let tpid = u16::from_be_bytes([frame[12], frame[13]]);
+            if tpid == 0x8100 || tpid == 0x88a8 {
+                vlan = Some((tpid, u16::from_be_bytes([frame[14], frame[15]])));
+            }
+        }
+        out.push(Captured { frame, vlan });
+    }
+    Ok(out)
 }
 
 impl Drop for NetNs {
@@ -304,6 +447,19 @@ impl Vnicd {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends a request (`vf 0 trust on`, `link show`) to the management
+    /// socket.
+    pub fn ctl(&self, req: &str) -> io::Result<String> {
+        mgmt_request(&self.mgmt, req)
+    }
+
+    /// The socket of VF `n` (the default name).
+    pub fn vf_socket(&self, n: usize) -> PathBuf {
+        let mut p = self.socket.as_os_str().to_owned();
+        p.push(format!(".vf{n}"));
+        PathBuf::from(p)
+    }
+
     /// The counters, as `name -> value`, read from the management socket.
     pub fn stats(&self) -> io::Result<std::collections::BTreeMap<String, u64>> {
         let out = stats_direct(&self.mgmt)?;
@@ -317,17 +473,73 @@ impl Vnicd {
     }
 }
 
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        Proc(Some(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+        ))
+    }
+
+    /// Waits up to `limit`; returns (success, stdout, stderr).
+    pub fn finish(mut self, limit: Duration) -> (bool, String, String) {
+        let mut c = self.0.take().unwrap_or_else(|| panic!("no child"));
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = c.wait_with_output().unwrap_or_else(|e| panic!("wait: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Sends `stats` to a management socket and returns the answer.
 pub fn stats_direct(path: &Path) -> io::Result<String> {
+    mgmt_request(path, "stats")
+}
+
+/// Sends one request line to a management socket and returns the answer;
+/// an answer starting with `error:` is an error.
+pub fn mgmt_request(path: &Path, req: &str) -> io::Result<String> {
     use std::{
         io::{Read, Write},
         os::unix::net::UnixStream,
     };
     let mut s = UnixStream::connect(path)?;
-    s.write_all(b"stats\n")?;
+    s.write_all(req.as_bytes())?;
+    s.write_all(b"\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    Ok(out)
+    match out.strip_prefix("error: ") {
+        Some(e) => Err(io::Error::other(format!("{req:?}: {}", e.trim_end()))),
+        None => Ok(out),
+    }
 }
 
 impl Drop for Vnicd {
