@@ -40,7 +40,7 @@ pub enum ConfigError {
     VfSocket(String),
     #[error("--vf {0:?}: {1}")]
     Vf(String, String),
-    #[error("--eswitch {0:?}: expected legacy or switchdev")]
+    #[error("--eswitch: {0}")]
     Eswitch(String),
 }
 
@@ -89,9 +89,9 @@ pub struct Config {
     pub client: bool,
     pub device: DeviceConfig,
     pub vfs: Vec<VfConfig>,
-    /// Each VF gets a host TAP representor, named by
-    /// [`representor_name`].
-    pub switchdev: bool,
+    /// Switchdev mode: each VF gets a host TAP representor, named by
+    /// [`representor_name`] with this prefix.
+    pub representors: Option<String>,
     pub uplink: UplinkSpec,
     pub mgmt: Option<PathBuf>,
     /// Serve one frontend connection, then exit.
@@ -155,13 +155,31 @@ pub fn parse_eswitch(s: &str) -> Result<bool, ConfigError> {
     match s {
         "legacy" => Ok(false),
         "switchdev" => Ok(true),
-        _ => Err(ConfigError::Eswitch(s.to_owned())),
+        _ => Err(ConfigError::Eswitch(format!(
+            "{s:?}: expected legacy or switchdev"
+        ))),
     }
 }
 
-/// The TAP representor of VF `n`.
-pub fn representor_name(n: usize) -> String {
-    format!("vnicrep{n}")
+/// The TAP representor of VF `n`: the prefix, then `n`.
+pub fn representor_name(prefix: &str, n: usize) -> String {
+    format!("{prefix}{n}")
+}
+
+/// A representor prefix that leaves room for two digits in an interface
+/// name (15 bytes).
+pub fn check_representor_prefix(s: &str) -> Result<String, ConfigError> {
+    if !s.is_empty()
+        && s.len() <= 13
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(ConfigError::Eswitch(format!(
+            "representor prefix {s:?}: 1 to 13 letters, digits, - or _"
+        )))
+    }
 }
 
 pub fn check_queues(n: u16) -> Result<u16, ConfigError> {
@@ -334,6 +352,9 @@ mod tests {
         assert!(vf_ports(sock, pf, 2, &[], &["5:trust=on".into()]).is_err());
         assert!(parse_eswitch("switchdev").unwrap());
         assert!(parse_eswitch("bridge").is_err());
+        assert_eq!(representor_name("vnicrep", 12), "vnicrep12");
+        assert!(check_representor_prefix("a-very-long-prefix").is_err());
+        assert!(check_representor_prefix("rep/").is_err());
     }
 
     #[test]

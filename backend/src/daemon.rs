@@ -71,9 +71,18 @@ pub fn build_nic(cfg: &Config) -> Result<Arc<Nic>, DaemonError> {
             Box::new(Source::new(pairs, *n, cfg.device.mac).map_err(DaemonError::Device)?)
         }
     };
-    let vfs = cfg.vfs.iter().map(|v| v.settings.clone()).collect();
+    let vfs: Vec<_> = cfg.vfs.iter().map(|v| v.settings.clone()).collect();
+    let mut reps: Vec<Box<dyn Uplink>> = Vec::new();
+    if let Some(prefix) = &cfg.representors {
+        for n in 0..vfs.len() {
+            let name = crate::config::representor_name(prefix, n);
+            reps.push(Box::new(
+                Tap::open(&name, 1).map_err(|e| DaemonError::Tap(name.clone(), e))?,
+            ));
+        }
+    }
     Ok(Arc::new(
-        Nic::new(cfg.device.clone(), vfs, uplink, cfg.switchdev).map_err(DaemonError::Device)?,
+        Nic::new(cfg.device.clone(), vfs, uplink, reps).map_err(DaemonError::Device)?,
     ))
 }
 

@@ -79,9 +79,12 @@ struct RunArgs {
     /// takes them (repeatable).
     #[arg(long = "vf")]
     vf: Vec<String>,
-    /// legacy, or switchdev (a TAP representor per VF).
-    #[arg(long, default_value = "legacy", value_parser = config::parse_eswitch)]
-    eswitch: bool,
+    /// legacy, or switchdev (a host TAP representor per VF).
+    #[arg(long, default_value = "legacy")]
+    eswitch: String,
+    /// Switchdev: VF i's representor is this prefix, then i.
+    #[arg(long, default_value = "vnicrep", value_parser = config::check_representor_prefix)]
+    representor_prefix: String,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -105,7 +108,9 @@ fn run(a: RunArgs) -> Result<(), String> {
         config::vf_ports(&socket, a.mac, a.vfs, &a.vf_socket, &a.vf).map_err(|e| e.to_string())?;
     let cfg = Config {
         vfs,
-        switchdev: a.eswitch,
+        representors: config::parse_eswitch(&a.eswitch)
+            .map_err(|e| e.to_string())?
+            .then_some(a.representor_prefix),
         socket,
         client: a.client,
         device: DeviceConfig {

@@ -526,3 +526,51 @@ fn sixteen_vfs_exchange_traffic_all_to_all() {
         st.shutdown();
     }
 }
+
+/// Switchdev mode: a frame from a VF that no switch entry matches comes
+/// out of the VF's representor (not the wire), a frame written to the
+/// representor reaches the VF, and both count as the VF's traffic.
+#[test]
+fn switchdev_sends_unmatched_frames_to_the_representor_and_back() {
+    if !require_netns() {
+        return;
+    }
+    let prefix = vnic_tests::unique("rp");
+    let s = setup(
+        1,
+        &["--eswitch", "switchdev", "--representor-prefix", &prefix],
+    );
+    let rep = format!("{prefix}0");
+    s.ns.adopt(&rep, "198.51.100.1/24")
+        .expect("representor in the namespace");
+    let mut dev = bare(&s, 0);
+    let own = vf_mac(&s, 0);
+    let unknown = Address([0x02, 0xbb, 0, 0, 0, 1]);
+    let on_rep = s.ns.capture(&rep, 2.0, 100);
+    let on_wire = s.ns.capture(&s.tap, 2.0, 100);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = udp(own, unknown, 5);
+    dev.send(0, &VirtioNetHdr::default(), &out).unwrap();
+    let rep_got = on_rep.join().unwrap().unwrap();
+    let wire_got = on_wire.join().unwrap().unwrap();
+    let mine = |v: &[vnic_tests::Captured]| v.iter().filter(|c| c.frame == out).count();
+    assert_eq!(mine(&rep_got), 1, "on the representor: {rep_got:?}");
+    assert_eq!(mine(&wire_got), 0, "the frame reached the wire");
+    // The host writes to the representor: the VF gets it, whatever the
+    // destination address.
+    let back = udp(unknown, Address([0x02, 0xcc, 0, 0, 0, 2]), 6);
+    s.ns.send_frames(&rep, vec![back.clone()])
+        .expect("write to the representor");
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut seen = false;
+    while !seen && Instant::now() < end {
+        if let Some(r) = dev.recv_timeout(0, Duration::from_millis(500)).unwrap() {
+            seen = r.frame == back;
+        }
+    }
+    assert!(seen, "the representor's frame never reached the VF");
+    // The representor's traffic is the VF's.
+    assert!(port_total(&s, "vf0.", "tx", "packets") >= 1);
+    assert!(port_total(&s, "vf0.", "rx", "packets") >= 1);
+    assert_eq!(port_drops(&s, "vf0."), vec![]);
+}

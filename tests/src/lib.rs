@@ -304,7 +304,7 @@ fn capture_on(dev: &std::ffi::CStr, limit: Duration, max: usize) -> io::Result<V
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if from.sll_pkttype == libc::PACKET_OUTGOING {
             continue;
         }
         let frame = buf[..n as usize].to_vec();

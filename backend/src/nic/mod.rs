@@ -272,6 +272,8 @@ pub struct Nic {
     pub ports: Vec<Port>,
     pub switch: Switch,
     uplink: Box<dyn Uplink>,
+    /// Switchdev mode: VF n's representor is entry n.
+    representors: Vec<Box<dyn Uplink>>,
     /// Serialises changes to learned addresses.
     learning: Mutex<()>,
     /// The time base of rate limiting.
@@ -305,13 +307,21 @@ pub fn default_vf_mac(pf: Address, n: usize) -> Address {
 
 impl Nic {
     /// A NIC with a PF of `config` and one VF per entry of `vfs`; every
-    /// port has the PF's queues, MTU and RSS settings.
+    /// port has the PF's queues, MTU and RSS settings. With
+    /// `representors` (one per VF) the switch is in switchdev mode.
     pub fn new(
         config: DeviceConfig,
         vfs: Vec<VfSettings>,
         uplink: Box<dyn Uplink>,
-        switchdev: bool,
+        representors: Vec<Box<dyn Uplink>>,
     ) -> io::Result<Nic> {
+        let switchdev = !representors.is_empty();
+        if switchdev && representors.len() != vfs.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "switchdev mode needs one representor per VF",
+            ));
+        }
         if vfs.len() > MAX_VFS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -337,6 +347,7 @@ impl Nic {
             }),
             ports,
             uplink,
+            representors,
             learning: Mutex::new(()),
             epoch: Instant::now(),
         };
@@ -348,7 +359,7 @@ impl Nic {
 
     /// A NIC with a PF only.
     pub fn single(config: DeviceConfig, uplink: Box<dyn Uplink>) -> io::Result<Nic> {
-        Nic::new(config, Vec::new(), uplink, false)
+        Nic::new(config, Vec::new(), uplink, Vec::new())
     }
 
     pub fn pf(&self) -> &Port {
@@ -665,8 +676,14 @@ impl Nic {
         if !route.uplink {
             return Ok(());
         }
+        // Switchdev: what a VF sends that no entry matched goes to its
+        // representor, not the wire; the host decides where it goes.
+        let out: &dyn Uplink = match p.checked_sub(1).and_then(|n| self.representors.get(n)) {
+            Some(r) => r.as_ref(),
+            None => self.uplink.as_ref(),
+        };
         match route.tag {
-            None => self.to_uplink(q, hdr_bytes, &hdr, &v, prefix, rest, scratch, stats),
+            None => self.to_uplink(out, q, hdr_bytes, &hdr, &v, prefix, rest, scratch, stats),
             Some(tag) => {
                 // The port VLAN's tag goes on at the wire: the frame is
                 // copied once with it, and checked again.
@@ -683,7 +700,7 @@ impl Nic {
                 port.extend_from_slice(copy);
                 insert_tag(port, HDR_LEN, tag);
                 let tagged = std::mem::take(port);
-                let r = self.uplink_tagged(q, &tagged, scratch, stats);
+                let r = self.uplink_tagged(out, q, &tagged, scratch, stats);
                 scratch.port = tagged;
                 r
             }
@@ -693,6 +710,7 @@ impl Nic {
     /// [`Nic::to_uplink`] for a frame in one piece after its header.
     fn uplink_tagged(
         &self,
+        out: &dyn Uplink,
         q: usize,
         buf: &[u8],
         scratch: &mut TxScratch,
@@ -701,15 +719,16 @@ impl Nic {
         let (h, frame) = buf.split_at(HDR_LEN);
         let hdr = VirtioNetHdr::parse(h, false).map_err(|_| DropReason::BadHeader)?;
         let v = validate_prefix(&hdr, frame, frame.len()).map_err(|_| DropReason::BadHeader)?;
-        self.to_uplink(q, h, &hdr, &v, frame, &[], scratch, stats)
+        self.to_uplink(out, q, h, &hdr, &v, frame, &[], scratch, stats)
     }
 
-    /// Sends a checked frame to uplink queue `q` (of TX queue `q`): as it
-    /// is when the uplink takes its offloads, else segmented or
-    /// checksummed here.
+    /// Sends a checked frame to queue `q` of `out` (the uplink or a
+    /// representor): as it is when `out` takes its offloads, else
+    /// segmented or checksummed here.
     #[allow(clippy::too_many_arguments)]
     fn to_uplink(
         &self,
+        out: &dyn Uplink,
         q: usize,
         hdr_bytes: &[u8],
         hdr: &VirtioNetHdr,
@@ -719,25 +738,25 @@ impl Nic {
         scratch: &mut TxScratch,
         stats: &QueueStats,
     ) -> Result<(), DropReason> {
-        let caps = self.uplink.tx_offloads();
+        let caps = out.tx_offloads();
         let needs_csum = hdr.flags.contains(HdrFlags::NEEDS_CSUM);
-        let uq = q % self.uplink.queues().max(1);
+        let uq = q % out.queues().max(1);
         if takes_gso(caps, v.gso, v.ecn) && (!needs_csum || caps.csum) {
             if v.gso != GsoType::None {
                 stats.gso_packets.fetch_add(1, Ordering::Relaxed);
             }
-            let mut out = [0u8; HDR_LEN];
-            out.copy_from_slice(&hdr_bytes[..HDR_LEN]);
-            out[10] = 0;
-            out[11] = 0;
+            let mut vhdr = [0u8; HDR_LEN];
+            vhdr.copy_from_slice(&hdr_bytes[..HDR_LEN]);
+            vhdr[10] = 0;
+            vhdr[11] = 0;
             if rest.len() + 2 > MAX_PIECES {
                 return Err(DropReason::ChainTooLong);
             }
             let mut pieces = [Piece::Local(&[]); MAX_PIECES];
-            pieces[0] = Piece::Local(&out);
+            pieces[0] = Piece::Local(&vhdr);
             pieces[1] = Piece::Local(prefix);
             pieces[2..2 + rest.len()].copy_from_slice(rest);
-            return self.send(uq, &pieces[..2 + rest.len()]);
+            return send(out, uq, &pieces[..2 + rest.len()]);
         }
         stats.sw_offloads.fetch_add(1, Ordering::Relaxed);
         // Software offloads need the frame in one piece.
@@ -751,7 +770,8 @@ impl Nic {
             let mut result = Ok(());
             let TxScratch { seg, frame, .. } = scratch;
             seg.segment(frame, v, hdr.gso_size, &mut |h, p| {
-                let r = self.send(
+                let r = send(
+                    out,
                     uq,
                     &[Piece::Local(&plain), Piece::Local(h), Piece::Local(p)],
                 );
@@ -768,18 +788,43 @@ impl Nic {
             usize::from(hdr.csum_offset),
         )
         .map_err(|_| DropReason::OffloadFailed)?;
-        self.send(uq, &[Piece::Local(&plain), Piece::Local(&scratch.frame)])
+        send(
+            out,
+            uq,
+            &[Piece::Local(&plain), Piece::Local(&scratch.frame)],
+        )
     }
 
-    fn send(&self, q: usize, pieces: &[Piece<'_>]) -> Result<(), DropReason> {
-        match self.uplink.send(q, pieces) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(DropReason::NoUplink),
-            Err(e) => {
-                log::debug!("uplink queue {q}: {e}");
-                Err(DropReason::UplinkError)
-            }
-        }
+    /// Delivers a frame the host wrote to VF `n`'s representor (12-byte
+    /// header first) to VF `n`, whatever its address.
+    pub fn from_representor(
+        &self,
+        n: usize,
+        buf: &[u8],
+        view: &View,
+        stats: &QueueStats,
+        scratch: &mut TxScratch,
+    ) {
+        let p = n + 1;
+        let Some(l2) = buf.get(HDR_LEN..).and_then(L2::parse) else {
+            stats.drop(DropReason::RxMalformed);
+            return;
+        };
+        let vid = view
+            .ports
+            .get(p)
+            .and_then(|pv| pv.settings.vlan)
+            .map_or(l2.vid(), |pv| pv.vid);
+        let route = Route {
+            ports: PortSet::default().with(p),
+            uplink: false,
+            vid,
+            tag: None,
+        };
+        let TxScratch {
+            seg, port, piece, ..
+        } = scratch;
+        self.to_port(p, buf, &route, view, seg, port, piece);
     }
 
     /// Remembers that port `p` sends from `mac` (it has no spoof
@@ -974,23 +1019,38 @@ impl Nic {
     }
 
     /// Reads the uplink while the PF has no frontend (its workers read it
-    /// otherwise) and switches what arrives to the VFs; returns when
-    /// `stop` is set. Frames for the PF are dropped as `port_down`.
+    /// otherwise) and switches what arrives to the VFs, and reads the VFs'
+    /// representors (switchdev mode) into their VFs; returns when `stop`
+    /// is set. Frames for the PF are dropped as `port_down` meanwhile.
     pub fn pump_uplink(&self, stop: &AtomicBool) {
         let queues = self.uplink.queues();
-        let mut fds: Vec<libc::pollfd> = (0..queues)
-            .filter_map(|q| self.uplink.rx_fd(q))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        // (source, queue): None is the uplink, Some(n) VF n's representor.
+        let mut sources: Vec<(Option<usize>, usize, libc::pollfd)> = Vec::new();
+        for q in 0..queues {
+            if let Some(fd) = self.uplink.rx_fd(q) {
+                sources.push((None, q, pollin(fd)));
+            }
+        }
+        for (n, r) in self.representors.iter().enumerate() {
+            if let Some(fd) = r.rx_fd(0) {
+                sources.push((Some(n), 0, pollin(fd)));
+            }
+        }
         let mut buf = vec![0u8; VNET_HDR_LEN + MAX_FRAME];
         let mut scratch = TxScratch::default();
         let mut view = self.switch.view();
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(sources.len());
         while !stop.load(Ordering::Relaxed) {
-            if fds.is_empty() || self.pf().is_attached() || self.ports.len() == 1 {
+            // The PF's workers read the uplink while it has a frontend.
+            let uplink_here = !self.pf().is_attached() && self.ports.len() > 1;
+            fds.clear();
+            fds.extend(
+                sources
+                    .iter()
+                    .filter(|(src, _, _)| src.is_some() || uplink_here)
+                    .map(|s| s.2),
+            );
+            if fds.is_empty() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 continue;
             }
@@ -1001,11 +1061,28 @@ impl Nic {
                 continue;
             }
             self.switch.refresh(&mut view);
-            for q in 0..queues {
-                let stats = &self.pf().stats.rx[q.min(self.pf().stats.rx.len() - 1)];
+            for &(src, q, _) in &sources {
+                if src.is_none() && !uplink_here {
+                    continue;
+                }
+                let (input, stats) = match src {
+                    None => (
+                        self.uplink.as_ref(),
+                        &self.pf().stats.rx[q.min(self.pf().stats.rx.len() - 1)],
+                    ),
+                    Some(n) => (
+                        self.representors[n].as_ref(),
+                        &self.ports[n + 1].stats.rx[0],
+                    ),
+                };
                 for _ in 0..256 {
-                    match self.uplink.recv(q, &mut [PieceMut::Local(&mut buf)]) {
-                        Ok(n) => self.from_uplink(&buf[..n], &view, stats, &mut scratch),
+                    match input.recv(q, &mut [PieceMut::Local(&mut buf)]) {
+                        Ok(len) => match src {
+                            None => self.from_uplink(&buf[..len], &view, stats, &mut scratch),
+                            Some(n) => {
+                                self.from_representor(n, &buf[..len], &view, stats, &mut scratch)
+                            }
+                        },
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             log::debug!("uplink queue {q}: {e}");
@@ -1015,6 +1092,26 @@ impl Nic {
                     }
                 }
             }
+        }
+    }
+}
+
+fn pollin(fd: std::os::fd::RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Writes one frame to queue `q` of `out`.
+fn send(out: &dyn Uplink, q: usize, pieces: &[Piece<'_>]) -> Result<(), DropReason> {
+    match out.send(q, pieces) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(DropReason::NoUplink),
+        Err(e) => {
+            log::debug!("uplink queue {q}: {e}");
+            Err(DropReason::UplinkError)
         }
     }
 }
@@ -1183,7 +1280,7 @@ pub(crate) mod tests {
         let vfs = (0..n)
             .map(|i| VfSettings::new(default_vf_mac(pf, i)))
             .collect();
-        let nic = Nic::new(config(1), vfs, Box::new(up.clone()), false).unwrap();
+        let nic = Nic::new(config(1), vfs, Box::new(up.clone()), Vec::new()).unwrap();
         for p in 0..=n {
             nic.attach(p, true);
             nic.set_guest_features(p, crate::vhost::offered_features())
@@ -1420,6 +1517,75 @@ pub(crate) mod tests {
         assert!(nic.ports[1].settings().trust);
         // Another port's MAC is refused.
         assert!(nic.set_vf(1, &[("mac", "02:00:00:00:00:01")]).is_err());
+    }
+
+    #[test]
+    fn a_rate_given_at_start_holds_from_the_first_frame() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let mut vf = VfSettings::new(vf_mac(0));
+        vf.max_tx_rate = 10;
+        let nic = Nic::new(config(1), vec![vf], Box::new(up.clone()), Vec::new()).unwrap();
+        nic.attach(1, true);
+        let view = nic.switch.view();
+        assert_eq!(nic.tx_wait(1, &view), None);
+        let away = Address([2, 0, 0, 0, 9, 9]);
+        let f = frame(vf_mac(0), away, 60_000);
+        send(&nic, 1, &tso_hdr(1448), &f).unwrap();
+        send(&nic, 1, &tso_hdr(1448), &f).unwrap();
+        // 120 kB over a 64 KiB burst at 1.25 MB/s: about 45 ms to wait.
+        let w = nic.tx_wait(1, &view).expect("over the rate");
+        assert!((30_000_000..60_000_000).contains(&w), "{w} ns");
+        // The PF has no limit.
+        assert_eq!(nic.tx_wait(0, &view), None);
+    }
+
+    #[test]
+    fn switchdev_sends_what_matches_no_entry_to_the_representor() {
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let reps = [
+            FakeUplink::with_offloads(Offloads::ALL),
+            FakeUplink::default(),
+        ];
+        let vfs = (0..2).map(|i| VfSettings::new(vf_mac(i))).collect();
+        let boxed = reps
+            .iter()
+            .map(|r| Box::new(r.clone()) as Box<dyn Uplink>)
+            .collect();
+        let nic = Nic::new(config(1), vfs, Box::new(up.clone()), boxed).unwrap();
+        for p in 0..3 {
+            nic.attach(p, true);
+            nic.set_guest_features(p, crate::vhost::offered_features())
+                .unwrap();
+        }
+        let away = Address([2, 0, 0, 0, 9, 9]);
+        // Unknown unicast from VF1: its representor, not the wire. A GSO
+        // frame is segmented for a representor that takes no TSO.
+        let f = frame(vf_mac(1), away, 3000);
+        send(&nic, 2, &tso_hdr(1448), &f).unwrap();
+        assert!(up.sent().is_empty());
+        assert!(reps[0].sent().is_empty());
+        assert_eq!(reps[1].sent().len(), 3);
+        // VF to VF is still switched in the device.
+        send(&nic, 1, &[0; 12], &frame(vf_mac(0), vf_mac(1), 10)).unwrap();
+        assert_eq!(received(&nic, 2).len(), 1);
+        assert!(reps[0].sent().is_empty());
+        // What the host writes to representor 0 goes to VF0.
+        let buf = [
+            &[0u8; 12][..],
+            &frame(away, Address([2, 0, 0, 0, 8, 8]), 10),
+        ]
+        .concat();
+        nic.from_representor(
+            0,
+            &buf,
+            &nic.switch.view(),
+            &nic.ports[1].stats.rx[0],
+            &mut TxScratch::default(),
+        );
+        assert_eq!(received(&nic, 1), vec![buf]);
+        // The PF's frames still go to the wire.
+        send(&nic, 0, &[0; 12], &frame(config(1).mac, away, 10)).unwrap();
+        assert_eq!(up.sent().len(), 1);
     }
 
     #[test]

@@ -56,7 +56,10 @@ impl Port {
             id,
             stats: Stats::new(pairs),
             ctrl: Mutex::new(CtrlState::new(settings.mac, config.pairs, rss)),
-            bucket: Mutex::new(None),
+            // The NIC's clock starts near 0 as it is made.
+            bucket: Mutex::new(
+                (settings.max_tx_rate > 0).then(|| TokenBucket::new(settings.max_tx_rate, 0)),
+            ),
             settings: Mutex::new(settings),
             acked: AtomicU64::new(0),
             rx_features: AtomicU64::new(0),
