@@ -34,6 +34,10 @@ echo
 echo "## vnic-iperf on the vnic-guest stack vs the kernel's iperf3, by offload"
 VNIC_BENCH_SECS="$secs" cargo bench -q -p vnic-guest --bench stack_offloads
 
+echo
+echo "## guest to guest: VF to VF through vnicd's switch vs two vnicd TAPs on a Linux bridge"
+VNIC_BENCH_SECONDS="$secs" cargo bench -q -p vnic-backend --bench vf_switch
+
 VNIC_BENCH_SECONDS="$secs" cargo bench -q -p vnic-backend --bench datapath > target/datapath.md
 cargo bench -q -p vnic-protocol --bench protocol -- \
     --warm-up-time 1 --measurement-time "$secs" --noplot > /dev/null

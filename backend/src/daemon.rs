@@ -236,7 +236,12 @@ fn serve_attached(nic: &Arc<Nic>, p: usize, front: UnixStream) -> Result<(), Dae
     drop(listener);
     let vrings = 2 * u32::from(nic.ports[p].config.pairs) + 1;
     let threads = relay(front, back, vrings).map_err(DaemonError::Socket)?;
+    // Other ports' workers write this port's frames straight into its RX
+    // queues while the connection lasts.
+    let rx: std::sync::Weak<dyn crate::nic::RxPath> = Arc::downgrade(&backend) as _;
+    nic.set_rx_path(p, Some(rx));
     let r = daemon.wait();
+    nic.set_rx_path(p, None);
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }

@@ -14,8 +14,8 @@ use std::{
     collections::VecDeque,
     io,
     sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError, Weak,
     },
     time::Instant,
 };
@@ -93,6 +93,8 @@ impl DeviceConfig {
 #[derive(Debug)]
 pub struct Backlog {
     inner: Mutex<BacklogInner>,
+    /// Frames queued, readable without the lock (a hint: exact under it).
+    queued: AtomicUsize,
     /// Signalled when frames are added; the owning worker listens on it.
     pub event: EventFd,
     max_frames: usize,
@@ -114,6 +116,7 @@ const BACKLOG_FREE: usize = 64;
 impl Backlog {
     pub fn new(max_frames: usize, max_bytes: usize) -> io::Result<Backlog> {
         Ok(Backlog {
+            queued: AtomicUsize::new(0),
             inner: Mutex::new(BacklogInner {
                 frames: VecDeque::with_capacity(max_frames),
                 ..Default::default()
@@ -131,14 +134,24 @@ impl Backlog {
     /// Queues a copy of `frame`; false (and nothing queued) when that
     /// would pass either bound.
     pub fn push(&self, frame: &[u8]) -> bool {
+        self.push_from(frame.len(), |b| b.extend_from_slice(frame))
+            .is_some()
+    }
+
+    /// Queues a frame of `len` bytes that `fill` appends to an empty
+    /// buffer, so a frame in pieces is copied once. None (and nothing
+    /// queued) when that would pass either bound; otherwise whether the
+    /// backlog was empty, so that the caller wakes the consumer only
+    /// then (it drains until empty, or wakes itself when it stops short).
+    pub fn push_from(&self, len: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Option<bool> {
         let mut g = self.lock();
-        if g.frames.len() >= self.max_frames || frame.len() > self.max_bytes {
-            return false;
+        if g.frames.len() >= self.max_frames || len > self.max_bytes {
+            return None;
         }
         // A recycled buffer, unless it is far larger than needed (a 64 KiB
         // buffer must not hold a 60-byte frame against the byte bound).
         let mut buf = match g.free.pop() {
-            Some(b) if b.capacity() <= 4 * frame.len().max(2048) => b,
+            Some(b) if b.capacity() <= 4 * len.max(2048) => b,
             Some(b) => {
                 g.held -= b.capacity();
                 drop(b);
@@ -147,7 +160,7 @@ impl Backlog {
             None => Vec::new(),
         };
         g.held -= buf.capacity();
-        let need = buf.capacity().max(frame.len());
+        let need = buf.capacity().max(len);
         // Make room by giving recycled buffers back first.
         while g.held + need > self.max_bytes {
             let Some(b) = g.free.pop() else { break };
@@ -158,14 +171,30 @@ impl Backlog {
                 g.held += buf.capacity();
                 g.free.push(buf);
             }
-            return false;
+            return None;
         }
         buf.clear();
-        buf.reserve_exact(frame.len());
-        buf.extend_from_slice(frame);
+        buf.reserve_exact(len);
+        fill(&mut buf);
+        buf.truncate(len);
         g.held += buf.capacity();
+        let was_empty = g.frames.is_empty();
         g.frames.push_back(buf);
-        true
+        self.queued.store(g.frames.len(), Ordering::Release);
+        Some(was_empty)
+    }
+
+    /// [`Backlog::push_from`], then signals the event if the backlog was
+    /// empty; false when the frame did not fit.
+    pub fn push_and_wake(&self, len: usize, fill: impl FnOnce(&mut Vec<u8>)) -> bool {
+        match self.push_from(len, fill) {
+            Some(true) => {
+                let _ = self.event.write(1);
+                true
+            }
+            Some(false) => true,
+            None => false,
+        }
     }
 
     /// Hands the oldest frame to `f`; it stays queued when `f` returns
@@ -177,6 +206,7 @@ impl Backlog {
             return Some(false);
         }
         if let Some(buf) = g.frames.pop_front() {
+            self.queued.store(g.frames.len(), Ordering::Release);
             if g.free.len() < BACKLOG_FREE {
                 g.free.push(buf);
             } else {
@@ -188,6 +218,12 @@ impl Backlog {
 
     pub fn len(&self) -> usize {
         self.lock().frames.len()
+    }
+
+    /// Whether frames wait, without taking the lock (they may be taken or
+    /// added meanwhile).
+    pub fn looks_empty(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0
     }
 
     pub fn is_empty(&self) -> bool {
@@ -205,6 +241,7 @@ impl Backlog {
         g.frames.clear();
         g.free.clear();
         g.held = 0;
+        self.queued.store(0, Ordering::Release);
     }
 }
 
@@ -252,6 +289,93 @@ pub struct TxScratch {
     port: Vec<u8>,
     /// A segment on its way into a port's backlog.
     piece: Vec<u8>,
+    /// Backlogs that went from empty to not empty in this batch.
+    pub wakes: Wakes,
+}
+
+/// Backlogs (port, queue) whose consumers are to be woken: once per
+/// [`WAKE_FRAMES`] frames or [`WAKE_BYTES`] bytes queued, or at the end
+/// of a batch, rather than once per frame (small frames), yet without
+/// holding a big frame back for a whole batch (TCP's ACK clock).
+#[derive(Default)]
+pub struct Wakes {
+    to: Vec<(usize, usize)>,
+    /// RX queues written directly, whose drivers are owed a notification.
+    notify: Vec<(Arc<dyn RxPath>, usize)>,
+    frames: usize,
+    bytes: usize,
+    /// A frame in one piece for a direct delivery.
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Wakes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wakes")
+            .field("to", &self.to)
+            .field("notify", &self.notify.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Frames queued to other workers before they are woken.
+pub const WAKE_FRAMES: usize = 32;
+/// Bytes queued to other workers before they are woken.
+pub const WAKE_BYTES: usize = 64 << 10;
+
+impl Wakes {
+    fn add(&mut self, port: usize, q: usize, len: usize) {
+        if !self.to.contains(&(port, q)) {
+            self.to.push((port, q));
+        }
+        self.held(len);
+    }
+
+    fn held(&mut self, len: usize) {
+        self.frames += 1;
+        self.bytes += len;
+    }
+
+    /// Whether enough waits for the consumers to be woken now.
+    pub fn due(&self) -> bool {
+        (!self.to.is_empty() || !self.notify.is_empty())
+            && (self.frames >= WAKE_FRAMES || self.bytes >= WAKE_BYTES)
+    }
+
+    fn notify(&mut self, rx: Arc<dyn RxPath>, q: usize, len: usize) {
+        if !self
+            .notify
+            .iter()
+            .any(|(r, n)| *n == q && Arc::ptr_eq(r, &rx))
+        {
+            self.notify.push((rx, q));
+        }
+        self.held(len);
+    }
+}
+
+/// The receive side of a port's frontend, which the switch writes into
+/// directly: the frame is copied once more, into the receiving guest's
+/// buffers, by the worker that switched it, with no hand-over to the
+/// receiving port's worker. The port's vhost backend implements it.
+pub trait RxPath: Send + Sync {
+    /// Writes one frame (12-byte header first) into RX queue `q` with
+    /// `steering`'s hash. False when the queue cannot take it now (no
+    /// buffers, not running): nothing changed. A frame the queue's
+    /// buffers cannot hold is dropped and counted, and true.
+    fn deliver(&self, q: usize, frame: &[u8], steering: &Steering) -> bool;
+    /// Signals RX queue `q`'s driver of the frames delivered, if it wants.
+    fn flush(&self, q: usize);
+}
+
+/// A port's [`RxPath`] as the switch's view holds it: weakly, so a
+/// frontend that goes away is not kept by a stale view.
+#[derive(Clone)]
+pub struct RxHandle(pub Weak<dyn RxPath>);
+
+impl std::fmt::Debug for RxHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RxHandle")
+    }
 }
 
 /// Where a frame read from the uplink goes.
@@ -386,6 +510,8 @@ impl Nic {
         let st = port.ctrl_state();
         let settings = port.settings().clone();
         let attached = port.is_attached();
+        let rx = port.rx_path();
+        let hash_report = port.acked().contains(Features::HASH_REPORT);
         self.switch.update(|v| {
             let learned = v
                 .ports
@@ -401,6 +527,8 @@ impl Nic {
                 attached,
                 learned,
                 is_vf: p > 0,
+                rx,
+                hash_report,
             });
             if p < v.ports.len() {
                 v.ports[p] = pv;
@@ -408,6 +536,15 @@ impl Nic {
                 v.ports.push(pv);
             }
         });
+    }
+
+    /// Lets the switch write into port `p`'s RX queues directly (its
+    /// frontend's backend), or stops it.
+    pub fn set_rx_path(&self, p: usize, rx: Option<Weak<dyn RxPath>>) {
+        if let Some(port) = self.ports.get(p) {
+            port.set_rx_path(rx.map(RxHandle));
+            self.publish(p);
+        }
     }
 
     /// Records that a frontend came or went on port `p`.
@@ -555,7 +692,9 @@ impl Nic {
         scratch: &mut TxScratch,
     ) -> Result<(), DropReason> {
         let view = self.switch.view();
-        self.transmit_pieces(p, q, hdr, frame, &[], scratch, &view)
+        let r = self.transmit_pieces(p, q, hdr, frame, &[], scratch, &view);
+        self.wake(&mut scratch.wakes);
+        r
     }
 
     /// [`Nic::transmit`] for a frame whose first bytes, `prefix` (all its
@@ -651,6 +790,41 @@ impl Nic {
         } else {
             view.route(Some(p), &l2)
         };
+        let single = route
+            .ports
+            .iter()
+            .next()
+            .filter(|_| !route.uplink && route.ports.0.count_ones() == 1);
+        if let Some(t) = single {
+            let tv = &view.ports[t];
+            if self.takes_as_is(tv, &route, l2.tag.is_some(), &hdr, view) {
+                // One port takes the frame as it is: straight from the
+                // guest's buffers into its backlog, one copy.
+                if v.gso != GsoType::None {
+                    self.ports[t].stats.rx[0]
+                        .gso_packets
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                let peek = &prefix[..prefix.len().min(256)];
+                self.push_rx_from(
+                    t,
+                    tv,
+                    peek,
+                    HDR_LEN + len,
+                    |b| {
+                        b.extend_from_slice(&hdr_bytes[..HDR_LEN]);
+                        b[10] = 0;
+                        b[11] = 0;
+                        b.extend_from_slice(prefix);
+                        for r in rest {
+                            r.copy_to(b);
+                        }
+                    },
+                    &mut scratch.wakes,
+                );
+                return Ok(());
+            }
+        }
         if !route.ports.is_empty() {
             // One copy of the frame enters the switch; each port gets its
             // own rewrite of it.
@@ -659,6 +833,7 @@ impl Nic {
                 seg,
                 port,
                 piece,
+                wakes,
                 ..
             } = scratch;
             copy.clear();
@@ -670,7 +845,7 @@ impl Nic {
                 r.copy_to(copy);
             }
             for t in route.ports.iter() {
-                self.to_port(t, copy, &route, view, seg, port, piece);
+                self.to_port(t, copy, &route, view, seg, port, piece, wakes);
             }
         }
         if !route.uplink {
@@ -822,9 +997,13 @@ impl Nic {
             tag: None,
         };
         let TxScratch {
-            seg, port, piece, ..
+            seg,
+            port,
+            piece,
+            wakes,
+            ..
         } = scratch;
-        self.to_port(p, buf, &route, view, seg, port, piece);
+        self.to_port(p, buf, &route, view, seg, port, piece, wakes);
     }
 
     /// Remembers that port `p` sends from `mac` (it has no spoof
@@ -904,10 +1083,14 @@ impl Nic {
             return;
         }
         let TxScratch {
-            seg, port, piece, ..
+            seg,
+            port,
+            piece,
+            wakes,
+            ..
         } = scratch;
         for t in route.ports.iter() {
-            self.to_port(t, buf, &route, view, seg, port, piece);
+            self.to_port(t, buf, &route, view, seg, port, piece, wakes);
         }
     }
 
@@ -925,6 +1108,7 @@ impl Nic {
         seg: &mut Segmenter,
         out: &mut Vec<u8>,
         piece: &mut Vec<u8>,
+        wakes: &mut Wakes,
     ) {
         let (Some(port), Some(tv)) = (self.ports.get(t), view.ports.get(t)) else {
             return;
@@ -943,6 +1127,17 @@ impl Nic {
             return;
         };
         let has_tag = L2::parse(frame).is_some_and(|l| l.tag.is_some());
+        let as_is = VirtioNetHdr::parse(&buf[..HDR_LEN], false)
+            .is_ok_and(|h| self.takes_as_is(tv, route, has_tag, &h, view));
+        if as_is {
+            if VirtioNetHdr::parse(&buf[..HDR_LEN], false)
+                .is_ok_and(|h| h.gso().is_ok_and(|(g, _)| g != GsoType::None))
+            {
+                stats.gso_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            self.push_rx(t, buf, tv, wakes);
+            return;
+        }
         let want_tag = tv.egress(route.vid).unwrap_or(false) && route.vid != 0;
         out.clear();
         out.extend_from_slice(buf);
@@ -965,7 +1160,7 @@ impl Nic {
             if gso != GsoType::None {
                 stats.gso_packets.fetch_add(1, Ordering::Relaxed);
             }
-            self.push_rx(t, out, tv);
+            self.push_rx(t, out, tv, wakes);
             return;
         }
         stats.sw_offloads.fetch_add(1, Ordering::Relaxed);
@@ -981,7 +1176,7 @@ impl Nic {
                 piece.extend_from_slice(&plain);
                 piece.extend_from_slice(h);
                 piece.extend_from_slice(p);
-                self.push_rx(t, piece, tv);
+                self.push_rx(t, piece, tv, wakes);
             });
             if r.is_err() {
                 stats.drop(DropReason::OffloadFailed);
@@ -994,28 +1189,113 @@ impl Nic {
             return;
         }
         out[..HDR_LEN].fill(0);
-        self.push_rx(t, out, tv);
+        self.push_rx(t, out, tv, wakes);
     }
 
-    /// Queues a frame for the RX queue port `t`'s RSS picks among those
-    /// enabled.
-    fn push_rx(&self, t: usize, buf: &[u8], tv: &PortView) {
-        let port = &self.ports[t];
+    /// Queues a frame (header first) for the RX queue port `t`'s RSS
+    /// picks among those enabled.
+    fn push_rx(&self, t: usize, buf: &[u8], tv: &PortView, wakes: &mut Wakes) {
         let frame = buf.get(HDR_LEN..).unwrap_or(&[]);
         let peek = &frame[..frame.len().min(256)];
-        let steered = usize::from(tv.steer(peek, frame.len()).queue);
+        self.push_rx_from(t, tv, peek, buf.len(), |b| b.extend_from_slice(buf), wakes);
+    }
+
+    /// [`Nic::push_rx`] for a frame of `len` bytes (header included) that
+    /// `fill` writes, whose first frame bytes are `peek`.
+    fn push_rx_from(
+        &self,
+        t: usize,
+        tv: &PortView,
+        peek: &[u8],
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+        wakes: &mut Wakes,
+    ) {
+        let port = &self.ports[t];
         let active = QueueSet(port.enabled_rx.load(Ordering::Relaxed));
+        // The hash matters with more than one queue to choose from, or
+        // when the driver wants it reported.
+        let steering = if active.0.count_ones() > 1 || tv.hash_report {
+            tv.steer(peek, len.saturating_sub(HDR_LEN))
+        } else {
+            Steering {
+                queue: 0,
+                hash: 0,
+                report: vnic_protocol::rss::HashReport::None,
+            }
+        };
         let q = active
-            .pick(steered, 0)
+            .pick(usize::from(steering.queue), 0)
             .min(port.backlogs.len().saturating_sub(1));
         let Some(b) = port.backlogs.get(q) else {
             return;
         };
-        if b.push(buf) {
-            let _ = b.event.write(1);
-        } else {
-            port.stats.rx[q].drop(DropReason::RxNoBuffers);
+        // Straight into the guest's buffers, unless frames already wait
+        // for this queue (they go first).
+        let direct = tv.rx.as_ref().and_then(|h| h.0.upgrade());
+        if let Some(rx) = direct.filter(|_| b.looks_empty()) {
+            let mut buf = std::mem::take(&mut wakes.buf);
+            buf.clear();
+            fill(&mut buf);
+            buf.truncate(len);
+            let taken = rx.deliver(q, &buf, &steering);
+            if taken {
+                wakes.notify(rx, q, len);
+            } else if let Some(was_empty) = b.push_from(len, |v| v.extend_from_slice(&buf)) {
+                // No buffers: the port's own worker takes it from here.
+                if was_empty {
+                    wakes.add(t, q, len);
+                } else {
+                    wakes.held(len);
+                }
+            } else {
+                port.stats.rx[q].drop(DropReason::RxNoBuffers);
+            }
+            wakes.buf = buf;
+            return;
         }
+        match b.push_from(len, fill) {
+            Some(true) => wakes.add(t, q, len),
+            Some(false) => wakes.held(len),
+            None => port.stats.rx[q].drop(DropReason::RxNoBuffers),
+        }
+    }
+
+    /// Wakes the consumers of the backlogs `wakes` names (the end of a
+    /// batch).
+    pub fn wake(&self, wakes: &mut Wakes) {
+        wakes.frames = 0;
+        wakes.bytes = 0;
+        for (rx, q) in wakes.notify.drain(..) {
+            rx.flush(q);
+        }
+        for (p, q) in wakes.to.drain(..) {
+            if let Some(b) = self.ports.get(p).and_then(|port| port.backlogs.get(q)) {
+                let _ = b.event.write(1);
+            }
+        }
+    }
+
+    /// Whether port `t` takes a frame of `route` (with a tag in its bytes
+    /// or not, and this header) exactly as it is: attached, link up, the
+    /// same tagging, and offloads its driver accepted.
+    fn takes_as_is(
+        &self,
+        tv: &PortView,
+        route: &Route,
+        has_tag: bool,
+        hdr: &VirtioNetHdr,
+        view: &View,
+    ) -> bool {
+        let want_tag = tv.egress(route.vid).unwrap_or(false) && route.vid != 0;
+        let Ok((gso, ecn)) = hdr.gso() else {
+            return false;
+        };
+        tv.attached
+            && tv.link_up(view.uplink_up)
+            && has_tag == want_tag
+            && takes_gso(tv.caps, gso, ecn)
+            && (!hdr.flags.contains(HdrFlags::NEEDS_CSUM) || tv.caps.csum)
     }
 
     /// Reads the uplink while the PF has no frontend (its workers read it
@@ -1091,6 +1371,7 @@ impl Nic {
                         }
                     }
                 }
+                self.wake(&mut scratch.wakes);
             }
         }
     }

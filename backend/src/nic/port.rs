@@ -15,7 +15,7 @@ use vnic_protocol::virtio::Features;
 use super::{
     ctrl::CtrlState,
     vf::{TokenBucket, VfSettings},
-    Backlog, DeviceConfig, Stats, BACKLOG_BYTES, BACKLOG_FRAMES,
+    Backlog, DeviceConfig, RxHandle, Stats, BACKLOG_BYTES, BACKLOG_FRAMES,
 };
 use crate::uplink::Offloads;
 
@@ -39,6 +39,8 @@ pub struct Port {
     pub enabled_rx: AtomicU32,
     /// `max_tx_rate`, when set.
     bucket: Mutex<Option<TokenBucket>>,
+    /// The frontend's receive side, for direct delivery.
+    rx_path: Mutex<Option<RxHandle>>,
     /// Per RX queue: frames waiting for it.
     pub backlogs: Vec<Backlog>,
 }
@@ -61,6 +63,7 @@ impl Port {
                 (settings.max_tx_rate > 0).then(|| TokenBucket::new(settings.max_tx_rate, 0)),
             ),
             settings: Mutex::new(settings),
+            rx_path: Mutex::new(None),
             acked: AtomicU64::new(0),
             rx_features: AtomicU64::new(0),
             attached: AtomicBool::new(false),
@@ -102,6 +105,17 @@ impl Port {
 
     pub(super) fn set_rx_features(&self, f: Features) {
         self.rx_features.store(f.bits(), Ordering::Release);
+    }
+
+    pub(super) fn rx_path(&self) -> Option<RxHandle> {
+        self.rx_path
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(super) fn set_rx_path(&self, rx: Option<RxHandle>) {
+        *self.rx_path.lock().unwrap_or_else(PoisonError::into_inner) = rx;
     }
 
     pub fn is_attached(&self) -> bool {

@@ -76,6 +76,10 @@ pub struct PortView {
     /// Whether the port is a VF (the PF keeps today's single-port rules:
     /// no filter configured means every frame is taken).
     pub is_vf: bool,
+    /// Where the switch writes the port's frames directly, if anywhere.
+    pub rx: Option<super::RxHandle>,
+    /// The driver wants the RSS hash reported.
+    pub hash_report: bool,
 }
 
 impl PortView {
@@ -337,6 +341,8 @@ mod tests {
             attached: true,
             learned: Vec::new(),
             is_vf,
+            rx: None,
+            hash_report: false,
         })
     }
 

@@ -48,7 +48,7 @@ use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
         switch::View,
-        DropReason, Nic, Port, QueueSet, QueueStats, TxScratch, UplinkRoute, MAX_FRAME,
+        DropReason, Nic, Port, QueueSet, QueueStats, RxPath, TxScratch, UplinkRoute, MAX_FRAME,
     },
     uplink::{
         tap::{MAX_TAP_FRAME, VNET_HDR_LEN},
@@ -659,6 +659,9 @@ impl VnicBackend {
                 }
                 vring.add_used(head, 0).map_err(io::Error::other)?;
                 moved += 1;
+                if scratch.wakes.due() {
+                    self.nic.wake(&mut scratch.wakes);
+                }
             }
             if limited {
                 break;
@@ -675,6 +678,8 @@ impl VnicBackend {
                 break;
             }
         }
+        // Other ports' workers learn of their frames once per batch.
+        self.nic.wake(&mut scratch.wakes);
         if moved > 0 {
             self.notify(vring, &mem, stats)?;
         }
@@ -794,21 +799,48 @@ impl VnicBackend {
         small: usize,
         moved: &mut usize,
     ) -> io::Result<bool> {
-        let stats = &self.dev().stats.rx[i];
-        let backlog = &self.dev().backlogs[i];
         let mut w = self.workers[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.nic.switch.refresh(&mut w.view);
+        let r = self.rx_round_locked(i, &mut w, writer, active, max_frame, small, moved);
+        // Ports the uplink's frames went to learn of them once per round.
+        self.nic.wake(&mut w.scratch.wakes);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rx_round_locked(
+        &self,
+        i: usize,
+        w: &mut Worker,
+        writer: &mut RxWriter<'_>,
+        active: QueueSet,
+        max_frame: usize,
+        small: usize,
+        moved: &mut usize,
+    ) -> io::Result<bool> {
+        let stats = &self.dev().stats.rx[i];
+        let backlog = &self.dev().backlogs[i];
         let view = w.view.clone();
         let Some(me) = view.ports.get(self.port) else {
             return Ok(false);
+        };
+        let no_hash = vnic_protocol::rss::Steering {
+            queue: 0,
+            hash: 0,
+            report: vnic_protocol::rss::HashReport::None,
         };
         // Frames already waiting here go first, in order.
         while *moved < BUDGET {
             match backlog.deliver_front(|f| {
                 let frame = f.get(VNET_HDR_LEN..).unwrap_or(&[]);
-                let steering = me.steer(&frame[..frame.len().min(256)], frame.len());
+                // The hash only matters when the driver wants it reported.
+                let steering = if writer.hash_report {
+                    me.steer(&frame[..frame.len().min(256)], frame.len())
+                } else {
+                    no_hash
+                };
                 match writer.write(f, &steering) {
                     Ok(()) => {
                         stats.packet(frame.len());
@@ -995,6 +1027,7 @@ impl VnicBackend {
                 target => self.hand_over(target, frame),
             }
         }
+        self.nic.wake(&mut w.scratch.wakes);
     }
 
     /// The RX queues frames may go to now: set up and enabled by the
@@ -1019,11 +1052,51 @@ impl VnicBackend {
         let Some(b) = self.dev().backlogs.get(target) else {
             return;
         };
-        if b.push(frame) {
-            let _ = b.event.write(1);
-        } else {
+        if !b.push_and_wake(frame.len(), |v| v.extend_from_slice(frame)) {
             log::debug!("rx{target}: backlog full, frame dropped");
             self.dev().stats.rx[target].drop(DropReason::RxNoBuffers);
+        }
+    }
+}
+
+impl RxPath for VnicBackend {
+    fn deliver(&self, q: usize, frame: &[u8], steering: &vnic_protocol::rss::Steering) -> bool {
+        let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
+            return false;
+        };
+        if !live(vring) {
+            return false;
+        }
+        let mem = self.memory();
+        let acked = self.acked();
+        let stats = &self.dev().stats.rx[q];
+        let mut writer = RxWriter {
+            mem: &mem,
+            vring,
+            stats,
+            mergeable: acked.contains(Features::MRG_RXBUF),
+            hash_report: acked.contains(Features::HASH_REPORT),
+        };
+        match writer.write(frame, steering) {
+            Ok(()) => {
+                stats.packet(frame.len().saturating_sub(VNET_HDR_LEN));
+                true
+            }
+            Err(DropReason::RxNoBuffers) => false,
+            Err(why) => {
+                stats.drop(why);
+                true
+            }
+        }
+    }
+
+    fn flush(&self, q: usize) {
+        let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
+            return;
+        };
+        let mem = self.memory();
+        if let Err(e) = self.notify(vring, &mem, &self.dev().stats.rx[q]) {
+            log::debug!("rx{q}: notify: {e}");
         }
     }
 }
