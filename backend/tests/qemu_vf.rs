@@ -49,19 +49,8 @@ fn boot_on_vf(p: &PortInNs, n: usize, ip: &str, script: &str) -> Guest {
 }
 
 fn tap_bytes(p: &PortInNs) -> u64 {
-    ["rx_bytes", "tx_bytes"]
-        .iter()
-        .map(|w| {
-            p.ns.exec(
-                "cat",
-                &[&format!("/sys/class/net/{}/statistics/{w}", p.tap)],
-            )
-            .expect("TAP counter")
-            .trim()
-            .parse::<u64>()
-            .expect("a number")
-        })
-        .sum()
+    let (rx, tx) = p.tap_bytes().expect("TAP counters");
+    rx + tx
 }
 
 fn vf_total(p: &PortInNs, vf: usize, what: &str) -> u64 {

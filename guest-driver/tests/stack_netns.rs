@@ -16,19 +16,13 @@ use std::{
 
 use serde_json::Value;
 use vnic_guest::{cli::NetArgs, stack::TcpStream};
-use vnic_tests::{require_netns, BridgedPort, PortInNs, Proc};
+use vnic_tests::{pattern, require_netns, BridgedPort, PortInNs, Proc};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
 
 fn vnicd() -> String {
-    let p = Path::new(IPERF).with_file_name("vnicd");
-    assert!(
-        p.exists(),
-        "{} is missing: build vnicd (cargo build -p vnic-backend) or run cargo test --workspace",
-        p.display()
-    );
-    p.display().to_string()
+    vnic_tests::sibling_binary(IPERF, "vnicd")
 }
 
 /// vnicd (2 queue pairs) with its TAP in a namespace as 192.0.2.1/24 and
@@ -268,18 +262,6 @@ fn udp_both_ways_with_real_iperf3() {
         c["end"]["sum"]["lost_percent"].as_f64().unwrap_or(100.0) < 5.0,
         "{c}"
     );
-}
-
-fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn fnv(d: &[u8]) -> u64 {

@@ -10,7 +10,6 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr},
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -27,18 +26,12 @@ use vnic_protocol::{
         ethernet::Address,
     },
 };
-use vnic_tests::{require_netns, PortInNs, Proc};
+use vnic_tests::{pattern, require_netns, PortInNs, Proc};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 
 fn vnicd() -> String {
-    let p = Path::new(IPERF).with_file_name("vnicd");
-    assert!(
-        p.exists(),
-        "{} is missing: build vnicd (cargo build -p vnic-backend) or run cargo test --workspace",
-        p.display()
-    );
-    p.display().to_string()
+    vnic_tests::sibling_binary(IPERF, "vnicd")
 }
 
 /// vnicd with `extra` and its TAP in a namespace as 192.0.2.1/24; waits
@@ -77,18 +70,6 @@ fn vf_addr(n: usize, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::from([192, 0, 2, 10 + n as u8]), port)
 }
 
-fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Sends `bytes` of a pattern from `from` to a listener of `to` at
 /// `addr` and checks every byte arrived.
 fn transfer(from: &Stack, to: &Stack, addr: SocketAddr, bytes: usize, seed: u64) {
@@ -114,19 +95,8 @@ fn transfer(from: &Stack, to: &Stack, addr: SocketAddr, bytes: usize, seed: u64)
     assert!(got == data, "{addr}: the bytes differ");
 }
 
-/// The TAP's byte counters in the namespace: (from vnicd, to vnicd).
 fn tap_bytes(s: &PortInNs) -> (u64, u64) {
-    let read = |what: &str| {
-        s.ns.exec(
-            "cat",
-            &[&format!("/sys/class/net/{}/statistics/{what}", s.tap)],
-        )
-        .expect("TAP counter")
-        .trim()
-        .parse::<u64>()
-        .expect("a number")
-    };
-    (read("rx_bytes"), read("tx_bytes"))
+    s.tap_bytes().expect("TAP counters")
 }
 
 /// Sum of one counter over every queue of a port (`vf0.`, or "" for the

@@ -31,6 +31,32 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }
 
+/// The path of binary `name` built beside `bin` (a test's own binary):
+/// the workspace's vnicd for the guest driver's tests.
+pub fn sibling_binary(bin: &str, name: &str) -> String {
+    let p = Path::new(bin).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it (cargo build --workspace) or run cargo test --workspace",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+/// `n` bytes of a xorshift sequence from `seed`: test data whose every
+/// byte matters.
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Runs a command, failing with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
     let out = Command::new(cmd).args(args).output()?;
@@ -134,22 +160,9 @@ impl NetNs {
     /// namespace with a packet socket: for frames the kernel would not
     /// build itself (VLAN-tagged ones on a kernel without 802.1Q, say).
     pub fn send_frames(&self, dev: &str, frames: Vec<Vec<u8>>) -> io::Result<()> {
-        use std::os::fd::{FromRawFd, OwnedFd};
         let dev = std::ffi::CString::new(dev).map_err(io::Error::other)?;
         self.enter(move || {
-            // SAFETY: plain socket(2); the result is checked below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: `fd` was just returned by socket(2) and nothing else
-            // owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: `dev` is a NUL-terminated string that outlives the call.
-            let index = unsafe { libc::if_nametoindex(dev.as_ptr()) };
-            if index == 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let (fd, index) = packet_socket(&dev, 0)?;
             for f in &frames {
                 // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
                 let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -221,9 +234,10 @@ pub struct Captured {
     pub vlan: Option<(u16, u16)>,
 }
 
-fn capture_on(dev: &std::ffi::CStr, limit: Duration, max: usize) -> io::Result<Vec<Captured>> {
+/// A packet socket of protocol `proto` (network order) and the index of
+/// interface `dev`, in the calling thread's namespace.
+fn packet_socket(dev: &std::ffi::CStr, proto: u16) -> io::Result<(std::os::fd::OwnedFd, u32)> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2); the result is checked below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
     if fd < 0 {
@@ -236,6 +250,12 @@ fn capture_on(dev: &std::ffi::CStr, limit: Duration, max: usize) -> io::Result<V
     if index == 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok((fd, index))
+}
+
+fn capture_on(dev: &std::ffi::CStr, limit: Duration, max: usize) -> io::Result<Vec<Captured>> {
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    let (fd, index) = packet_socket(dev, proto)?;
     // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
     let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     at.sll_family = libc::AF_PACKET as u16;
@@ -561,6 +581,19 @@ pub struct PortInNs {
 }
 
 impl PortInNs {
+    /// The TAP's byte counters in the namespace: (from vnicd, to vnicd).
+    pub fn tap_bytes(&self) -> io::Result<(u64, u64)> {
+        let read = |what: &str| -> io::Result<u64> {
+            let path = format!("/sys/class/net/{}/statistics/{what}", self.tap);
+            self.ns
+                .exec("cat", &[&path])?
+                .trim()
+                .parse()
+                .map_err(io::Error::other)
+        };
+        Ok((read("rx_bytes")?, read("tx_bytes")?))
+    }
+
     /// Starts `bin` with `--uplink tap:NAME` and `extra`, moves the TAP
     /// into a new namespace as `host_addr`, and adds neighbour entries
     /// (`(ip, mac)`) for the guest side.

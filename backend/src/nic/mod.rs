@@ -996,6 +996,11 @@ impl Nic {
             vid,
             tag: None,
         };
+        self.to_ports(buf, &route, view, scratch);
+    }
+
+    /// [`Nic::to_port`] for every port of `route`.
+    fn to_ports(&self, buf: &[u8], route: &Route, view: &View, scratch: &mut TxScratch) {
         let TxScratch {
             seg,
             port,
@@ -1003,7 +1008,9 @@ impl Nic {
             wakes,
             ..
         } = scratch;
-        self.to_port(p, buf, &route, view, seg, port, piece, wakes);
+        for t in route.ports.iter() {
+            self.to_port(t, buf, route, view, seg, port, piece, wakes);
+        }
     }
 
     /// Remembers that port `p` sends from `mac` (it has no spoof
@@ -1082,16 +1089,7 @@ impl Nic {
             stats.drop(DropReason::Filtered);
             return;
         }
-        let TxScratch {
-            seg,
-            port,
-            piece,
-            wakes,
-            ..
-        } = scratch;
-        for t in route.ports.iter() {
-            self.to_port(t, buf, &route, view, seg, port, piece, wakes);
-        }
+        self.to_ports(buf, &route, view, scratch);
     }
 
     /// Delivers a frame (12-byte header first) to port `t`: with the VLAN

@@ -192,6 +192,25 @@ pub(super) struct RxWriter<'a> {
     pub hash_report: bool,
 }
 
+impl<'a> RxWriter<'a> {
+    /// A writer for RX queue `vring` of a driver that accepted `acked`.
+    pub fn new(
+        mem: &'a GuestMemoryMmap,
+        vring: &'a VringRwLock,
+        stats: &'a QueueStats,
+        acked: vnic_protocol::virtio::Features,
+    ) -> RxWriter<'a> {
+        use vnic_protocol::virtio::Features;
+        RxWriter {
+            mem,
+            vring,
+            stats,
+            mergeable: acked.contains(Features::MRG_RXBUF),
+            hash_report: acked.contains(Features::HASH_REPORT),
+        }
+    }
+}
+
 /// What became of a frame read from the uplink straight into RX buffers.
 #[derive(Debug)]
 pub(super) enum Direct {

@@ -752,13 +752,7 @@ impl VnicBackend {
         let mem = self.memory();
         let acked = self.acked();
         let stats = &self.dev().stats.rx[i];
-        let mut writer = RxWriter {
-            mem: &mem,
-            vring,
-            stats,
-            mergeable: acked.contains(Features::MRG_RXBUF),
-            hash_report: acked.contains(Features::HASH_REPORT),
-        };
+        let mut writer = RxWriter::new(&mem, vring, stats, acked);
         let backlog = &self.dev().backlogs[i];
         let active = self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
@@ -1068,15 +1062,8 @@ impl RxPath for VnicBackend {
             return false;
         }
         let mem = self.memory();
-        let acked = self.acked();
         let stats = &self.dev().stats.rx[q];
-        let mut writer = RxWriter {
-            mem: &mem,
-            vring,
-            stats,
-            mergeable: acked.contains(Features::MRG_RXBUF),
-            hash_report: acked.contains(Features::HASH_REPORT),
-        };
+        let mut writer = RxWriter::new(&mem, vring, stats, self.acked());
         match writer.write(frame, steering) {
             Ok(()) => {
                 stats.packet(frame.len().saturating_sub(VNET_HDR_LEN));
