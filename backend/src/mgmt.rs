@@ -53,7 +53,11 @@ fn stats(nic: &Nic) -> String {
 }
 
 fn set_vf(nic: &Nic, n: &str, words: &[&str]) -> String {
-    let Some(n) = n.parse::<usize>().ok().filter(|&n| n + 1 < nic.ports.len()) else {
+    let Some(n) = n
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n.checked_add(1).is_some_and(|p| p < nic.ports.len()))
+    else {
         return format!(
             "error: vf {n:?}: this vnicd has {} VFs\n",
             nic.ports.len() - 1
@@ -294,6 +298,12 @@ mod tests {
         });
         let out = rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
         assert!(out.contains("tx0.packets 1\n"), "{out}");
+        // A VF number past the end, or one that would overflow, is an
+        // error and changes nothing.
+        for req in ["vf 0 trust on", "vf 18446744073709551615 trust on"] {
+            let out = request(&path, req).unwrap();
+            assert!(out.starts_with("error: "), "{req}: {out}");
+        }
         // The silent client is dropped: it reads the end of the stream.
         silent
             .set_read_timeout(Some(Duration::from_secs(20)))

@@ -13,6 +13,16 @@ use vnic_tests::{
 };
 
 const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
+
+/// One test at a time: TCG guests of two tests on two cores slow each
+/// other down, and the rate test measures a rate.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 /// Generous: TCG boots in about 7 s; two guests share two cores.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -75,6 +85,7 @@ fn two_guests_on_two_vfs_meet_through_the_switch() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let p = setup(&["--vfs", "2"]);
     let mut b = boot_on_vf(
         &p,
@@ -137,6 +148,7 @@ fn a_guest_on_a_rate_limited_vf_measures_its_rate() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let p = setup(&["--vfs", "1", "--vf", "0:max_tx_rate=200"]);
     let _srv = IperfServer::start(&p.ns.name, "192.0.2.1").expect("iperf3 -s");
     let mut g = boot_on_vf(

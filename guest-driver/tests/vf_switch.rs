@@ -544,3 +544,42 @@ fn switchdev_sends_unmatched_frames_to_the_representor_and_back() {
     assert!(port_total(&s, "vf0.", "rx", "packets") >= 1);
     assert_eq!(port_drops(&s, "vf0."), vec![]);
 }
+
+/// The PF's workers read the uplink while the PF has a frontend. A PF
+/// guest that posts no RX buffers must not cut the VFs off the wire.
+#[test]
+fn vfs_hear_the_wire_while_the_pf_guest_posts_no_buffers() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup(1, &[]);
+    // A PF driver that never posts an RX buffer.
+    let _pf = VirtioNet::connect(
+        &s.vnicd.socket,
+        NetOptions {
+            pairs: 1,
+            queue_size: 256,
+            features: Features::VERSION_1 | Features::MAC,
+            rx_buf_len: 2048,
+            enabled_pairs: None,
+        },
+    )
+    .expect("PF driver");
+    // Frames for the PF alone wait in its backlog (it has no buffers).
+    let pf_mac: Address = "52:54:00:12:34:56".parse().unwrap();
+    let host = Address(s.host_mac);
+    s.ns.send_frames(&s.tap, (0..8).map(|i| udp(host, pf_mac, i)).collect())
+        .expect("frames for the PF");
+    std::thread::sleep(Duration::from_millis(200));
+    let vf0 = stack_on_vf(&s, 0, 1);
+    assert_eq!(ping(&vf0, [192, 0, 2, 1], 3), 3, "VF0 reaches the wire");
+    let out =
+        s.ns.exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", "192.0.2.10"])
+            .expect("kernel ping");
+    assert!(out.contains("3 received"), "{out}");
+    let server = kernel_echo(&s, 7300, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    echo_via_kernel(&vf0, 7300, 4 << 20, 9);
+    server.join().expect("echo server").expect("echo server");
+    vf0.shutdown();
+}

@@ -156,7 +156,10 @@ impl Nic {
                 if extra {
                     needs(Features::CTRL_RX_EXTRA)?;
                 }
-                if *on && !trusted && matches!(mode, RxMode::Promisc | RxMode::AllMulti) {
+                if *on
+                    && !trusted
+                    && matches!(mode, RxMode::Promisc | RxMode::AllMulti | RxMode::AllUni)
+                {
                     return refuse(format!("{mode:?} on an untrusted VF"));
                 }
                 let f = &mut st.filter;
@@ -214,6 +217,7 @@ impl Nic {
                     return refuse(format!("{n} queue pairs, the device has {pairs}"));
                 }
                 st.active_pairs = *n;
+                port.limit_rx_queues(*n);
                 if !acked.contains(Features::RSS) {
                     let table =
                         IndirectionTable::spread(128, *n).map_err(|e| Refused(e.to_string()))?;
@@ -248,6 +252,7 @@ impl Nic {
                     .map_err(|e| Refused(e.to_string()))?;
                 st.rss = Arc::new(rss);
                 st.active_pairs = c.max_tx_vq;
+                port.limit_rx_queues(c.max_tx_vq);
             }
             CtrlCommand::HashConfig(c) => {
                 needs(Features::HASH_REPORT)?;

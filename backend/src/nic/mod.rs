@@ -400,6 +400,8 @@ pub struct Nic {
     representors: Vec<Box<dyn Uplink>>,
     /// Serialises changes to learned addresses.
     learning: Mutex<()>,
+    /// Serialises administrative changes (`set_vf`).
+    admin: Mutex<()>,
     /// The time base of rate limiting.
     epoch: Instant,
 }
@@ -473,6 +475,7 @@ impl Nic {
             uplink,
             representors,
             learning: Mutex::new(()),
+            admin: Mutex::new(()),
             epoch: Instant::now(),
         };
         for p in 0..nic.ports.len() {
@@ -584,35 +587,45 @@ impl Nic {
     /// Applies `key value` settings to port `p` (see
     /// [`VfSettings::with`]): all of them, or none when one is bad.
     pub fn set_vf(&self, p: usize, pairs: &[(&str, &str)]) -> Result<(), SettingError> {
-        let port = self.ports.get(p).ok_or_else(|| SettingError {
-            key: "vf".into(),
-            value: p.saturating_sub(1).to_string(),
-            why: format!("this vnicd has {} VFs", self.ports.len() - 1),
-        })?;
+        let port = self
+            .ports
+            .get(p)
+            .filter(|_| p > 0)
+            .ok_or_else(|| SettingError {
+                key: "vf".into(),
+                value: p.saturating_sub(1).to_string(),
+                why: format!("this vnicd has {} VFs", self.ports.len() - 1),
+            })?;
+        // One change at a time; no port's lock is held while another's is
+        // taken.
+        let _admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
+        let cur = port.settings().clone();
+        let new = cur.with(pairs.iter().copied())?;
+        if new.mac != cur.mac {
+            let taken = self
+                .ports
+                .iter()
+                .filter(|o| o.id != p)
+                .any(|o| o.ctrl_state().mac == new.mac);
+            if taken {
+                return Err(SettingError {
+                    key: "mac".into(),
+                    value: new.mac.to_string(),
+                    why: "another port has it".into(),
+                });
+            }
+        }
         {
             let mut st = port.ctrl_state();
-            let mut cur = port.settings();
-            let new = cur.with(pairs.iter().copied())?;
+            let mut s = port.settings();
             if new.mac != cur.mac {
-                let taken = self
-                    .ports
-                    .iter()
-                    .filter(|o| o.id != p)
-                    .any(|o| o.ctrl_state().mac == new.mac);
-                if taken {
-                    return Err(SettingError {
-                        key: "mac".into(),
-                        value: new.mac.to_string(),
-                        why: "another port has it".into(),
-                    });
-                }
                 st.mac = new.mac;
             }
             if new.max_tx_rate != cur.max_tx_rate {
                 *port.bucket() =
                     (new.max_tx_rate > 0).then(|| TokenBucket::new(new.max_tx_rate, self.now()));
             }
-            *cur = new;
+            *s = new;
         }
         self.publish(p);
         Ok(())
@@ -634,6 +647,8 @@ impl Nic {
             let mac = port.settings().mac;
             *st = CtrlState::new(mac, port.config.pairs, rss);
         }
+        // Until the new driver negotiates, the port takes no offloads.
+        port.set_acked(Features::empty());
         for b in &port.backlogs {
             b.clear();
         }
@@ -769,7 +784,13 @@ impl Nic {
         }
         let l2 = L2::parse(prefix).ok_or(DropReason::BadHeader)?;
         if pv.settings.vlan.is_some() && l2.tag.is_some() {
-            // A port VLAN is the guest's whole world: it cannot tag.
+            // A port VLAN is the guest's whole world: it cannot tag (its
+            // own tags inside an 802.1ad port VLAN are not carried yet).
+            return Err(DropReason::VlanViolation);
+        }
+        if pv.is_vf && pv.settings.spoofchk && l2.vid() != 0 && pv.egress(l2.vid()).is_none() {
+            // VLAN anti-spoofing: a VF tags only with VLANs its driver
+            // added to its filter (CTRL_VLAN).
             return Err(DropReason::VlanViolation);
         }
         if l2.src != pv.mac {
@@ -785,10 +806,17 @@ impl Nic {
                 ports: PortSet::default(),
                 uplink: true,
                 vid: l2.vid(),
+                tpid: None,
                 tag: None,
             }
         } else {
-            view.route(Some(p), &l2)
+            let mut r = view.route(Some(p), &l2);
+            if view.switchdev && r.uplink && p > 0 {
+                // Switchdev: what no entry matches, floods included, goes
+                // to the VF's representor alone; the host switches it.
+                r.ports = PortSet::default();
+            }
+            r
         };
         let single = route
             .ports
@@ -985,15 +1013,22 @@ impl Nic {
             stats.drop(DropReason::RxMalformed);
             return;
         };
-        let vid = view
-            .ports
-            .get(p)
-            .and_then(|pv| pv.settings.vlan)
-            .map_or(l2.vid(), |pv| pv.vid);
+        // As the VF would get it from the wire: a tag it does not take
+        // keeps the frame out; its port VLAN's own tag comes off.
+        let vid = l2.vid();
+        let tpid = l2.tag.map(|(t, _)| t);
+        let takes = view.ports.get(p).is_some_and(|pv| {
+            (vid == 0 && pv.settings.vlan.is_none()) || pv.egress_tpid(vid, tpid).is_some()
+        });
+        if !takes {
+            stats.drop(DropReason::Filtered);
+            return;
+        }
         let route = Route {
             ports: PortSet::default().with(p),
             uplink: false,
             vid,
+            tpid,
             tag: None,
         };
         self.to_ports(buf, &route, view, scratch);
@@ -1045,6 +1080,24 @@ impl Nic {
         });
     }
 
+    /// An address seen as a source on the wire is not behind a port any
+    /// more: a port that learned it forgets it.
+    fn unlearn_if_learned(&self, view: &View, src: Address) {
+        if !view.ports.iter().any(|pv| pv.learned.contains(&src)) {
+            return;
+        }
+        let _g = self.learning.lock().unwrap_or_else(PoisonError::into_inner);
+        self.switch.update(|v| {
+            for pv in v.ports.iter_mut() {
+                if pv.learned.contains(&src) {
+                    let mut n = (**pv).clone();
+                    n.learned.retain(|m| *m != src);
+                    *pv = Arc::new(n);
+                }
+            }
+        });
+    }
+
     /// How a frame read from the uplink is to go, from its first bytes.
     pub fn uplink_route(&self, view: &View, peek: &[u8], len: usize) -> UplinkRoute {
         let Some(l2) = L2::parse(peek) else {
@@ -1060,6 +1113,7 @@ impl Nic {
                 UplinkRoute::Drop(DropReason::Filtered)
             };
         }
+        self.unlearn_if_learned(view, l2.src);
         let route = view.route(None, &l2);
         if route.ports == PortSet::default().with(0) {
             UplinkRoute::Pf(pf.steer(peek, len))
@@ -1084,6 +1138,7 @@ impl Nic {
             stats.drop(DropReason::RxMalformed);
             return;
         };
+        self.unlearn_if_learned(view, l2.src);
         let route = view.route(None, &l2);
         if route.ports.is_empty() {
             stats.drop(DropReason::Filtered);
@@ -1844,6 +1899,10 @@ pub(crate) mod tests {
         assert!(up.sent().is_empty());
         assert!(reps[0].sent().is_empty());
         assert_eq!(reps[1].sent().len(), 3);
+        // A broadcast goes to the representor alone (the host floods it).
+        send(&nic, 2, &[0; 12], &frame(vf_mac(1), Address::BROADCAST, 10)).unwrap();
+        assert_eq!(reps[1].sent().len(), 4);
+        assert!(received(&nic, 0).is_empty() && received(&nic, 1).is_empty());
         // VF to VF is still switched in the device.
         send(&nic, 1, &[0; 12], &frame(vf_mac(0), vf_mac(1), 10)).unwrap();
         assert_eq!(received(&nic, 2).len(), 1);
@@ -1861,10 +1920,71 @@ pub(crate) mod tests {
             &nic.ports[1].stats.rx[0],
             &mut TxScratch::default(),
         );
-        assert_eq!(received(&nic, 1), vec![buf]);
+        assert_eq!(received(&nic, 1), vec![buf.clone()]);
+        // A tag VF0 did not add keeps the frame out.
+        let mut tagged = buf.clone();
+        // VLAN 300.
+        tagged.splice(24..24, [0x81, 0x00, 0x01, 0x2c]);
+        nic.from_representor(
+            0,
+            &tagged,
+            &nic.switch.view(),
+            &nic.ports[1].stats.rx[0],
+            &mut TxScratch::default(),
+        );
+        assert!(received(&nic, 1).is_empty());
+        assert_eq!(nic.ports[1].stats.rx[0].drops(DropReason::Filtered), 1);
         // The PF's frames still go to the wire.
         send(&nic, 0, &[0; 12], &frame(config(1).mac, away, 10)).unwrap();
         assert_eq!(up.sent().len(), 1);
+    }
+
+    #[test]
+    fn a_vf_cannot_claim_another_address_or_vlan() {
+        use vnic_protocol::virtio::ctrl::CtrlCommand;
+        let up = FakeUplink::with_offloads(Offloads::ALL);
+        let nic = nic_with_vfs(2, &up);
+        let all = crate::vhost::offered_features();
+        let gateway = Address([2, 0, 0, 0, 9, 9]);
+        // An untrusted VF lists the gateway's MAC in its unicast filter:
+        // frames to the gateway still reach the wire, and the VF gets a
+        // flooded copy only because its filter asked for it.
+        nic.control(
+            1,
+            &CtrlCommand::MacTableSet {
+                unicast: vec![gateway],
+                multicast: vec![],
+            },
+            all,
+        )
+        .unwrap();
+        send(&nic, 2, &[0; 12], &frame(vf_mac(1), gateway, 10)).unwrap();
+        assert_eq!(up.sent().len(), 1, "the gateway's frame reached the wire");
+        assert_eq!(received(&nic, 1).len(), 1);
+        // VLAN anti-spoofing: a tagged frame for a VLAN the VF did not add.
+        let mut tagged = frame(vf_mac(0), gateway, 10);
+        tagged.splice(12..12, [0x81, 0, 0, 7]);
+        assert_eq!(
+            send(&nic, 1, &[0; 12], &tagged),
+            Err(DropReason::VlanViolation)
+        );
+        nic.control(1, &CtrlCommand::VlanAdd(7), all).unwrap();
+        send(&nic, 1, &[0; 12], &tagged).unwrap();
+        // A learned address that shows up on the wire is forgotten.
+        nic.set_vf(1, &[("spoofchk", "off")]).unwrap();
+        let moved = Address([2, 0, 0, 0, 7, 7]);
+        send(&nic, 1, &[0; 12], &frame(moved, Address::BROADCAST, 10)).unwrap();
+        assert!(nic.switch.view().ports[1].learned.contains(&moved));
+        let from_wire = [&[0u8; 12][..], &frame(moved, vf_mac(1), 10)].concat();
+        nic.from_uplink(
+            &from_wire,
+            &nic.switch.view(),
+            &nic.pf().stats.rx[0],
+            &mut TxScratch::default(),
+        );
+        assert!(!nic.switch.view().ports[1].learned.contains(&moved));
+        // set_vf never touches the PF.
+        assert!(nic.set_vf(0, &[("trust", "off")]).is_err());
     }
 
     #[test]

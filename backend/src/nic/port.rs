@@ -118,6 +118,17 @@ impl Port {
         *self.rx_path.lock().unwrap_or_else(PoisonError::into_inner) = rx;
     }
 
+    /// Keeps the switch off RX queues at or past `pairs` (the driver
+    /// turned them off); the workers add the ones it turns on.
+    pub fn limit_rx_queues(&self, pairs: u16) {
+        let mask = if pairs >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << pairs) - 1
+        };
+        self.enabled_rx.fetch_and(mask, Ordering::AcqRel);
+    }
+
     pub fn is_attached(&self) -> bool {
         self.attached.load(Ordering::Acquire)
     }

@@ -92,9 +92,11 @@ impl PortView {
         }
     }
 
-    /// Whether `dst` is one of the port's own unicast addresses.
+    /// Whether `dst` is the port's own address or one the switch learned
+    /// from its frames. (Its driver's unicast filter entries are only a
+    /// receive filter: a port cannot claim another's address with them.)
     fn owns(&self, dst: Address) -> bool {
-        dst == self.mac || self.learned.contains(&dst) || self.filter.unicast.contains(&dst)
+        dst == self.mac || self.learned.contains(&dst)
     }
 
     /// Whether the port's receive filter takes a frame to `dst`. Before
@@ -125,6 +127,15 @@ impl PortView {
                 }
                 None => (!self.is_vf).then_some(true),
             },
+        }
+    }
+
+    /// [`PortView::egress`] for a frame whose outer tag has TPID `tpid`:
+    /// a port VLAN matches its own protocol only.
+    pub fn egress_tpid(&self, vid: u16, tpid: Option<u16>) -> Option<bool> {
+        match (self.settings.vlan, tpid) {
+            (Some(pv), Some(t)) if t != pv.proto => None,
+            _ => self.egress(vid),
         }
     }
 
@@ -190,6 +201,8 @@ pub struct Route {
     pub uplink: bool,
     /// The VLAN the frame is in inside the switch (0 untagged).
     pub vid: u16,
+    /// The TPID of the tag the frame carries in its bytes, if any.
+    pub tpid: Option<u16>,
     /// The tag to put on a frame that leaves untagged bytes for a tagged
     /// destination (the source port's VLAN): TPID and TCI.
     pub tag: Option<(u16, u16)>,
@@ -208,12 +221,17 @@ impl View {
             ports: PortSet::default(),
             uplink: false,
             vid,
+            tpid: l2.tag.map(|(t, _)| t),
             tag,
         };
         let dst = l2.dst;
         if dst.is_unicast() {
             for (i, p) in self.ports.iter().enumerate() {
-                if Some(i) != from && p.owns(dst) && p.egress(vid).is_some() && p.takes(dst) {
+                if Some(i) != from
+                    && p.owns(dst)
+                    && p.egress_tpid(vid, r.tpid).is_some()
+                    && p.takes(dst)
+                {
                     r.ports = r.ports.with(i);
                     return r;
                 }
@@ -222,7 +240,7 @@ impl View {
         // Broadcast, multicast, or no port owns the address: every port in
         // the VLAN whose filter takes it, and the wire.
         for (i, p) in self.ports.iter().enumerate() {
-            if Some(i) != from && p.egress(vid).is_some() && p.takes(dst) {
+            if Some(i) != from && p.egress_tpid(vid, r.tpid).is_some() && p.takes(dst) {
                 r.ports = r.ports.with(i);
             }
         }

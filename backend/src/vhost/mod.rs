@@ -825,6 +825,7 @@ impl VnicBackend {
             hash: 0,
             report: vnic_protocol::rss::HashReport::None,
         };
+        let mut starved = false;
         // Frames already waiting here go first, in order.
         while *moved < BUDGET {
             match backlog.deliver_front(|f| {
@@ -848,15 +849,39 @@ impl VnicBackend {
                 }
             }) {
                 Some(true) => *moved += 1,
-                Some(false) => return Ok(true),
+                Some(false) => {
+                    starved = true;
+                    break;
+                }
                 None => break,
             }
         }
-        if self.port != 0 {
-            // Only the PF's workers read the uplink.
-            return Ok(false);
+        // Only the PF's workers read the uplink. A PF without buffers
+        // waits for its driver, but with VFs behind the switch it goes on
+        // reading, so their frames keep flowing; its own frames wait in
+        // its backlog, or are dropped and counted when that is full.
+        let multi = view.ports.len() > 1;
+        if self.port != 0 || (starved && !multi) {
+            return Ok(starved);
         }
         while *moved < BUDGET {
+            if w.scratch.wakes.due() {
+                self.nic.wake(&mut w.scratch.wakes);
+            }
+            if starved {
+                let Worker {
+                    rx, view, scratch, ..
+                } = &mut *w;
+                match self.read_uplink(i, rx, view, scratch) {
+                    Uplinked::Empty => return Ok(true),
+                    Uplinked::Dropped => {}
+                    Uplinked::Frame { len, steered } => {
+                        self.hand_over(active.pick(steered, i), &w.rx[..len]);
+                    }
+                }
+                *moved += 1;
+                continue;
+            }
             // Provision for 64 KiB only while big frames are coming.
             let expect = if w.rx_big {
                 max_frame
@@ -898,7 +923,11 @@ impl VnicBackend {
                     if target == i {
                         // Too few buffers for it: wait for the driver.
                         *moved += 1;
-                        return Ok(true);
+                        if !multi {
+                            return Ok(true);
+                        }
+                        starved = true;
+                        continue;
                     }
                 }
                 Direct::NoBuffers => {
@@ -915,7 +944,11 @@ impl VnicBackend {
                             self.hand_over(target, &w.rx[..len]);
                             if target == i {
                                 *moved += 1;
-                                return Ok(true);
+                                if !multi {
+                                    return Ok(true);
+                                }
+                                starved = true;
+                                continue;
                             }
                         }
                     }
@@ -923,7 +956,7 @@ impl VnicBackend {
             }
             *moved += 1;
         }
-        Ok(false)
+        Ok(starved)
     }
 
     /// Reads one frame from uplink queue `i` into `buf` (TAP header
@@ -979,16 +1012,21 @@ impl VnicBackend {
         let backlog = &self.dev().backlogs[i];
         let to = active.pick(i, usize::MAX);
         if to != i {
+            // Out of this backlog first, then into the other: never two
+            // backlog locks at once.
+            let mut frame = Vec::new();
             for _ in 0..BUDGET {
                 let moved = backlog.deliver_front(|f| {
-                    match to {
-                        usize::MAX => stats.drop(DropReason::RxNoBuffers),
-                        t => self.hand_over(t, f),
-                    }
+                    frame.clear();
+                    frame.extend_from_slice(f);
                     true
                 });
                 if moved.is_none() {
                     break;
+                }
+                match to {
+                    usize::MAX => stats.drop(DropReason::RxNoBuffers),
+                    t => self.hand_over(t, &frame),
                 }
             }
         }
