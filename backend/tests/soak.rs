@@ -39,16 +39,24 @@ fn usage(pid: u32) -> (usize, usize, u64) {
 }
 
 /// Waits until vnicd is back to `threads` threads (the last connection's
-/// workers and relay have ended), then reads its usage.
+/// workers and relay have ended) and its open descriptors have stopped
+/// changing for 200 ms (the connection's backend is dropped just after
+/// its threads end), then reads its usage.
 fn settled(pid: u32, threads: usize) -> (usize, usize, u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let u = usage(pid);
-        if u.1 <= threads || Instant::now() > deadline {
-            return u;
-        }
+    let mut u = usage(pid);
+    while u.1 > threads && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+        u = usage(pid);
     }
+    let mut same = 0;
+    while same < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = usage(pid);
+        same = if now.0 == u.0 { same + 1 } else { 0 };
+        u = now;
+    }
+    u
 }
 
 fn cycle(v: &Vnicd, n: usize) {
