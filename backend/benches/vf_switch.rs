@@ -139,7 +139,30 @@ fn driver(socket: &std::path::Path) -> VirtioNet {
 
 /// 64-byte frames from end 0 to end 1 for `dur`: frames per second
 /// received.
-fn small_frames(p: &Pair, dur: Duration) -> f64 {
+/// CPU seconds (user and system) the pair's vnicd processes have used.
+fn vnicd_cpu(p: &Pair) -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    p._keep
+        .iter()
+        .map(|v| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", v.pid())).unwrap();
+            // Fields after the command name (which ends with ')'): utime
+            // and stime are the 12th and 13th.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tick
+        })
+        .sum()
+}
+
+/// One run: the rate the receiver saw, and vnicd's CPU per unit moved.
+struct Run {
+    rate: f64,
+    cpu_per_unit: f64,
+}
+
+fn small_frames(p: &Pair, dur: Duration) -> Run {
     let got = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut rxdev = driver(&p.sockets[1]);
@@ -170,6 +193,7 @@ fn small_frames(p: &Pair, dur: Duration) -> f64 {
     let f = udp_frame(&flow, &IpFields::default(), &[0x5a; 18]).unwrap();
     let hdr = VirtioNetHdr::default();
     let q = tx.tx(0).unwrap();
+    let cpu0 = vnicd_cpu(p);
     // Warm up, then count.
     let warm = Instant::now() + Duration::from_millis(300);
     let mut t0 = None;
@@ -186,9 +210,14 @@ fn small_frames(p: &Pair, dur: Duration) -> f64 {
     }
     let n1 = got.load(Ordering::Relaxed);
     let secs = t0.map_or(1.0, |t| t.elapsed().as_secs_f64());
+    let cpu = vnicd_cpu(p) - cpu0;
     stop.store(true, Ordering::Relaxed);
     receiver.join().unwrap();
-    (n1 - n0) as f64 / secs
+    Run {
+        rate: (n1 - n0) as f64 / secs,
+        // Nanoseconds per frame over the whole run.
+        cpu_per_unit: cpu * 1e9 / n1.max(1) as f64,
+    }
 }
 
 fn stack(socket: &std::path::Path, addr: &str) -> Stack {
@@ -208,7 +237,7 @@ fn stack(socket: &std::path::Path, addr: &str) -> Stack {
 
 /// One TCP stream from end 0 to end 1 for `dur`: bits per second the
 /// receiver read.
-fn tcp_stream(p: &Pair, dur: Duration) -> f64 {
+fn tcp_stream(p: &Pair, dur: Duration) -> Run {
     let a = stack(&p.sockets[0], "192.0.2.10/24");
     let b = stack(&p.sockets[1], "192.0.2.11/24");
     let l = TcpListener::bind(&b, 5201).unwrap();
@@ -234,15 +263,17 @@ fn tcp_stream(p: &Pair, dur: Duration) -> f64 {
             }
         }
         let secs = t0.map_or(1.0, |t| t.elapsed().as_secs_f64());
-        (got - at0) as f64 * 8.0 / secs
+        ((got - at0) as f64 * 8.0 / secs, got)
     });
+    let cpu0 = vnicd_cpu(p);
     let block = vec![0x42u8; 128 << 10];
     let end = Instant::now() + dur + Duration::from_millis(300);
     while Instant::now() < end {
         c.write_all(&block).expect("send");
     }
     c.shutdown_write().unwrap();
-    let bps = reader.join().unwrap();
+    let (bps, bytes) = reader.join().unwrap();
+    let cpu = vnicd_cpu(p) - cpu0;
     if std::env::var("VNIC_BENCH_STATS").is_ok() {
         for v in &p._keep {
             let st = v.stats().unwrap();
@@ -253,11 +284,17 @@ fn tcp_stream(p: &Pair, dur: Duration) -> f64 {
             eprintln!("{:.2} Gbit/s: {nz:?}", bps / 1e9);
         }
         eprintln!("sender: {:?}", c.tcp_stats());
+        eprintln!("sending stack: {:?}", a.stats());
+        eprintln!("receiving stack: {:?}", b.stats());
     }
     drop(c);
     a.shutdown();
     b.shutdown();
-    bps
+    Run {
+        rate: bps,
+        // Milliseconds per GB over the whole run.
+        cpu_per_unit: cpu * 1e3 / (bytes.max(1) as f64 / 1e9),
+    }
 }
 
 fn main() {
@@ -280,30 +317,43 @@ fn main() {
         v[v.len() / 2]
     };
     let mut rows = Vec::new();
-    type Case = fn(&Pair, Duration) -> f64;
-    for (what, f, scale) in [
+    type Case = fn(&Pair, Duration) -> Run;
+    for (what, cost, f, scale) in [
         (
             "TCP, one vnic-guest stream (Gbit/s)",
+            "vnicd CPU ms per GB",
             tcp_stream as Case,
             1e9,
         ),
         (
             "64 B frames, bursts of 32 (Mpps)",
+            "vnicd CPU ns per frame",
             small_frames as Case,
             1e6,
         ),
     ] {
-        let (mut sw, mut br) = (Vec::new(), Vec::new());
+        let (mut sw, mut br, mut swc, mut brc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
-            sw.push(f(&switch_pair(), dur) / scale);
-            br.push(f(&bridge_pair(), dur) / scale);
+            let r = f(&switch_pair(), dur);
+            sw.push(r.rate / scale);
+            swc.push(r.cpu_per_unit);
+            let r = f(&bridge_pair(), dur);
+            br.push(r.rate / scale);
+            brc.push(r.cpu_per_unit);
         }
         eprintln!("{what}: switch {sw:.2?}, bridge {br:.2?}");
-        rows.push((what, median(sw), median(br)));
+        eprintln!("{cost}: switch {swc:.0?}, bridge {brc:.0?}");
+        rows.push((what, median(sw), median(br), true));
+        rows.push((cost, median(swc), median(brc), false));
     }
-    println!("| traffic | VF to VF (embedded switch) | two vnicd TAPs on a Linux bridge | switch / bridge |");
+    println!("| measure | VF to VF (embedded switch) | two vnicd TAPs on a Linux bridge | switch vs bridge |");
     println!("|---|---|---|---|");
-    for (what, s, b) in rows {
-        println!("| {what} | {s:.2} | {b:.2} | {:.2}x |", s / b.max(1e-9));
+    for (what, s, b, higher_better) in rows {
+        let ratio = if higher_better {
+            s / b.max(1e-9)
+        } else {
+            b / s.max(1e-9)
+        };
+        println!("| {what} | {s:.2} | {b:.2} | {ratio:.2}x |");
     }
 }
