@@ -30,6 +30,16 @@ use vnic_tests::{pattern, require_netns, PortInNs, Proc};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 
+/// One test at a time: the rate test measures a rate, and the 16-VF test
+/// beside it would take the CPU it needs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn vnicd() -> String {
     vnic_tests::sibling_binary(IPERF, "vnicd")
 }
@@ -178,6 +188,7 @@ fn vfs_talk_through_the_switch_without_the_kernel_and_each_reaches_the_uplink() 
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let s = setup(2, &["--queues", "2"]);
     let vf0 = stack_on_vf(&s, 0, 2);
     let vf1 = stack_on_vf(&s, 1, 2);
@@ -287,6 +298,7 @@ fn spoof_checking_drops_a_foreign_source_mac_and_off_lets_it_pass() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let s = setup(1, &[]);
     let mut dev = bare(&s, 0);
     let own = vf_mac(&s, 0);
@@ -331,6 +343,7 @@ fn a_port_vlan_is_tagged_on_the_wire_and_untagged_to_the_guest() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let s = setup(1, &["--vf", "0:vlan=100,qos=3"]);
     let mut dev = bare(&s, 0);
     let own = vf_mac(&s, 0);
@@ -381,6 +394,7 @@ fn link_state_disable_stops_traffic_and_enable_restores_it() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let s = setup(1, &[]);
     let vf0 = stack_on_vf(&s, 0, 1);
     assert_eq!(ping(&vf0, [192, 0, 2, 1], 3), 3);
@@ -401,6 +415,7 @@ fn max_tx_rate_holds_a_vf_to_its_rate() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let s = setup(1, &[]);
     let (ok, _, err) = ctl(&s, &["vf", "0", "max_tx_rate", "200"]);
     assert!(ok, "{err}");
@@ -454,6 +469,7 @@ fn sixteen_vfs_exchange_traffic_all_to_all() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     const N: usize = 16;
     const BYTES: usize = 64 << 10;
     let s = setup(N, &[]);
@@ -505,6 +521,7 @@ fn switchdev_sends_unmatched_frames_to_the_representor_and_back() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let prefix = vnic_tests::unique("rp");
     let s = setup(
         1,
@@ -552,6 +569,7 @@ fn vfs_hear_the_wire_while_the_pf_guest_posts_no_buffers() {
     if !require_netns() {
         return;
     }
+    let _one = serial();
     let s = setup(1, &[]);
     // A PF driver that never posts an RX buffer.
     let _pf = VirtioNet::connect(
