@@ -15,7 +15,7 @@ use vnic_protocol::virtio::Features;
 use super::{
     ctrl::CtrlState,
     vf::{TokenBucket, VfSettings},
-    Backlog, DeviceConfig, RxHandle, Stats, BACKLOG_BYTES, BACKLOG_FRAMES,
+    Backlog, DeviceConfig, DropReason, QueueSet, RxHandle, Stats, BACKLOG_BYTES, BACKLOG_FRAMES,
 };
 use crate::uplink::Offloads;
 
@@ -118,15 +118,69 @@ impl Port {
         *self.rx_path.lock().unwrap_or_else(PoisonError::into_inner) = rx;
     }
 
+    /// Records which RX queues the frontend has set up and enabled (bit i:
+    /// queue i, as the vhost layer sees its vrings) and returns those
+    /// frames may go to: within the pairs the driver asked for.
+    pub fn set_enabled_rx(&self, vrings: u32) -> QueueSet {
+        let pairs = self.ctrl_state().active_pairs.max(1).min(self.config.pairs);
+        let set = vrings & pair_mask(pairs);
+        self.enabled_rx.store(set, Ordering::Relaxed);
+        QueueSet(set)
+    }
+
+    /// The RX queue for a frame RSS sent to queue `steered`, among those
+    /// enabled; `fallback` when none is.
+    pub fn rx_queue(&self, steered: usize, fallback: usize) -> usize {
+        QueueSet(self.enabled_rx.load(Ordering::Relaxed)).pick(steered, fallback)
+    }
+
+    /// Queues a frame (12-byte header first) for RX queue `q` and wakes
+    /// its worker if the backlog was empty; a full backlog drops it
+    /// (`rx_no_buffers`).
+    pub fn hand_over(&self, q: usize, frame: &[u8]) {
+        let Some(b) = self.backlogs.get(q) else {
+            return;
+        };
+        if !b.push_and_wake(frame.len(), |v| v.extend_from_slice(frame)) {
+            log::debug!("{} rx{q}: backlog full, frame dropped", self.name());
+            self.stats.rx[q].drop(DropReason::RxNoBuffers);
+        }
+    }
+
+    /// Moves up to `budget` frames waiting for RX queue `from` (which the
+    /// frontend turned off) to an enabled queue, or drops and counts them
+    /// when none is. Never holds two backlog locks at once.
+    pub fn redirect_backlog(&self, from: usize, budget: usize) {
+        let to = self.rx_queue(from, usize::MAX);
+        let (Some(backlog), Some(stats)) = (self.backlogs.get(from), self.stats.rx.get(from))
+        else {
+            return;
+        };
+        if to == from {
+            return;
+        }
+        let mut frame = Vec::new();
+        for _ in 0..budget {
+            let moved = backlog.deliver_front(|f| {
+                frame.clear();
+                frame.extend_from_slice(f);
+                true
+            });
+            if moved.is_none() {
+                break;
+            }
+            match to {
+                usize::MAX => stats.drop(DropReason::RxNoBuffers),
+                t => self.hand_over(t, &frame),
+            }
+        }
+    }
+
     /// Keeps the switch off RX queues at or past `pairs` (the driver
     /// turned them off); the workers add the ones it turns on.
     pub fn limit_rx_queues(&self, pairs: u16) {
-        let mask = if pairs >= 32 {
-            u32::MAX
-        } else {
-            (1u32 << pairs) - 1
-        };
-        self.enabled_rx.fetch_and(mask, Ordering::AcqRel);
+        self.enabled_rx
+            .fetch_and(pair_mask(pairs), Ordering::AcqRel);
     }
 
     pub fn is_attached(&self) -> bool {
@@ -142,6 +196,15 @@ impl Port {
         rx_offloads(Features::from_bits_retain(
             self.rx_features.load(Ordering::Acquire),
         ))
+    }
+}
+
+/// Bits 0 to `pairs - 1`.
+fn pair_mask(pairs: u16) -> u32 {
+    if pairs >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << pairs) - 1
     }
 }
 

@@ -15,7 +15,7 @@ use vnic_protocol::{
 };
 
 use crate::{
-    nic::{switch::View, DropReason, Nic, QueueSet, QueueStats, UplinkRoute, MAX_FRAME},
+    nic::{switch::View, DropReason, Nic, QueueStats, UplinkRoute, MAX_FRAME},
     uplink::{tap::VNET_HDR_LEN, PieceMut, MAX_PIECES},
 };
 
@@ -559,7 +559,6 @@ impl RxWriter<'_> {
         view: &View,
         uq: usize,
         own: usize,
-        active: QueueSet,
         expect: usize,
         overflow: &mut [u8],
         out: &mut Vec<u8>,
@@ -652,7 +651,7 @@ impl RxWriter<'_> {
         peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
         let peek = &peek[..plen];
         let (steering, target) = match nic.uplink_route(view, peek, frame_len) {
-            UplinkRoute::Pf(s) => (s, Some(active.pick(usize::from(s.queue), own))),
+            UplinkRoute::Pf(s) => (s, Some(nic.pf().rx_queue(usize::from(s.queue), own))),
             UplinkRoute::Switch => {
                 let none = Steering {
                     queue: 0,

@@ -48,7 +48,7 @@ use crate::{
     nic::{
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
         switch::View,
-        DropReason, Nic, Port, QueueSet, QueueStats, RxPath, TxScratch, UplinkRoute, MAX_FRAME,
+        DropReason, Nic, Port, QueueStats, RxPath, TxScratch, UplinkRoute, MAX_FRAME,
     },
     uplink::{
         tap::{MAX_TAP_FRAME, VNET_HDR_LEN},
@@ -754,7 +754,7 @@ impl VnicBackend {
         let stats = &self.dev().stats.rx[i];
         let mut writer = RxWriter::new(&mem, vring, stats, acked);
         let backlog = &self.dev().backlogs[i];
-        let active = self.enabled_queues();
+        self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev().config.mtu) + 14 + 8;
         let mut moved = 0;
@@ -763,7 +763,7 @@ impl VnicBackend {
             // buffers: the uplink wakes the worker.
             vring.disable_notification().map_err(io::Error::other)?;
             let seen = avail_idx(vring, &mem);
-            let starved = self.rx_round(i, &mut writer, active, max_frame, small, &mut moved)?;
+            let starved = self.rx_round(i, &mut writer, max_frame, small, &mut moved)?;
             if moved >= BUDGET {
                 // More may be waiting; come back after other events.
                 let _ = backlog.event.write(1);
@@ -788,7 +788,6 @@ impl VnicBackend {
         &self,
         i: usize,
         writer: &mut RxWriter<'_>,
-        active: QueueSet,
         max_frame: usize,
         small: usize,
         moved: &mut usize,
@@ -797,7 +796,7 @@ impl VnicBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.nic.switch.refresh(&mut w.view);
-        let r = self.rx_round_locked(i, &mut w, writer, active, max_frame, small, moved);
+        let r = self.rx_round_locked(i, &mut w, writer, max_frame, small, moved);
         // Ports the uplink's frames went to learn of them once per round.
         self.nic.wake(&mut w.scratch.wakes);
         r
@@ -809,7 +808,6 @@ impl VnicBackend {
         i: usize,
         w: &mut Worker,
         writer: &mut RxWriter<'_>,
-        active: QueueSet,
         max_frame: usize,
         small: usize,
         moved: &mut usize,
@@ -876,7 +874,8 @@ impl VnicBackend {
                     Uplinked::Empty => return Ok(true),
                     Uplinked::Dropped => {}
                     Uplinked::Frame { len, steered } => {
-                        self.hand_over(active.pick(steered, i), &w.rx[..len]);
+                        let port = self.dev();
+                        port.hand_over(port.rx_queue(steered, i), &w.rx[..len]);
                     }
                 }
                 *moved += 1;
@@ -891,8 +890,7 @@ impl VnicBackend {
             let Worker {
                 rx, rx_out, view, ..
             } = &mut *w;
-            let direct =
-                writer.receive_direct(&self.nic, view, i, i, active, expect, rx, rx_out)?;
+            let direct = writer.receive_direct(&self.nic, view, i, i, expect, rx, rx_out)?;
             match direct {
                 Direct::Delivered(n) => {
                     w.rx_big = n > small;
@@ -919,7 +917,7 @@ impl VnicBackend {
                 }
                 Direct::Elsewhere(target) => {
                     w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
-                    self.hand_over(target, &w.rx_out);
+                    self.dev().hand_over(target, &w.rx_out);
                     if target == i {
                         // Too few buffers for it: wait for the driver.
                         *moved += 1;
@@ -940,8 +938,8 @@ impl VnicBackend {
                         Uplinked::Empty => return Ok(false),
                         Uplinked::Dropped => {}
                         Uplinked::Frame { len, steered } => {
-                            let target = active.pick(steered, i);
-                            self.hand_over(target, &w.rx[..len]);
+                            let target = self.dev().rx_queue(steered, i);
+                            self.dev().hand_over(target, &w.rx[..len]);
                             if target == i {
                                 *moved += 1;
                                 if !multi {
@@ -1007,39 +1005,20 @@ impl VnicBackend {
     /// are dropped and counted. Frames waiting in this queue's backlog
     /// move the same way.
     fn forward_uplink(&self, i: usize) {
-        let active = self.enabled_queues();
-        let stats = &self.dev().stats.rx[i];
-        let backlog = &self.dev().backlogs[i];
-        let to = active.pick(i, usize::MAX);
-        if to != i {
-            // Out of this backlog first, then into the other: never two
-            // backlog locks at once.
-            let mut frame = Vec::new();
-            for _ in 0..BUDGET {
-                let moved = backlog.deliver_front(|f| {
-                    frame.clear();
-                    frame.extend_from_slice(f);
-                    true
-                });
-                if moved.is_none() {
-                    break;
-                }
-                match to {
-                    usize::MAX => stats.drop(DropReason::RxNoBuffers),
-                    t => self.hand_over(t, &frame),
-                }
-            }
-        }
+        self.enabled_queues();
+        let port = self.dev();
+        port.redirect_backlog(i, BUDGET);
         if self.port != 0 {
             return;
         }
+        let stats = &port.stats.rx[i];
         let mut w = self.workers[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.nic.switch.refresh(&mut w.view);
         for moved in 0..=BUDGET {
             if moved == BUDGET {
-                let _ = backlog.event.write(1);
+                let _ = port.backlogs[i].event.write(1);
                 break;
             }
             let Worker {
@@ -1050,44 +1029,27 @@ impl VnicBackend {
                 Uplinked::Dropped => continue,
                 Uplinked::Frame { len, steered } => (len, steered),
             };
-            let frame = &w.rx[..len];
-            match active.pick(steered, usize::MAX) {
+            match port.rx_queue(steered, usize::MAX) {
                 usize::MAX => {
                     log::debug!("worker {i}: no RX queue enabled, frame dropped");
                     stats.drop(DropReason::RxNoBuffers)
                 }
-                target => self.hand_over(target, frame),
+                target => port.hand_over(target, &w.rx[..len]),
             }
         }
         self.nic.wake(&mut w.scratch.wakes);
     }
 
-    /// The RX queues frames may go to now: set up and enabled by the
-    /// frontend, and within the pairs the driver asked for. The switch
-    /// learns them too.
-    fn enabled_queues(&self) -> QueueSet {
-        let pairs = usize::from(self.dev().ctrl_state().active_pairs.max(1)).min(self.pairs());
-        let mut set = 0u32;
-        for (j, v) in self.rx_vrings.iter().enumerate().take(pairs) {
+    /// Tells the port which RX vrings the frontend has enabled; the port
+    /// decides which queues frames may go to.
+    fn enabled_queues(&self) {
+        let mut vrings = 0u32;
+        for (j, v) in self.rx_vrings.iter().enumerate().take(32) {
             if v.get().is_some_and(|v| v.get_ref().is_enabled()) {
-                set |= 1 << j;
+                vrings |= 1 << j;
             }
         }
-        self.dev()
-            .enabled_rx
-            .store(set, std::sync::atomic::Ordering::Relaxed);
-        QueueSet(set)
-    }
-
-    /// Queues a frame (TAP header first) for RX queue `target`.
-    fn hand_over(&self, target: usize, frame: &[u8]) {
-        let Some(b) = self.dev().backlogs.get(target) else {
-            return;
-        };
-        if !b.push_and_wake(frame.len(), |v| v.extend_from_slice(frame)) {
-            log::debug!("rx{target}: backlog full, frame dropped");
-            self.dev().stats.rx[target].drop(DropReason::RxNoBuffers);
-        }
+        self.dev().set_enabled_rx(vrings);
     }
 }
 
