@@ -867,16 +867,8 @@ impl VnicBackend {
                 self.nic.wake(&mut w.scratch.wakes);
             }
             if starved {
-                let Worker {
-                    rx, view, scratch, ..
-                } = &mut *w;
-                match self.read_uplink(i, rx, view, scratch) {
-                    Uplinked::Empty => return Ok(true),
-                    Uplinked::Dropped => {}
-                    Uplinked::Frame { len, steered } => {
-                        let port = self.dev();
-                        port.hand_over(port.rx_queue(steered, i), &w.rx[..len]);
-                    }
+                if self.read_into_backlog(i, w).is_none() {
+                    return Ok(true);
                 }
                 *moved += 1;
                 continue;
@@ -931,30 +923,43 @@ impl VnicBackend {
                 Direct::NoBuffers => {
                     // Read into our own buffer so the frame is not lost,
                     // and keep it until the driver posts buffers.
-                    let Worker {
-                        rx, view, scratch, ..
-                    } = &mut *w;
-                    match self.read_uplink(i, rx, view, scratch) {
-                        Uplinked::Empty => return Ok(false),
-                        Uplinked::Dropped => {}
-                        Uplinked::Frame { len, steered } => {
-                            let target = self.dev().rx_queue(steered, i);
-                            self.dev().hand_over(target, &w.rx[..len]);
-                            if target == i {
-                                *moved += 1;
-                                if !multi {
-                                    return Ok(true);
-                                }
-                                starved = true;
-                                continue;
+                    match self.read_into_backlog(i, w) {
+                        None => return Ok(false),
+                        Some(Some(target)) if target == i => {
+                            *moved += 1;
+                            if !multi {
+                                return Ok(true);
                             }
+                            starved = true;
+                            continue;
                         }
+                        Some(_) => {}
                     }
                 }
             }
             *moved += 1;
         }
         Ok(starved)
+    }
+
+    /// Reads one frame from uplink queue `i` into the worker's own buffer
+    /// and queues it for the PF's RX queue RSS picks: None when the uplink
+    /// had nothing, `Some(Some(queue))` when queued there, `Some(None)`
+    /// when it went through the switch or was dropped.
+    fn read_into_backlog(&self, i: usize, w: &mut Worker) -> Option<Option<usize>> {
+        let Worker {
+            rx, view, scratch, ..
+        } = w;
+        match self.read_uplink(i, rx, view, scratch) {
+            Uplinked::Empty => None,
+            Uplinked::Dropped => Some(None),
+            Uplinked::Frame { len, steered } => {
+                let port = self.dev();
+                let target = port.rx_queue(steered, i);
+                port.hand_over(target, &rx[..len]);
+                Some(Some(target))
+            }
+        }
     }
 
     /// Reads one frame from uplink queue `i` into `buf` (TAP header
