@@ -601,3 +601,53 @@ fn vfs_hear_the_wire_while_the_pf_guest_posts_no_buffers() {
     server.join().expect("echo server").expect("echo server");
     vf0.shutdown();
 }
+
+/// `state auto` follows the uplink: with the TAP down on the host the
+/// VFs' links are down (their traffic, VF to VF included, dropped and
+/// counted); `state enable` lets them talk anyway; back up, auto works.
+#[test]
+fn link_state_auto_follows_the_uplink() {
+    if !require_netns() {
+        return;
+    }
+    let _one = serial();
+    let s = setup(2, &[]);
+    let vf0 = stack_on_vf(&s, 0, 1);
+    let vf1 = stack_on_vf(&s, 1, 1);
+    assert_eq!(ping(&vf0, [192, 0, 2, 11], 3), 3);
+    let state = |want: &str| {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, out, _) = ctl(&s, &["link", "show"]);
+            if out.lines().next().is_some_and(|l| l.contains(want)) {
+                return out;
+            }
+            assert!(Instant::now() < end, "never {want}: {out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    s.ns.ip(&["link", "set", &s.tap, "down"]).expect("TAP down");
+    state("state DOWN");
+    let before = port_total(&s, "vf0.", "tx", "drop.link_down");
+    assert_eq!(ping(&vf0, [192, 0, 2, 11], 3), 0, "VF0 still reaches VF1");
+    assert!(port_total(&s, "vf0.", "tx", "drop.link_down") > before);
+    for vf in ["0", "1"] {
+        let (ok, _, err) = ctl(&s, &["vf", vf, "state", "enable"]);
+        assert!(ok, "{err}");
+    }
+    assert_eq!(
+        ping(&vf0, [192, 0, 2, 11], 3),
+        3,
+        "enable ignores the uplink"
+    );
+    s.ns.ip(&["link", "set", &s.tap, "up"]).expect("TAP up");
+    for vf in ["0", "1"] {
+        let (ok, _, err) = ctl(&s, &["vf", vf, "state", "auto"]);
+        assert!(ok, "{err}");
+    }
+    state("state UP");
+    assert_eq!(ping(&vf0, [192, 0, 2, 11], 3), 3);
+    assert_eq!(ping(&vf0, [192, 0, 2, 1], 3), 3);
+    vf0.shutdown();
+    vf1.shutdown();
+}

@@ -998,6 +998,18 @@ impl Nic {
         )
     }
 
+    /// Publishes the uplink's link state if it changed (ports in `state
+    /// auto` follow it).
+    pub fn follow_uplink_link(&self) {
+        let Some(up) = self.uplink.link_up() else {
+            return;
+        };
+        if self.switch.view().uplink_up != up {
+            log::info!("uplink link {}", if up { "up" } else { "down" });
+            self.switch.update(|v| v.uplink_up = up);
+        }
+    }
+
     /// Delivers a frame the host wrote to VF `n`'s representor (12-byte
     /// header first) to VF `n`, whatever its address.
     pub fn from_representor(
@@ -1373,7 +1385,13 @@ impl Nic {
         let mut scratch = TxScratch::default();
         let mut view = self.switch.view();
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(sources.len());
+        let mut checked = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            // `state auto` follows the uplink: look at it ten times a second.
+            if checked.elapsed() >= std::time::Duration::from_millis(100) {
+                checked = Instant::now();
+                self.follow_uplink_link();
+            }
             // The PF's workers read the uplink while it has a frontend.
             let uplink_here = !self.pf().is_attached() && self.ports.len() > 1;
             fds.clear();

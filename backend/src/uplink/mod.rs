@@ -125,6 +125,11 @@ pub trait Uplink: Send + Sync {
     fn recv(&self, q: usize, pieces: &mut [PieceMut<'_>]) -> io::Result<usize>;
     /// A file descriptor that becomes readable when queue `q` has frames.
     fn rx_fd(&self, q: usize) -> Option<RawFd>;
+    /// Whether the link is up, when the uplink knows (a TAP: its device is
+    /// up and running on the host); None when it cannot tell.
+    fn link_up(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// An uplink that is not there: every transmitted frame is dropped (and

@@ -15,6 +15,10 @@ use super::{Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+/// `_IO('T', 227)`: a file descriptor of the device's network namespace
+/// (Linux 5.2).
+const TUNGETDEVNETNS: libc::c_ulong = 0x54e3;
 
 const IFF_TAP: i16 = 0x0002;
 const IFF_MULTI_QUEUE: i16 = 0x0100;
@@ -50,6 +54,9 @@ struct IfReq {
 pub struct Tap {
     name: String,
     files: Vec<File>,
+    /// A socket in the device's namespace, to read its flags, and that
+    /// namespace's inode (the device may be moved to another).
+    probe: std::sync::Mutex<Option<(u64, std::os::fd::OwnedFd)>>,
 }
 
 fn ioctl_ptr<T>(f: &File, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
@@ -130,6 +137,7 @@ impl Tap {
         let tap = Tap {
             name: name.to_owned(),
             files,
+            probe: std::sync::Mutex::new(None),
         };
         // Until the guest says otherwise, hand back only plain frames.
         tap.set_rx_offloads(Offloads::default())?;
@@ -138,6 +146,76 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the device is up and running (IFF_UP and IFF_RUNNING) in
+    /// whatever network namespace it is in now.
+    fn link_flags(&self) -> io::Result<bool> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let f = self.file(0)?;
+        // SAFETY: TUNGETDEVNETNS takes no argument and returns a new file
+        // descriptor, owned below.
+        let ns = unsafe { libc::ioctl(f.as_raw_fd(), TUNGETDEVNETNS) };
+        if ns < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ns` was just returned by the kernel and nothing else
+        // owns it.
+        let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+        // SAFETY: `stat` is plain old data; fstat fills it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `ns` is open and `st` is a valid out-pointer.
+        if unsafe { libc::fstat(ns.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut probe = self
+            .probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if probe.as_ref().is_none_or(|(ino, _)| *ino != st.st_ino) {
+            // A socket belongs to the namespace it is made in: make it on
+            // a thread that enters the device's namespace.
+            let sock = std::thread::scope(|sc| {
+                sc.spawn(|| -> io::Result<OwnedFd> {
+                    // SAFETY: setns on an open namespace fd changes only
+                    // this short-lived thread's namespace.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // SAFETY: plain socket(2); checked below.
+                    let fd = unsafe {
+                        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+                    };
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // SAFETY: `fd` was just returned and nothing else owns it.
+                    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                })
+                .join()
+                .map_err(|_| io::Error::other("namespace probe thread panicked"))?
+            })?;
+            *probe = Some((st.st_ino, sock));
+        }
+        let Some((_, sock)) = probe.as_ref() else {
+            return Err(io::Error::other("no probe socket"));
+        };
+        // The device's name now (it may have been renamed).
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        ioctl_ptr(f, TUNGETIFF, &mut req)?;
+        req.flags = 0;
+        // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags
+        // into `req`, a live ifreq-sized value.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let up = libc::IFF_UP as i16 | libc::IFF_RUNNING as i16;
+        Ok(req.flags & up == up)
     }
 
     fn file(&self, q: usize) -> io::Result<&File> {
@@ -150,6 +228,16 @@ impl Tap {
 impl Uplink for Tap {
     fn queues(&self) -> usize {
         self.files.len()
+    }
+
+    fn link_up(&self) -> Option<bool> {
+        match self.link_flags() {
+            Ok(up) => Some(up),
+            Err(e) => {
+                log::debug!("tap {}: link state: {e}", self.name);
+                None
+            }
+        }
     }
 
     fn tx_offloads(&self) -> Offloads {
