@@ -826,8 +826,9 @@ impl Nic {
         if let Some(t) = single {
             let tv = &view.ports[t];
             if self.takes_as_is(tv, &route, l2.tag.is_some(), &hdr, view) {
-                // One port takes the frame as it is: straight from the
-                // guest's buffers into its backlog, one copy.
+                // One port takes the frame as it is: copied once out of
+                // the guest's buffers, then into the receiver's RX buffers
+                // (or its backlog when it has none posted).
                 if v.gso != GsoType::None {
                     self.ports[t].stats.rx[0]
                         .gso_packets
