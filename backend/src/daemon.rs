@@ -87,8 +87,9 @@ pub fn build_nic(cfg: &Config) -> Result<Arc<Nic>, DaemonError> {
 }
 
 /// Serves frontends on every port until `stop` is set (checked between
-/// connections) or, with `cfg.once`, after the first frontend of any port
-/// has gone.
+/// connections, and with VFs every 200 ms) or, with `cfg.once`, after the
+/// first frontend of any port has gone. With VFs, returning leaves the
+/// port threads blocked in accept(): the caller is expected to exit.
 pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), DaemonError> {
     let nic = build_nic(cfg)?;
     let _mgmt = match &cfg.mgmt {
@@ -145,9 +146,19 @@ pub fn run(cfg: &Config, stop: &AtomicBool) -> Result<(), DaemonError> {
             })
             .map_err(DaemonError::Socket)?;
     }
-    let r = rx
-        .recv()
-        .unwrap_or_else(|_| Err(DaemonError::Vhost("every port thread ended".into())));
+    let r = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Relaxed) {
+                    break Ok(());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(DaemonError::Vhost("every port thread ended".into()));
+            }
+        }
+    };
     done.store(true, Ordering::Relaxed);
     r
 }
