@@ -33,7 +33,9 @@ use vnic_protocol::{
 
 use self::{
     ctrl::CtrlState,
-    switch::{insert_tag, strip_tag, PortSet, PortView, Route, Switch, View, L2, MAX_LEARNED},
+    switch::{
+        insert_tag, strip_tag, PortSet, PortView, Route, Switch, View, L2, MAX_LEARNED, NO_HASH,
+    },
     vf::{SettingError, TokenBucket, VfSettings},
 };
 pub use self::{
@@ -669,7 +671,7 @@ impl Nic {
         let (Some(pv), Some(l2)) = (view.ports.get(p), L2::parse(frame)) else {
             return false;
         };
-        pv.egress(l2.vid()).is_some() && pv.takes(l2.dst)
+        pv.accepts(&l2)
     }
 
     /// Where port `p`'s RSS sends a received frame.
@@ -677,11 +679,7 @@ impl Nic {
         let view = self.switch.view();
         match view.ports.get(p) {
             Some(pv) => pv.steer(frame, frame.len()),
-            None => Steering {
-                queue: 0,
-                hash: 0,
-                report: vnic_protocol::rss::HashReport::None,
-            },
+            None => NO_HASH,
         }
     }
 
@@ -840,15 +838,7 @@ impl Nic {
                     tv,
                     peek,
                     HDR_LEN + len,
-                    |b| {
-                        b.extend_from_slice(&hdr_bytes[..HDR_LEN]);
-                        b[10] = 0;
-                        b[11] = 0;
-                        b.extend_from_slice(prefix);
-                        for r in rest {
-                            r.copy_to(b);
-                        }
-                    },
+                    |b| frame_with_hdr(b, hdr_bytes, prefix, rest),
                     &mut scratch.wakes,
                 );
                 return Ok(());
@@ -866,13 +856,7 @@ impl Nic {
                 ..
             } = scratch;
             copy.clear();
-            copy.extend_from_slice(&hdr_bytes[..HDR_LEN]);
-            copy[10] = 0;
-            copy[11] = 0;
-            copy.extend_from_slice(prefix);
-            for r in rest {
-                r.copy_to(copy);
-            }
+            frame_with_hdr(copy, hdr_bytes, prefix, rest);
             for t in route.ports.iter() {
                 self.to_port(t, copy, &route, view, seg, port, piece, wakes);
             }
@@ -894,11 +878,7 @@ impl Nic {
                 let TxScratch { copy, port, .. } = scratch;
                 if route.ports.is_empty() {
                     copy.clear();
-                    copy.extend_from_slice(&hdr_bytes[..HDR_LEN]);
-                    copy.extend_from_slice(prefix);
-                    for r in rest {
-                        r.copy_to(copy);
-                    }
+                    frame_with_hdr(copy, hdr_bytes, prefix, rest);
                 }
                 port.clear();
                 port.extend_from_slice(copy);
@@ -1120,7 +1100,7 @@ impl Nic {
             return UplinkRoute::Drop(DropReason::PortDown);
         };
         if view.ports.len() == 1 {
-            return if pf.egress(l2.vid()).is_some() && pf.takes(l2.dst) {
+            return if pf.accepts(&l2) {
                 UplinkRoute::Pf(pf.steer(peek, len))
             } else {
                 UplinkRoute::Drop(DropReason::Filtered)
@@ -1284,11 +1264,7 @@ impl Nic {
         let steering = if active.0.count_ones() > 1 || tv.hash_report {
             tv.steer(peek, len.saturating_sub(HDR_LEN))
         } else {
-            Steering {
-                queue: 0,
-                hash: 0,
-                report: vnic_protocol::rss::HashReport::None,
-            }
+            NO_HASH
         };
         let q = active
             .pick(usize::from(steering.queue), 0)
@@ -1454,6 +1430,20 @@ fn pollin(fd: std::os::fd::RawFd) -> libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
+    }
+}
+
+/// Appends a frame to `b` as it travels inside the switch: the driver's
+/// 12-byte header (its `num_buffers` cleared), then the headers copied
+/// out of guest memory and the rest.
+fn frame_with_hdr(b: &mut Vec<u8>, hdr_bytes: &[u8], prefix: &[u8], rest: &[Piece<'_>]) {
+    let at = b.len();
+    b.extend_from_slice(&hdr_bytes[..HDR_LEN]);
+    b[at + 10] = 0;
+    b[at + 11] = 0;
+    b.extend_from_slice(prefix);
+    for r in rest {
+        r.copy_to(b);
     }
 }
 

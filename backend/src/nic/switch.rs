@@ -27,6 +27,14 @@ use super::{
 };
 use crate::uplink::Offloads;
 
+/// A steering with no hash to report, to queue 0: for a frame whose
+/// queue and hash do not matter (or could not be computed).
+pub const NO_HASH: Steering = Steering {
+    queue: 0,
+    hash: 0,
+    report: HashReport::None,
+};
+
 /// Ports a frame goes to: bit i is port i (0 the PF, 1 + n VF n).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PortSet(pub u128);
@@ -139,14 +147,19 @@ impl PortView {
         }
     }
 
+    /// Whether the port takes a frame with layer-2 header `l2` (its VLAN
+    /// and its receive filter).
+    pub fn accepts(&self, l2: &L2) -> bool {
+        self.egress(l2.vid()).is_some() && self.takes(l2.dst)
+    }
+
     /// Where RSS sends a frame whose first bytes are `prefix`.
     pub fn steer(&self, prefix: &[u8], len: usize) -> Steering {
         match parse_frame_prefix(prefix, len) {
             Ok(info) => self.rss.steer(&info),
             Err(_) => Steering {
                 queue: self.rss.unclassified_queue,
-                hash: 0,
-                report: HashReport::None,
+                ..NO_HASH
             },
         }
     }

@@ -15,7 +15,10 @@ use vnic_protocol::{
 };
 
 use crate::{
-    nic::{switch::View, DropReason, Nic, QueueStats, UplinkRoute, MAX_FRAME},
+    nic::{
+        switch::{View, NO_HASH},
+        DropReason, Nic, QueueStats, UplinkRoute, MAX_FRAME,
+    },
     uplink::{tap::VNET_HDR_LEN, PieceMut, MAX_PIECES},
 };
 
@@ -652,14 +655,7 @@ impl RxWriter<'_> {
         let peek = &peek[..plen];
         let (steering, target) = match nic.uplink_route(view, peek, frame_len) {
             UplinkRoute::Pf(s) => (s, Some(nic.pf().rx_queue(usize::from(s.queue), own))),
-            UplinkRoute::Switch => {
-                let none = Steering {
-                    queue: 0,
-                    hash: 0,
-                    report: vnic_protocol::rss::HashReport::None,
-                };
-                (none, None)
-            }
+            UplinkRoute::Switch => (NO_HASH, None),
             UplinkRoute::Drop(why) => {
                 rx.unpop(q, rx.nchains);
                 return Ok(Direct::Dropped(why));

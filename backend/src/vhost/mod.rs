@@ -818,11 +818,6 @@ impl VnicBackend {
         let Some(me) = view.ports.get(self.port) else {
             return Ok(false);
         };
-        let no_hash = vnic_protocol::rss::Steering {
-            queue: 0,
-            hash: 0,
-            report: vnic_protocol::rss::HashReport::None,
-        };
         let mut starved = false;
         // Frames already waiting here go first, in order.
         while *moved < BUDGET {
@@ -832,7 +827,7 @@ impl VnicBackend {
                 let steering = if writer.hash_report {
                     me.steer(&frame[..frame.len().min(256)], frame.len())
                 } else {
-                    no_hash
+                    crate::nic::switch::NO_HASH
                 };
                 match writer.write(f, &steering) {
                     Ok(()) => {
