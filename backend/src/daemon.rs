@@ -336,6 +336,7 @@ mod tests {
             mac: vnic_protocol::wire::ethernet::Address([2, 0, 0, 0, 0, 1]),
             mtu: 1500,
             rss: RssSettings::default(),
+            coalesce: Default::default(),
         };
         Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }

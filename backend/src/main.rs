@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use vnic_backend::{
     config::{self, Config, UplinkSpec},
     daemon, mgmt,
-    nic::{DeviceConfig, RssSettings},
+    nic::{coalesce::CoalConfig, DeviceConfig, RssSettings},
 };
 
 /// A vhost-user virtio-net device with RSS and offloads.
@@ -25,9 +25,11 @@ enum Cmd {
     Ctl {
         #[arg(long)]
         mgmt: PathBuf,
-        /// Request: `stats`, `link show [--json]`, or `vf N SETTING VALUE...`
+        /// Request: `stats`, `link show [--json]`, `vf N SETTING VALUE...`
         /// (mac, vlan, qos, proto, spoofchk, trust, max_tx_rate, min_tx_rate,
-        /// state).
+        /// state), `coalesce [vf N] [queue Q] KEY VALUE...` (rx-usecs,
+        /// rx-frames, tx-usecs, tx-frames, adaptive-rx, adaptive-tx), or
+        /// `coalesce show [vf N] [--json]`.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
         request: Vec<String>,
     },
@@ -85,6 +87,11 @@ struct RunArgs {
     /// Switchdev: VF i's representor is this prefix, then i.
     #[arg(long, default_value = "vnicrep", value_parser = config::check_representor_prefix)]
     representor_prefix: String,
+    /// Notification coalescing of every port until its driver sets its
+    /// own: rx-usecs=U,rx-frames=N,tx-usecs=U,tx-frames=N,
+    /// adaptive-rx=on|off,adaptive-tx=on|off (ethtool -C's names).
+    #[arg(long, value_parser = |s: &str| CoalConfig::default().parse_over(s))]
+    coalesce: Option<CoalConfig>,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -119,6 +126,7 @@ fn run(a: RunArgs) -> Result<(), String> {
             mac: a.mac,
             mtu: a.mtu,
             rss,
+            coalesce: a.coalesce.unwrap_or_default(),
         },
         uplink: a.uplink,
         mgmt: a.mgmt,

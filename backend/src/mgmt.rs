@@ -6,7 +6,12 @@
 //!   `vf<n>.`);
 //! - `link show [--json]`: the PF and its VFs in ip-link's layout;
 //! - `vf N [mac M] [vlan V [qos Q] [proto 802.1Q|802.1ad]] [spoofchk on|off]
-//!   [trust on|off] [max_tx_rate R] [min_tx_rate R] [state auto|enable|disable]`.
+//!   [trust on|off] [max_tx_rate R] [min_tx_rate R] [state auto|enable|disable]`;
+//! - `coalesce [vf N] [queue Q] KEY VALUE...`: notification coalescing with
+//!   `ethtool -C`'s keys (rx-usecs, rx-frames, tx-usecs, tx-frames,
+//!   adaptive-rx, adaptive-tx), for the port or one queue pair;
+//! - `coalesce show [vf N] [--json]`: in `ethtool -c`'s layout, then per
+//!   queue pair.
 //!
 //! An answer that starts with `error:` changed nothing.
 
@@ -24,7 +29,9 @@ use std::{
 
 use std::fmt::Write as _;
 
-use crate::nic::Nic;
+use vnic_protocol::virtio::ctrl::Coal;
+
+use crate::nic::{coalesce::QueueCoal, Nic};
 
 fn answer(nic: &Nic, req: &str) -> String {
     let words: Vec<&str> = req.split_whitespace().collect();
@@ -33,8 +40,10 @@ fn answer(nic: &Nic, req: &str) -> String {
         ["link", "show"] | ["link"] => link_show(nic),
         ["link", "show", "--json"] | ["link", "--json"] => link_json(nic),
         ["vf", n, rest @ ..] => set_vf(nic, n, rest),
+        ["coalesce", rest @ ..] => coalesce(nic, rest),
         _ => format!(
-            "error: unknown request {:?}; known: stats, link show [--json], vf N SETTING VALUE...\n",
+            "error: unknown request {:?}; known: stats, link show [--json], \
+             vf N SETTING VALUE..., coalesce [show]\n",
             req.trim()
         ),
     }
@@ -71,6 +80,129 @@ fn set_vf(nic: &Nic, n: &str, words: &[&str]) -> String {
         Ok(()) => "ok\n".to_owned(),
         Err(e) => format!("error: vf {n}: {e}\n"),
     }
+}
+
+/// The port a `vf N` prefix names (the PF without one), and the words
+/// after it.
+fn port_of<'a, 'b>(nic: &Nic, words: &'a [&'b str]) -> Result<(usize, &'a [&'b str]), String> {
+    match words {
+        ["vf", n, rest @ ..] => n
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n.checked_add(1).is_some_and(|p| p < nic.ports.len()))
+            .map(|n| (n + 1, rest))
+            .ok_or_else(|| {
+                format!(
+                    "error: vf {n:?}: this vnicd has {} VFs\n",
+                    nic.ports.len() - 1
+                )
+            }),
+        _ => Ok((0, words)),
+    }
+}
+
+fn coalesce(nic: &Nic, words: &[&str]) -> String {
+    let (show, words) = match words {
+        ["show", rest @ ..] => (true, rest),
+        _ => (false, words),
+    };
+    let (p, words) = match port_of(nic, words) {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    if show {
+        return match words {
+            [] => coalesce_show(nic, p),
+            ["--json"] => coalesce_json(nic, p),
+            _ => "error: coalesce show [vf N] [--json]\n".to_owned(),
+        };
+    }
+    let (pair, words) = match words {
+        ["queue", q, rest @ ..] => match q.parse::<usize>() {
+            Ok(q) => (Some(q), rest),
+            Err(_) => return format!("error: queue {q:?} is not a number\n"),
+        },
+        _ => (None, words),
+    };
+    if words.is_empty() || words.len() % 2 != 0 {
+        return "error: expected KEY VALUE pairs (rx-usecs, rx-frames, tx-usecs, tx-frames, \
+                adaptive-rx, adaptive-tx)\n"
+            .to_owned();
+    }
+    let pairs: Vec<(&str, &str)> = words.chunks(2).map(|c| (c[0], c[1])).collect();
+    match nic.set_coalescing(p, pair, &pairs) {
+        Ok(()) => "ok\n".to_owned(),
+        Err(e) => format!("error: {e}\n"),
+    }
+}
+
+/// One `ethtool -c` block.
+fn coal_block(out: &mut String, rx: (bool, Coal), tx: (bool, Coal)) {
+    let _ = writeln!(out, "Adaptive RX: {}  TX: {}", on_off(rx.0), on_off(tx.0));
+    let _ = writeln!(out, "rx-usecs: {}", rx.1.max_usecs);
+    let _ = writeln!(out, "rx-frames: {}", rx.1.max_packets);
+    let _ = writeln!(out, "tx-usecs: {}", tx.1.max_usecs);
+    let _ = writeln!(out, "tx-frames: {}", tx.1.max_packets);
+}
+
+/// `ethtool -c`'s layout for the port, then `ethtool --per-queue`'s for
+/// each pair, with the values in force (an adaptive queue's profile).
+fn coalesce_show(nic: &Nic, p: usize) -> String {
+    let Some((config, pairs)) = nic.coalescing(p) else {
+        return format!("error: no port {p}\n");
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "Coalesce parameters for {}:", nic.ports[p].name());
+    coal_block(
+        &mut out,
+        (config.rx.adaptive, config.rx.coal),
+        (config.tx.adaptive, config.tx.coal),
+    );
+    for (q, pc) in pairs.iter().enumerate() {
+        let _ = writeln!(out, "\nQueue: {q}");
+        coal_block(
+            &mut out,
+            (pc.rx.adaptive, pc.rx.in_force()),
+            (pc.tx.adaptive, pc.tx.in_force()),
+        );
+    }
+    out
+}
+
+/// [`coalesce_show`] as JSON, with ethtool's key names; per queue also
+/// what was set, the adaptive profile and the packet rate it measured.
+fn coalesce_json(nic: &Nic, p: usize) -> String {
+    let Some((config, pairs)) = nic.coalescing(p) else {
+        return format!("error: no port {p}\n");
+    };
+    let dir = |q: &QueueCoal| {
+        let f = q.in_force();
+        serde_json::json!({
+            "adaptive": q.adaptive,
+            "usecs": f.max_usecs,
+            "frames": f.max_packets,
+            "set-usecs": q.set.max_usecs,
+            "set-frames": q.set.max_packets,
+            "profile": q.dim.level,
+            "rate-pps": q.dim.rate,
+        })
+    };
+    let queues: Vec<serde_json::Value> = pairs
+        .iter()
+        .enumerate()
+        .map(|(q, pc)| serde_json::json!({"queue": q, "rx": dir(&pc.rx), "tx": dir(&pc.tx)}))
+        .collect();
+    let v = serde_json::json!({
+        "ifname": nic.ports[p].name(),
+        "adaptive-rx": config.rx.adaptive,
+        "adaptive-tx": config.tx.adaptive,
+        "rx-usecs": config.rx.coal.max_usecs,
+        "rx-frames": config.rx.coal.max_packets,
+        "tx-usecs": config.tx.coal.max_usecs,
+        "tx-frames": config.tx.coal.max_packets,
+        "queues": queues,
+    });
+    format!("{v}\n")
 }
 
 /// The PF and its VFs in `ip link show`'s layout.

@@ -6,7 +6,7 @@
 use vnic_protocol::{
     rss::{HashTypes, IndirectionTable, Rss, MIN_KEY_LEN},
     virtio::{
-        ctrl::{Coal, CtrlCommand, RxMode},
+        ctrl::{CtrlCommand, RxMode},
         Features,
     },
     wire::ethernet::Address,
@@ -14,7 +14,10 @@ use vnic_protocol::{
 
 use std::sync::Arc;
 
-use super::Nic;
+use super::{
+    coalesce::{CoalConfig, DirCoal, QueueCoal},
+    DeviceConfig, Nic,
+};
 
 /// Largest RSS key the device takes (config space rss_max_key_size).
 pub const RSS_MAX_KEY: u8 = 40;
@@ -65,20 +68,15 @@ impl RxFilter {
     }
 }
 
-/// Per-virtqueue coalescing parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CoalState {
-    /// Indexed by virtqueue (2i RX, 2i+1 TX).
-    pub vq: Vec<Coal>,
-}
-
 /// State the control queue changes.
 #[derive(Debug, Clone)]
 pub struct CtrlState {
     pub mac: Address,
     pub filter: RxFilter,
     pub active_pairs: u16,
-    pub coal: CoalState,
+    /// What TX_SET and RX_SET (or the administrator) last gave: each
+    /// queue's own parameters are in the port's coalescers.
+    pub coal: CoalConfig,
     /// STATUS_ANNOUNCE is set until the driver acknowledges it.
     pub announce: bool,
     /// Receive offloads currently enabled (GUEST_OFFLOADS_SET).
@@ -88,14 +86,12 @@ pub struct CtrlState {
 }
 
 impl CtrlState {
-    pub fn new(mac: Address, pairs: u16, rss: Rss) -> CtrlState {
+    pub fn new(mac: Address, config: &DeviceConfig, rss: Rss) -> CtrlState {
         CtrlState {
             mac,
             filter: RxFilter::default(),
-            active_pairs: pairs,
-            coal: CoalState {
-                vq: vec![Coal::default(); 2 * usize::from(pairs)],
-            },
+            active_pairs: config.pairs,
+            coal: config.coalesce,
             announce: false,
             guest_offloads: Features::empty(),
             rss: Arc::new(rss),
@@ -218,6 +214,9 @@ impl Nic {
                 }
                 st.active_pairs = *n;
                 port.limit_rx_queues(*n);
+                // A queue turned off takes TX_SET/RX_SET's values when it
+                // comes back (virtio 1.3, 5.1.6.5.6.2).
+                port.restore_coalescing(2 * usize::from(*n), &st.coal);
                 if !acked.contains(Features::RSS) {
                     let table =
                         IndirectionTable::spread(128, *n).map_err(|e| Refused(e.to_string()))?;
@@ -253,6 +252,7 @@ impl Nic {
                 st.rss = Arc::new(rss);
                 st.active_pairs = c.max_tx_vq;
                 port.limit_rx_queues(c.max_tx_vq);
+                port.restore_coalescing(2 * usize::from(c.max_tx_vq), &st.coal);
             }
             CtrlCommand::HashConfig(c) => {
                 needs(Features::HASH_REPORT)?;
@@ -278,35 +278,142 @@ impl Nic {
             }
             CtrlCommand::CoalTxSet(c) | CtrlCommand::CoalRxSet(c) => {
                 needs(Features::NOTF_COAL)?;
-                let first = usize::from(matches!(cmd, CtrlCommand::CoalTxSet(_)));
-                for i in (first..st.coal.vq.len()).step_by(2) {
-                    st.coal.vq[i] = *c;
+                // The driver's values win over the administrator's, and
+                // over adaptive mode.
+                let d = DirCoal {
+                    coal: *c,
+                    adaptive: false,
+                };
+                let tx = matches!(cmd, CtrlCommand::CoalTxSet(_));
+                if tx {
+                    st.coal.tx = d;
+                } else {
+                    st.coal.rx = d;
+                }
+                let enabled = 2 * usize::from(st.active_pairs);
+                for vq in (usize::from(tx)..enabled).step_by(2) {
+                    if let Some(mut q) = port.coalescer(vq) {
+                        q.configure(d);
+                    }
                 }
             }
             CtrlCommand::CoalVqSet { vq_index, coal } => {
                 needs(Features::VQ_NOTF_COAL)?;
-                let i = usize::from(*vq_index);
-                if i >= 2 * usize::from(st.active_pairs) {
-                    return refuse(format!("virtqueue {i} is not enabled"));
+                let vq = usize::from(*vq_index);
+                if vq >= 2 * usize::from(st.active_pairs) {
+                    return refuse(format!("virtqueue {vq} is not enabled"));
                 }
-                st.coal.vq[i] = *coal;
+                let mut q = port
+                    .coalescer(vq)
+                    .ok_or_else(|| Refused(format!("no virtqueue {vq}")))?;
+                q.configure(DirCoal {
+                    coal: *coal,
+                    adaptive: false,
+                });
             }
             CtrlCommand::CoalVqGet { vq_index } => {
                 needs(Features::VQ_NOTF_COAL)?;
-                let i = usize::from(*vq_index);
-                if i >= 2 * usize::from(st.active_pairs) {
-                    return refuse(format!("virtqueue {i} is not enabled"));
+                let vq = usize::from(*vq_index);
+                if vq >= 2 * usize::from(st.active_pairs) {
+                    return refuse(format!("virtqueue {vq} is not enabled"));
                 }
-                return Ok(st.coal.vq[i].to_bytes().to_vec());
+                let q = port
+                    .coalescer(vq)
+                    .ok_or_else(|| Refused(format!("no virtqueue {vq}")))?;
+                return Ok(q.set.to_bytes().to_vec());
             }
         }
         Ok(Vec::new())
     }
 }
 
+/// A queue pair's coalescing as `vnicd ctl coalesce show` reports it.
+#[derive(Debug, Clone)]
+pub struct PairCoal {
+    pub rx: QueueCoal,
+    pub tx: QueueCoal,
+}
+
+impl Nic {
+    /// Sets port `p`'s notification coalescing from `ethtool -C`'s keys
+    /// (`rx-usecs`, `rx-frames`, `tx-usecs`, `tx-frames`, `adaptive-rx`,
+    /// `adaptive-tx`): for queue pair `pair` alone, or for every queue and
+    /// as the values a queue takes when it is enabled again. All or
+    /// nothing: a bad key or value changes nothing. The driver may set its
+    /// own later (NOTF_COAL), and the last setting wins.
+    pub fn set_coalescing(
+        &self,
+        p: usize,
+        pair: Option<usize>,
+        settings: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let port = self.ports.get(p).ok_or_else(|| format!("no port {p}"))?;
+        let pairs = usize::from(port.config.pairs);
+        if let Some(q) = pair.filter(|&q| q >= pairs) {
+            return Err(format!("queue {q}: the port has {pairs} queue pairs"));
+        }
+        {
+            let mut st = port.ctrl_state();
+            let current = match pair {
+                None => st.coal,
+                Some(q) => {
+                    let get = |vq: usize| {
+                        port.coalescer(vq).map_or(DirCoal::default(), |c| DirCoal {
+                            coal: c.set,
+                            adaptive: c.adaptive,
+                        })
+                    };
+                    CoalConfig {
+                        rx: get(2 * q),
+                        tx: get(2 * q + 1),
+                    }
+                }
+            };
+            let new = settings.iter().try_fold(current, |mut c, (k, v)| {
+                c.set(k, v)?;
+                Ok::<_, String>(c)
+            })?;
+            let queues = match pair {
+                None => {
+                    st.coal = new;
+                    0..2 * pairs
+                }
+                Some(q) => 2 * q..2 * q + 2,
+            };
+            for vq in queues {
+                if let Some(mut c) = port.coalescer(vq) {
+                    c.configure(new.for_vq(vq));
+                }
+            }
+        }
+        // Held notifications may be due under the new values.
+        if let Some(rx) = port.rx_path().and_then(|h| h.0.upgrade()) {
+            rx.coalescing_changed();
+        }
+        Ok(())
+    }
+
+    /// Port `p`'s coalescing: the values a re-enabled queue takes, and each
+    /// queue pair's.
+    pub fn coalescing(&self, p: usize) -> Option<(CoalConfig, Vec<PairCoal>)> {
+        let port = self.ports.get(p)?;
+        let config = port.ctrl_state().coal;
+        let pairs = (0..usize::from(port.config.pairs))
+            .map(|q| {
+                let get = |vq| port.coalescer(vq).map(|c| c.clone()).unwrap_or_default();
+                PairCoal {
+                    rx: get(2 * q),
+                    tx: get(2 * q + 1),
+                }
+            })
+            .collect();
+        Some((config, pairs))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use vnic_protocol::virtio::ctrl::RssConfig;
+    use vnic_protocol::virtio::ctrl::{Coal, RssConfig};
 
     use super::*;
     use crate::nic::tests::{config, FakeUplink};
@@ -442,5 +549,108 @@ mod tests {
             dev.control(0, &rss(vec![0, 1], 20), all()).is_err(),
             "key too short"
         );
+    }
+
+    fn vq_get(dev: &Nic, vq: u16) -> Result<Coal, Refused> {
+        dev.control(0, &CtrlCommand::CoalVqGet { vq_index: vq }, all())
+            .map(|b| Coal::from_bytes(&b).unwrap())
+    }
+
+    fn c(max_packets: u32, max_usecs: u32) -> Coal {
+        Coal {
+            max_packets,
+            max_usecs,
+        }
+    }
+
+    /// virtio 1.3, 5.1.6.5.6: TX_SET and RX_SET set every queue of their
+    /// direction, VQ_SET one; the last wins; a queue turned off and on
+    /// again takes TX_SET/RX_SET's values; reset clears all; VQ_SET and
+    /// VQ_GET on a queue that is off are ERR.
+    #[test]
+    fn notification_coalescing_commands_follow_the_spec() {
+        let dev = Nic::single(config(4), Box::new(FakeUplink::default())).unwrap();
+        let set = |cmd: CtrlCommand| dev.control(0, &cmd, all()).map(|_| ());
+        set(CtrlCommand::CoalRxSet(c(32, 100))).unwrap();
+        set(CtrlCommand::CoalTxSet(c(16, 50))).unwrap();
+        for q in 0..4 {
+            assert_eq!(vq_get(&dev, 2 * q).unwrap(), c(32, 100));
+            assert_eq!(vq_get(&dev, 2 * q + 1).unwrap(), c(16, 50));
+        }
+        set(CtrlCommand::CoalVqSet {
+            vq_index: 2,
+            coal: c(1, 5),
+        })
+        .unwrap();
+        assert_eq!(vq_get(&dev, 2).unwrap(), c(1, 5));
+        assert_eq!(vq_get(&dev, 0).unwrap(), c(32, 100));
+        // RX_SET after VQ_SET: the last command wins.
+        set(CtrlCommand::CoalRxSet(c(8, 10))).unwrap();
+        assert_eq!(vq_get(&dev, 2).unwrap(), c(8, 10));
+        set(CtrlCommand::CoalVqSet {
+            vq_index: 7,
+            coal: c(3, 3),
+        })
+        .unwrap();
+        // Two pairs: queues 4 to 7 are off, and refuse VQ_SET and VQ_GET.
+        set(CtrlCommand::VqPairsSet(2)).unwrap();
+        assert!(vq_get(&dev, 7).is_err());
+        assert!(vq_get(&dev, 4).is_err());
+        assert!(set(CtrlCommand::CoalVqSet {
+            vq_index: 5,
+            coal: c(2, 2)
+        })
+        .is_err());
+        assert_eq!(vq_get(&dev, 3).unwrap(), c(16, 50));
+        // Back on: the last TX_SET/RX_SET values, not VQ_SET's.
+        set(CtrlCommand::VqPairsSet(4)).unwrap();
+        assert_eq!(vq_get(&dev, 7).unwrap(), c(16, 50));
+        assert_eq!(vq_get(&dev, 6).unwrap(), c(8, 10));
+        // Without NOTF_COAL negotiated the class is refused.
+        assert!(dev
+            .control(
+                0,
+                &CtrlCommand::CoalRxSet(c(1, 1)),
+                all() - Features::NOTF_COAL - Features::VQ_NOTF_COAL
+            )
+            .is_err());
+        // Reset clears all.
+        dev.reset(0).unwrap();
+        for vq in 0..8 {
+            assert_eq!(vq_get(&dev, vq).unwrap(), Coal::default());
+        }
+    }
+
+    /// The administrator's values (`--coalesce`, `vnicd ctl coalesce`)
+    /// are what a reset returns to; a bad key changes nothing; the
+    /// driver's command turns adaptive mode off for its queues.
+    #[test]
+    fn administrator_coalescing_is_all_or_nothing_and_survives_reset() {
+        let mut cfg = config(2);
+        cfg.coalesce = CoalConfig::default()
+            .parse_over("rx-usecs=200,rx-frames=64,adaptive-tx=on")
+            .unwrap();
+        let dev = Nic::single(cfg, Box::new(FakeUplink::default())).unwrap();
+        assert_eq!(vq_get(&dev, 2).unwrap(), c(64, 200));
+        assert!(dev.pf().coalescer(3).unwrap().adaptive);
+        assert!(dev
+            .set_coalescing(0, None, &[("rx-usecs", "5"), ("rx-frames", "x")])
+            .is_err());
+        assert!(dev
+            .set_coalescing(0, Some(2), &[("rx-usecs", "5")])
+            .is_err());
+        assert_eq!(vq_get(&dev, 0).unwrap(), c(64, 200));
+        dev.set_coalescing(0, Some(1), &[("rx-usecs", "5"), ("adaptive-rx", "on")])
+            .unwrap();
+        assert_eq!(vq_get(&dev, 2).unwrap(), c(64, 5));
+        assert!(dev.pf().coalescer(2).unwrap().adaptive);
+        assert_eq!(vq_get(&dev, 0).unwrap(), c(64, 200));
+        dev.control(0, &CtrlCommand::CoalTxSet(c(4, 4)), all())
+            .unwrap();
+        assert!(!dev.pf().coalescer(3).unwrap().adaptive);
+        dev.reset(0).unwrap();
+        assert_eq!(vq_get(&dev, 2).unwrap(), c(64, 200));
+        assert_eq!(vq_get(&dev, 1).unwrap(), Coal::default());
+        assert!(dev.pf().coalescer(3).unwrap().adaptive);
     }
 }

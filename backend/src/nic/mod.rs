@@ -4,6 +4,7 @@
 //! per-queue backlogs that carry frames between workers and ports, and the
 //! counters.
 
+pub mod coalesce;
 pub mod ctrl;
 pub mod port;
 pub mod stats;
@@ -74,6 +75,8 @@ pub struct DeviceConfig {
     pub mac: Address,
     pub mtu: u16,
     pub rss: RssSettings,
+    /// Notification coalescing until the driver sets its own.
+    pub coalesce: coalesce::CoalConfig,
 }
 
 impl DeviceConfig {
@@ -302,8 +305,9 @@ pub struct TxScratch {
 #[derive(Default)]
 pub struct Wakes {
     to: Vec<(usize, usize)>,
-    /// RX queues written directly, whose drivers are owed a notification.
-    notify: Vec<(Arc<dyn RxPath>, usize)>,
+    /// RX queues written directly, whose drivers are owed a notification
+    /// for this many frames.
+    notify: Vec<(Arc<dyn RxPath>, usize, u32)>,
     frames: usize,
     bytes: usize,
     /// A frame in one piece for a direct delivery.
@@ -344,12 +348,13 @@ impl Wakes {
     }
 
     fn notify(&mut self, rx: Arc<dyn RxPath>, q: usize, len: usize) {
-        if !self
+        match self
             .notify
-            .iter()
-            .any(|(r, n)| *n == q && Arc::ptr_eq(r, &rx))
+            .iter_mut()
+            .find(|(r, n, _)| *n == q && Arc::ptr_eq(r, &rx))
         {
-            self.notify.push((rx, q));
+            Some((_, _, frames)) => *frames += 1,
+            None => self.notify.push((rx, q, 1)),
         }
         self.held(len);
     }
@@ -365,8 +370,12 @@ pub trait RxPath: Send + Sync {
     /// buffers, not running): nothing changed. A frame the queue's
     /// buffers cannot hold is dropped and counted, and true.
     fn deliver(&self, q: usize, frame: &[u8], steering: &Steering) -> bool;
-    /// Signals RX queue `q`'s driver of the frames delivered, if it wants.
-    fn flush(&self, q: usize);
+    /// Tells RX queue `q` that `frames` were delivered: its driver is
+    /// signalled, if it wants, now or when the queue's coalescing says.
+    fn flush(&self, q: usize, frames: u32);
+    /// The port's coalescing parameters changed: held notifications that
+    /// are now due go out.
+    fn coalescing_changed(&self) {}
 }
 
 /// A port's [`RxPath`] as the switch's view holds it: weakly, so a
@@ -647,7 +656,8 @@ impl Nic {
         {
             let mut st = port.ctrl_state();
             let mac = port.settings().mac;
-            *st = CtrlState::new(mac, port.config.pairs, rss);
+            *st = CtrlState::new(mac, &port.config, rss);
+            port.reset_coalescing(&st.coal);
         }
         // Until the new driver negotiates, the port takes no offloads.
         port.set_acked(Features::empty());
@@ -1308,8 +1318,8 @@ impl Nic {
     pub fn wake(&self, wakes: &mut Wakes) {
         wakes.frames = 0;
         wakes.bytes = 0;
-        for (rx, q) in wakes.notify.drain(..) {
-            rx.flush(q);
+        for (rx, q, frames) in wakes.notify.drain(..) {
+            rx.flush(q, frames);
         }
         for (p, q) in wakes.to.drain(..) {
             if let Some(b) = self.ports.get(p).and_then(|port| port.backlogs.get(q)) {
@@ -1493,6 +1503,7 @@ pub(crate) mod tests {
             mac: Address([2, 0, 0, 0, 0, 1]),
             mtu: 1500,
             rss: RssSettings::default(),
+            coalesce: coalesce::CoalConfig::default(),
         }
     }
 

@@ -13,6 +13,7 @@ use std::{
 use vnic_protocol::virtio::Features;
 
 use super::{
+    coalesce::{CoalConfig, QueueCoal},
     ctrl::CtrlState,
     vf::{TokenBucket, VfSettings},
     Backlog, DeviceConfig, DropReason, QueueSet, RxHandle, Stats, BACKLOG_BYTES, BACKLOG_FRAMES,
@@ -43,6 +44,8 @@ pub struct Port {
     rx_path: Mutex<Option<RxHandle>>,
     /// Per RX queue: frames waiting for it.
     pub backlogs: Vec<Backlog>,
+    /// Per virtqueue (2i RX, 2i+1 TX): its notification coalescing.
+    coal: Vec<Mutex<QueueCoal>>,
 }
 
 impl Port {
@@ -57,7 +60,10 @@ impl Port {
         Ok(Port {
             id,
             stats: Stats::new(pairs),
-            ctrl: Mutex::new(CtrlState::new(settings.mac, config.pairs, rss)),
+            ctrl: Mutex::new(CtrlState::new(settings.mac, &config, rss)),
+            coal: (0..2 * pairs)
+                .map(|vq| Mutex::new(QueueCoal::new(vq, &config.coalesce)))
+                .collect(),
             // The NIC's clock starts near 0 as it is made.
             bucket: Mutex::new(
                 (settings.max_tx_rate > 0).then(|| TokenBucket::new(settings.max_tx_rate, 0)),
@@ -92,6 +98,27 @@ impl Port {
 
     pub(super) fn bucket(&self) -> MutexGuard<'_, Option<TokenBucket>> {
         self.bucket.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Virtqueue `vq`'s notification coalescing (2i RX, 2i+1 TX).
+    pub fn coalescer(&self, vq: usize) -> Option<MutexGuard<'_, QueueCoal>> {
+        self.coal
+            .get(vq)
+            .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Every virtqueue back to `config`, nothing held (a reset).
+    pub(super) fn reset_coalescing(&self, config: &CoalConfig) {
+        self.restore_coalescing(0, config);
+    }
+
+    /// Virtqueues `from` on back to `config`'s values, nothing held.
+    pub(super) fn restore_coalescing(&self, from: usize, config: &CoalConfig) {
+        for vq in from..self.coal.len() {
+            if let Some(mut q) = self.coalescer(vq) {
+                *q = QueueCoal::new(vq, config);
+            }
+        }
     }
 
     pub fn acked(&self) -> Features {

@@ -1,5 +1,6 @@
 //! Per-queue counters. Every dropped frame is counted under a reason.
 
+use super::coalesce::Flush;
 use std::{
     fmt::Write as _,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
@@ -118,6 +119,16 @@ pub struct QueueStats {
     pub direct: AtomicU64,
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
+    /// Batches of used buffers whose notification coalescing held back.
+    pub held: AtomicU64,
+    /// Held notifications sent because `max_packets` were used.
+    pub flush_packets: AtomicU64,
+    /// Held notifications sent because `max_usecs` passed.
+    pub flush_timer: AtomicU64,
+    /// Held notifications sent because the device ran out of buffers.
+    pub flush_starved: AtomicU64,
+    /// The longest a used buffer waited for its notification, in ns.
+    pub hold_max_ns: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -135,6 +146,20 @@ impl QueueStats {
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().map(|d| d.load(Relaxed)).sum()
     }
+    /// A held notification went out (or the driver did not want it) after
+    /// its oldest buffer waited `held_ns`, for `why`.
+    pub fn flushed(&self, why: Flush, held_ns: u64) {
+        let c = match why {
+            Flush::Packets => &self.flush_packets,
+            Flush::Timer => &self.flush_timer,
+            Flush::Starved => &self.flush_starved,
+        };
+        if held_ns > 0 {
+            c.fetch_add(1, Relaxed);
+            self.hold_max_ns.fetch_max(held_ns, Relaxed);
+        }
+    }
+
     pub fn notified(&self, sent: bool) {
         if sent {
             self.notifications.fetch_add(1, Relaxed);
@@ -183,6 +208,15 @@ impl Stats {
                     "{dir}{i}.notifications_suppressed {}",
                     q.notifications_suppressed.load(Relaxed)
                 );
+                for (name, c) in [
+                    ("held", &q.held),
+                    ("flush.packets", &q.flush_packets),
+                    ("flush.timer", &q.flush_timer),
+                    ("flush.starved", &q.flush_starved),
+                    ("hold_max_ns", &q.hold_max_ns),
+                ] {
+                    let _ = writeln!(s, "{dir}{i}.coalesce.{name} {}", c.load(Relaxed));
+                }
                 for why in DropReason::ALL {
                     let _ = writeln!(s, "{dir}{i}.drop.{} {}", why.name(), q.drops(why));
                 }

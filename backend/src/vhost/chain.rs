@@ -193,6 +193,9 @@ pub(super) struct RxWriter<'a> {
     pub stats: &'a QueueStats,
     pub mergeable: bool,
     pub hash_report: bool,
+    /// Frames put in the used ring (delivered, or their buffers handed
+    /// back empty), for notification coalescing.
+    pub used: u32,
 }
 
 impl<'a> RxWriter<'a> {
@@ -210,6 +213,7 @@ impl<'a> RxWriter<'a> {
             stats,
             mergeable: acked.contains(Features::MRG_RXBUF),
             hash_report: acked.contains(Features::HASH_REPORT),
+            used: 0,
         }
     }
 }
@@ -530,6 +534,7 @@ impl RxWriter<'_> {
             for &(head, _) in &used[..count] {
                 let _ = q.add_used(self.mem, head, 0);
             }
+            self.used += 1;
             return Err(why);
         }
         if self.mergeable && count > 1 {
@@ -545,6 +550,7 @@ impl RxWriter<'_> {
             q.add_used(self.mem, head, len)
                 .map_err(|_| DropReason::BadDescriptor)?;
         }
+        self.used += 1;
         Ok(())
     }
 
@@ -724,6 +730,7 @@ impl RxWriter<'_> {
             left -= used;
             q.add_used(mem, h, used as u32).map_err(io::Error::other)?;
         }
+        self.used += 1;
         Ok(Direct::Delivered(frame_len))
     }
 }

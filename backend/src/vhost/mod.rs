@@ -46,6 +46,7 @@ use vnic_protocol::virtio::{
 use self::chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter};
 use crate::{
     nic::{
+        coalesce::Verdict,
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
         switch::View,
         DropReason, Nic, Port, QueueStats, RxPath, TxScratch, UplinkRoute, MAX_FRAME,
@@ -83,6 +84,16 @@ enum Ev {
     Resume = 3,
     /// The port's transmit rate allows the next frame.
     Timer = 4,
+    /// A held used-buffer notification of the worker's queues is due.
+    Coalesce = 5,
+}
+
+/// A worker's coalescing timer and the deadline it is armed for.
+#[derive(Debug)]
+struct CoalTimer {
+    fd: TimerFd,
+    /// NIC-clock ns the timer fires at, if armed.
+    armed: Option<u64>,
 }
 
 /// Features the device offers (the control queue ones come with it).
@@ -293,6 +304,8 @@ pub struct VnicBackend {
     resume: Vec<EventFd>,
     /// Per worker: fires when the port's rate limit lets TX go on.
     timers: Vec<Mutex<TimerFd>>,
+    /// Per worker: fires when a notification its queues hold is due.
+    coal_timers: Vec<Mutex<CoalTimer>>,
 }
 
 impl std::fmt::Debug for VnicBackend {
@@ -317,10 +330,14 @@ impl VnicBackend {
         let timers = (0..pairs)
             .map(|_| nonblocking_timer().map(Mutex::new))
             .collect::<io::Result<_>>()?;
+        let coal_timers = (0..pairs)
+            .map(|_| nonblocking_timer().map(|fd| Mutex::new(CoalTimer { fd, armed: None })))
+            .collect::<io::Result<_>>()?;
         let view = nic.switch.view();
         Ok(VnicBackend {
             resume,
             timers,
+            coal_timers,
             workers: (0..pairs)
                 .map(|_| Mutex::new(Worker::new(view.clone())))
                 .collect(),
@@ -384,6 +401,11 @@ impl VnicBackend {
         }
     }
 
+    /// The event of a worker's coalescing timer.
+    pub fn coalesce_event(&self) -> u16 {
+        self.event_id(Ev::Coalesce)
+    }
+
     /// The event that tells a worker frames wait in its RX backlog.
     pub fn backlog_event(&self) -> u16 {
         self.event_id(Ev::Backlog)
@@ -427,6 +449,14 @@ impl VnicBackend {
             if let Some(t) = self.timers.get(i) {
                 let fd = t.lock().unwrap_or_else(PoisonError::into_inner).as_raw_fd();
                 h.register_listener(fd, EventSet::IN, u64::from(self.event_id(Ev::Timer)))?;
+            }
+            if let Some(t) = self.coal_timers.get(i) {
+                let fd = t
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .fd
+                    .as_raw_fd();
+                h.register_listener(fd, EventSet::IN, u64::from(self.event_id(Ev::Coalesce)))?;
             }
             // The PF's workers read the uplink; frames for other ports go
             // through the switch into their backlogs.
@@ -545,7 +575,17 @@ impl VnicBackend {
         let mut out = [0u8; 1 + CTRL_MAX_ANSWER];
         let mut n = 1;
         out[0] = match CtrlCommand::parse_message(readable) {
-            Ok(cmd) => match self.nic.control(self.port, &cmd, acked) {
+            Ok(cmd) => match self.nic.control(self.port, &cmd, acked).inspect(|_| {
+                if matches!(
+                    cmd,
+                    CtrlCommand::CoalTxSet(_)
+                        | CtrlCommand::CoalRxSet(_)
+                        | CtrlCommand::CoalVqSet { .. }
+                ) {
+                    // What is held may be due under the new values.
+                    self.recheck_coalescing();
+                }
+            }) {
                 Ok(answer) if answer.len() <= CTRL_MAX_ANSWER && answer.len() < room => {
                     out[1..1 + answer.len()].copy_from_slice(&answer);
                     n += answer.len();
@@ -681,7 +721,7 @@ impl VnicBackend {
         // Other ports' workers learn of their frames once per batch.
         self.nic.wake(&mut scratch.wakes);
         if moved > 0 {
-            self.notify(vring, &mem, stats)?;
+            self.signal(2 * i + 1, moved as u32, vring, &mem, stats, false)?;
         }
         Ok(())
     }
@@ -695,6 +735,107 @@ impl VnicBackend {
                 self.resume_later(i);
             }
         }
+    }
+
+    /// `n` more buffers of virtqueue `vq` are in its used ring: signals the
+    /// driver now, or holds the notification as the queue's coalescing
+    /// says and arms the worker's timer for it. `starved`: the device
+    /// cannot go on until the driver posts buffers, so nothing is held.
+    fn signal(
+        &self,
+        vq: usize,
+        n: u32,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        stats: &QueueStats,
+        starved: bool,
+    ) -> io::Result<()> {
+        let Some(mut c) = self.dev().coalescer(vq) else {
+            return self.notify(vring, mem, stats);
+        };
+        let now = self.nic.now();
+        let verdict = match c.used(n, now) {
+            Verdict::Hold { .. } if starved => Verdict::Notify,
+            v => v,
+        };
+        match verdict {
+            Verdict::Idle => Ok(()),
+            Verdict::Notify => {
+                let why = c.reason(now);
+                stats.flushed(why, c.notified(now));
+                // Under the queue's lock, so that a buffer used meanwhile
+                // by another thread is either in this notification or
+                // held for the next.
+                self.notify(vring, mem, stats)
+            }
+            Verdict::Hold { deadline } => {
+                drop(c);
+                if n > 0 {
+                    stats.held.fetch_add(1, Ordering::Relaxed);
+                }
+                self.arm_coalescing(vq / 2, deadline, now);
+                Ok(())
+            }
+        }
+    }
+
+    /// Brings worker `i` back at `deadline` (NIC clock) to send a held
+    /// notification, unless it is due back sooner already.
+    fn arm_coalescing(&self, i: usize, deadline: u64, now: u64) {
+        let Some(t) = self.coal_timers.get(i) else {
+            return;
+        };
+        let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
+        if t.armed.is_some_and(|a| a <= deadline) {
+            return;
+        }
+        let wait = deadline.saturating_sub(now).max(1000);
+        match t.fd.reset(std::time::Duration::from_nanos(wait), None) {
+            Ok(()) => t.armed = Some(deadline),
+            Err(e) => {
+                log::warn!("worker {i}: coalescing timer: {e}");
+                t.armed = None;
+            }
+        }
+    }
+
+    /// Has every worker look at its held notifications now: coalescing
+    /// parameters changed, and what is held may be due.
+    fn recheck_coalescing(&self) {
+        let now = self.nic.now();
+        for i in 0..self.coal_timers.len() {
+            self.arm_coalescing(i, now, now);
+        }
+    }
+
+    /// Worker `i`'s coalescing timer fired: sends what is due of its RX
+    /// and TX queues' held notifications, and arms the timer again for
+    /// what is not.
+    fn coalescing_due(&self, i: usize, vrings: &[VringRwLock]) -> io::Result<()> {
+        if let Some(t) = self.coal_timers.get(i) {
+            let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
+            t.armed = None;
+            let mut n = 0u64;
+            // SAFETY: reads 8 bytes into `n` from the timerfd this backend
+            // owns; a timerfd read writes at most that.
+            let _ = unsafe {
+                libc::read(
+                    t.fd.as_raw_fd(),
+                    std::ptr::addr_of_mut!(n).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
+        let mem = self.memory();
+        let stats = &self.dev().stats;
+        for (k, vring) in vrings.iter().take(2).enumerate() {
+            if !live(vring) {
+                continue;
+            }
+            let s = if k == 0 { &stats.rx[i] } else { &stats.tx[i] };
+            self.signal(2 * i + k, 0, vring, &mem, s, false)?;
+        }
+        Ok(())
     }
 
     /// Signals the driver of used buffers unless it asked not to be: with
@@ -758,12 +899,13 @@ impl VnicBackend {
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev().config.mtu) + 14 + 8;
         let mut moved = 0;
+        let mut starved;
         loop {
             // While frames move, the driver need not kick when it posts
             // buffers: the uplink wakes the worker.
             vring.disable_notification().map_err(io::Error::other)?;
             let seen = avail_idx(vring, &mem);
-            let starved = self.rx_round(i, &mut writer, max_frame, small, &mut moved)?;
+            starved = self.rx_round(i, &mut writer, max_frame, small, &mut moved)?;
             if moved >= BUDGET {
                 // More may be waiting; come back after other events.
                 let _ = backlog.event.write(1);
@@ -775,8 +917,9 @@ impl VnicBackend {
                 break;
             }
         }
-        if moved > 0 {
-            self.notify(vring, &mem, stats)?;
+        let used = writer.used;
+        if moved > 0 || used > 0 {
+            self.signal(2 * i, used, vring, &mem, stats, starved)?;
         }
         Ok(())
     }
@@ -891,7 +1034,12 @@ impl VnicBackend {
                     stats.drop(DropReason::UplinkError);
                     return Ok(false);
                 }
-                Direct::Dropped(why) => stats.drop(why),
+                Direct::Dropped(why) => {
+                    // Its buffers may have gone back empty: the driver is
+                    // owed a notification for them.
+                    writer.used += 1;
+                    stats.drop(why);
+                }
                 Direct::Switched => {
                     w.rx_big = w.rx_out.len() > small + VNET_HDR_LEN;
                     let Worker {
@@ -1077,14 +1225,18 @@ impl RxPath for VnicBackend {
         }
     }
 
-    fn flush(&self, q: usize) {
+    fn flush(&self, q: usize, frames: u32) {
         let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
             return;
         };
         let mem = self.memory();
-        if let Err(e) = self.notify(vring, &mem, &self.dev().stats.rx[q]) {
+        if let Err(e) = self.signal(2 * q, frames, vring, &mem, &self.dev().stats.rx[q], false) {
             log::debug!("rx{q}: notify: {e}");
         }
+    }
+
+    fn coalescing_changed(&self) {
+        self.recheck_coalescing();
     }
 }
 
@@ -1255,6 +1407,7 @@ impl VnicBackend {
                     Ok(())
                 }
             }
+            e if e == self.event_id(Ev::Coalesce) => self.coalescing_due(i, vrings),
             e if e == self.event_id(Ev::Uplink) || e == self.event_id(Ev::Backlog) => {
                 if e == self.event_id(Ev::Backlog) {
                     let _ = self.dev().backlogs[i].event.read();

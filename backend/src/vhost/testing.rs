@@ -407,6 +407,7 @@ impl Harness {
             mac: DEVICE_MAC,
             mtu: 1500,
             rss: crate::nic::RssSettings::default(),
+            coalesce: Default::default(),
         };
         #[allow(clippy::expect_used)]
         let nic = std::sync::Arc::new(

@@ -980,3 +980,114 @@ fn a_chain_of_more_pieces_than_a_write_takes_is_sent_in_order() {
     );
     assert_eq!(&h.up.sent()[0][HDR_LEN..], &bytes[HDR_LEN..]);
 }
+
+fn counter(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Coalescing on TX: notifications wait for `max_packets` chains or for
+/// `max_usecs`, the timer sends what is due, and a command that makes
+/// held work due sends it at once.
+#[test]
+fn transmit_notifications_are_held_as_coalescing_says() {
+    for event_idx in [false, true] {
+        let features = if event_idx {
+            all()
+        } else {
+            all() - Features::EVENT_IDX
+        };
+        let mut h = Harness::new(features, 256, Offloads::ALL, 11);
+        // Notifications sent, or not wanted by the driver (EVENT_IDX's
+        // used_event), and batches held.
+        let tx = |h: &Harness| {
+            let s = &h.pf().stats.tx[0];
+            (
+                counter(&s.notifications) + counter(&s.notifications_suppressed),
+                counter(&s.held),
+            )
+        };
+        let set = |h: &mut Harness, max_packets, max_usecs| {
+            let cmd = bytes(&CtrlCommand::CoalTxSet(Coal {
+                max_packets,
+                max_usecs,
+            }));
+            let ((_, n), outs) = ctrl(h, &cmd, &[1]);
+            assert_eq!(n, 1);
+            assert_eq!(h.read(outs[0], 1), [ACK_OK]);
+        };
+        // Off: one notification per batch.
+        post_tx(&mut h, 3, 60);
+        h.worker_event(1).unwrap();
+        assert_eq!(tx(&h), (1, 0));
+        // Eight chains or a second: five are held, three more send it.
+        set(&mut h, 8, 1_000_000);
+        post_tx(&mut h, 5, 60);
+        h.worker_event(1).unwrap();
+        assert_eq!(h.tx.used(&h.mem).len(), 8, "the chains are used at once");
+        assert_eq!(tx(&h), (1, 1));
+        post_tx(&mut h, 3, 60);
+        h.worker_event(1).unwrap();
+        assert_eq!(tx(&h), (2, 1));
+        let s = &h.pf().stats.tx[0];
+        assert_eq!(counter(&s.flush_packets), 1);
+        // Then 200 µs: held until the timer fires.
+        set(&mut h, 64, 200);
+        post_tx(&mut h, 1, 60);
+        h.worker_event(1).unwrap();
+        assert_eq!(tx(&h), (2, 2));
+        h.worker_event(h.backend.coalesce_event()).unwrap();
+        assert_eq!(tx(&h), (2, 2), "early: still held");
+        std::thread::sleep(std::time::Duration::from_micros(300));
+        h.worker_event(h.backend.coalesce_event()).unwrap();
+        assert_eq!(tx(&h), (3, 2));
+        let s = &h.pf().stats.tx[0];
+        assert_eq!(counter(&s.flush_timer), 1);
+        assert!(counter(&s.hold_max_ns) >= 200_000);
+        // Held, then a VQ_SET that makes it due: it goes at the next
+        // timer event, which the command armed to fire at once.
+        post_tx(&mut h, 2, 60);
+        h.worker_event(1).unwrap();
+        assert_eq!(tx(&h), (3, 3));
+        let cmd = bytes(&CtrlCommand::CoalVqSet {
+            vq_index: 1,
+            coal: Coal {
+                max_packets: 2,
+                max_usecs: 1_000_000,
+            },
+        });
+        ctrl(&mut h, &cmd, &[1]);
+        h.worker_event(h.backend.coalesce_event()).unwrap();
+        assert_eq!(tx(&h), (4, 3));
+    }
+}
+
+/// An RX queue out of buffers does not hold its notification: the
+/// driver must see what was used to post more.
+#[test]
+fn a_starved_receive_queue_notifies_at_once() {
+    let mut h = harness(12);
+    h.nic
+        .set_coalescing(0, None, &[("rx-frames", "64"), ("rx-usecs", "100000")])
+        .unwrap();
+    let rx = |h: &Harness| {
+        let s = &h.pf().stats.rx[0];
+        counter(&s.notifications) + counter(&s.notifications_suppressed)
+    };
+    // Two buffers, one frame: held.
+    for _ in 0..2 {
+        let b = h.arena.alloc(2048).unwrap();
+        h.rx.push_chain(&h.mem, &[Desc::wo(b, 2048)]).unwrap();
+    }
+    h.up.push_rx(uplink_frame(100));
+    h.worker_event(h.backend.backlog_event()).unwrap();
+    assert_eq!(h.rx.used(&h.mem).len(), 1);
+    assert_eq!(rx(&h), 0);
+    // Two frames for one buffer: the second waits, and the driver is
+    // told of the first at once.
+    h.up.push_rx(uplink_frame(100));
+    h.up.push_rx(uplink_frame(100));
+    h.worker_event(h.backend.backlog_event()).unwrap();
+    assert_eq!(h.rx.used(&h.mem).len(), 1);
+    assert_eq!(rx(&h), 1);
+    assert_eq!(counter(&h.pf().stats.rx[0].flush_starved), 1);
+}
