@@ -337,6 +337,7 @@ mod tests {
             mtu: 1500,
             rss: RssSettings::default(),
             coalesce: Default::default(),
+            rx_gro_hw: false,
         };
         Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }

@@ -28,8 +28,9 @@ enum Cmd {
         /// Request: `stats`, `link show [--json]`, `vf N SETTING VALUE...`
         /// (mac, vlan, qos, proto, spoofchk, trust, max_tx_rate, min_tx_rate,
         /// state), `coalesce [vf N] [queue Q] KEY VALUE...` (rx-usecs,
-        /// rx-frames, tx-usecs, tx-frames, adaptive-rx, adaptive-tx), or
-        /// `coalesce show [vf N] [--json]`.
+        /// rx-frames, tx-usecs, tx-frames, adaptive-rx, adaptive-tx),
+        /// `coalesce show [vf N] [--json]`, or `offload [vf N] rx-gro-hw
+        /// on|off`.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
         request: Vec<String>,
     },
@@ -92,6 +93,10 @@ struct RunArgs {
     /// adaptive-rx=on|off,adaptive-tx=on|off (ethtool -C's names).
     #[arg(long, value_parser = |s: &str| CoalConfig::default().parse_over(s))]
     coalesce: Option<CoalConfig>,
+    /// Receive segment coalescing (ethtool's rx-gro-hw) on every port from
+    /// the start; `vnicd ctl offload rx-gro-hw on|off` switches it later.
+    #[arg(long)]
+    rx_gro_hw: bool,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -127,6 +132,7 @@ fn run(a: RunArgs) -> Result<(), String> {
             mtu: a.mtu,
             rss,
             coalesce: a.coalesce.unwrap_or_default(),
+            rx_gro_hw: a.rx_gro_hw,
         },
         uplink: a.uplink,
         mgmt: a.mgmt,

@@ -11,7 +11,8 @@
 //!   `ethtool -C`'s keys (rx-usecs, rx-frames, tx-usecs, tx-frames,
 //!   adaptive-rx, adaptive-tx), for the port or one queue pair;
 //! - `coalesce show [vf N] [--json]`: in `ethtool -c`'s layout, then per
-//!   queue pair.
+//!   queue pair;
+//! - `offload [vf N] rx-gro-hw on|off`: receive segment coalescing.
 //!
 //! An answer that starts with `error:` changed nothing.
 
@@ -41,9 +42,10 @@ fn answer(nic: &Nic, req: &str) -> String {
         ["link", "show", "--json"] | ["link", "--json"] => link_json(nic),
         ["vf", n, rest @ ..] => set_vf(nic, n, rest),
         ["coalesce", rest @ ..] => coalesce(nic, rest),
+        ["offload", rest @ ..] => offload(nic, rest),
         _ => format!(
             "error: unknown request {:?}; known: stats, link show [--json], \
-             vf N SETTING VALUE..., coalesce [show]\n",
+             vf N SETTING VALUE..., coalesce [show], offload\n",
             req.trim()
         ),
     }
@@ -133,6 +135,20 @@ fn coalesce(nic: &Nic, words: &[&str]) -> String {
     match nic.set_coalescing(p, pair, &pairs) {
         Ok(()) => "ok\n".to_owned(),
         Err(e) => format!("error: {e}\n"),
+    }
+}
+
+fn offload(nic: &Nic, words: &[&str]) -> String {
+    let (p, words) = match port_of(nic, words) {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    match words {
+        [key, value] => match nic.set_offload(p, key, value) {
+            Ok(()) => "ok\n".to_owned(),
+            Err(e) => format!("error: {e}\n"),
+        },
+        _ => "error: offload [vf N] rx-gro-hw on|off\n".to_owned(),
     }
 }
 

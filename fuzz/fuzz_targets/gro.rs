@@ -54,6 +54,8 @@ fuzz_target!(|data: &[u8]| {
     let mss = 64 + usize::from(data[1]) * 8;
     let len = (usize::from(u16::from_le_bytes([data[2], data[3]])) % 40000).max(1);
     let max_flows = 1 + usize::from(data[4] % 8);
+    // The high bit: count pure duplicate ACKs instead of passing them.
+    let absorb_dup_acks = data[4] & 0x80 != 0;
     let ops = &data[5..];
     let flow = if v6 { Flow::v6() } else { Flow::v4() };
     let payload: Vec<u8> = (0..len).map(|i| (i * 13 + 5) as u8).collect();
@@ -95,6 +97,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mut gro = Gro::new(GroConfig {
         max_flows,
+        absorb_dup_acks,
         ..Default::default()
     });
     let mut out_payload = Vec::new();

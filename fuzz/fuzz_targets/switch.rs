@@ -137,6 +137,8 @@ fuzz_target!(|data: &[u8]| {
         mac: PF,
         mtu: 1500,
         rss: RssSettings::default(),
+        coalesce: Default::default(),
+        rx_gro_hw: false,
     };
     let vfs = (0..VFS)
         .map(|i| VfSettings::new(default_vf_mac(PF, i)))

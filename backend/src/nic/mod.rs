@@ -7,6 +7,7 @@
 pub mod coalesce;
 pub mod ctrl;
 pub mod port;
+pub mod rsc;
 pub mod stats;
 pub mod switch;
 pub mod vf;
@@ -77,6 +78,8 @@ pub struct DeviceConfig {
     pub rss: RssSettings,
     /// Notification coalescing until the driver sets its own.
     pub coalesce: coalesce::CoalConfig,
+    /// Receive segment coalescing (ethtool's rx-gro-hw) at start.
+    pub rx_gro_hw: bool,
 }
 
 impl DeviceConfig {
@@ -579,6 +582,22 @@ impl Nic {
         self.publish(p);
         if p == 0 {
             self.uplink.set_rx_offloads(port::rx_offloads(acked))?;
+        }
+        Ok(())
+    }
+
+    /// Sets one of port `p`'s offloads by `ethtool -K`'s name; only
+    /// `rx-gro-hw` (receive segment coalescing) is the device's to switch.
+    pub fn set_offload(&self, p: usize, key: &str, value: &str) -> Result<(), String> {
+        let port = self.ports.get(p).ok_or_else(|| format!("no port {p}"))?;
+        let on = match value {
+            "on" => true,
+            "off" => false,
+            _ => return Err(format!("{key}: `{value}` is neither on nor off")),
+        };
+        match key {
+            "rx-gro-hw" => port.set_rsc(on),
+            _ => return Err(format!("unknown offload `{key}` (rx-gro-hw)")),
         }
         Ok(())
     }
@@ -1504,6 +1523,7 @@ pub(crate) mod tests {
             mtu: 1500,
             rss: RssSettings::default(),
             coalesce: coalesce::CoalConfig::default(),
+            rx_gro_hw: false,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Port {
     pub backlogs: Vec<Backlog>,
     /// Per virtqueue (2i RX, 2i+1 TX): its notification coalescing.
     coal: Vec<Mutex<QueueCoal>>,
+    /// Receive segment coalescing, as the administrator set it.
+    rsc: AtomicBool,
 }
 
 impl Port {
@@ -61,6 +63,7 @@ impl Port {
             id,
             stats: Stats::new(pairs),
             ctrl: Mutex::new(CtrlState::new(settings.mac, &config, rss)),
+            rsc: AtomicBool::new(config.rx_gro_hw),
             coal: (0..2 * pairs)
                 .map(|vq| Mutex::new(QueueCoal::new(vq, &config.coalesce)))
                 .collect(),
@@ -216,6 +219,24 @@ impl Port {
 
     pub(super) fn set_attached(&self, on: bool) {
         self.attached.store(on, Ordering::Release);
+    }
+
+    /// Whether the administrator turned receive segment coalescing on.
+    pub fn rsc_on(&self) -> bool {
+        self.rsc.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_rsc(&self, on: bool) {
+        self.rsc.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether received TCP segments are coalesced now: turned on, and the
+    /// driver takes TCP GSO frames of both families with their checksums
+    /// (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6, as GUEST_OFFLOADS_SET left
+    /// them).
+    pub fn rsc_active(&self) -> bool {
+        let c = self.rx_caps();
+        self.rsc_on() && c.csum && c.tso4 && c.tso6
     }
 
     /// The receive offloads in force.

@@ -129,6 +129,23 @@ pub struct QueueStats {
     pub flush_starved: AtomicU64,
     /// The longest a used buffer waited for its notification, in ns.
     pub hold_max_ns: AtomicU64,
+    /// Frames receive segment coalescing made (or that carry absorbed
+    /// duplicate ACKs).
+    pub rsc_frames: AtomicU64,
+    /// Segments that went into those frames.
+    pub rsc_merged: AtomicU64,
+    /// Duplicate ACKs absorbed (with RSC_EXT).
+    pub rsc_dup_acks: AtomicU64,
+    /// Coalesced frames sent on because the rules ended the flow.
+    pub rsc_flush_rule: AtomicU64,
+    /// ... because the frame reached 64 KiB.
+    pub rsc_flush_full: AtomicU64,
+    /// ... because the flow table was full.
+    pub rsc_flush_evicted: AtomicU64,
+    /// Held flows sent on at the end of a receive batch.
+    pub rsc_flush_batch: AtomicU64,
+    /// Held flows sent on when the coalescing time passed.
+    pub rsc_flush_timer: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -216,6 +233,20 @@ impl Stats {
                     ("hold_max_ns", &q.hold_max_ns),
                 ] {
                     let _ = writeln!(s, "{dir}{i}.coalesce.{name} {}", c.load(Relaxed));
+                }
+                if dir == "rx" {
+                    for (name, c) in [
+                        ("frames", &q.rsc_frames),
+                        ("merged", &q.rsc_merged),
+                        ("dup_acks", &q.rsc_dup_acks),
+                        ("flush.rule", &q.rsc_flush_rule),
+                        ("flush.full", &q.rsc_flush_full),
+                        ("flush.evicted", &q.rsc_flush_evicted),
+                        ("flush.batch", &q.rsc_flush_batch),
+                        ("flush.timer", &q.rsc_flush_timer),
+                    ] {
+                        let _ = writeln!(s, "{dir}{i}.rsc.{name} {}", c.load(Relaxed));
+                    }
                 }
                 for why in DropReason::ALL {
                     let _ = writeln!(s, "{dir}{i}.drop.{} {}", why.name(), q.drops(why));

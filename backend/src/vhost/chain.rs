@@ -193,6 +193,8 @@ pub(super) struct RxWriter<'a> {
     pub stats: &'a QueueStats,
     pub mergeable: bool,
     pub hash_report: bool,
+    /// The driver accepted RSC_EXT.
+    pub rsc_ext: bool,
     /// Frames put in the used ring (delivered, or their buffers handed
     /// back empty), for notification coalescing.
     pub used: u32,
@@ -213,6 +215,7 @@ impl<'a> RxWriter<'a> {
             stats,
             mergeable: acked.contains(Features::MRG_RXBUF),
             hash_report: acked.contains(Features::HASH_REPORT),
+            rsc_ext: acked.contains(Features::RSC_EXT),
             used: 0,
         }
     }

@@ -48,6 +48,7 @@ use crate::{
     nic::{
         coalesce::Verdict,
         ctrl::{RSS_MAX_KEY, RSS_MAX_TABLE, SUPPORTED_HASH_TYPES},
+        rsc::{RscFlush, RscQueue},
         switch::View,
         DropReason, Nic, Port, QueueStats, RxPath, TxScratch, UplinkRoute, MAX_FRAME,
     },
@@ -127,6 +128,7 @@ pub fn offered_features() -> Features {
         | Features::RSS
         | Features::NOTF_COAL
         | Features::VQ_NOTF_COAL
+        | Features::RSC_EXT
         | Features::VHOST_USER_PROTOCOL_FEATURES
 }
 
@@ -146,6 +148,8 @@ struct Worker {
     scratch: TxScratch,
     /// The switch's view, refreshed per batch.
     view: Arc<View>,
+    /// The RX queue's receive segment coalescing.
+    rsc: RscQueue,
 }
 
 impl Worker {
@@ -159,6 +163,7 @@ impl Worker {
             rx_big: false,
             scratch: TxScratch::default(),
             view,
+            rsc: RscQueue::default(),
         }
     }
 }
@@ -828,6 +833,10 @@ impl VnicBackend {
         }
         let mem = self.memory();
         let stats = &self.dev().stats;
+        if let Some(rx) = vrings.first().filter(|v| live(v) && !self.rsc_idle(i)) {
+            // Segment coalescing holds flows: their time may be up.
+            self.process_rx(i, rx)?;
+        }
         for (k, vring) in vrings.iter().take(2).enumerate() {
             if !live(vring) {
                 continue;
@@ -905,7 +914,11 @@ impl VnicBackend {
             // buffers: the uplink wakes the worker.
             vring.disable_notification().map_err(io::Error::other)?;
             let seen = avail_idx(vring, &mem);
-            starved = self.rx_round(i, &mut writer, max_frame, small, &mut moved)?;
+            starved = if self.dev().rsc_active() || !self.rsc_idle(i) {
+                self.rx_round_rsc(i, &mut writer, &mut moved)?
+            } else {
+                self.rx_round(i, &mut writer, max_frame, small, &mut moved)?
+            };
             if moved >= BUDGET {
                 // More may be waiting; come back after other events.
                 let _ = backlog.event.write(1);
@@ -1085,6 +1098,131 @@ impl VnicBackend {
         Ok(starved)
     }
 
+    /// Whether worker `i`'s segment coalescing holds nothing.
+    fn rsc_idle(&self, i: usize) -> bool {
+        self.workers.get(i).is_none_or(|w| {
+            w.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .rsc
+                .is_idle()
+        })
+    }
+
+    /// One round of [`VnicBackend::process_rx`] with receive segment
+    /// coalescing: frames from the backlog, then (on the PF) the uplink,
+    /// go through the queue's GRO, and what leaves it is copied into the
+    /// driver's buffers. Held flows leave at the end of the round, or,
+    /// when the queue's coalescing has a time, once that time has passed
+    /// since the oldest held segment (the worker's coalescing timer brings
+    /// it back). Returns whether it stopped for want of buffers.
+    fn rx_round_rsc(
+        &self,
+        i: usize,
+        writer: &mut RxWriter<'_>,
+        moved: &mut usize,
+    ) -> io::Result<bool> {
+        let port = self.dev();
+        let stats = &port.stats.rx[i];
+        let backlog = &port.backlogs[i];
+        let active = port.rsc_active();
+        let usecs = port.coalescer(2 * i).map_or(0, |c| c.in_force().max_usecs);
+        let mut w = self.workers[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.nic.switch.refresh(&mut w.view);
+        let ext = writer.rsc_ext;
+        if w.rsc.is_idle() && w.rsc.ext() != ext {
+            w.rsc = RscQueue::new(ext);
+        }
+        let view = w.view.clone();
+        let Some(me) = view.ports.get(self.port) else {
+            return Ok(false);
+        };
+        let multi = view.ports.len() > 1;
+        let mut starved = false;
+        while *moved < BUDGET {
+            // What left GRO goes up first, in order.
+            if let Some(f) = w.rsc.front() {
+                let frame = f.get(VNET_HDR_LEN..).unwrap_or(&[]);
+                let steering = if writer.hash_report {
+                    me.steer(&frame[..frame.len().min(256)], frame.len())
+                } else {
+                    crate::nic::switch::NO_HASH
+                };
+                match writer.write(f, &steering) {
+                    Ok(()) => stats.packet(frame.len()),
+                    Err(DropReason::RxNoBuffers) => {
+                        starved = true;
+                        break;
+                    }
+                    Err(why) => stats.drop(why),
+                }
+                w.rsc.pop();
+                *moved += 1;
+                continue;
+            }
+            let now = self.nic.now();
+            if !active {
+                // Turned off (or the driver took GSO away): what is held
+                // goes up as it is, and frames take the usual path again.
+                if w.rsc.held() == 0 {
+                    break;
+                }
+                w.rsc.flush(RscFlush::Batch, stats);
+                continue;
+            }
+            let Worker {
+                rsc,
+                rx,
+                view,
+                scratch,
+                ..
+            } = &mut *w;
+            let took = backlog.deliver_front(|f| {
+                rsc.receive(f, now, stats);
+                true
+            });
+            if took.is_some() {
+                continue;
+            }
+            if self.port == 0 {
+                match self.read_uplink(i, rx, view, scratch) {
+                    Uplinked::Frame { len, steered } => {
+                        let target = port.rx_queue(steered, i);
+                        if target == i {
+                            rsc.receive(&rx[..len], now, stats);
+                        } else {
+                            port.hand_over(target, &rx[..len]);
+                        }
+                        continue;
+                    }
+                    Uplinked::Dropped => continue,
+                    Uplinked::Empty => {}
+                }
+            }
+            // Nothing more came in: held flows leave now, or when their
+            // time is up.
+            match rsc.deadline(usecs) {
+                Some(_) if usecs == 0 => rsc.flush(RscFlush::Batch, stats),
+                Some(d) if d <= now => rsc.flush(RscFlush::Timer, stats),
+                Some(d) => {
+                    self.arm_coalescing(i, d, now);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if starved && multi && self.port == 0 {
+            // Keep the VFs' frames flowing while the PF has no buffers;
+            // the PF's own wait in its backlog.
+            while *moved < BUDGET && self.read_into_backlog(i, &mut w).is_some() {
+                *moved += 1;
+            }
+        }
+        self.nic.wake(&mut w.scratch.wakes);
+        Ok(starved)
+    }
+
     /// Reads one frame from uplink queue `i` into the worker's own buffer
     /// and queues it for the PF's RX queue RSS picks: None when the uplink
     /// had nothing, `Some(Some(queue))` when queued there, `Some(None)`
@@ -1203,6 +1341,10 @@ impl VnicBackend {
 
 impl RxPath for VnicBackend {
     fn deliver(&self, q: usize, frame: &[u8], steering: &vnic_protocol::rss::Steering) -> bool {
+        if self.dev().rsc_active() {
+            // The queue's worker coalesces: the frame waits in its backlog.
+            return false;
+        }
         let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
             return false;
         };
@@ -1274,6 +1416,9 @@ impl VhostUserBackend for VnicBackend {
     fn reset_device(&self) {
         if let Err(e) = self.nic.reset(self.port) {
             log::warn!("device reset: {e}");
+        }
+        for w in &self.workers {
+            w.lock().unwrap_or_else(PoisonError::into_inner).rsc.clear();
         }
     }
 

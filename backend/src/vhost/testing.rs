@@ -408,6 +408,7 @@ impl Harness {
             mtu: 1500,
             rss: crate::nic::RssSettings::default(),
             coalesce: Default::default(),
+            rx_gro_hw: false,
         };
         #[allow(clippy::expect_used)]
         let nic = std::sync::Arc::new(

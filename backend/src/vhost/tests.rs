@@ -274,7 +274,7 @@ use vm_memory::GuestAddress;
 use vnic_protocol::{
     virtio::{
         hdr::{GsoType, HDR_LEN, HDR_LEN_HASH},
-        VirtioNetHdr,
+        HdrFlags, VirtioNetHdr,
     },
     wire::build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
 };
@@ -1090,4 +1090,99 @@ fn a_starved_receive_queue_notifies_at_once() {
     assert_eq!(h.rx.used(&h.mem).len(), 1);
     assert_eq!(rx(&h), 1);
     assert_eq!(counter(&h.pf().stats.rx[0].flush_starved), 1);
+}
+
+/// Receive segment coalescing on the real RX path: MSS-sized segments of
+/// one flow from the uplink reach the driver as one GSO frame, with
+/// RSC_EXT's segment count, and byte for byte the frame they were cut
+/// from; with rx-gro-hw off, or the driver's TSO turned off by
+/// GUEST_OFFLOADS_SET, they arrive one by one.
+#[test]
+fn received_segments_are_coalesced_into_one_gso_frame() {
+    use vnic_protocol::offload::Segmenter;
+    for (ext, on, guest_tso) in [
+        (true, true, true),
+        (false, true, true),
+        (false, false, true),
+        (false, true, false),
+    ] {
+        let mut features = all();
+        if !ext {
+            features -= Features::RSC_EXT;
+        }
+        let mut h = Harness::new(features, 256, Offloads::ALL, 30);
+        if on {
+            h.nic.set_offload(0, "rx-gro-hw", "on").unwrap();
+        }
+        if !guest_tso {
+            let cmd = bytes(&CtrlCommand::GuestOffloadsSet(Features::GUEST_CSUM.bits()));
+            let (_, outs) = ctrl(&mut h, &cmd, &[1]);
+            assert_eq!(h.read(outs[0], 1), [ACK_OK]);
+        }
+        let flow = Flow {
+            dst_mac: DEV_MAC,
+            ..Flow::v4()
+        };
+        let payload: Vec<u8> = (0..1448 * 6 + 500).map(|i| (i % 249) as u8).collect();
+        let sup = tcp_frame(
+            &flow,
+            data_segment(7, 9, vnic_protocol::wire::tcp::Flags::ACK),
+            &IpFields::default(),
+            &payload,
+        )
+        .unwrap();
+        let info = vnic_protocol::wire::parse_frame(&sup).unwrap();
+        let mut segs = Vec::new();
+        Segmenter::new()
+            .segment_parsed(&sup, &info, 1448, &mut |hd, p| {
+                segs.push(tap(&[hd, p].concat()));
+            })
+            .unwrap();
+        assert_eq!(segs.len(), 7);
+        for s in &segs {
+            h.up.push_rx(s.clone());
+        }
+        let mut posted = Posted::new();
+        while h.rx.free() > 0 {
+            post_rx(&mut h, &mut posted, &[1536], false);
+        }
+        h.worker_event(h.backend.backlog_event()).unwrap();
+        let mut used: VecDeque<(u32, u32)> = h.rx.used(&h.mem).into();
+        let mut frames = Vec::new();
+        while let Some((head, len)) = used.pop_front() {
+            let mut b = used_bytes(&h, &posted, head, len);
+            let hdr = VirtioNetHdr::parse(&b, true).unwrap();
+            for _ in 1..hdr.num_buffers {
+                let (h2, l2) = used.pop_front().expect("the frame's other buffers");
+                b.extend_from_slice(&used_bytes(&h, &posted, h2, l2));
+            }
+            frames.push((hdr, b.split_off(HDR_LEN_HASH)));
+        }
+        let st = &h.pf().stats.rx[0];
+        let merged = st.rsc_merged.load(std::sync::atomic::Ordering::Relaxed);
+        if on && guest_tso {
+            assert_eq!(frames.len(), 1, "ext {ext}");
+            let (hdr, f) = &frames[0];
+            assert_eq!(f, &sup);
+            assert_eq!(hdr.gso_type, GsoType::TcpV4 as u8);
+            assert_eq!(hdr.gso_size, 1448);
+            assert!(hdr.flags.contains(HdrFlags::DATA_VALID));
+            assert_eq!(hdr.flags.contains(HdrFlags::RSC_INFO), ext);
+            assert_eq!(hdr.rsc_segments(), if ext { 7 } else { 0 });
+            assert_eq!(merged, 7);
+            // The short last segment ended the flow.
+            assert_eq!(
+                st.rsc_flush_rule.load(std::sync::atomic::Ordering::Relaxed),
+                1
+            );
+        } else {
+            assert_eq!(frames.len(), 7, "on {on} tso {guest_tso}");
+            for ((hdr, f), s) in frames.iter().zip(&segs) {
+                assert_eq!(f[..], s[HDR_LEN..]);
+                assert_eq!(hdr.gso_type, GsoType::None as u8);
+            }
+            assert_eq!(merged, 0);
+        }
+        assert_eq!(st.total_drops(), 0);
+    }
 }

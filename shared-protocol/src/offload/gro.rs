@@ -17,6 +17,12 @@
 //!
 //! Frames GRO does not take are passed through in order: a segment that
 //! belongs to a held flow flushes that flow first.
+//!
+//! With [`GroConfig::absorb_dup_acks`] (receive segment coalescing as
+//! virtio's RSC_EXT and Windows' RSC report it), a pure duplicate ACK of a
+//! held flow (no payload, ACK alone, the flow's next sequence number, ACK
+//! number, window and options) is counted in the flow rather than passed
+//! on, and the count leaves with the flow.
 
 use core::net::IpAddr;
 
@@ -35,6 +41,8 @@ pub struct GroConfig {
     pub max_segments: u16,
     /// Largest IP packet (total length) a merged frame may reach.
     pub max_ip_len: usize,
+    /// Count pure duplicate ACKs of a held flow instead of passing them.
+    pub absorb_dup_acks: bool,
 }
 
 impl Default for GroConfig {
@@ -43,8 +51,26 @@ impl Default for GroConfig {
             max_flows: 8,
             max_segments: 64,
             max_ip_len: 65535,
+            absorb_dup_acks: false,
         }
     }
+}
+
+/// Why a frame left GRO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroFlush {
+    /// Never held: not a segment GRO merges (not TCP, no payload, a flag
+    /// other than ACK/PSH, a bad checksum, IP options...).
+    Passed,
+    /// The rules ended the flow: PSH, a segment shorter than the MSS, or
+    /// a segment of the flow that could not join it.
+    Rule,
+    /// It reached 64 KiB (`max_ip_len`) or `max_segments`.
+    Full,
+    /// The flow table was full and this was the oldest flow.
+    Evicted,
+    /// [`Gro::flush`]: the caller's batch or timer ended.
+    Caller,
 }
 
 /// A frame coming out of GRO.
@@ -58,6 +84,9 @@ pub struct GroPacket<'a> {
     pub gso_size: u16,
     /// The transport checksum was verified (report DATA_VALID).
     pub csum_verified: bool,
+    /// Pure duplicate ACKs absorbed into this flow.
+    pub dup_acks: u16,
+    pub reason: GroFlush,
 }
 
 impl<'a> GroPacket<'a> {
@@ -68,6 +97,8 @@ impl<'a> GroPacket<'a> {
             gso_type: GsoType::None,
             gso_size: 0,
             csum_verified,
+            dup_acks: 0,
+            reason: GroFlush::Passed,
         }
     }
 }
@@ -93,6 +124,7 @@ struct Flow {
     mss: usize,
     segments: u16,
     last_id: u16,
+    dup_acks: u16,
     age: u64,
 }
 
@@ -218,6 +250,13 @@ impl Gro {
             }
         };
         let extra = seg.flags - (Flags::ACK | Flags::PSH);
+        if self.config.absorb_dup_acks && seg.payload_len == 0 && seg.flags == Flags::ACK {
+            if let Some(i) = self.find(&seg.key).filter(|&i| self.is_dup_ack(i, &seg)) {
+                let f = &mut self.flows[i];
+                f.dup_acks = f.dup_acks.saturating_add(1);
+                return;
+            }
+        }
         if seg.payload_len == 0 || !extra.is_empty() || !seg.flags.contains(Flags::ACK) {
             self.flush_key(&seg.key, deliver);
             deliver(GroPacket::single(frame, true));
@@ -227,15 +266,17 @@ impl Gro {
             if self.can_merge(i, &seg) {
                 self.merge(i, &seg);
                 let f = &self.flows[i];
-                if seg.payload_len < f.mss
-                    || seg.flags.contains(Flags::PSH)
-                    || f.segments >= self.config.max_segments
-                {
-                    self.flush_index(i, deliver);
+                if f.segments >= self.config.max_segments {
+                    self.flush_index(i, GroFlush::Full, deliver);
+                } else if seg.payload_len < f.mss || seg.flags.contains(Flags::PSH) {
+                    self.flush_index(i, GroFlush::Rule, deliver);
                 }
                 return;
             }
-            self.flush_index(i, deliver);
+            let full = self.flows[i].buf.len() - self.flows[i].l3_offset + seg.payload_len
+                > self.config.max_ip_len;
+            let why = if full { GroFlush::Full } else { GroFlush::Rule };
+            self.flush_index(i, why, deliver);
         }
         self.start(&seg, deliver);
     }
@@ -252,8 +293,22 @@ impl Gro {
             .min_by_key(|(_, f)| f.age)
             .map(|(i, _)| i)
         {
-            self.flush_index(i, deliver);
+            self.flush_index(i, GroFlush::Caller, deliver);
         }
+    }
+
+    /// Whether a pure ACK is a duplicate of held flow `i`'s: the next
+    /// sequence number, and the same ACK number, window and options.
+    fn is_dup_ack(&self, i: usize, s: &Seg<'_>) -> bool {
+        let f = &self.flows[i];
+        if s.seq != f.next_seq || f.hdr_end != s.hdr_end || f.l4_offset != s.l4_offset {
+            return false;
+        }
+        let ft = tcp::Packet::new_unchecked(&f.buf[f.l4_offset..f.hdr_end]);
+        let st = tcp::Packet::new_unchecked(&s.frame[s.l4_offset..s.hdr_end]);
+        ft.ack_number() == st.ack_number()
+            && ft.window_len() == st.window_len()
+            && ft.options() == st.options()
     }
 
     fn find(&self, key: &FlowKey) -> Option<usize> {
@@ -264,7 +319,7 @@ impl Gro {
 
     fn flush_key(&mut self, key: &FlowKey, deliver: &mut dyn FnMut(GroPacket<'_>)) {
         if let Some(i) = self.find(key) {
-            self.flush_index(i, deliver);
+            self.flush_index(i, GroFlush::Rule, deliver);
         }
     }
 
@@ -332,7 +387,7 @@ impl Gro {
                     .enumerate()
                     .min_by_key(|(_, f)| f.age)
                     .map_or(0, |(i, _)| i);
-                self.flush_index(oldest, deliver);
+                self.flush_index(oldest, GroFlush::Evicted, deliver);
                 oldest
             }
         };
@@ -349,20 +404,27 @@ impl Gro {
         f.mss = s.payload_len;
         f.segments = 1;
         f.last_id = s.ip_id;
+        f.dup_acks = 0;
         f.age = self.clock;
-        if s.flags.contains(Flags::PSH) || self.config.max_segments <= 1 {
-            self.flush_index(slot, deliver);
+        if s.flags.contains(Flags::PSH) {
+            self.flush_index(slot, GroFlush::Rule, deliver);
+        } else if self.config.max_segments <= 1 {
+            self.flush_index(slot, GroFlush::Full, deliver);
         }
     }
 
-    fn flush_index(&mut self, i: usize, deliver: &mut dyn FnMut(GroPacket<'_>)) {
+    fn flush_index(&mut self, i: usize, reason: GroFlush, deliver: &mut dyn FnMut(GroPacket<'_>)) {
         let f = &mut self.flows[i];
         if !f.active {
             return;
         }
         f.active = false;
         if f.segments == 1 {
-            deliver(GroPacket::single(&f.buf, true));
+            deliver(GroPacket {
+                dup_acks: f.dup_acks,
+                reason,
+                ..GroPacket::single(&f.buf, true)
+            });
             return;
         }
         let ip_len = f.buf.len() - f.l3_offset;
@@ -386,6 +448,8 @@ impl Gro {
             gso_type: if f.v6 { GsoType::TcpV6 } else { GsoType::TcpV4 },
             gso_size: f.mss as u16,
             csum_verified: true,
+            dup_acks: f.dup_acks,
+            reason,
         });
     }
 }
@@ -511,6 +575,73 @@ mod tests {
         gro.receive(&b, &mut |p| verified.push(p.csum_verified));
         assert_eq!(verified, vec![true, false]);
         assert_eq!(gro.held(), 0);
+    }
+
+    #[test]
+    fn flush_reasons_and_duplicate_acks() {
+        let (_, segs) = segments(&Flow::v4(), &[5u8; 1448 * 3 + 100], 1448, Flags::ACK);
+        let reasons = |gro: &mut Gro, frames: &[Vec<u8>]| {
+            let mut out = Vec::new();
+            for f in frames {
+                gro.receive(f, &mut |p| out.push((p.segments, p.reason, p.dup_acks)));
+            }
+            gro.flush(&mut |p| out.push((p.segments, p.reason, p.dup_acks)));
+            out
+        };
+        // The short last segment ends the flow by the rules.
+        assert_eq!(
+            reasons(&mut Gro::default(), &segs),
+            [(4, GroFlush::Rule, 0)]
+        );
+        // Held at the end of the batch: the caller flushes it.
+        assert_eq!(
+            reasons(&mut Gro::default(), &segs[..2]),
+            [(2, GroFlush::Caller, 0)]
+        );
+        // At max_segments: full.
+        let mut two = Gro::new(GroConfig {
+            max_segments: 2,
+            ..GroConfig::default()
+        });
+        assert_eq!(
+            reasons(&mut two, &segs[..3]),
+            [(2, GroFlush::Full, 0), (1, GroFlush::Caller, 0)]
+        );
+        // A pure ACK that repeats the flow's ACK: passed through (and it
+        // ends the flow) unless duplicate ACKs are absorbed.
+        let mut ack = segs[0].clone();
+        ack.truncate(34 + 32);
+        {
+            let mut ip = ipv4::Packet::new_unchecked(&mut ack[14..]);
+            ip.set_total_len(52);
+            ip.set_ident(ip.ident().wrapping_add(2));
+            ip.fill_checksum();
+            let mut t = tcp::Packet::new_unchecked(&mut ack[34..]);
+            t.set_seq_number(1000 + 2 * 1448);
+        }
+        let ps = pseudo_header(Flow::v4().src_ip, Flow::v4().dst_ip, 6, 32);
+        tcp::Packet::new_unchecked(&mut ack[34..]).fill_checksum(ps);
+        let input = [segs[0].clone(), segs[1].clone(), ack.clone(), ack.clone()];
+        assert_eq!(
+            reasons(&mut Gro::default(), &input),
+            [
+                (2, GroFlush::Rule, 0),
+                (1, GroFlush::Passed, 0),
+                (1, GroFlush::Passed, 0)
+            ]
+        );
+        let mut absorb = Gro::new(GroConfig {
+            absorb_dup_acks: true,
+            ..GroConfig::default()
+        });
+        assert_eq!(reasons(&mut absorb, &input), [(2, GroFlush::Caller, 2)]);
+        // The flow goes on after them.
+        let mut absorb = Gro::new(GroConfig {
+            absorb_dup_acks: true,
+            ..GroConfig::default()
+        });
+        let input = [segs[0].clone(), segs[1].clone(), ack, segs[2].clone()];
+        assert_eq!(reasons(&mut absorb, &input), [(3, GroFlush::Caller, 1)]);
     }
 
     #[test]

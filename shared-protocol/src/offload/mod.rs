@@ -6,7 +6,7 @@ pub mod gro;
 pub mod gso;
 
 pub use csum::{complete_checksum, l4_checksum_ok};
-pub use gro::{Gro, GroConfig, GroPacket};
+pub use gro::{Gro, GroConfig, GroFlush, GroPacket};
 pub use gso::Segmenter;
 
 use thiserror::Error;
