@@ -259,6 +259,33 @@ where
     Ok(avail_idx(vring, mem) != seen)
 }
 
+/// How an RX queue's driver stands for buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    Plenty,
+    /// Under a quarter of the ring left.
+    Low,
+    /// None left with frames waiting.
+    None,
+}
+
+/// How many buffers the driver of RX queue `vring` has left posted.
+fn rx_room<M>(vring: &VringRwLock, mem: &M) -> Room
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let idx = avail_idx(vring, mem);
+    let st = vring.get_ref();
+    let q = st.get_queue();
+    let left = idx.wrapping_sub(q.next_avail());
+    if left < q.size() / 4 {
+        Room::Low
+    } else {
+        Room::Plenty
+    }
+}
+
 /// A timerfd whose reads never block (a reset between the wake-up and
 /// the read leaves it unexpired).
 fn nonblocking_timer() -> io::Result<TimerFd> {
@@ -726,7 +753,7 @@ impl VnicBackend {
         // Other ports' workers learn of their frames once per batch.
         self.nic.wake(&mut scratch.wakes);
         if moved > 0 {
-            self.signal(2 * i + 1, moved as u32, vring, &mem, stats, false)?;
+            self.signal(2 * i + 1, moved as u32, vring, &mem, stats, Room::Plenty)?;
         }
         Ok(())
     }
@@ -744,8 +771,11 @@ impl VnicBackend {
 
     /// `n` more buffers of virtqueue `vq` are in its used ring: signals the
     /// driver now, or holds the notification as the queue's coalescing
-    /// says and arms the worker's timer for it. `starved`: the device
-    /// cannot go on until the driver posts buffers, so nothing is held.
+    /// says and arms the worker's timer for it. `room`: how the driver's
+    /// RX buffers stand; out of them, the device cannot go on until the
+    /// driver posts more, so nothing is held, and an adaptive queue holds
+    /// nothing once fewer than a quarter of the ring is left (the
+    /// occupancy half of its choice, as VMware's vIC weighs it).
     fn signal(
         &self,
         vq: usize,
@@ -753,14 +783,19 @@ impl VnicBackend {
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
         stats: &QueueStats,
-        starved: bool,
+        room: Room,
     ) -> io::Result<()> {
         let Some(mut c) = self.dev().coalescer(vq) else {
             return self.notify(vring, mem, stats);
         };
         let now = self.nic.now();
+        let urgent = match room {
+            Room::Plenty => false,
+            Room::Low => c.adaptive,
+            Room::None => true,
+        };
         let verdict = match c.used(n, now) {
-            Verdict::Hold { .. } if starved => Verdict::Notify,
+            Verdict::Hold { .. } if urgent => Verdict::Notify,
             v => v,
         };
         match verdict {
@@ -842,7 +877,7 @@ impl VnicBackend {
                 continue;
             }
             let s = if k == 0 { &stats.rx[i] } else { &stats.tx[i] };
-            self.signal(2 * i + k, 0, vring, &mem, s, false)?;
+            self.signal(2 * i + k, 0, vring, &mem, s, Room::Plenty)?;
         }
         Ok(())
     }
@@ -932,7 +967,12 @@ impl VnicBackend {
         }
         let used = writer.used;
         if moved > 0 || used > 0 {
-            self.signal(2 * i, used, vring, &mem, stats, starved)?;
+            let room = if starved {
+                Room::None
+            } else {
+                rx_room(vring, &mem)
+            };
+            self.signal(2 * i, used, vring, &mem, stats, room)?;
         }
         Ok(())
     }
@@ -1372,7 +1412,8 @@ impl RxPath for VnicBackend {
             return;
         };
         let mem = self.memory();
-        if let Err(e) = self.signal(2 * q, frames, vring, &mem, &self.dev().stats.rx[q], false) {
+        let stats = &self.dev().stats.rx[q];
+        if let Err(e) = self.signal(2 * q, frames, vring, &mem, stats, rx_room(vring, &mem)) {
             log::debug!("rx{q}: notify: {e}");
         }
     }
