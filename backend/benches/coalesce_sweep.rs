@@ -101,20 +101,6 @@ fn field(s: &str, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn median_rtt_us(s: &str) -> f64 {
-    let mut v: Vec<f64> = s
-        .split("time=")
-        .skip(1)
-        .filter_map(|x| x.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|ms| ms * 1000.0)
-        .collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let secs: u64 = std::env::var("VNIC_SWEEP_SECONDS")
         .ok()
@@ -168,7 +154,7 @@ fn main() {
             s,
             irq / elapsed,
             gbps,
-            median_rtt_us(&run),
+            vnic_tests::median(vnic_tests::ping_times_us(&run)),
             d("rx0.notifications"),
             d("tx0.notifications"),
             if frames > 0 {

@@ -37,17 +37,22 @@ fn number_after(out: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
 }
 
-/// The median of the `time=` values (ms) ping printed, in µs.
+/// The median round trip (µs) of the pings in `section`.
 fn median_rtt_us(section: &str) -> f64 {
-    let mut v: Vec<f64> = section
-        .split("time=")
-        .skip(1)
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|ms| ms * 1000.0)
-        .collect();
+    let v = vnic_tests::ping_times_us(section);
     assert!(v.len() >= 15, "too few replies:\n{section}");
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    vnic_tests::median(v)
+}
+
+/// A guest on `p`'s vnicd that runs `script`.
+fn boot(p: &PortInNs, script: String) -> Guest {
+    Guest::boot(&GuestOpts {
+        socket: Some(p.vnicd.socket.clone()),
+        mac: GUEST_MAC.into(),
+        script,
+        ..GuestOpts::default()
+    })
+    .expect("qemu starts")
 }
 
 type Stats = std::collections::BTreeMap<String, u64>;
@@ -82,13 +87,7 @@ fn coalescing_cuts_guest_interrupts_and_adaptive_keeps_ping_fast() {
          pings ADAPTIVE\npaced ADAPTIVE\nbulk ADAPTIVE\n",
         mac.join(":")
     );
-    let mut g = Guest::boot(&GuestOpts {
-        socket: Some(p.vnicd.socket.clone()),
-        mac: GUEST_MAC.into(),
-        script,
-        ..GuestOpts::default()
-    })
-    .expect("qemu starts");
+    let mut g = boot(&p, script);
     let stats = || p.vnicd.stats().expect("stats");
     g.wait_for("PHASE-FIXED", GUEST_TIMEOUT).unwrap();
     let off = stats();
@@ -212,13 +211,7 @@ fn a_linux_guest_receives_coalesced_segments_intact() {
         phase("ON", 7700),
         phase("OFF", 7701),
     );
-    let mut g = Guest::boot(&GuestOpts {
-        socket: Some(p.vnicd.socket.clone()),
-        mac: GUEST_MAC.into(),
-        script,
-        ..GuestOpts::default()
-    })
-    .expect("qemu starts");
+    let mut g = boot(&p, script);
     let send = |port: u16| {
         let data = data.clone();
         p.ns.enter(move || {

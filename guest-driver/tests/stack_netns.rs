@@ -805,16 +805,11 @@ fn guest_set_coalescing_cuts_receive_notifications() {
         let out =
             s.ns.exec("ping", &["-c", "40", "-i", "0.05", "-W", "1", "192.0.2.2"])
                 .expect("ping");
-        let mut v: Vec<f64> = out
-            .split("time=")
-            .skip(1)
-            .filter_map(|x| x.split_whitespace().next()?.parse::<f64>().ok())
-            .map(|ms| ms * 1000.0)
-            .collect();
+        let v = vnic_tests::ping_times_us(&out);
         assert!(v.len() >= 38, "{label}: {out}");
-        v.sort_by(f64::total_cmp);
-        eprintln!("{label}: ping median {:.0} us", v[v.len() / 2]);
-        v[v.len() / 2]
+        let m = vnic_tests::median(v);
+        eprintln!("{label}: ping median {m:.0} us");
+        m
     };
     set(0, 0);
     let r_off = rtt("coalescing off");

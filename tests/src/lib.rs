@@ -43,6 +43,24 @@ pub fn sibling_binary(bin: &str, name: &str) -> String {
     p.display().to_string()
 }
 
+/// The round trips (µs) in ping's output, from its `time=` fields (ms).
+pub fn ping_times_us(out: &str) -> Vec<f64> {
+    out.split("time=")
+        .skip(1)
+        .filter_map(|x| x.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect()
+}
+
+/// The median of `v` (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// `n` bytes of a xorshift sequence from `seed`: test data whose every
 /// byte matters.
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {

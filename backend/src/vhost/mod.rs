@@ -259,6 +259,35 @@ where
     Ok(avail_idx(vring, mem) != seen)
 }
 
+/// Writes one frame the device holds (the TAP's header first) into the
+/// RX queue `writer` fills, with the hash `me`'s RSS gives it when the
+/// driver wants it reported. False when the driver has no buffers for it
+/// (nothing changed); true when it was written, or dropped and counted.
+fn put_frame(
+    writer: &mut RxWriter<'_>,
+    me: &crate::nic::switch::PortView,
+    f: &[u8],
+    stats: &QueueStats,
+) -> bool {
+    let frame = f.get(VNET_HDR_LEN..).unwrap_or(&[]);
+    let steering = if writer.hash_report {
+        me.steer(&frame[..frame.len().min(256)], frame.len())
+    } else {
+        crate::nic::switch::NO_HASH
+    };
+    match writer.write(f, &steering) {
+        Ok(()) => {
+            stats.packet(frame.len());
+            true
+        }
+        Err(DropReason::RxNoBuffers) => false,
+        Err(why) => {
+            stats.drop(why);
+            true
+        }
+    }
+}
+
 /// How an RX queue's driver stands for buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Room {
@@ -1017,26 +1046,7 @@ impl VnicBackend {
         let mut starved = false;
         // Frames already waiting here go first, in order.
         while *moved < BUDGET {
-            match backlog.deliver_front(|f| {
-                let frame = f.get(VNET_HDR_LEN..).unwrap_or(&[]);
-                // The hash only matters when the driver wants it reported.
-                let steering = if writer.hash_report {
-                    me.steer(&frame[..frame.len().min(256)], frame.len())
-                } else {
-                    crate::nic::switch::NO_HASH
-                };
-                match writer.write(f, &steering) {
-                    Ok(()) => {
-                        stats.packet(frame.len());
-                        true
-                    }
-                    Err(DropReason::RxNoBuffers) => false,
-                    Err(why) => {
-                        stats.drop(why);
-                        true
-                    }
-                }
-            }) {
+            match backlog.deliver_front(|f| put_frame(writer, me, f, stats)) {
                 Some(true) => *moved += 1,
                 Some(false) => {
                     starved = true;
@@ -1183,19 +1193,9 @@ impl VnicBackend {
         while *moved < BUDGET {
             // What left GRO goes up first, in order.
             if let Some(f) = w.rsc.front() {
-                let frame = f.get(VNET_HDR_LEN..).unwrap_or(&[]);
-                let steering = if writer.hash_report {
-                    me.steer(&frame[..frame.len().min(256)], frame.len())
-                } else {
-                    crate::nic::switch::NO_HASH
-                };
-                match writer.write(f, &steering) {
-                    Ok(()) => stats.packet(frame.len()),
-                    Err(DropReason::RxNoBuffers) => {
-                        starved = true;
-                        break;
-                    }
-                    Err(why) => stats.drop(why),
+                if !put_frame(writer, me, f, stats) {
+                    starved = true;
+                    break;
                 }
                 w.rsc.pop();
                 *moved += 1;
