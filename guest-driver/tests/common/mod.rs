@@ -1,0 +1,55 @@
+//! Set-up shared by the vnic-guest tests against the kernel in a namespace.
+
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::Path;
+
+use vnic_guest::cli::NetArgs;
+use vnic_tests::PortInNs;
+
+/// The workspace's vnicd, built beside the test binaries.
+pub fn vnicd() -> String {
+    vnic_tests::sibling_binary(env!("CARGO_BIN_EXE_vnic-iperf"), "vnicd")
+}
+
+/// vnicd (2 queue pairs) with its TAP in a namespace as 192.0.2.1/24 and
+/// 2001:db8::1/64; the guest stack resolves addresses itself.
+pub fn setup() -> PortInNs {
+    let s = PortInNs::start(&vnicd(), &["--queues", "2"], "192.0.2.1/24", &[])
+        .expect("vnicd with its TAP in a namespace");
+    s.ns.exec(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{}.disable_ipv6=0", s.tap)],
+    )
+    .expect("enable IPv6");
+    s.ns.ip(&["addr", "add", "2001:db8::1/64", "dev", &s.tap, "nodad"])
+        .expect("IPv6 address");
+    s
+}
+
+/// The stack in this process on vnicd's socket, as 192.0.2.2/24 and
+/// 2001:db8::2/64 on 2 queue pairs.
+pub fn start_stack(
+    socket: &Path,
+    no_tso: bool,
+    busy_poll_us: Option<u64>,
+) -> vnic_guest::stack::Stack {
+    NetArgs {
+        socket: socket.to_path_buf(),
+        addr: Some("192.0.2.2/24".into()),
+        addr6: Some("2001:db8::2/64".into()),
+        queues: 2,
+        queue_size: 256,
+        no_tso,
+        no_csum: false,
+        busy_poll_us,
+    }
+    .start()
+    .expect("stack")
+}
+
+/// One vnicd counter summed over the RX queues (`packets`, `drop.filtered`).
+pub fn rx_total(s: &PortInNs, what: &str) -> u64 {
+    let st = s.vnicd.stats().expect("vnicd stats");
+    (0..2).map(|q| st[&format!("rx{q}.{what}")]).sum()
+}
