@@ -198,6 +198,9 @@ pub(super) struct RxWriter<'a> {
     /// Frames put in the used ring (delivered, or their buffers handed
     /// back empty), for notification coalescing.
     pub used: u32,
+    /// The chains popped for the frame at hand; kept between frames so
+    /// that its tables are not cleared for each (only its counts are).
+    bufs: Box<RxBufs>,
 }
 
 impl<'a> RxWriter<'a> {
@@ -217,6 +220,14 @@ impl<'a> RxWriter<'a> {
             hash_report: acked.contains(Features::HASH_REPORT),
             rsc_ext: acked.contains(Features::RSC_EXT),
             used: 0,
+            bufs: Box::new(RxBufs {
+                chains: [(0u16, 0usize); MAX_RX_BUFFERS],
+                pos: [0u16; MAX_RX_BUFFERS],
+                descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
+                nchains: 0,
+                ndescs: 0,
+                cap: 0,
+            }),
         }
     }
 }
@@ -241,6 +252,39 @@ pub(super) enum Direct {
     Dropped(DropReason),
     /// The uplink failed (counted as `uplink_error`); nothing was read.
     Failed,
+}
+
+/// Pieces of a read into one or two RX buffers (header, buffers, spill).
+const SHORT_PIECES: usize = 4;
+
+/// Reads one frame from uplink queue `uq`: its TAP header into `vnet`,
+/// the frame into the RX buffers `descs` (the first `hdr_len` bytes of
+/// the first left for the device's header), and what does not fit into
+/// `overflow`. None when a buffer is not in guest memory (nothing read).
+fn recv_into<const N: usize>(
+    nic: &Nic,
+    uq: usize,
+    vnet: &mut [u8],
+    descs: &[(GuestAddress, usize)],
+    hdr_len: usize,
+    mem: &GuestMemoryMmap,
+    overflow: &mut [u8],
+) -> Option<io::Result<usize>> {
+    let mut pieces: [PieceMut<'_>; N] = core::array::from_fn(|_| PieceMut::Local(&mut []));
+    pieces[0] = PieceMut::Local(vnet);
+    for (k, &(addr, len)) in descs.iter().enumerate().take(N.saturating_sub(2)) {
+        let skip = if k == 0 { hdr_len } else { 0 };
+        let slice = addr
+            .checked_add(skip as u64)
+            .and_then(|a| mem.get_slice(a, len.checked_sub(skip)?).ok())?;
+        pieces[k + 1] = PieceMut::Guest(slice);
+    }
+    let mut np = descs.len().min(N.saturating_sub(2)) + 1;
+    if np < N {
+        pieces[np] = PieceMut::Local(overflow);
+        np += 1;
+    }
+    Some(nic.uplink().recv(uq, &mut pieces[..np]))
 }
 
 /// Most RX descriptors one read may fill.
@@ -584,14 +628,10 @@ impl RxWriter<'_> {
         let mergeable = self.mergeable;
         let mut state = self.vring.get_mut();
         let q = state.get_queue_mut();
-        let mut rx = RxBufs {
-            chains: [(0u16, 0usize); MAX_RX_BUFFERS],
-            pos: [0u16; MAX_RX_BUFFERS],
-            descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
-            nchains: 0,
-            ndescs: 0,
-            cap: 0,
-        };
+        let rx = &mut *self.bufs;
+        rx.nchains = 0;
+        rx.ndescs = 0;
+        rx.cap = 0;
         if let Err(why) = rx.pop_until(q, mem, hdr_len + expect, hdr_len, mergeable, self.stats)? {
             return Ok(Direct::Dropped(why));
         }
@@ -601,30 +641,32 @@ impl RxWriter<'_> {
         }
         let guest_room = rx.cap - hdr_len;
         let mut vnet = [0u8; VNET_HDR_LEN];
-        let n = {
-            let mut pieces: [PieceMut<'_>; MAX_PIECES] =
-                core::array::from_fn(|_| PieceMut::Local(&mut []));
-            pieces[0] = PieceMut::Local(&mut vnet);
-            for (k, &(addr, len)) in rx.descs[..rx.ndescs].iter().enumerate() {
-                // The header goes into the first buffer, written later.
-                let skip = if k == 0 { hdr_len } else { 0 };
-                let slice = addr
-                    .checked_add(skip as u64)
-                    .and_then(|a| mem.get_slice(a, len.checked_sub(skip)?).ok());
-                match slice {
-                    Some(v) => pieces[k + 1] = PieceMut::Guest(v),
-                    None => {
-                        rx.give_back_empty(q, mem)?;
-                        return Ok(Direct::Dropped(DropReason::BadDescriptor));
-                    }
-                }
-            }
-            let mut np = rx.ndescs + 1;
-            if np < MAX_PIECES {
-                pieces[np] = PieceMut::Local(&mut *overflow);
-                np += 1;
-            }
-            nic.uplink().recv(uq, &mut pieces[..np])
+        // A frame in one or two buffers (the common case) needs a short
+        // list of pieces; only a long chain pays for the long one.
+        let got = if rx.ndescs + 2 <= SHORT_PIECES {
+            recv_into::<SHORT_PIECES>(
+                nic,
+                uq,
+                &mut vnet,
+                &rx.descs[..rx.ndescs],
+                hdr_len,
+                mem,
+                overflow,
+            )
+        } else {
+            recv_into::<MAX_PIECES>(
+                nic,
+                uq,
+                &mut vnet,
+                &rx.descs[..rx.ndescs],
+                hdr_len,
+                mem,
+                overflow,
+            )
+        };
+        let Some(n) = got else {
+            rx.give_back_empty(q, mem)?;
+            return Ok(Direct::Dropped(DropReason::BadDescriptor));
         };
         let n = match n {
             Ok(n) => n,

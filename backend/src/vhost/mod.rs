@@ -288,6 +288,33 @@ fn put_frame(
     }
 }
 
+/// Pieces of a frame whose payload lies in at most three guest buffers.
+const SHORT_PIECES: usize = 4;
+
+/// Calls `f` with the guest regions `rest` (then `tail`, when there is
+/// one and room) as pieces of a vectored write, or with None when a region
+/// is not in guest memory.
+fn with_pieces<'m, const N: usize>(
+    mem: &'m GuestMemoryMmap,
+    rest: &[(GuestAddress, usize)],
+    tail: &'m [u8],
+    f: impl FnOnce(Option<&[Piece<'m>]>),
+) {
+    let mut pieces = [Piece::Local(&[]); N];
+    for (p, &(addr, len)) in pieces.iter_mut().zip(rest.iter()) {
+        match mem.get_slice(addr, len) {
+            Ok(v) => *p = Piece::Guest(v),
+            Err(_) => return f(None),
+        }
+    }
+    let mut n = rest.len().min(N);
+    if !tail.is_empty() && n < N {
+        pieces[n] = Piece::Local(tail);
+        n += 1;
+    }
+    f(Some(&pieces[..n]));
+}
+
 /// How an RX queue's driver stands for buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Room {
@@ -714,6 +741,12 @@ impl VnicBackend {
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
+            // The vring's lock, once for the batch rather than twice a
+            // chain; guest memory as a plain reference, not a guard to
+            // clone per chain.
+            let mut guard = vring.get_mut();
+            let q = guard.get_queue_mut();
+            let gm: &GuestMemoryMmap = &mem;
             while moved < BUDGET {
                 if let Some(wait) = self.nic.tx_wait(self.port, view) {
                     // Over the port's rate: the chains wait in the ring
@@ -722,48 +755,45 @@ impl VnicBackend {
                     limited = true;
                     break;
                 }
-                let Some(chain) = pop_chain(vring, &mem, stats) else {
+                let Some(chain) = pop_valid(q, gm, stats) else {
                     break;
                 };
                 let head = chain.head_index();
-                match gather_tx(&mem, chain, hdr_len, tx, rest, tail) {
+                match gather_tx(gm, chain, hdr_len, tx, rest, tail) {
                     Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
                     Ok(()) => {
-                        let mut pieces = [Piece::Local(&[]); MAX_PIECES];
-                        let mut ok = true;
-                        for (p, &(addr, len)) in pieces.iter_mut().zip(rest.iter()) {
-                            match mem.get_slice(addr, len) {
-                                Ok(v) => *p = Piece::Guest(v),
-                                Err(_) => ok = false,
+                        let send = |pieces: Option<&[Piece<'_>]>| match pieces {
+                            Some(p) => {
+                                let _ = self.nic.transmit_pieces(
+                                    self.port,
+                                    i,
+                                    &tx[..hdr_len],
+                                    &tx[hdr_len..],
+                                    p,
+                                    scratch,
+                                    view,
+                                );
                             }
-                        }
-                        let mut n = rest.len();
-                        if !tail.is_empty() && n < MAX_PIECES {
-                            pieces[n] = Piece::Local(tail);
-                            n += 1;
-                        }
-                        if ok {
-                            let _ = self.nic.transmit_pieces(
-                                self.port,
-                                i,
-                                &tx[..hdr_len],
-                                &tx[hdr_len..],
-                                &pieces[..n],
-                                scratch,
-                                view,
-                            );
+                            None => stats.drop(DropReason::BadDescriptor),
+                        };
+                        // A short frame has its bytes in the prefix and
+                        // needs a short list of pieces; only a long chain
+                        // pays for the long one.
+                        if rest.len() < SHORT_PIECES {
+                            with_pieces::<SHORT_PIECES>(gm, rest, tail, send);
                         } else {
-                            stats.drop(DropReason::BadDescriptor);
+                            with_pieces::<MAX_PIECES>(gm, rest, tail, send);
                         }
                     }
                     Err(why) => stats.drop(why),
                 }
-                vring.add_used(head, 0).map_err(io::Error::other)?;
+                q.add_used(gm, head, 0).map_err(io::Error::other)?;
                 moved += 1;
                 if scratch.wakes.due() {
                     self.nic.wake(&mut scratch.wakes);
                 }
             }
+            drop(guard);
             if limited {
                 break;
             }

@@ -1,0 +1,313 @@
+//! vnicd against DPDK's own vhost-user backend, side by side in one run,
+//! with DPDK's testpmd as the frontend in both: its virtio-user PMD (one
+//! queue pair, 256-entry rings, `in_order=0`, bursts of 32) on core 0
+//! sends (`txonly`) or receives (`rxonly`) as fast as it can; the backend
+//! runs on core 1: vnicd (`--uplink sink` or `source:SIZE`) or testpmd's
+//! `net_vhost0` in `rxonly` / `txonly` mode.
+//!
+//! Reported per direction and frame size: the frames per second the
+//! backend moved, and the backend's busy TSC cycles per frame (vnicd: the
+//! CPU time of all its threads over the window; DPDK: testpmd's
+//! `--record-core-cycles`, cycles of polls that moved frames).
+//!
+//! `cargo bench -p vnic-backend --bench dpdk_vhost` (needs root and
+//! `dpdk-testpmd` from Debian's dpdk-dev; `tools/dpdk_bench.sh` installs
+//! it). VNIC_DPDK_SECONDS sets each measurement window (default 4). The
+//! table goes to stdout, CSV to `target/dpdk_vhost.csv`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use vnic_tests::{unique, Vnicd};
+
+const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dir {
+    /// The frontend sends, the backend takes (guest -> device).
+    ToDevice,
+    /// The backend sends, the frontend takes (device -> guest).
+    ToGuest,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    pps: f64,
+    cycles_per_frame: f64,
+}
+
+/// testpmd with one port and one forwarding core; killed when dropped.
+struct Testpmd {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Testpmd {
+    /// `fwd_core` forwards; the other core is its (sleeping) main lcore.
+    fn start(prefix: &str, fwd_core: u32, vdev: &str, mode: &str, extra: &[&str]) -> Testpmd {
+        let main_core = 1 - fwd_core;
+        let log = std::env::temp_dir().join(format!("{prefix}.log"));
+        let out = std::fs::File::create(&log).expect("testpmd log");
+        let child = Command::new("dpdk-testpmd")
+            .args(["-l", "0,1", "--main-lcore", &main_core.to_string()])
+            .args([
+                "--no-huge",
+                "-m",
+                "512",
+                "--no-pci",
+                "--file-prefix",
+                prefix,
+            ])
+            .args(["--vdev", vdev, "--"])
+            .args([
+                &format!("--forward-mode={mode}"),
+                "--burst=32",
+                "--nb-cores=1",
+                "--total-num-mbufs=16384",
+                "--stats-period=1",
+                "--auto-start",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("dpdk-testpmd (Debian's dpdk-dev) runs");
+        Testpmd { child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it as Ctrl-C does (it prints its totals) and returns all it
+    /// printed.
+    fn stop(mut self) -> String {
+        // SAFETY: kill(2) on a child this process started and has not
+        // waited for, so its pid is still ours.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.output()
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The generator: virtio-user on `socket`, forwarding on core 0.
+fn generator(socket: &Path, dir: Dir, size: usize) -> Testpmd {
+    let vdev = format!(
+        "net_virtio_user0,path={},queues=1,queue_size=256,in_order=0",
+        socket.display()
+    );
+    let txpkts = format!("--txpkts={size}");
+    match dir {
+        Dir::ToDevice => Testpmd::start(&unique("vgen"), 0, &vdev, "txonly", &[&txpkts]),
+        Dir::ToGuest => Testpmd::start(&unique("vgen"), 0, &vdev, "rxonly", &[]),
+    }
+}
+
+/// CPU time of every thread of `pid`, in ns.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// The TSC's rate as DPDK reports it, else the kernel's.
+fn tsc_mhz(dpdk_out: &str) -> f64 {
+    let from_dpdk = dpdk_out
+        .split(" MHz Clock")
+        .next()
+        .filter(|s| s.len() < dpdk_out.len())
+        .and_then(|s| s.rsplit(' ').next()?.parse::<f64>().ok());
+    from_dpdk.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("cpu MHz"))?
+                    .split(':')
+                    .nth(1)?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN)
+    })
+}
+
+fn vnicd_run(dir: Dir, size: usize, secs: u64, mhz: f64) -> (Run, f64) {
+    let uplink = match dir {
+        Dir::ToDevice => "sink".to_owned(),
+        Dir::ToGuest => format!("source:{size}"),
+    };
+    let v = Vnicd::start_wrapped(&["taskset", "-c", "1"], VNICD, &["--uplink", &uplink])
+        .expect("vnicd on core 1");
+    let gen = generator(&v.socket, dir, size);
+    let key = match dir {
+        Dir::ToDevice => "tx0.packets",
+        Dir::ToGuest => "rx0.packets",
+    };
+    thread::sleep(Duration::from_secs(2));
+    let take = || {
+        (
+            Instant::now(),
+            cpu_ns(v.pid()),
+            v.stats()
+                .ok()
+                .and_then(|s| s.get(key).copied())
+                .unwrap_or(0),
+        )
+    };
+    let a = take();
+    thread::sleep(Duration::from_secs(secs));
+    let b = take();
+    let gen_out = gen.stop();
+    let frames = (b.2 - a.2) as f64;
+    let wall = (b.0 - a.0).as_secs_f64();
+    let busy = (b.1 - a.1) as f64 / 1e9;
+    if frames == 0.0 {
+        eprintln!("vnicd {dir:?} {size}: no frames; the generator said:\n{gen_out}");
+    }
+    (
+        Run {
+            pps: frames / wall,
+            cycles_per_frame: busy * mhz * 1e6 / frames,
+        },
+        busy / wall,
+    )
+}
+
+/// The median of testpmd's per-second `key` (Rx-pps, Tx-pps) readings,
+/// the first two (warm-up) left out.
+fn pps(out: &str, key: &str) -> f64 {
+    let mut v: Vec<f64> = out
+        .split(key)
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    if v.len() > 3 {
+        v.drain(..2);
+    }
+    vnic_tests::median(v)
+}
+
+fn dpdk_run(dir: Dir, size: usize, secs: u64) -> (Run, f64) {
+    let dirpath = std::env::temp_dir().join(unique("dpdkvh"));
+    std::fs::create_dir_all(&dirpath).expect("socket dir");
+    let socket = dirpath.join("vhost.sock");
+    let vdev = format!("net_vhost0,iface={},queues=1", socket.display());
+    let txpkts = format!("--txpkts={size}");
+    let (mode, extra): (&str, Vec<&str>) = match dir {
+        Dir::ToDevice => ("rxonly", vec!["--record-core-cycles"]),
+        Dir::ToGuest => ("txonly", vec!["--record-core-cycles", &txpkts]),
+    };
+    let backend = Testpmd::start(&unique("vbe"), 1, &vdev, mode, &extra);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() && Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let gen = generator(&socket, dir, size);
+    thread::sleep(Duration::from_secs(2 + secs));
+    let gen_out = gen.stop();
+    let out = backend.stop();
+    let _ = std::fs::remove_dir_all(&dirpath);
+    let key = match dir {
+        Dir::ToDevice => "Rx-pps:",
+        Dir::ToGuest => "Tx-pps:",
+    };
+    let cycles = out
+        .split("CPU cycles/packet=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    let r = Run {
+        pps: pps(&out, key),
+        cycles_per_frame: cycles,
+    };
+    if r.pps.is_nan() || r.pps == 0.0 {
+        eprintln!("DPDK vhost {dir:?} {size}: no rate; backend:\n{out}\ngenerator:\n{gen_out}");
+    }
+    (r, tsc_mhz(&out))
+}
+
+fn main() {
+    let secs: u64 = std::env::var("VNIC_DPDK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let cases = [
+        (Dir::ToDevice, 64),
+        (Dir::ToDevice, 1500),
+        (Dir::ToGuest, 64),
+        (Dir::ToGuest, 1500),
+    ];
+    let mut rows = Vec::new();
+    for (dir, size) in cases {
+        let (dpdk, mhz) = dpdk_run(dir, size, secs);
+        let (vnicd, load) = vnicd_run(dir, size, secs, mhz);
+        eprintln!("{dir:?} {size} B: vnicd {vnicd:?} at {load:.2} of a core, DPDK {dpdk:?}");
+        rows.push((dir, size, vnicd, load, dpdk, mhz));
+    }
+    println!(
+        "testpmd virtio-user (core 0, txonly/rxonly, burst 32, in_order=0, 256-entry rings) \
+         against each backend on core 1; {secs} s windows"
+    );
+    println!(
+        "| direction, frame | vnicd Mpps | vnicd busy cycles/frame (cores used) | DPDK vhost Mpps | DPDK busy cycles/frame | rate vnicd/DPDK | cycles vnicd/DPDK |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut csv = String::from(
+        "direction,size,vnicd_mpps,vnicd_cycles,vnicd_cores,dpdk_mpps,dpdk_cycles,tsc_mhz\n",
+    );
+    for (dir, size, v, load, d, mhz) in &rows {
+        let name = match dir {
+            Dir::ToDevice => "guest->device",
+            Dir::ToGuest => "device->guest",
+        };
+        println!(
+            "| {name}, {size} B | {:.2} | {:.0} ({load:.2}) | {:.2} | {:.0} | {:.2}x | {:.2}x |",
+            v.pps / 1e6,
+            v.cycles_per_frame,
+            d.pps / 1e6,
+            d.cycles_per_frame,
+            v.pps / d.pps,
+            v.cycles_per_frame / d.cycles_per_frame,
+        );
+        let _ = writeln!(
+            csv,
+            "{name},{size},{:.4},{:.1},{load:.3},{:.4},{:.1},{mhz:.0}",
+            v.pps / 1e6,
+            v.cycles_per_frame,
+            d.pps / 1e6,
+            d.cycles_per_frame
+        );
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dpdk_vhost.csv");
+    if let Err(e) = std::fs::write(&path, csv) {
+        eprintln!("{}: {e}", path.display());
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# vnicd against DPDK's own vhost-user backend, with DPDK's testpmd
+# (virtio-user) as the frontend of both, side by side: frames per second
+# and busy cycles per frame each way, 64 and 1500 bytes. Writes
+# target/dpdk_vhost.csv and the plot target/dpdk_vhost.png.
+# Installs what it needs (Debian's dpdk-dev for dpdk-testpmd, matplotlib);
+# needs root. Uses cores 0 (testpmd's generator) and 1 (the backend).
+#
+#   VNIC_DPDK_SECONDS   measurement window per case (default 4)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+for p in dpdk-dev python3-matplotlib util-linux; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+cargo bench -q -p vnic-backend --bench dpdk_vhost
+# Debian's interpreter, which has its matplotlib (a python3 earlier on
+# PATH may not).
+/usr/bin/python3 tools/plot_dpdk.py target/dpdk_vhost.csv target/dpdk_vhost.png
+echo "plot: target/dpdk_vhost.png"
