@@ -8,6 +8,7 @@
 #
 #   VNIC_FUZZ_SECONDS   seconds per fuzz target (default 20)
 #   VNIC_SKIP_NETNS=1   skip the tests that need root, /dev/net/tun, ip netns
+#   VNIC_SKIP_DPDK=1    skip the tests that need DPDK's testpmd
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +31,7 @@ install_apt() {
 }
 
 step "prerequisites"
-install_apt g++ make iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod nftables
+install_apt g++ make iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod nftables dpdk-dev
 if ! cargo fuzz --version >/dev/null 2>&1; then
     step "installing cargo-fuzz"
     cargo install cargo-fuzz --locked

@@ -19,13 +19,12 @@
 
 use std::{
     fmt::Write as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
-use vnic_tests::{unique, Vnicd};
+use vnic_tests::{dpdk::Testpmd, unique, Vnicd};
 
 const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
 
@@ -43,83 +42,13 @@ struct Run {
     cycles_per_frame: f64,
 }
 
-/// testpmd with one port and one forwarding core; killed when dropped.
-struct Testpmd {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Testpmd {
-    /// `fwd_core` forwards; the other core is its (sleeping) main lcore.
-    fn start(prefix: &str, fwd_core: u32, vdev: &str, mode: &str, extra: &[&str]) -> Testpmd {
-        let main_core = 1 - fwd_core;
-        let log = std::env::temp_dir().join(format!("{prefix}.log"));
-        let out = std::fs::File::create(&log).expect("testpmd log");
-        let child = Command::new("dpdk-testpmd")
-            .args(["-l", "0,1", "--main-lcore", &main_core.to_string()])
-            .args([
-                "--no-huge",
-                "-m",
-                "512",
-                "--no-pci",
-                "--file-prefix",
-                prefix,
-            ])
-            .args(["--vdev", vdev, "--"])
-            .args([
-                &format!("--forward-mode={mode}"),
-                "--burst=32",
-                "--nb-cores=1",
-                "--total-num-mbufs=16384",
-                "--stats-period=1",
-                "--auto-start",
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("dpdk-testpmd (Debian's dpdk-dev) runs");
-        Testpmd { child, log }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Stops it as Ctrl-C does (it prints its totals) and returns all it
-    /// printed.
-    fn stop(mut self) -> String {
-        // SAFETY: kill(2) on a child this process started and has not
-        // waited for, so its pid is still ours.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < end {
-            thread::sleep(Duration::from_millis(50));
-        }
-        self.output()
-    }
-}
-
-impl Drop for Testpmd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 /// The generator: virtio-user on `socket`, forwarding on core 0.
 fn generator(socket: &Path, dir: Dir, size: usize) -> Testpmd {
-    let vdev = format!(
-        "net_virtio_user0,path={},queues=1,queue_size=256,in_order=0",
-        socket.display()
-    );
-    let txpkts = format!("--txpkts={size}");
-    match dir {
-        Dir::ToDevice => Testpmd::start(&unique("vgen"), 0, &vdev, "txonly", &[&txpkts]),
-        Dir::ToGuest => Testpmd::start(&unique("vgen"), 0, &vdev, "rxonly", &[]),
-    }
+    let mode = match dir {
+        Dir::ToDevice => "txonly",
+        Dir::ToGuest => "rxonly",
+    };
+    Testpmd::virtio_user(socket, mode, size, false).expect("testpmd runs")
 }
 
 /// CPU time of every thread of `pid`, in ns.
@@ -225,7 +154,7 @@ fn dpdk_run(dir: Dir, size: usize, secs: u64) -> (Run, f64) {
         Dir::ToDevice => ("rxonly", vec!["--record-core-cycles"]),
         Dir::ToGuest => ("txonly", vec!["--record-core-cycles", &txpkts]),
     };
-    let backend = Testpmd::start(&unique("vbe"), 1, &vdev, mode, &extra);
+    let backend = Testpmd::start(1, &vdev, &[], mode, &extra).expect("testpmd runs");
     let end = Instant::now() + Duration::from_secs(20);
     while !socket.exists() && Instant::now() < end {
         thread::sleep(Duration::from_millis(50));

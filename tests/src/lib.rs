@@ -10,6 +10,7 @@
 //! Names are made unique per process and test so tests can run in
 //! parallel.
 
+pub mod dpdk;
 pub mod qemu;
 
 use std::{
