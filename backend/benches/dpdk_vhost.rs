@@ -43,12 +43,12 @@ struct Run {
 }
 
 /// The generator: virtio-user on `socket`, forwarding on core 0.
-fn generator(socket: &Path, dir: Dir, size: usize) -> Testpmd {
+fn generator(socket: &Path, dir: Dir, size: usize, pairs: u16) -> Testpmd {
     let mode = match dir {
         Dir::ToDevice => "txonly",
         Dir::ToGuest => "rxonly",
     };
-    Testpmd::virtio_user(socket, mode, size, false).expect("testpmd runs")
+    Testpmd::virtio_user(socket, mode, size, false, pairs).expect("testpmd runs")
 }
 
 /// CPU time of every thread of `pid`, in ns.
@@ -88,27 +88,38 @@ fn tsc_mhz(dpdk_out: &str) -> f64 {
     })
 }
 
-fn vnicd_run(dir: Dir, size: usize, secs: u64, mhz: f64) -> (Run, f64) {
+fn vnicd_run(dir: Dir, size: usize, secs: u64, mhz: f64, pairs: u16) -> (Run, f64) {
     let uplink = match dir {
         Dir::ToDevice => "sink".to_owned(),
         Dir::ToGuest => format!("source:{size}"),
     };
-    let v = Vnicd::start_wrapped(&["taskset", "-c", "1"], VNICD, &["--uplink", &uplink])
-        .expect("vnicd on core 1");
-    let gen = generator(&v.socket, dir, size);
-    let key = match dir {
-        Dir::ToDevice => "tx0.packets",
-        Dir::ToGuest => "rx0.packets",
+    let q = pairs.to_string();
+    let v = Vnicd::start_wrapped(
+        &["taskset", "-c", "1"],
+        VNICD,
+        &["--uplink", &uplink, "--queues", &q],
+    )
+    .expect("vnicd on core 1");
+    let gen = generator(&v.socket, dir, size, pairs);
+    let dir_key = match dir {
+        Dir::ToDevice => "tx",
+        Dir::ToGuest => "rx",
+    };
+    let count = |s: &std::collections::BTreeMap<String, u64>| -> u64 {
+        (0..pairs)
+            .map(|i| {
+                s.get(&format!("{dir_key}{i}.packets"))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .sum()
     };
     thread::sleep(Duration::from_secs(2));
     let take = || {
         (
             Instant::now(),
             cpu_ns(v.pid()),
-            v.stats()
-                .ok()
-                .and_then(|s| s.get(key).copied())
-                .unwrap_or(0),
+            v.stats().ok().map_or(0, |s| count(&s)),
         )
     };
     let a = take();
@@ -144,22 +155,24 @@ fn pps(out: &str, key: &str) -> f64 {
     vnic_tests::median(v)
 }
 
-fn dpdk_run(dir: Dir, size: usize, secs: u64) -> (Run, f64) {
+fn dpdk_run(dir: Dir, size: usize, secs: u64, pairs: u16) -> (Run, f64) {
     let dirpath = std::env::temp_dir().join(unique("dpdkvh"));
     std::fs::create_dir_all(&dirpath).expect("socket dir");
     let socket = dirpath.join("vhost.sock");
-    let vdev = format!("net_vhost0,iface={},queues=1", socket.display());
+    let vdev = format!("net_vhost0,iface={},queues={pairs}", socket.display());
     let txpkts = format!("--txpkts={size}");
-    let (mode, extra): (&str, Vec<&str>) = match dir {
+    let q = [format!("--rxq={pairs}"), format!("--txq={pairs}")];
+    let (mode, mut extra): (&str, Vec<&str>) = match dir {
         Dir::ToDevice => ("rxonly", vec!["--record-core-cycles"]),
         Dir::ToGuest => ("txonly", vec!["--record-core-cycles", &txpkts]),
     };
+    extra.extend([q[0].as_str(), q[1].as_str()]);
     let backend = Testpmd::start(1, &vdev, &[], mode, &extra).expect("testpmd runs");
     let end = Instant::now() + Duration::from_secs(20);
     while !socket.exists() && Instant::now() < end {
         thread::sleep(Duration::from_millis(50));
     }
-    let gen = generator(&socket, dir, size);
+    let gen = generator(&socket, dir, size, pairs);
     thread::sleep(Duration::from_secs(2 + secs));
     let gen_out = gen.stop();
     let out = backend.stop();
@@ -196,8 +209,8 @@ fn main() {
     ];
     let mut rows = Vec::new();
     for (dir, size) in cases {
-        let (dpdk, mhz) = dpdk_run(dir, size, secs);
-        let (vnicd, load) = vnicd_run(dir, size, secs, mhz);
+        let (dpdk, mhz) = dpdk_run(dir, size, secs, 1);
+        let (vnicd, load) = vnicd_run(dir, size, secs, mhz, 1);
         eprintln!("{dir:?} {size} B: vnicd {vnicd:?} at {load:.2} of a core, DPDK {dpdk:?}");
         rows.push((dir, size, vnicd, load, dpdk, mhz));
     }
@@ -238,5 +251,28 @@ fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dpdk_vhost.csv");
     if let Err(e) = std::fs::write(&path, csv) {
         eprintln!("{}: {e}", path.display());
+    }
+
+    // Queue pairs: the generator spreads 64 B frames over all of them from
+    // one core; each backend serves them from the other (vnicd with a
+    // worker thread per pair, all on core 1). DPDK's virtio-user takes at
+    // most 8 pairs.
+    let mhz = rows.first().map_or(f64::NAN, |r| r.5);
+    println!();
+    println!("guest->device, 64 B, by queue pairs (all on one backend core)");
+    println!(
+        "| pairs | vnicd Mpps | vnicd busy cycles/frame | DPDK vhost Mpps | DPDK busy cycles/frame |"
+    );
+    println!("|---|---|---|---|---|");
+    for pairs in [1u16, 2, 4, 8] {
+        let (d, _) = dpdk_run(Dir::ToDevice, 64, secs, pairs);
+        let (v, _) = vnicd_run(Dir::ToDevice, 64, secs, mhz, pairs);
+        println!(
+            "| {pairs} | {:.2} | {:.0} | {:.2} | {:.0} |",
+            v.pps / 1e6,
+            v.cycles_per_frame,
+            d.pps / 1e6,
+            d.cycles_per_frame
+        );
     }
 }

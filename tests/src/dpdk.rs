@@ -65,21 +65,29 @@ impl Testpmd {
         Ok(Testpmd { child, log })
     }
 
-    /// A virtio-user frontend of `socket` (one queue pair, 256-entry
-    /// rings), forwarding on core 0, sending `size`-byte frames
+    /// A virtio-user frontend of `socket` (`pairs` queue pairs of
+    /// 256-entry rings), forwarding on core 0, sending `size`-byte frames
     /// (`txonly`) or taking what comes (`rxonly`).
     pub fn virtio_user(
         socket: &Path,
         mode: &str,
         size: usize,
         in_order: bool,
+        pairs: u16,
     ) -> io::Result<Testpmd> {
         let vdev = format!(
-            "net_virtio_user0,path={},queues=1,queue_size=256,in_order={}",
+            "net_virtio_user0,path={},queues={pairs},queue_size=256,in_order={}",
             socket.display(),
             u8::from(in_order)
         );
-        Testpmd::start(0, &vdev, &[], mode, &[&format!("--txpkts={size}")])
+        let q = [format!("--rxq={pairs}"), format!("--txq={pairs}")];
+        Testpmd::start(
+            0,
+            &vdev,
+            &[],
+            mode,
+            &[&format!("--txpkts={size}"), &q[0], &q[1]],
+        )
     }
 
     /// What it printed so far.
