@@ -120,7 +120,16 @@ pub struct Guest {
     child: Child,
     log: PathBuf,
     dir: PathBuf,
+    opts: GuestOpts,
+    /// Boots tried again after the kernel died before running the script.
+    pub reboots: u32,
 }
+
+/// Times a guest whose kernel dies before it runs its script is booted
+/// again: Debian's kernel under TCG with two vCPUs now and then takes an
+/// int3 Oops while it patches its own code early in boot, before any NIC
+/// is touched.
+const BOOT_RETRIES: u32 = 2;
 
 fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -142,87 +151,42 @@ fn base64(data: &[u8]) -> String {
 impl Guest {
     /// Boots a guest; it runs `opts.script` and powers off.
     pub fn boot(opts: &GuestOpts) -> io::Result<Guest> {
-        let img = guest_image()?;
-        let accel = opts.accel.unwrap_or_else(accel);
         let dir = std::env::temp_dir().join(unique("vnicvm"));
         std::fs::create_dir_all(&dir)?;
         let log = dir.join("console.log");
-        let cmd = base64(opts.script.as_bytes());
-        if cmd.len() > 1800 {
-            return Err(io::Error::other(
-                "guest script too long for the command line",
-            ));
+        let child = spawn(opts, &log)?;
+        Ok(Guest {
+            child,
+            log,
+            dir,
+            opts: opts.clone(),
+            reboots: 0,
+        })
+    }
+
+    /// When QEMU has exited because the kernel died before it started the
+    /// script, boots the guest again (at most [`BOOT_RETRIES`] times);
+    /// whether it did.
+    fn reboot_if_died_in_boot(&mut self) -> io::Result<bool> {
+        let console = self.console();
+        let died = !console.contains("VNIC-BOOTED")
+            && (console.contains("Kernel panic") || console.contains("Oops:"));
+        if !died || self.reboots >= BOOT_RETRIES {
+            return Ok(false);
         }
-        let mut q = match &opts.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
-                c
-            }
-            None => Command::new("qemu-system-x86_64"),
-        };
-        let machine = match accel {
-            Accel::Kvm => "q35,accel=kvm",
-            Accel::Tcg => "q35,accel=tcg",
-        };
-        q.args([
-            "-machine",
-            machine,
-            "-m",
-            "512M",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args(["-nodefaults", "-smp", &opts.smp.to_string()])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-kernel")
-        .arg(&img.kernel)
-        .arg("-initrd")
-        .arg(&img.initrd)
-        .args([
-            "-append",
-            &format!("console=ttyS0 quiet panic=-1 vnic.cmd={cmd}"),
-        ])
-        .args(["-serial", &format!("file:{}", log.display())]);
-        // QEMU 7.2 under TCG crashes in its MSI-X notifier path with
-        // vhost-user devices: INTx there, MSI-X with KVM.
-        let vectors = match accel {
-            Accel::Kvm => 2 * u32::from(opts.queues) + 2,
-            Accel::Tcg => 0,
-        };
-        if let Some(sock) = &opts.socket {
-            q.arg("-chardev")
-                .arg(format!("socket,id=chr0,path={}", sock.display()))
-                .args([
-                    "-netdev",
-                    &format!("vhost-user,id=net0,chardev=chr0,queues={}", opts.queues),
-                ]);
-        } else if let Some(tap) = &opts.tap {
-            q.args([
-                "-netdev",
-                &format!(
-                    "tap,id=net0,ifname={tap},script=no,downscript=no,queues={}",
-                    opts.queues
-                ),
-            ]);
-        }
-        if opts.socket.is_some() || opts.tap.is_some() {
-            q.args([
-                "-device",
-                &format!(
-                    "virtio-net-pci,netdev=net0,mq=on,vectors={vectors},mac={}",
-                    opts.mac
-                ),
-            ]);
-        }
-        let child = q
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        Ok(Guest { child, log, dir })
+        self.reboots += 1;
+        eprintln!(
+            "guest kernel died while booting (try {}), booting again:\n{}",
+            self.reboots,
+            console
+                .lines()
+                .filter(|l| l.contains("Oops") || l.contains("RIP"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let _ = std::fs::remove_file(&self.log);
+        self.child = spawn(&self.opts, &self.log)?;
+        Ok(true)
     }
 
     pub fn console(&self) -> String {
@@ -237,6 +201,9 @@ impl Guest {
                 return Ok(());
             }
             if let Some(st) = self.child.try_wait()? {
+                if self.reboot_if_died_in_boot()? {
+                    continue;
+                }
                 return Err(io::Error::other(format!(
                     "qemu exited ({st}) before {marker:?}:\n{}",
                     self.console()
@@ -279,6 +246,88 @@ impl Guest {
             console,
         })
     }
+}
+
+/// Starts QEMU for `opts`, its serial console written to `log` (anew).
+fn spawn(opts: &GuestOpts, log: &Path) -> io::Result<Child> {
+    let img = guest_image()?;
+    let accel = opts.accel.unwrap_or_else(accel);
+    let cmd = base64(opts.script.as_bytes());
+    if cmd.len() > 1800 {
+        return Err(io::Error::other(
+            "guest script too long for the command line",
+        ));
+    }
+    let mut q = match &opts.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    let machine = match accel {
+        Accel::Kvm => "q35,accel=kvm",
+        Accel::Tcg => "q35,accel=tcg",
+    };
+    q.args([
+        "-machine",
+        machine,
+        "-m",
+        "512M",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-nodefaults", "-smp", &opts.smp.to_string()])
+    .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+    .args(["-numa", "node,memdev=mem"])
+    .arg("-kernel")
+    .arg(&img.kernel)
+    .arg("-initrd")
+    .arg(&img.initrd)
+    .args([
+        "-append",
+        &format!("console=ttyS0 quiet panic=-1 vnic.cmd={cmd}"),
+    ])
+    .args(["-serial", &format!("file:{}", log.display())]);
+    // QEMU 7.2 under TCG crashes in its MSI-X notifier path with
+    // vhost-user devices: INTx there, MSI-X with KVM.
+    let vectors = match accel {
+        Accel::Kvm => 2 * u32::from(opts.queues) + 2,
+        Accel::Tcg => 0,
+    };
+    if let Some(sock) = &opts.socket {
+        q.arg("-chardev")
+            .arg(format!("socket,id=chr0,path={}", sock.display()))
+            .args([
+                "-netdev",
+                &format!("vhost-user,id=net0,chardev=chr0,queues={}", opts.queues),
+            ]);
+    } else if let Some(tap) = &opts.tap {
+        q.args([
+            "-netdev",
+            &format!(
+                "tap,id=net0,ifname={tap},script=no,downscript=no,queues={}",
+                opts.queues
+            ),
+        ]);
+    }
+    if opts.socket.is_some() || opts.tap.is_some() {
+        q.args([
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev=net0,mq=on,vectors={vectors},mac={}",
+                opts.mac
+            ),
+        ]);
+    }
+    let child = q
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(child)
 }
 
 impl Drop for Guest {
