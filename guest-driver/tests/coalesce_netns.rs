@@ -15,10 +15,11 @@ use common::{rx_total, setup, start_stack};
 /// Notification coalescing set by the guest stack over the control queue
 /// (whole-device mode), as in the QEMU guest's test:
 /// - a datagram every millisecond with `rx-frames 64, rx-usecs 200`: each
-///   waits for the timer, and none longer than 200 µs plus 2 ms of
-///   scheduling (vnicd's own timestamps);
-/// - the same paced stream of small datagrams costs fewer (at least 1.5x)
-///   notifications with coalescing than without, and every one arrives;
+///   waits for the timer; 95% go out within 1 ms past the 200 µs and
+///   none 10 ms past (vnicd's own timestamps);
+/// - a paced stream of small datagrams that the stack keeps up with costs
+///   at least 3x fewer notifications with `rx-usecs 5000` than without,
+///   and every one arrives;
 /// - ping from the kernel: adaptive mode (set by the administrator) keeps
 ///   the round trip within 50 µs of coalescing off.
 #[test]
@@ -73,48 +74,63 @@ fn guest_set_coalescing_cuts_receive_notifications() {
     set(64, 200);
     run("sparse, rx-frames 64 rx-usecs 200", 300, 1000);
     let st = s.vnicd.stats().unwrap();
+    let sum = |k: &str| -> u64 { (0..2).map(|q| st[&format!("rx{q}.coalesce.{k}")]).sum() };
     let hold = (0..2)
         .map(|q| st[&format!("rx{q}.coalesce.hold_max_ns")])
         .max()
         .unwrap_or(0);
-    let timer: u64 = (0..2)
-        .map(|q| st[&format!("rx{q}.coalesce.flush.timer")])
-        .sum();
-    eprintln!("sparse: {timer} sent by the timer, longest hold {hold} ns");
-    assert!(timer >= 250, "{timer} of 300 waited for the timer");
-    // 200 µs, plus the time a thread of a busy two-core machine takes to
-    // run once its timer fires (seen 0.3 ms alone, 1.1 ms beside others).
-    assert!(
-        (200_000..=2_200_000).contains(&hold),
-        "longest hold {hold} ns for max_usecs 200"
+    let timer = sum("flush.timer");
+    let late = ["late_100us", "late_1ms", "late_10ms", "late_more"].map(sum);
+    eprintln!(
+        "sparse: {timer} sent by the timer; past max_usecs by up to 100 us, 1 ms, 10 ms, more: \
+         {late:?}; longest hold {hold} ns"
     );
+    assert!(timer >= 250, "{timer} of 300 waited for the timer");
+    assert!(hold >= 200_000, "longest hold {hold} ns for max_usecs 200");
+    // The timer's lateness is the time a thread of this two-vCPU virtual
+    // machine takes to run once its timer fires: seen up to 0.4 ms alone,
+    // 2.6 ms once in CI (an idle vCPU the hypervisor must wake).
+    let total: u64 = late.iter().sum();
+    assert!(
+        (late[0] + late[1]) * 100 >= total * 95,
+        "under 95% within 1 ms of max_usecs: {late:?}"
+    );
+    assert_eq!(late[3], 0, "held over 10 ms past max_usecs: {late:?}");
+    // A stream the stack easily keeps up with (a datagram every 500 µs),
+    // so that without coalescing it is signalled for nearly every one;
+    // with 5 ms it is signalled once for about ten.
     set(0, 0);
-    let off = run("paced, coalescing off", 10_000, 50);
-    set(64, 200);
-    let on = run("paced, rx-frames 64 rx-usecs 200", 10_000, 50);
-    assert!(on * 3 <= off * 2, "{off} notifications off, {on} coalesced");
-    // Ping: coalescing off, then adaptive (which the guest's commands
-    // would turn off again, so it comes from the administrator).
-    let rtt = |label: &str| {
+    let off = run("paced, coalescing off", 2000, 500);
+    set(64, 5000);
+    let on = run("paced, rx-frames 64 rx-usecs 5000", 2000, 500);
+    assert!(on * 3 <= off, "{off} notifications off, {on} coalesced");
+    // Ping: coalescing off and adaptive (which the guest's commands would
+    // turn off again, so it comes from the administrator), in alternating
+    // rounds so that drift in the machine's load falls on both alike.
+    let pings = |all: &mut Vec<f64>| {
         let out =
-            s.ns.exec("ping", &["-c", "40", "-i", "0.05", "-W", "1", "192.0.2.2"])
+            s.ns.exec("ping", &["-c", "20", "-i", "0.02", "-W", "1", "192.0.2.2"])
                 .expect("ping");
         let v = vnic_tests::ping_times_us(&out);
-        assert!(v.len() >= 38, "{label}: {out}");
-        let m = vnic_tests::median(v);
-        eprintln!("{label}: ping median {m:.0} us");
-        m
+        assert!(v.len() >= 19, "{out}");
+        all.extend(v);
     };
-    set(0, 0);
-    let r_off = rtt("coalescing off");
-    assert_eq!(
-        s.vnicd
+    let (mut off_rtt, mut adaptive_rtt) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        set(0, 0);
+        pings(&mut off_rtt);
+        let answer = s
+            .vnicd
             .ctl("coalesce adaptive-rx on adaptive-tx on")
-            .unwrap()
-            .trim(),
-        "ok"
+            .unwrap();
+        assert_eq!(answer.trim(), "ok");
+        pings(&mut adaptive_rtt);
+    }
+    let (r_off, r_adaptive) = (
+        vnic_tests::median(off_rtt),
+        vnic_tests::median(adaptive_rtt),
     );
-    let r_adaptive = rtt("adaptive");
+    eprintln!("ping median: coalescing off {r_off:.0} us, adaptive {r_adaptive:.0} us");
     assert!(
         (r_adaptive - r_off).abs() <= 50.0,
         "ping median {r_off:.0} us off, {r_adaptive:.0} us adaptive"

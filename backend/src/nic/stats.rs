@@ -129,6 +129,10 @@ pub struct QueueStats {
     pub flush_starved: AtomicU64,
     /// The longest a used buffer waited for its notification, in ns.
     pub hold_max_ns: AtomicU64,
+    /// Held notifications by how far past `max_usecs` they went out: up to
+    /// 100 µs, 1 ms, 10 ms, and beyond (the worker's timer slack and
+    /// scheduling).
+    pub late: [AtomicU64; 4],
     /// Frames receive segment coalescing made (or that carry absorbed
     /// duplicate ACKs).
     pub rsc_frames: AtomicU64,
@@ -164,8 +168,9 @@ impl QueueStats {
         self.drops.iter().map(|d| d.load(Relaxed)).sum()
     }
     /// A held notification went out (or the driver did not want it) after
-    /// its oldest buffer waited `held_ns`, for `why`.
-    pub fn flushed(&self, why: Flush, held_ns: u64) {
+    /// its oldest buffer waited `held_ns`, for `why`, on a queue that may
+    /// hold `max_ns`.
+    pub fn flushed(&self, why: Flush, held_ns: u64, max_ns: u64) {
         let c = match why {
             Flush::Packets => &self.flush_packets,
             Flush::Timer => &self.flush_timer,
@@ -174,6 +179,14 @@ impl QueueStats {
         if held_ns > 0 {
             c.fetch_add(1, Relaxed);
             self.hold_max_ns.fetch_max(held_ns, Relaxed);
+            let late = held_ns.saturating_sub(max_ns);
+            let bucket = match late {
+                0..=100_000 => 0,
+                100_001..=1_000_000 => 1,
+                1_000_001..=10_000_000 => 2,
+                _ => 3,
+            };
+            self.late[bucket].fetch_add(1, Relaxed);
         }
     }
 
@@ -231,6 +244,10 @@ impl Stats {
                     ("flush.timer", &q.flush_timer),
                     ("flush.starved", &q.flush_starved),
                     ("hold_max_ns", &q.hold_max_ns),
+                    ("late_100us", &q.late[0]),
+                    ("late_1ms", &q.late[1]),
+                    ("late_10ms", &q.late[2]),
+                    ("late_more", &q.late[3]),
                 ] {
                     let _ = writeln!(s, "{dir}{i}.coalesce.{name} {}", c.load(Relaxed));
                 }

@@ -862,7 +862,8 @@ impl VnicBackend {
             Verdict::Idle => Ok(()),
             Verdict::Notify => {
                 let why = c.reason(now);
-                stats.flushed(why, c.notified(now));
+                let max_ns = u64::from(c.in_force().max_usecs) * 1000;
+                stats.flushed(why, c.notified(now), max_ns);
                 // Under the queue's lock, so that a buffer used meanwhile
                 // by another thread is either in this notification or
                 // held for the next.
