@@ -43,11 +43,16 @@ fn run(in_order: bool, mode: &str, size: usize) -> (u64, u64, String) {
         0,
         &vdev,
         // Its feature negotiation, to check IN_ORDER.
-        &["--log-level=pmd.net.virtio.*:debug"],
+        &["--log-level=pmd.net.virtio.init:debug"],
         mode,
         &[&format!("--txpkts={size}")],
     )
     .expect("testpmd");
+    // Forwarding starts once testpmd is up (its first statistics).
+    let up = std::time::Instant::now();
+    while !gen.output().contains("Port statistics") && up.elapsed() < Duration::from_secs(30) {
+        thread::sleep(Duration::from_millis(100));
+    }
     thread::sleep(Duration::from_secs(3));
     let out = gen.stop();
     // vnicd's count settles once testpmd has stopped and hung up.
