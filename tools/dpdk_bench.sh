@@ -19,5 +19,5 @@ fi
 cargo bench -q -p vnic-backend --bench dpdk_vhost
 # Debian's interpreter, which has its matplotlib (a python3 earlier on
 # PATH may not).
-/usr/bin/python3 tools/plot_dpdk.py target/dpdk_vhost.csv target/dpdk_vhost.png
+/usr/bin/python3 tools/plot.py dpdk target/dpdk_vhost.csv target/dpdk_vhost.png
 echo "plot: target/dpdk_vhost.png"

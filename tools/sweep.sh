@@ -18,5 +18,5 @@ bash tests/guest/build.sh
 cargo bench -q -p vnic-backend --bench coalesce_sweep
 # Debian's interpreter, which has its matplotlib (a python3 earlier on
 # PATH may not).
-/usr/bin/python3 tools/plot_sweep.py target/coalesce_sweep.csv target/coalesce_sweep.png
+/usr/bin/python3 tools/plot.py sweep target/coalesce_sweep.csv target/coalesce_sweep.png
 echo "plot: target/coalesce_sweep.png"

@@ -261,7 +261,26 @@ const SHORT_PIECES: usize = 4;
 /// the frame into the RX buffers `descs` (the first `hdr_len` bytes of
 /// the first left for the device's header), and what does not fit into
 /// `overflow`. None when a buffer is not in guest memory (nothing read).
-fn recv_into<const N: usize>(
+/// A frame in one or two buffers (the common case) needs a short list of
+/// pieces; only a long chain pays for the long one.
+fn recv_into(
+    nic: &Nic,
+    uq: usize,
+    vnet: &mut [u8],
+    descs: &[(GuestAddress, usize)],
+    hdr_len: usize,
+    mem: &GuestMemoryMmap,
+    overflow: &mut [u8],
+) -> Option<io::Result<usize>> {
+    if descs.len() + 2 <= SHORT_PIECES {
+        recv_pieces::<SHORT_PIECES>(nic, uq, vnet, descs, hdr_len, mem, overflow)
+    } else {
+        recv_pieces::<MAX_PIECES>(nic, uq, vnet, descs, hdr_len, mem, overflow)
+    }
+}
+
+/// [`recv_into`] with a list of `N` pieces.
+fn recv_pieces<const N: usize>(
     nic: &Nic,
     uq: usize,
     vnet: &mut [u8],
@@ -641,29 +660,15 @@ impl RxWriter<'_> {
         }
         let guest_room = rx.cap - hdr_len;
         let mut vnet = [0u8; VNET_HDR_LEN];
-        // A frame in one or two buffers (the common case) needs a short
-        // list of pieces; only a long chain pays for the long one.
-        let got = if rx.ndescs + 2 <= SHORT_PIECES {
-            recv_into::<SHORT_PIECES>(
-                nic,
-                uq,
-                &mut vnet,
-                &rx.descs[..rx.ndescs],
-                hdr_len,
-                mem,
-                overflow,
-            )
-        } else {
-            recv_into::<MAX_PIECES>(
-                nic,
-                uq,
-                &mut vnet,
-                &rx.descs[..rx.ndescs],
-                hdr_len,
-                mem,
-                overflow,
-            )
-        };
+        let got = recv_into(
+            nic,
+            uq,
+            &mut vnet,
+            &rx.descs[..rx.ndescs],
+            hdr_len,
+            mem,
+            overflow,
+        );
         let Some(n) = got else {
             rx.give_back_empty(q, mem)?;
             return Ok(Direct::Dropped(DropReason::BadDescriptor));
