@@ -1,7 +1,7 @@
 //! Descriptor chains to and from frames: gathering a TX chain, and writing
 //! a received frame into one RX chain or, with MRG_RXBUF, several.
 
-use std::{io, ops::Deref};
+use std::{io, ops::Deref, sync::atomic::Ordering};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueT};
@@ -42,6 +42,44 @@ where
         }
         stats.drop(DropReason::BadRing);
     }
+}
+
+/// Puts a frame's buffers `used` (head, bytes written) into `q`'s used
+/// ring and publishes them with one store of the used index, so that a
+/// driver polling the ring never sees a frame's first buffers without the
+/// rest (virtio-queue's `add_used` publishes each element as it writes
+/// it: a Linux driver that reads `num_buffers` buffers and finds fewer
+/// counts a length error and drops the frame).
+pub(super) fn add_used_frame(
+    q: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), DropReason> {
+    let size = q.size();
+    if size == 0 {
+        return Err(DropReason::BadRing);
+    }
+    let base = q.used_ring();
+    let mut next = std::num::Wrapping(q.next_used());
+    for &(head, len) in used {
+        if head >= size {
+            return Err(DropReason::BadRing);
+        }
+        let at = base
+            .checked_add(4 + 8 * u64::from(next.0 % size))
+            .ok_or(DropReason::BadRing)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, GuestAddress(at))
+            .map_err(|_| DropReason::BadRing)?;
+        next += 1;
+    }
+    let idx = base.checked_add(2).ok_or(DropReason::BadRing)?;
+    mem.store(next.0.to_le(), GuestAddress(idx), Ordering::Release)
+        .map_err(|_| DropReason::BadRing)?;
+    q.set_next_used(next.0);
+    Ok(())
 }
 
 /// Most RX buffers one frame may be spread over with MRG_RXBUF.
@@ -612,10 +650,7 @@ impl RxWriter<'_> {
                     .map_err(|_| DropReason::BadDescriptor)?;
             }
         }
-        for &(head, len) in &used[..count] {
-            q.add_used(self.mem, head, len)
-                .map_err(|_| DropReason::BadDescriptor)?;
-        }
+        add_used_frame(q, self.mem, &used[..count])?;
         self.used += 1;
         Ok(())
     }
@@ -773,12 +808,16 @@ impl RxWriter<'_> {
             return Ok(Direct::Dropped(DropReason::BadDescriptor));
         }
         let (mut left, mut d) = (total, 0);
-        for &(h, nd) in &rx.chains[..k] {
+        let mut used = [(0u16, 0u32); MAX_RX_BUFFERS];
+        for (u, &(h, nd)) in used.iter_mut().zip(&rx.chains[..k]) {
             let c: usize = rx.descs[d..d + nd].iter().map(|x| x.1).sum();
             d += nd;
-            let used = c.min(left);
-            left -= used;
-            q.add_used(mem, h, used as u32).map_err(io::Error::other)?;
+            let n = c.min(left);
+            left -= n;
+            *u = (h, n as u32);
+        }
+        if let Err(why) = add_used_frame(q, mem, &used[..k]) {
+            return Ok(Direct::Dropped(why));
         }
         self.used += 1;
         Ok(Direct::Delivered(frame_len))

@@ -19,7 +19,7 @@ use std::{
     io,
     os::fd::{AsRawFd, RawFd},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
 };
@@ -395,7 +395,13 @@ pub struct VnicBackend {
     timers: Vec<Mutex<TimerFd>>,
     /// Per worker: fires when a notification its queues hold is due.
     coal_timers: Vec<Mutex<CoalTimer>>,
+    /// Per virtqueue: the used index at the last notification decision
+    /// ([`NOT_YET`] before the first), for EVENT_IDX.
+    signalled: Vec<AtomicU32>,
 }
+
+/// No notification decision made yet on a virtqueue.
+const NOT_YET: u32 = u32::MAX;
 
 impl std::fmt::Debug for VnicBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -427,6 +433,7 @@ impl VnicBackend {
             resume,
             timers,
             coal_timers,
+            signalled: (0..=2 * pairs).map(|_| AtomicU32::new(NOT_YET)).collect(),
             workers: (0..pairs)
                 .map(|_| Mutex::new(Worker::new(view.clone())))
                 .collect(),
@@ -639,7 +646,7 @@ impl VnicBackend {
             }
         }
         if moved > 0 {
-            self.notify(vring, &mem, &self.dev().stats.ctrl)?;
+            self.notify(2 * self.pairs(), vring, &mem, &self.dev().stats.ctrl)?;
         }
         Ok(())
     }
@@ -846,7 +853,7 @@ impl VnicBackend {
         room: Room,
     ) -> io::Result<()> {
         let Some(mut c) = self.dev().coalescer(vq) else {
-            return self.notify(vring, mem, stats);
+            return self.notify(vq, vring, mem, stats);
         };
         let now = self.nic.now();
         let urgent = match room {
@@ -867,7 +874,7 @@ impl VnicBackend {
                 // Under the queue's lock, so that a buffer used meanwhile
                 // by another thread is either in this notification or
                 // held for the next.
-                self.notify(vring, mem, stats)
+                self.notify(vq, vring, mem, stats)
             }
             Verdict::Hold { deadline } => {
                 drop(c);
@@ -949,11 +956,12 @@ impl VnicBackend {
     /// which virtio-queue does not look at.
     fn notify(
         &self,
+        vq: usize,
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
         stats: &QueueStats,
     ) -> io::Result<()> {
-        let wanted = vring.needs_notification().map_err(io::Error::other)?;
+        let wanted = self.event_idx_wants(vq, vring, mem);
         let suppressed = {
             let st = vring.get_ref();
             let q = st.get_queue();
@@ -969,6 +977,38 @@ impl VnicBackend {
             stats.notified(false);
         }
         Ok(())
+    }
+
+    /// Whether, with EVENT_IDX, the driver's `used_event` lies among the
+    /// used entries added since the last decision on virtqueue `vq`
+    /// (virtio 1.3, 2.7.10; the device's own bookkeeping, since receive
+    /// publishes a frame's buffers with one index store rather than
+    /// through virtio-queue's `add_used`). Without EVENT_IDX, true. When
+    /// the ring cannot be read, or was set up anew since the last
+    /// decision, true: a notification too many, never one too few.
+    fn event_idx_wants(&self, vq: usize, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+        let st = vring.get_ref();
+        let q = st.get_queue();
+        if !q.event_idx_enabled() {
+            return true;
+        }
+        // The used entries before the driver's used_event.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let used = q.next_used();
+        let old = self
+            .signalled
+            .get(vq)
+            .map_or(NOT_YET, |s| s.swap(u32::from(used), Ordering::AcqRel));
+        let event = q
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(q.size()))
+            .and_then(|a| mem.load::<u16>(GuestAddress(a), Ordering::Acquire).ok())
+            .map(u16::from_le);
+        let (Some(event), Ok(old)) = (event, u16::try_from(old)) else {
+            return true;
+        };
+        let since = used.wrapping_sub(old);
+        since > q.size() || used.wrapping_sub(event).wrapping_sub(1) < since
     }
 
     /// The largest frame the uplink may hand over, given what the driver
@@ -1489,6 +1529,9 @@ impl VhostUserBackend for VnicBackend {
     fn reset_device(&self) {
         if let Err(e) = self.nic.reset(self.port) {
             log::warn!("device reset: {e}");
+        }
+        for s in &self.signalled {
+            s.store(NOT_YET, Ordering::Release);
         }
         for w in &self.workers {
             w.lock().unwrap_or_else(PoisonError::into_inner).rsc.clear();
