@@ -984,8 +984,9 @@ impl VnicBackend {
     /// (virtio 1.3, 2.7.10; the device's own bookkeeping, since receive
     /// publishes a frame's buffers with one index store rather than
     /// through virtio-queue's `add_used`). Without EVENT_IDX, true. When
-    /// the ring cannot be read, or was set up anew since the last
-    /// decision, true: a notification too many, never one too few.
+    /// the ring cannot be read, or its index moved by more than half its
+    /// range (set up anew), true: a notification too many, never one too
+    /// few.
     fn event_idx_wants(&self, vq: usize, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
         let st = vring.get_ref();
         let q = st.get_queue();
@@ -1007,8 +1008,10 @@ impl VnicBackend {
         let (Some(event), Ok(old)) = (event, u16::try_from(old)) else {
             return true;
         };
+        // More than half the index space apart: not a count of entries
+        // added (the ring was set up anew).
         let since = used.wrapping_sub(old);
-        since > q.size() || used.wrapping_sub(event).wrapping_sub(1) < since
+        since >= 0x8000 || used.wrapping_sub(event).wrapping_sub(1) < since
     }
 
     /// The largest frame the uplink may hand over, given what the driver
