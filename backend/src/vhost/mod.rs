@@ -129,6 +129,7 @@ pub fn offered_features() -> Features {
         | Features::NOTF_COAL
         | Features::VQ_NOTF_COAL
         | Features::RSC_EXT
+        | Features::IN_ORDER
         | Features::VHOST_USER_PROTOCOL_FEATURES
 }
 
