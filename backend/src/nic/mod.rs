@@ -44,7 +44,7 @@ pub use self::{
     port::Port,
     stats::{DropReason, QueueStats, Stats},
 };
-use crate::uplink::{tap::VNET_HDR_LEN, Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
+use crate::uplink::{joined, tap::VNET_HDR_LEN, Offloads, Piece, PieceMut, Uplink};
 
 /// Largest frame the device moves (a 64 KiB GSO frame and its headers).
 pub const MAX_FRAME: usize = vnic_protocol::virtio::validate::MAX_FRAME_LEN;
@@ -299,6 +299,20 @@ pub struct TxScratch {
     piece: Vec<u8>,
     /// Backlogs that went from empty to not empty in this batch.
     pub wakes: Wakes,
+    /// Frames sent and their bytes, not yet in the queue's counters:
+    /// added once per batch ([`TxScratch::settle`]) rather than with two
+    /// atomic adds a frame.
+    sent: (u64, u64),
+}
+
+impl TxScratch {
+    /// Adds the frames sent since the last call to `stats`.
+    pub fn settle(&mut self, stats: &QueueStats) {
+        let (n, bytes) = std::mem::take(&mut self.sent);
+        if n > 0 {
+            stats.packets(n, bytes);
+        }
+    }
 }
 
 /// Backlogs (port, queue) whose consumers are to be woken: once per
@@ -735,6 +749,9 @@ impl Nic {
     ) -> Result<(), DropReason> {
         let view = self.switch.view();
         let r = self.transmit_pieces(p, q, hdr, frame, &[], scratch, &view);
+        if let Some(stats) = self.ports.get(p).and_then(|port| port.stats.tx.get(q)) {
+            scratch.settle(stats);
+        }
         self.wake(&mut scratch.wakes);
         r
     }
@@ -743,7 +760,9 @@ impl Nic {
     /// headers), were copied out of guest memory and whose rest stays
     /// there as `rest`. When the uplink takes the frame as it is, the
     /// validated prefix and the guest's payload are written in one
-    /// vectored write, without copying the payload.
+    /// vectored write, without copying the payload. The frame is counted
+    /// as sent in `scratch` until [`TxScratch::settle`]; a drop is
+    /// counted at once.
     #[allow(clippy::too_many_arguments)]
     pub fn transmit_pieces(
         &self,
@@ -764,7 +783,8 @@ impl Nic {
         let r = self.transmit_inner(p, q, hdr, prefix, rest, len, scratch, stats, view);
         match r {
             Ok(()) => {
-                stats.packet(len);
+                scratch.sent.0 += 1;
+                scratch.sent.1 += len as u64;
                 if view
                     .ports
                     .get(p)
@@ -962,14 +982,10 @@ impl Nic {
             vhdr.copy_from_slice(&hdr_bytes[..HDR_LEN]);
             vhdr[10] = 0;
             vhdr[11] = 0;
-            if rest.len() + 2 > MAX_PIECES {
-                return Err(DropReason::ChainTooLong);
-            }
-            let mut pieces = [Piece::Local(&[]); MAX_PIECES];
-            pieces[0] = Piece::Local(&vhdr);
-            pieces[1] = Piece::Local(prefix);
-            pieces[2..2 + rest.len()].copy_from_slice(rest);
-            return send(out, uq, &pieces[..2 + rest.len()]);
+            return joined(&[Piece::Local(&vhdr), Piece::Local(prefix)], rest, |p| {
+                send(out, uq, p)
+            })
+            .unwrap_or(Err(DropReason::ChainTooLong));
         }
         stats.sw_offloads.fetch_add(1, Ordering::Relaxed);
         // Software offloads need the frame in one piece.

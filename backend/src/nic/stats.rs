@@ -155,8 +155,12 @@ pub struct QueueStats {
 
 impl QueueStats {
     pub fn packet(&self, bytes: usize) {
-        self.packets.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(bytes as u64, Relaxed);
+        self.packets(1, bytes as u64);
+    }
+    /// `n` frames of `bytes` bytes in all.
+    pub fn packets(&self, n: u64, bytes: u64) {
+        self.packets.fetch_add(n, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
     }
     pub fn drop(&self, why: DropReason) {
         self.drops[why.index()].fetch_add(1, Relaxed);

@@ -186,6 +186,7 @@ pub struct L2 {
 }
 
 impl L2 {
+    #[inline]
     pub fn parse(frame: &[u8]) -> Option<L2> {
         let eth = ethernet::Frame::new_checked(frame).ok()?;
         let tag = if ethernet::is_vlan_tpid(eth.ethertype()) {

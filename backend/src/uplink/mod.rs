@@ -63,6 +63,37 @@ impl Piece<'_> {
     }
 }
 
+/// Pieces in a list this short are most frames' (a header, a prefix and
+/// a buffer or two).
+const FEW_PIECES: usize = 6;
+
+/// Calls `f` with `front` followed by `rest` as one list of pieces, built
+/// on the stack in an array only as long as it needs to be: filling all
+/// of [`MAX_PIECES`] costs more than a small frame's copy. None when there
+/// are more than [`MAX_PIECES`].
+pub fn joined<'a, R>(
+    front: &[Piece<'a>],
+    rest: &[Piece<'a>],
+    f: impl FnOnce(&[Piece<'a>]) -> R,
+) -> Option<R> {
+    fn into<'a, R, const N: usize>(
+        front: &[Piece<'a>],
+        rest: &[Piece<'a>],
+        f: impl FnOnce(&[Piece<'a>]) -> R,
+    ) -> R {
+        let mut all = [Piece::Local(&[]); N];
+        let n = front.len() + rest.len();
+        all[..front.len()].copy_from_slice(front);
+        all[front.len()..n].copy_from_slice(rest);
+        f(&all[..n])
+    }
+    match front.len() + rest.len() {
+        n if n <= FEW_PIECES => Some(into::<R, FEW_PIECES>(front, rest, f)),
+        n if n <= MAX_PIECES => Some(into::<R, MAX_PIECES>(front, rest, f)),
+        _ => None,
+    }
+}
+
 /// A piece of memory a vectored read fills.
 #[derive(Debug)]
 pub enum PieceMut<'a> {

@@ -14,6 +14,7 @@ use vnic_protocol::{
     },
 };
 
+use super::split::Regions;
 use crate::{
     nic::{
         switch::{View, NO_HASH},
@@ -95,18 +96,14 @@ pub(super) const TX_PREFIX: usize = 256;
 /// rest is left in guest memory as regions in `rest`. Once a chain has
 /// more pieces than a vectored write takes, the descriptors past that
 /// point are copied, in order, into `tail`, which follows `rest`.
-pub(super) fn gather_tx<M>(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<M>,
+pub(super) fn gather_tx(
+    mem: &mut Regions<'_>,
+    chain: impl IntoIterator<Item = Descriptor>,
     hdr_len: usize,
     head: &mut Vec<u8>,
     rest: &mut Vec<(GuestAddress, usize)>,
     tail: &mut Vec<u8>,
-) -> Result<(), DropReason>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
+) -> Result<(), DropReason> {
     head.clear();
     rest.clear();
     tail.clear();
@@ -126,8 +123,8 @@ where
         if !tail.is_empty() || rest.len() + 3 >= MAX_PIECES {
             let at = tail.len();
             tail.resize(at + len, 0);
-            mem.read_slice(&mut tail[at..], desc.addr())
-                .map_err(|_| DropReason::BadDescriptor)?;
+            mem.read(&mut tail[at..], desc.addr())
+                .ok_or(DropReason::BadDescriptor)?;
             last = Some(desc);
             continue;
         }
@@ -139,8 +136,8 @@ where
         if copy > 0 {
             let at = head.len();
             head.resize(at + copy, 0);
-            mem.read_slice(&mut head[at..], desc.addr())
-                .map_err(|_| DropReason::BadDescriptor)?;
+            mem.read(&mut head[at..], desc.addr())
+                .ok_or(DropReason::BadDescriptor)?;
         }
         if copy < len {
             let addr = desc
@@ -148,8 +145,8 @@ where
                 .checked_add(copy as u64)
                 .ok_or(DropReason::BadDescriptor)?;
             // Check now that the region is guest memory.
-            mem.get_slice(addr, len - copy)
-                .map_err(|_| DropReason::BadDescriptor)?;
+            mem.slice(addr, len - copy)
+                .ok_or(DropReason::BadDescriptor)?;
             rest.push((addr, len - copy));
         }
         last = Some(desc);

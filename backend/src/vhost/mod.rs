@@ -10,6 +10,7 @@
 
 mod chain;
 pub mod relay;
+mod split;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 #[cfg(test)]
@@ -26,10 +27,8 @@ use std::{
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use virtio_queue::{desc::split::Descriptor, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::{
     epoll::EventSet,
     event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier},
@@ -43,7 +42,10 @@ use vnic_protocol::virtio::{
     Features,
 };
 
-use self::chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter};
+use self::{
+    chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter},
+    split::{Regions, SplitRing},
+};
 use crate::{
     nic::{
         coalesce::Verdict,
@@ -66,6 +68,9 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Frames a worker moves per wake-up before it yields to other events.
 const BUDGET: usize = 256;
+/// Chains taken off a TX ring at a time, their buffers prefetched
+/// before the first is gathered (a driver's burst).
+const PREFETCH: u16 = 32;
 /// Control commands answered per wake-up.
 const CTRL_BUDGET: usize = 64;
 /// The longest answer a control command has (VQ_GET's
@@ -295,17 +300,17 @@ const SHORT_PIECES: usize = 4;
 /// Calls `f` with the guest regions `rest` (then `tail`, when there is
 /// one and room) as pieces of a vectored write, or with None when a region
 /// is not in guest memory.
-fn with_pieces<'m, const N: usize>(
-    mem: &'m GuestMemoryMmap,
+fn with_pieces<'m: 'p, 't: 'p, 'p, const N: usize>(
+    mem: &mut Regions<'m>,
     rest: &[(GuestAddress, usize)],
-    tail: &'m [u8],
-    f: impl FnOnce(Option<&[Piece<'m>]>),
+    tail: &'t [u8],
+    f: impl FnOnce(Option<&[Piece<'p>]>),
 ) {
     let mut pieces = [Piece::Local(&[]); N];
     for (p, &(addr, len)) in pieces.iter_mut().zip(rest.iter()) {
-        match mem.get_slice(addr, len) {
-            Ok(v) => *p = Piece::Guest(v),
-            Err(_) => return f(None),
+        match mem.slice(addr, len) {
+            Some(v) => *p = Piece::Guest(v),
+            None => return f(None),
         }
     }
     let mut n = rest.len().min(N);
@@ -755,50 +760,96 @@ impl VnicBackend {
             let mut guard = vring.get_mut();
             let q = guard.get_queue_mut();
             let gm: &GuestMemoryMmap = &mem;
-            while moved < BUDGET {
-                if let Some(wait) = self.nic.tx_wait(self.port, view) {
-                    // Over the port's rate: the chains wait in the ring
-                    // and the timer brings the worker back.
-                    self.arm_timer(i, wait);
-                    limited = true;
-                    break;
-                }
-                let Some(chain) = pop_valid(q, gm, stats) else {
-                    break;
-                };
-                let head = chain.head_index();
-                match gather_tx(gm, chain, hdr_len, tx, rest, tail) {
-                    Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
-                    Ok(()) => {
-                        let send = |pieces: Option<&[Piece<'_>]>| match pieces {
-                            Some(p) => {
-                                let _ = self.nic.transmit_pieces(
-                                    self.port,
-                                    i,
-                                    &tx[..hdr_len],
-                                    &tx[hdr_len..],
-                                    p,
-                                    scratch,
-                                    view,
-                                );
+            let mut regions = Regions::new(gm);
+            // One chain: gathered, checked and sent (or counted).
+            let mut send_chain =
+                |regions: &mut Regions<'_>, chain: &mut dyn Iterator<Item = Descriptor>| {
+                    match gather_tx(regions, chain, hdr_len, tx, rest, tail) {
+                        Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
+                        Ok(()) => {
+                            let send = |pieces: Option<&[Piece<'_>]>| match pieces {
+                                Some(p) => {
+                                    let _ = self.nic.transmit_pieces(
+                                        self.port,
+                                        i,
+                                        &tx[..hdr_len],
+                                        &tx[hdr_len..],
+                                        p,
+                                        scratch,
+                                        view,
+                                    );
+                                }
+                                None => stats.drop(DropReason::BadDescriptor),
+                            };
+                            // A short frame has its bytes in the prefix and
+                            // needs a short list of pieces; only a long chain
+                            // pays for the long one.
+                            if rest.len() < SHORT_PIECES {
+                                with_pieces::<SHORT_PIECES>(regions, rest, tail, send);
+                            } else {
+                                with_pieces::<MAX_PIECES>(regions, rest, tail, send);
                             }
-                            None => stats.drop(DropReason::BadDescriptor),
-                        };
-                        // A short frame has its bytes in the prefix and
-                        // needs a short list of pieces; only a long chain
-                        // pays for the long one.
-                        if rest.len() < SHORT_PIECES {
-                            with_pieces::<SHORT_PIECES>(gm, rest, tail, send);
-                        } else {
-                            with_pieces::<MAX_PIECES>(gm, rest, tail, send);
                         }
+                        Err(why) => stats.drop(why),
                     }
-                    Err(why) => stats.drop(why),
+                    if scratch.wakes.due() {
+                        self.nic.wake(&mut scratch.wakes);
+                    }
+                };
+            if let Some(mut ring) = SplitRing::new(q, gm) {
+                // The batched path: the available index read once per
+                // batch (again only when the batch is used up), one used
+                // index store at its end.
+                let mut left = 0;
+                while moved < BUDGET {
+                    if left == 0 {
+                        // None: the index ran more than a queue ahead;
+                        // nothing is taken, and `stuck` counts it.
+                        // Taken PREFETCH at a time, their buffers
+                        // prefetched first.
+                        left = ring.pending().unwrap_or(0).min(PREFETCH);
+                        if left == 0 {
+                            break;
+                        }
+                        ring.prefetch(left, &mut regions);
+                    }
+                    if let Some(wait) = self.nic.tx_wait(self.port, view) {
+                        self.arm_timer(i, wait);
+                        limited = true;
+                        break;
+                    }
+                    left -= 1;
+                    let Some(head) = ring.pop() else {
+                        break;
+                    };
+                    if head >= ring.size() {
+                        // No such descriptor, and no used entry for it.
+                        stats.drop(DropReason::BadRing);
+                        continue;
+                    }
+                    send_chain(&mut regions, &mut ring.chain(head, gm));
+                    ring.put_used(head, 0)
+                        .ok_or_else(|| io::Error::other("used ring not writable"))?;
+                    moved += 1;
                 }
-                q.add_used(gm, head, 0).map_err(io::Error::other)?;
-                moved += 1;
-                if scratch.wakes.due() {
-                    self.nic.wake(&mut scratch.wakes);
+                ring.finish(q)
+                    .ok_or_else(|| io::Error::other("used ring not writable"))?;
+            } else {
+                while moved < BUDGET {
+                    if let Some(wait) = self.nic.tx_wait(self.port, view) {
+                        // Over the port's rate: the chains wait in the
+                        // ring and the timer brings the worker back.
+                        self.arm_timer(i, wait);
+                        limited = true;
+                        break;
+                    }
+                    let Some(mut chain) = pop_valid(q, gm, stats) else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    send_chain(&mut regions, &mut chain);
+                    q.add_used(gm, head, 0).map_err(io::Error::other)?;
+                    moved += 1;
                 }
             }
             drop(guard);
@@ -817,8 +868,10 @@ impl VnicBackend {
                 break;
             }
         }
-        // Other ports' workers learn of their frames once per batch.
+        // Other ports' workers learn of their frames once per batch, and
+        // the queue's counters of what it sent.
         self.nic.wake(&mut scratch.wakes);
+        scratch.settle(stats);
         if moved > 0 {
             self.signal(2 * i + 1, moved as u32, vring, &mem, stats, Room::Plenty)?;
         }

@@ -102,6 +102,7 @@ impl VirtioNetHdr {
     /// Reads a header of [`HDR_LEN`] bytes, or [`HDR_LEN_HASH`] with
     /// `with_hash`. Unknown flag bits are an error; the gso type is
     /// checked by [`VirtioNetHdr::gso`].
+    #[inline]
     pub fn parse(b: &[u8], with_hash: bool) -> Result<VirtioNetHdr, HdrError> {
         let len = if with_hash { HDR_LEN_HASH } else { HDR_LEN };
         if b.len() < len {

@@ -1,0 +1,423 @@
+//! A split virtqueue (virtio 1.3, 2.7) taken a batch at a time.
+//!
+//! virtio-queue's `pop_descriptor_chain` reads the driver's available
+//! index and looks the guest region up again for every chain, and its
+//! `add_used` stores the used index for every buffer. With both sides of
+//! the ring on different cores each of those is a cache line moved
+//! across. [`SplitRing`] resolves the three rings to host memory once per
+//! batch, reads the available index once, and publishes the used entries
+//! it wrote with one store of the used index. [`Chain`] walks a chain
+//! with virtio-queue's own rules (a chain ends at the queue's size in
+//! descriptors, an indirect table is a whole number of descriptors and
+//! holds no indirect one, a chain is under 4 GiB), so what either path
+//! accepts the other does too. The queue's positions stay in
+//! virtio-queue's `Queue`, which takes them back at the end of the batch
+//! ([`SplitRing::finish`]).
+
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{desc::split::Descriptor, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, VolatileSlice,
+};
+
+/// Bytes of one descriptor.
+const DESC: usize = 16;
+
+/// Guest memory with the region of the last lookup kept: a driver's
+/// buffers mostly lie in one region, and a lookup is a binary search.
+pub(super) struct Regions<'m> {
+    pub mem: &'m GuestMemoryMmap,
+    last: Option<&'m GuestRegionMmap>,
+}
+
+impl<'m> Regions<'m> {
+    pub fn new(mem: &'m GuestMemoryMmap) -> Regions<'m> {
+        Regions { mem, last: None }
+    }
+
+    /// `len` bytes at `addr`, when they lie in one region of guest memory.
+    pub fn slice(&mut self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m>> {
+        let region = match self.last {
+            Some(r) if r.to_region_addr(addr).is_some() => r,
+            _ => {
+                let r = self.mem.find_region(addr)?;
+                self.last = Some(r);
+                r
+            }
+        };
+        let off = region.to_region_addr(addr)?;
+        region.get_slice(off, len).ok()
+    }
+
+    /// Copies `buf.len()` bytes at `addr` out of guest memory (across
+    /// regions if need be).
+    pub fn read(&mut self, buf: &mut [u8], addr: GuestAddress) -> Option<()> {
+        match self.slice(addr, buf.len()) {
+            Some(s) => (s.copy_to(buf) == buf.len()).then_some(()),
+            None => self.mem.read_slice(buf, addr).ok(),
+        }
+    }
+}
+
+/// The three parts of a split ring in host memory, for one batch.
+pub(super) struct SplitRing<'m> {
+    size: u16,
+    desc: VolatileSlice<'m>,
+    avail: VolatileSlice<'m>,
+    used: VolatileSlice<'m>,
+    next_avail: u16,
+    next_used: u16,
+    /// Used entries written since the last [`SplitRing::publish`].
+    unpublished: u16,
+}
+
+impl<'m> SplitRing<'m> {
+    /// The rings of `q`, when it is ready and each of its rings is
+    /// aligned as virtio asks and lies in one region of `mem`; None
+    /// otherwise (virtio-queue's own path then takes the queue).
+    pub fn new(q: &virtio_queue::Queue, mem: &'m GuestMemoryMmap) -> Option<SplitRing<'m>> {
+        let size = q.size();
+        if !q.ready() || size == 0 || !size.is_power_of_two() || q.avail_ring() == 0 {
+            return None;
+        }
+        let (d, a, u) = (q.desc_table(), q.avail_ring(), q.used_ring());
+        if d % 16 != 0 || a % 2 != 0 || u % 4 != 0 {
+            return None;
+        }
+        let n = usize::from(size);
+        // Flags, index, the ring, and used_event / avail_event after it.
+        let desc = mem.get_slice(GuestAddress(d), DESC * n).ok()?;
+        let avail = mem.get_slice(GuestAddress(a), 6 + 2 * n).ok()?;
+        let used = mem.get_slice(GuestAddress(u), 6 + 8 * n).ok()?;
+        Some(SplitRing {
+            size,
+            desc,
+            avail,
+            used,
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            unpublished: 0,
+        })
+    }
+
+    /// The queue's size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// How many chains the driver has made available past the device's
+    /// position; None when its index is more than a queue's worth ahead
+    /// (a broken driver: nothing is taken) or cannot be read.
+    pub fn pending(&self) -> Option<u16> {
+        let idx = u16::from_le(self.avail.load::<u16>(2, Ordering::Acquire).ok()?);
+        let n = idx.wrapping_sub(self.next_avail);
+        (n <= self.size).then_some(n)
+    }
+
+    /// Takes the next available head (the caller knows from
+    /// [`SplitRing::pending`] that there is one). The available ring may
+    /// name any 16-bit value: a head past the queue's end is returned as
+    /// it is, for the caller to count and pass over.
+    pub fn pop(&mut self) -> Option<u16> {
+        let slot = usize::from(self.next_avail % self.size);
+        let head = u16::from_le(
+            self.avail
+                .load::<u16>(4 + 2 * slot, Ordering::Relaxed)
+                .ok()?,
+        );
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Some(head)
+    }
+
+    /// Asks the CPU to bring in the first bytes of the next `n` available
+    /// chains' buffers (and the descriptor tables of indirect ones) while
+    /// the device works on the ones before: the driver wrote them on
+    /// another core, and each first touch is a miss. A hint only: nothing
+    /// is popped, nothing read is trusted.
+    pub fn prefetch(&self, n: u16, regions: &mut Regions<'m>) {
+        for j in 0..n.min(self.size) {
+            let slot = usize::from(self.next_avail.wrapping_add(j) % self.size);
+            let Ok(head) = self.avail.load::<u16>(4 + 2 * slot, Ordering::Relaxed) else {
+                return;
+            };
+            let off = DESC * usize::from(u16::from_le(head));
+            let (Ok(addr), Ok(len)) = (
+                self.desc.load::<u64>(off, Ordering::Relaxed),
+                self.desc.load::<u32>(off + 8, Ordering::Relaxed),
+            ) else {
+                continue;
+            };
+            let len = (u32::from_le(len) as usize).clamp(1, 2 * CACHE_LINE);
+            if let Some(s) = regions.slice(GuestAddress(u64::from_le(addr)), len) {
+                let p = s.ptr_guard().as_ptr();
+                prefetch(p);
+                if (p as usize % CACHE_LINE) + len > CACHE_LINE {
+                    prefetch(p.wrapping_add(CACHE_LINE));
+                }
+            }
+        }
+    }
+
+    /// The chain starting at descriptor `head` (below the queue's size).
+    pub fn chain<'r>(&'r self, head: u16, mem: &'m GuestMemoryMmap) -> Chain<'r, 'm> {
+        Chain {
+            ring: &self.desc,
+            mem,
+            table: None,
+            size: self.size,
+            next: head,
+            ttl: self.size,
+            yielded: 0,
+        }
+    }
+
+    /// Writes a used entry (not yet visible to the driver).
+    pub fn put_used(&mut self, head: u16, len: u32) -> Option<()> {
+        let at = 4 + 8 * usize::from(self.next_used % self.size);
+        self.used
+            .store(u32::from(head).to_le(), at, Ordering::Relaxed)
+            .ok()?;
+        self.used
+            .store(len.to_le(), at + 4, Ordering::Relaxed)
+            .ok()?;
+        self.next_used = self.next_used.wrapping_add(1);
+        self.unpublished = self.unpublished.wrapping_add(1);
+        Some(())
+    }
+
+    /// Makes the used entries written so far visible to the driver: one
+    /// store of the used index, after them.
+    pub fn publish(&mut self) -> Option<()> {
+        if self.unpublished == 0 {
+            return Some(());
+        }
+        self.used
+            .store(self.next_used.to_le(), 2, Ordering::Release)
+            .ok()?;
+        self.unpublished = 0;
+        Some(())
+    }
+
+    /// Publishes what is left and hands the positions back to `q`.
+    pub fn finish(mut self, q: &mut virtio_queue::Queue) -> Option<()> {
+        let r = self.publish();
+        q.set_next_avail(self.next_avail);
+        q.set_next_used(self.next_used);
+        r
+    }
+}
+
+const CACHE_LINE: usize = 64;
+
+/// A prefetch hint for the cache line at `p` (any address: a prefetch
+/// never faults).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 only hints the cache; it neither reads memory
+    // into a register nor faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// The descriptors of one chain, in order, as virtio-queue's
+/// `DescriptorChain` yields them.
+pub(super) struct Chain<'r, 'm> {
+    ring: &'r VolatileSlice<'m>,
+    mem: &'m GuestMemoryMmap,
+    /// The indirect table being walked: its address, and the table in host
+    /// memory when it lies in one region.
+    table: Option<(GuestAddress, Option<VolatileSlice<'m>>)>,
+    size: u16,
+    next: u16,
+    ttl: u16,
+    yielded: u32,
+}
+
+impl Chain<'_, '_> {
+    fn read(&self, i: u16) -> Option<Descriptor> {
+        let off = DESC * usize::from(i);
+        match &self.table {
+            None => {
+                // The ring's table: 16-aligned, so each field loads whole.
+                let addr = self.ring.load::<u64>(off, Ordering::Relaxed).ok()?;
+                let len = self.ring.load::<u32>(off + 8, Ordering::Relaxed).ok()?;
+                let flags = self.ring.load::<u16>(off + 12, Ordering::Relaxed).ok()?;
+                let next = self.ring.load::<u16>(off + 14, Ordering::Relaxed).ok()?;
+                Some(Descriptor::new(
+                    u64::from_le(addr),
+                    u32::from_le(len),
+                    u16::from_le(flags),
+                    u16::from_le(next),
+                ))
+            }
+            Some((_, Some(t))) => t.read_obj::<Descriptor>(off).ok(),
+            Some((addr, None)) => self
+                .mem
+                .read_obj::<Descriptor>(addr.checked_add(off as u64)?)
+                .ok(),
+        }
+    }
+}
+
+impl Iterator for Chain<'_, '_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        loop {
+            if self.ttl == 0 || self.next >= self.size {
+                return None;
+            }
+            let d = self.read(self.next)?;
+            if d.refers_to_indirect_table() {
+                // Not inside an indirect table, and a whole number of
+                // descriptors (virtio 1.3, 2.7.5.3.1).
+                if self.table.is_some() || d.len() % DESC as u32 != 0 {
+                    return None;
+                }
+                let n = u16::try_from(d.len() / DESC as u32).ok()?;
+                let host = self.mem.get_slice(d.addr(), d.len() as usize).ok();
+                self.table = Some((d.addr(), host));
+                self.size = n;
+                self.next = 0;
+                self.ttl = n;
+                continue;
+            }
+            // A chain is under 4 GiB (virtio 1.3, 2.7.5.2).
+            self.yielded = self.yielded.checked_add(d.len())?;
+            if d.has_next() {
+                self.next = d.next();
+                self.ttl -= 1;
+            } else {
+                self.ttl = 0;
+            }
+            return Some(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use virtio_queue::{desc::RawDescriptor, mock::MockSplitQueue, Queue, QueueOwnedT};
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_000),
+            (GuestAddress(0x20_000), 0x1000),
+        ])
+        .unwrap()
+    }
+
+    /// What virtio-queue's own iterator yields for every head, and what
+    /// [`Chain`] does: the same descriptors, or the same early end.
+    fn same_as_virtio_queue(mem: &GuestMemoryMmap, q: &mut Queue, heads: u16) {
+        let ring = SplitRing::new(q, mem).unwrap();
+        assert_eq!(ring.pending(), Some(heads));
+        let mut theirs = Vec::new();
+        for c in q.iter(mem).unwrap() {
+            theirs.push((c.head_index(), c.collect::<Vec<_>>()));
+        }
+        let mut ring = ring;
+        for (head, descs) in theirs {
+            assert_eq!(ring.pop(), Some(head));
+            let ours: Vec<Descriptor> = ring.chain(head, mem).collect();
+            assert_eq!(ours.len(), descs.len(), "head {head}");
+            for (a, b) in ours.iter().zip(&descs) {
+                assert_eq!(
+                    (a.addr(), a.len(), a.flags(), a.next()),
+                    (b.addr(), b.len(), b.flags(), b.next())
+                );
+            }
+        }
+    }
+
+    fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    #[test]
+    fn chains_walk_as_virtio_queue_walks_them() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        // An indirect table of three at 0x8000.
+        let table = [
+            Descriptor::new(0x9000, 100, F_NEXT, 1),
+            Descriptor::new(0x9100, 200, F_NEXT, 2),
+            Descriptor::new(0x9200, 300, 0, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(0x8000 + 16 * i as u64))
+                .unwrap();
+        }
+        // Heads 0 (two direct), 2 (indirect), 3 (a table that is not a
+        // whole number of descriptors), 4 (a table outside guest memory)
+        // and 5 (a loop, ended at the queue's size).
+        let descs = [
+            raw(0x4000, 12, F_NEXT, 1),
+            raw(0x4100, 64, 0, 0),
+            raw(0x8000, 48, F_INDIRECT, 0),
+            raw(0x8000, 40, F_INDIRECT, 0),
+            raw(0x1f_f000, 16, F_INDIRECT, 0),
+            raw(0x5000, 10, F_NEXT | F_WRITE, 6),
+            raw(0x5100, 10, F_NEXT, 5),
+        ];
+        vq.build_multiple_desc_chains(&descs).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let heads = vq.avail().idx().load();
+        same_as_virtio_queue(&mem, &mut q, heads);
+    }
+
+    #[test]
+    fn used_entries_are_published_with_one_index_store() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_multiple_desc_chains(&[raw(0x4000, 64, 0, 0), raw(0x4100, 64, 0, 0)])
+            .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut ring = SplitRing::new(&q, &mem).unwrap();
+        assert_eq!(ring.pending(), Some(2));
+        let a = ring.pop().unwrap();
+        let b = ring.pop().unwrap();
+        ring.put_used(a, 0).unwrap();
+        ring.put_used(b, 7).unwrap();
+        assert_eq!(vq.used().idx().load(), 0, "nothing visible before publish");
+        ring.finish(&mut q).unwrap();
+        assert_eq!(vq.used().idx().load(), 2);
+        assert_eq!((q.next_avail(), q.next_used()), (2, 2));
+        let e = vq.used().ring().ref_at(1).unwrap().load();
+        assert_eq!((e.id(), e.len()), (u32::from(b), 7));
+    }
+
+    #[test]
+    fn an_index_more_than_a_queue_ahead_takes_nothing() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let q: Queue = vq.create_queue().unwrap();
+        vq.avail().idx().store(17);
+        assert_eq!(SplitRing::new(&q, &mem).unwrap().pending(), None);
+    }
+
+    #[test]
+    fn rings_outside_memory_are_left_to_virtio_queue() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(SplitRing::new(&q, &mem).is_some());
+        q.set_desc_table_address(Some(0x1f_0000), None);
+        assert!(SplitRing::new(&q, &mem).is_none());
+    }
+}
