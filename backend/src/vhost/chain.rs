@@ -1,9 +1,13 @@
 //! Descriptor chains to and from frames: gathering a TX chain, and writing
 //! a received frame into one RX chain or, with MRG_RXBUF, several.
 
-use std::{io, ops::Deref, sync::atomic::Ordering};
+use std::{
+    io,
+    ops::Deref,
+    sync::{atomic::Ordering, RwLockWriteGuard},
+};
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vnic_protocol::{
@@ -14,7 +18,7 @@ use vnic_protocol::{
     },
 };
 
-use super::split::Regions;
+use super::split::{Chain, Regions, Rings};
 use crate::{
     nic::{
         switch::{View, NO_HASH},
@@ -54,31 +58,41 @@ where
 pub(super) fn add_used_frame(
     q: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap,
+    rings: Option<&Rings<'_>>,
     used: &[(u16, u32)],
 ) -> Result<(), DropReason> {
     let size = q.size();
     if size == 0 {
         return Err(DropReason::BadRing);
     }
-    let base = q.used_ring();
-    let mut next = std::num::Wrapping(q.next_used());
+    let start = q.next_used();
+    let mut next = std::num::Wrapping(start);
     for &(head, len) in used {
         if head >= size {
             return Err(DropReason::BadRing);
         }
-        let at = base
-            .checked_add(4 + 8 * u64::from(next.0 % size))
-            .ok_or(DropReason::BadRing)?;
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&elem, GuestAddress(at))
-            .map_err(|_| DropReason::BadRing)?;
+        if let Some(r) = rings {
+            r.put_used(next.0, head, len).ok_or(DropReason::BadRing)?;
+        } else {
+            let at = q
+                .used_ring()
+                .checked_add(4 + 8 * u64::from(next.0 % size))
+                .ok_or(DropReason::BadRing)?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            mem.write_slice(&elem, GuestAddress(at))
+                .map_err(|_| DropReason::BadRing)?;
+        }
         next += 1;
     }
-    let idx = base.checked_add(2).ok_or(DropReason::BadRing)?;
-    mem.store(next.0.to_le(), GuestAddress(idx), Ordering::Release)
-        .map_err(|_| DropReason::BadRing)?;
+    if let Some(r) = rings {
+        r.publish(next.0).ok_or(DropReason::BadRing)?;
+    } else {
+        let idx = q.used_ring().checked_add(2).ok_or(DropReason::BadRing)?;
+        mem.store(next.0.to_le(), GuestAddress(idx), Ordering::Release)
+            .map_err(|_| DropReason::BadRing)?;
+    }
     q.set_next_used(next.0);
     Ok(())
 }
@@ -236,6 +250,18 @@ pub(super) struct RxWriter<'a> {
     /// The chains popped for the frame at hand; kept between frames so
     /// that its tables are not cleared for each (only its counts are).
     bufs: Box<RxBufs>,
+    /// The vring's lock, taken by the first frame and held for the ones
+    /// after it until [`RxWriter::release`] (or the writer's end): a lock
+    /// is a full barrier, and one a frame waited for every store before
+    /// it into the driver's memory.
+    held: Option<RwLockWriteGuard<'a, VringState>>,
+    /// The queue's rings in host memory, resolved when the lock was taken
+    /// (None: virtio-queue's path, for rings it cannot resolve).
+    rings: Option<Rings<'a>>,
+    /// The driver's available index as last read: chains up to it are
+    /// popped without reading it again.
+    avail_seen: u16,
+    regions: Regions<'a>,
 }
 
 impl<'a> RxWriter<'a> {
@@ -255,10 +281,15 @@ impl<'a> RxWriter<'a> {
             hash_report: acked.contains(Features::HASH_REPORT),
             rsc_ext: acked.contains(Features::RSC_EXT),
             used: 0,
+            held: None,
+            rings: None,
+            avail_seen: 0,
+            regions: Regions::new(mem),
             bufs: Box::new(RxBufs {
                 chains: [(0u16, 0usize); MAX_RX_BUFFERS],
                 pos: [0u16; MAX_RX_BUFFERS],
                 descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
+                used: [(0u16, 0u32); MAX_RX_BUFFERS],
                 nchains: 0,
                 ndescs: 0,
                 cap: 0,
@@ -304,7 +335,7 @@ fn recv_into(
     vnet: &mut [u8],
     descs: &[(GuestAddress, usize)],
     hdr_len: usize,
-    mem: &GuestMemoryMmap,
+    mem: &mut Regions<'_>,
     overflow: &mut [u8],
 ) -> Option<io::Result<usize>> {
     if descs.len() + 2 <= SHORT_PIECES {
@@ -321,7 +352,7 @@ fn recv_pieces<const N: usize>(
     vnet: &mut [u8],
     descs: &[(GuestAddress, usize)],
     hdr_len: usize,
-    mem: &GuestMemoryMmap,
+    mem: &mut Regions<'_>,
     overflow: &mut [u8],
 ) -> Option<io::Result<usize>> {
     let mut pieces: [PieceMut<'_>; N] = core::array::from_fn(|_| PieceMut::Local(&mut []));
@@ -330,7 +361,7 @@ fn recv_pieces<const N: usize>(
         let skip = if k == 0 { hdr_len } else { 0 };
         let slice = addr
             .checked_add(skip as u64)
-            .and_then(|a| mem.get_slice(a, len.checked_sub(skip)?).ok())?;
+            .and_then(|a| mem.slice(a, len.checked_sub(skip)?))?;
         pieces[k + 1] = PieceMut::Guest(slice);
     }
     let mut np = descs.len().min(N.saturating_sub(2)) + 1;
@@ -406,7 +437,7 @@ fn spans(
 /// Copies bytes `[off, off + out.len())` of the stream `descs` form out
 /// of guest memory.
 fn read_span(
-    mem: &GuestMemoryMmap,
+    mem: &mut Regions<'_>,
     descs: &[(GuestAddress, usize)],
     off: usize,
     out: &mut [u8],
@@ -415,8 +446,7 @@ fn read_span(
     for s in spans(descs, off, out.len()) {
         let (at, r) = s?;
         got = r.end;
-        mem.read_slice(&mut out[r], at)
-            .map_err(|_| DropReason::BadDescriptor)?;
+        mem.read(&mut out[r], at).ok_or(DropReason::BadDescriptor)?;
     }
     if got == out.len() {
         Ok(())
@@ -428,7 +458,7 @@ fn read_span(
 /// Writes `bytes` at offset `off` of the stream `descs` form in guest
 /// memory.
 pub(super) fn write_span(
-    mem: &GuestMemoryMmap,
+    mem: &mut Regions<'_>,
     descs: &[(GuestAddress, usize)],
     off: usize,
     bytes: &[u8],
@@ -437,13 +467,58 @@ pub(super) fn write_span(
     for s in spans(descs, off, bytes.len()) {
         let (at, r) = s?;
         put = r.end;
-        mem.write_slice(&bytes[r], at)
-            .map_err(|_| DropReason::BadDescriptor)?;
+        mem.write(&bytes[r], at).ok_or(DropReason::BadDescriptor)?;
     }
     if put == bytes.len() {
         Ok(())
     } else {
         Err(DropReason::RxChainTooSmall)
+    }
+}
+
+/// Buffers of an RX ring prefetched when the driver's index is read.
+const RX_PREFETCH: u16 = 32;
+
+/// A chain walked by [`Chain`] over resolved rings, or by virtio-queue.
+enum Walk<'r, 'm, M: Deref<Target = GuestMemoryMmap>> {
+    Fast(Chain<'r, 'm>),
+    Queue(DescriptorChain<M>),
+}
+
+/// The next available head of `q` below the queue's size, read through
+/// `rings`; the driver's index is read again only once the chains up to
+/// `seen` (its last reading) are taken. A head past the queue's end is
+/// counted (`bad_ring`) and passed over, as [`pop_valid`] does; an index
+/// more than a queue ahead takes nothing.
+fn pop_head<'m>(
+    q: &mut virtio_queue::Queue,
+    rings: &Rings<'m>,
+    seen: &mut u16,
+    regions: &mut Regions<'m>,
+    stats: &QueueStats,
+) -> Option<u16> {
+    loop {
+        let pos = q.next_avail();
+        // Chains known available: none, or a reading from before a pop
+        // that went past it (virtio-queue's path).
+        let known = seen.wrapping_sub(pos);
+        if known == 0 || known > rings.size() {
+            let idx = rings.avail_idx()?;
+            let n = idx.wrapping_sub(pos);
+            if n == 0 || n > rings.size() {
+                return None;
+            }
+            *seen = idx;
+            // The buffers the driver just posted, brought in while the
+            // first of them is filled.
+            rings.prefetch(pos, n.min(RX_PREFETCH), regions);
+        }
+        let head = rings.head(pos)?;
+        q.set_next_avail(pos.wrapping_add(1));
+        if head < rings.size() {
+            return Some(head);
+        }
+        stats.drop(DropReason::BadRing);
     }
 }
 
@@ -455,6 +530,8 @@ struct RxBufs {
     /// chains can be put back even past heads `pop_valid` skipped.
     pos: [u16; MAX_RX_BUFFERS],
     descs: [(GuestAddress, usize); MAX_RX_DESCS],
+    /// The used entries of the frame at hand (head, bytes written).
+    used: [(u16, u32); MAX_RX_BUFFERS],
     nchains: usize,
     ndescs: usize,
     cap: usize,
@@ -464,9 +541,11 @@ impl RxBufs {
     /// Pops chains until they hold `need` bytes or the ring (or our
     /// limits) run out. A malformed chain hands every popped chain back
     /// empty and is reported as `Ok(Err(reason))`.
-    fn pop_until(
+    #[allow(clippy::too_many_arguments)]
+    fn pop_until<'m>(
         &mut self,
         q: &mut virtio_queue::Queue,
+        ring: &mut (Option<&Rings<'m>>, &mut u16, &mut Regions<'m>),
         mem: &GuestMemoryMmap,
         need: usize,
         hdr_len: usize,
@@ -474,10 +553,24 @@ impl RxBufs {
         stats: &QueueStats,
     ) -> io::Result<Result<(), DropReason>> {
         while self.cap < need && self.nchains < MAX_RX_BUFFERS && (self.nchains == 0 || mergeable) {
-            let Some(chain) = pop_valid(q, mem, stats) else {
-                break;
+            let (head, mut walk) = match ring.0 {
+                Some(r) => {
+                    let Some(head) = pop_head(q, r, ring.1, ring.2, stats) else {
+                        break;
+                    };
+                    (head, Walk::Fast(r.chain(head, mem)))
+                }
+                None => {
+                    let Some(chain) = pop_valid(q, mem, stats) else {
+                        break;
+                    };
+                    (chain.head_index(), Walk::Queue(chain))
+                }
             };
-            let head = chain.head_index();
+            let chain: &mut dyn Iterator<Item = Descriptor> = match &mut walk {
+                Walk::Fast(c) => c,
+                Walk::Queue(c) => c,
+            };
             let first = self.ndescs;
             let mut bad = None;
             let mut last_next = false;
@@ -542,6 +635,25 @@ impl RxBufs {
 }
 
 impl RxWriter<'_> {
+    /// Lets go of the vring's lock, before anything else of this thread
+    /// may take it (notifications, other ports' deliveries, the end of a
+    /// round).
+    pub fn release(&mut self) {
+        self.held = None;
+        self.rings = None;
+    }
+
+    /// Takes the vring's lock, unless held already, and resolves the
+    /// queue's rings.
+    fn hold(&mut self) {
+        if self.held.is_none() {
+            let g = self.vring.get_mut();
+            self.rings = Rings::new(g.get_queue(), self.mem);
+            self.avail_seen = g.get_queue().next_avail();
+            self.held = Some(g);
+        }
+    }
+
     /// Writes one frame as the uplink delivered it (12-byte header, then
     /// the frame). `Err(RxNoBuffers)` leaves the queue as it was, so the
     /// frame can be retried once the driver posts buffers.
@@ -568,7 +680,10 @@ impl RxWriter<'_> {
         let hb = &hb[..hdr_len];
         let total = hdr_len + payload.len();
 
-        let mut state = self.vring.get_mut();
+        self.hold();
+        let Some(state) = self.held.as_mut() else {
+            return Err(DropReason::BadRing);
+        };
         let q = state.get_queue_mut();
         let mut used = [(0u16, 0u32); MAX_RX_BUFFERS];
         let mut count = 0;
@@ -647,7 +762,7 @@ impl RxWriter<'_> {
                     .map_err(|_| DropReason::BadDescriptor)?;
             }
         }
-        add_used_frame(q, self.mem, &used[..count])?;
+        add_used_frame(q, self.mem, self.rings.as_ref(), &used[..count])?;
         self.used += 1;
         Ok(())
     }
@@ -677,13 +792,27 @@ impl RxWriter<'_> {
         };
         let mem = self.mem;
         let mergeable = self.mergeable;
-        let mut state = self.vring.get_mut();
+        self.hold();
+        let Some(state) = self.held.as_mut() else {
+            return Ok(Direct::Dropped(DropReason::BadRing));
+        };
         let q = state.get_queue_mut();
+        let rings = self.rings;
+        let seen = &mut self.avail_seen;
+        let regions = &mut self.regions;
         let rx = &mut *self.bufs;
         rx.nchains = 0;
         rx.ndescs = 0;
         rx.cap = 0;
-        if let Err(why) = rx.pop_until(q, mem, hdr_len + expect, hdr_len, mergeable, self.stats)? {
+        if let Err(why) = rx.pop_until(
+            q,
+            &mut (rings.as_ref(), &mut *seen, &mut *regions),
+            mem,
+            hdr_len + expect,
+            hdr_len,
+            mergeable,
+            self.stats,
+        )? {
             return Ok(Direct::Dropped(why));
         }
         if rx.cap < hdr_len + expect {
@@ -698,7 +827,7 @@ impl RxWriter<'_> {
             &mut vnet,
             &rx.descs[..rx.ndescs],
             hdr_len,
-            mem,
+            regions,
             overflow,
         );
         let Some(n) = got else {
@@ -731,7 +860,7 @@ impl RxWriter<'_> {
         let plen = frame_len.min(RX_PEEK);
         let from_guest = plen.min(in_guest);
         if let Err(why) = read_span(
-            mem,
+            regions,
             &rx.descs[..rx.ndescs],
             hdr_len,
             &mut peek[..from_guest],
@@ -754,19 +883,27 @@ impl RxWriter<'_> {
         if fits && !spill.is_empty() {
             // Move the spilled part into more buffers, if the driver has them.
             let before = rx.cap;
-            let got = rx.pop_until(q, mem, total, hdr_len, mergeable, self.stats)?;
+            let got = rx.pop_until(
+                q,
+                &mut (rings.as_ref(), &mut *seen, &mut *regions),
+                mem,
+                total,
+                hdr_len,
+                mergeable,
+                self.stats,
+            )?;
             if let Err(why) = got {
                 return Ok(Direct::Dropped(why));
             }
-            fits =
-                rx.cap >= total && write_span(mem, &rx.descs[..rx.ndescs], before, spill).is_ok();
+            fits = rx.cap >= total
+                && write_span(regions, &rx.descs[..rx.ndescs], before, spill).is_ok();
         }
         if !fits {
             out.clear();
             out.extend_from_slice(&vnet);
             out.resize(VNET_HDR_LEN + frame_len, 0);
             let r = read_span(
-                mem,
+                regions,
                 &rx.descs[..rx.ndescs],
                 hdr_len,
                 &mut out[VNET_HDR_LEN..VNET_HDR_LEN + in_guest],
@@ -800,12 +937,12 @@ impl RxWriter<'_> {
         }
         let mut hb = [0u8; HDR_LEN_HASH];
         let _ = hdr.emit(&mut hb, self.hash_report);
-        if mem.write_slice(&hb[..hdr_len], rx.descs[0].0).is_err() {
+        if regions.write(&hb[..hdr_len], rx.descs[0].0).is_none() {
             rx.unpop(q, k);
             return Ok(Direct::Dropped(DropReason::BadDescriptor));
         }
         let (mut left, mut d) = (total, 0);
-        let mut used = [(0u16, 0u32); MAX_RX_BUFFERS];
+        let used = &mut rx.used;
         for (u, &(h, nd)) in used.iter_mut().zip(&rx.chains[..k]) {
             let c: usize = rx.descs[d..d + nd].iter().map(|x| x.1).sum();
             d += nd;
@@ -813,7 +950,7 @@ impl RxWriter<'_> {
             left -= n;
             *u = (h, n as u32);
         }
-        if let Err(why) = add_used_frame(q, mem, &used[..k]) {
+        if let Err(why) = add_used_frame(q, mem, rings.as_ref(), &used[..k]) {
             return Ok(Direct::Dropped(why));
         }
         self.used += 1;

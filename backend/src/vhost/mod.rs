@@ -265,6 +265,41 @@ where
     Ok(avail_idx(vring, mem) != seen)
 }
 
+/// Frames delivered straight into an RX queue's buffers, added to its
+/// counters once, when the round ends (however it ends), rather than
+/// with three atomic adds a frame.
+struct Tally<'a> {
+    stats: &'a QueueStats,
+    packets: u64,
+    bytes: u64,
+}
+
+impl<'a> Tally<'a> {
+    fn new(stats: &'a QueueStats) -> Tally<'a> {
+        Tally {
+            stats,
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if self.packets > 0 {
+            self.stats.packets(self.packets, self.bytes);
+            self.stats
+                .direct
+                .fetch_add(self.packets, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Writes one frame the device holds (the TAP's header first) into the
 /// RX queue `writer` fills, with the hash `me`'s RSS gives it when the
 /// driver wants it reported. False when the driver has no buffers for it
@@ -711,7 +746,7 @@ impl VnicBackend {
                 ACK_ERR
             }
         };
-        match write_span(mem, writable, 0, &out[..n]) {
+        match write_span(&mut Regions::new(mem), writable, 0, &out[..n]) {
             Ok(()) => {
                 stats.packet(readable.len());
                 n as u32
@@ -1106,11 +1141,14 @@ impl VnicBackend {
             // buffers: the uplink wakes the worker.
             vring.disable_notification().map_err(io::Error::other)?;
             let seen = avail_idx(vring, &mem);
-            starved = if self.dev().rsc_active() || !self.rsc_idle(i) {
-                self.rx_round_rsc(i, &mut writer, &mut moved)?
+            let round = if self.dev().rsc_active() || !self.rsc_idle(i) {
+                self.rx_round_rsc(i, &mut writer, &mut moved)
             } else {
-                self.rx_round(i, &mut writer, max_frame, small, &mut moved)?
+                self.rx_round(i, &mut writer, max_frame, small, &mut moved)
             };
+            // The vring's lock is let go of before anything else takes it.
+            writer.release();
+            starved = round?;
             if moved >= BUDGET {
                 // More may be waiting; come back after other events.
                 let _ = backlog.event.write(1);
@@ -1150,6 +1188,7 @@ impl VnicBackend {
             .unwrap_or_else(PoisonError::into_inner);
         self.nic.switch.refresh(&mut w.view);
         let r = self.rx_round_locked(i, &mut w, writer, max_frame, small, moved);
+        writer.release();
         // Ports the uplink's frames went to learn of them once per round.
         self.nic.wake(&mut w.scratch.wakes);
         r
@@ -1191,11 +1230,15 @@ impl VnicBackend {
         if self.port != 0 || (starved && !multi) {
             return Ok(starved);
         }
+        // Frames delivered, counted once for the round.
+        let mut tally = Tally::new(stats);
         while *moved < BUDGET {
             if w.scratch.wakes.due() {
+                writer.release();
                 self.nic.wake(&mut w.scratch.wakes);
             }
             if starved {
+                writer.release();
                 if self.read_into_backlog(i, w).is_none() {
                     return Ok(true);
                 }
@@ -1212,13 +1255,15 @@ impl VnicBackend {
                 rx, rx_out, view, ..
             } = &mut *w;
             let direct = writer.receive_direct(&self.nic, view, i, i, expect, rx, rx_out)?;
+            if !matches!(direct, Direct::Delivered(_) | Direct::Dropped(_)) {
+                // The switch, a hand-over or a read into the backlog may
+                // come to this very ring (its own port's frames).
+                writer.release();
+            }
             match direct {
                 Direct::Delivered(n) => {
                     w.rx_big = n > small;
-                    stats.packet(n);
-                    stats
-                        .direct
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tally.add(n);
                 }
                 Direct::Empty => return Ok(false),
                 Direct::Failed => {
@@ -1354,6 +1399,7 @@ impl VnicBackend {
                 continue;
             }
             if self.port == 0 {
+                writer.release();
                 match self.read_uplink(i, rx, view, scratch) {
                     Uplinked::Frame { len, steered } => {
                         let target = port.rx_queue(steered, i);
@@ -1380,6 +1426,7 @@ impl VnicBackend {
                 None => break,
             }
         }
+        writer.release();
         if starved && multi && self.port == 0 {
             // Keep the VFs' frames flowing while the PF has no buffers;
             // the PF's own wait in its backlog.

@@ -51,6 +51,18 @@ impl<'m> Regions<'m> {
         region.get_slice(off, len).ok()
     }
 
+    /// Copies `buf` into guest memory at `addr` (across regions if need
+    /// be).
+    pub fn write(&mut self, buf: &[u8], addr: GuestAddress) -> Option<()> {
+        match self.slice(addr, buf.len()) {
+            Some(s) => {
+                s.copy_from(buf);
+                Some(())
+            }
+            None => self.mem.write_slice(buf, addr).ok(),
+        }
+    }
+
     /// Copies `buf.len()` bytes at `addr` out of guest memory (across
     /// regions if need be).
     pub fn read(&mut self, buf: &mut [u8], addr: GuestAddress) -> Option<()> {
@@ -61,23 +73,22 @@ impl<'m> Regions<'m> {
     }
 }
 
-/// The three parts of a split ring in host memory, for one batch.
-pub(super) struct SplitRing<'m> {
+/// The three parts of a split ring in host memory. Valid while the
+/// vring's lock is held (nothing can move the rings meanwhile) and the
+/// memory they were resolved in is.
+#[derive(Clone, Copy)]
+pub(super) struct Rings<'m> {
     size: u16,
     desc: VolatileSlice<'m>,
     avail: VolatileSlice<'m>,
     used: VolatileSlice<'m>,
-    next_avail: u16,
-    next_used: u16,
-    /// Used entries written since the last [`SplitRing::publish`].
-    unpublished: u16,
 }
 
-impl<'m> SplitRing<'m> {
+impl<'m> Rings<'m> {
     /// The rings of `q`, when it is ready and each of its rings is
     /// aligned as virtio asks and lies in one region of `mem`; None
     /// otherwise (virtio-queue's own path then takes the queue).
-    pub fn new(q: &virtio_queue::Queue, mem: &'m GuestMemoryMmap) -> Option<SplitRing<'m>> {
+    pub fn new(q: &virtio_queue::Queue, mem: &'m GuestMemoryMmap) -> Option<Rings<'m>> {
         let size = q.size();
         if !q.ready() || size == 0 || !size.is_power_of_two() || q.avail_ring() == 0 {
             return None;
@@ -88,17 +99,11 @@ impl<'m> SplitRing<'m> {
         }
         let n = usize::from(size);
         // Flags, index, the ring, and used_event / avail_event after it.
-        let desc = mem.get_slice(GuestAddress(d), DESC * n).ok()?;
-        let avail = mem.get_slice(GuestAddress(a), 6 + 2 * n).ok()?;
-        let used = mem.get_slice(GuestAddress(u), 6 + 8 * n).ok()?;
-        Some(SplitRing {
+        Some(Rings {
             size,
-            desc,
-            avail,
-            used,
-            next_avail: q.next_avail(),
-            next_used: q.next_used(),
-            unpublished: 0,
+            desc: mem.get_slice(GuestAddress(d), DESC * n).ok()?,
+            avail: mem.get_slice(GuestAddress(a), 6 + 2 * n).ok()?,
+            used: mem.get_slice(GuestAddress(u), 6 + 8 * n).ok()?,
         })
     }
 
@@ -107,42 +112,37 @@ impl<'m> SplitRing<'m> {
         self.size
     }
 
-    /// How many chains the driver has made available past the device's
-    /// position; None when its index is more than a queue's worth ahead
-    /// (a broken driver: nothing is taken) or cannot be read.
-    pub fn pending(&self) -> Option<u16> {
-        let idx = u16::from_le(self.avail.load::<u16>(2, Ordering::Acquire).ok()?);
-        let n = idx.wrapping_sub(self.next_avail);
-        (n <= self.size).then_some(n)
+    /// The driver's available index.
+    pub fn avail_idx(&self) -> Option<u16> {
+        Some(u16::from_le(
+            self.avail.load::<u16>(2, Ordering::Acquire).ok()?,
+        ))
     }
 
-    /// Takes the next available head (the caller knows from
-    /// [`SplitRing::pending`] that there is one). The available ring may
+    /// The head the driver put at available position `pos`. The ring may
     /// name any 16-bit value: a head past the queue's end is returned as
     /// it is, for the caller to count and pass over.
-    pub fn pop(&mut self) -> Option<u16> {
-        let slot = usize::from(self.next_avail % self.size);
-        let head = u16::from_le(
+    pub fn head(&self, pos: u16) -> Option<u16> {
+        let slot = usize::from(pos % self.size);
+        Some(u16::from_le(
             self.avail
                 .load::<u16>(4 + 2 * slot, Ordering::Relaxed)
                 .ok()?,
-        );
-        self.next_avail = self.next_avail.wrapping_add(1);
-        Some(head)
+        ))
     }
 
-    /// Asks the CPU to bring in the first bytes of the next `n` available
-    /// chains' buffers (and the descriptor tables of indirect ones) while
-    /// the device works on the ones before: the driver wrote them on
-    /// another core, and each first touch is a miss. A hint only: nothing
-    /// is popped, nothing read is trusted.
-    pub fn prefetch(&self, n: u16, regions: &mut Regions<'m>) {
+    /// Asks the CPU to bring in the first bytes of the buffers of the `n`
+    /// chains available from position `from` on (and the descriptor
+    /// tables of indirect ones) while the device works on the ones
+    /// before: the driver wrote them on another core, and each first
+    /// touch is a miss. A hint only: nothing is popped, nothing read is
+    /// trusted.
+    pub fn prefetch(&self, from: u16, n: u16, regions: &mut Regions<'m>) {
         for j in 0..n.min(self.size) {
-            let slot = usize::from(self.next_avail.wrapping_add(j) % self.size);
-            let Ok(head) = self.avail.load::<u16>(4 + 2 * slot, Ordering::Relaxed) else {
+            let Some(head) = self.head(from.wrapping_add(j)) else {
                 return;
             };
-            let off = DESC * usize::from(u16::from_le(head));
+            let off = DESC * usize::from(head);
             let (Ok(addr), Ok(len)) = (
                 self.desc.load::<u64>(off, Ordering::Relaxed),
                 self.desc.load::<u32>(off + 8, Ordering::Relaxed),
@@ -173,29 +173,88 @@ impl<'m> SplitRing<'m> {
         }
     }
 
-    /// Writes a used entry (not yet visible to the driver).
-    pub fn put_used(&mut self, head: u16, len: u32) -> Option<()> {
-        let at = 4 + 8 * usize::from(self.next_used % self.size);
+    /// Writes the used entry at used position `pos` (not yet visible to
+    /// the driver).
+    pub fn put_used(&self, pos: u16, head: u16, len: u32) -> Option<()> {
+        let at = 4 + 8 * usize::from(pos % self.size);
         self.used
             .store(u32::from(head).to_le(), at, Ordering::Relaxed)
             .ok()?;
-        self.used
-            .store(len.to_le(), at + 4, Ordering::Relaxed)
-            .ok()?;
+        self.used.store(len.to_le(), at + 4, Ordering::Relaxed).ok()
+    }
+
+    /// Makes the used entries before `idx` visible to the driver: one
+    /// store of the used index, after them.
+    pub fn publish(&self, idx: u16) -> Option<()> {
+        self.used.store(idx.to_le(), 2, Ordering::Release).ok()
+    }
+}
+
+/// A split ring taken a batch at a time, with the device's positions.
+pub(super) struct SplitRing<'m> {
+    rings: Rings<'m>,
+    next_avail: u16,
+    next_used: u16,
+    /// Used entries written since the last [`SplitRing::publish`].
+    unpublished: u16,
+}
+
+impl<'m> SplitRing<'m> {
+    /// See [`Rings::new`].
+    pub fn new(q: &virtio_queue::Queue, mem: &'m GuestMemoryMmap) -> Option<SplitRing<'m>> {
+        Some(SplitRing {
+            rings: Rings::new(q, mem)?,
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            unpublished: 0,
+        })
+    }
+
+    /// The queue's size.
+    pub fn size(&self) -> u16 {
+        self.rings.size
+    }
+
+    /// How many chains the driver has made available past the device's
+    /// position; None when its index is more than a queue's worth ahead
+    /// (a broken driver: nothing is taken) or cannot be read.
+    pub fn pending(&self) -> Option<u16> {
+        let n = self.rings.avail_idx()?.wrapping_sub(self.next_avail);
+        (n <= self.rings.size).then_some(n)
+    }
+
+    /// Takes the next available head (the caller knows from
+    /// [`SplitRing::pending`] that there is one); see [`Rings::head`].
+    pub fn pop(&mut self) -> Option<u16> {
+        let head = self.rings.head(self.next_avail)?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Some(head)
+    }
+
+    /// [`Rings::prefetch`] for the next `n` chains.
+    pub fn prefetch(&self, n: u16, regions: &mut Regions<'m>) {
+        self.rings.prefetch(self.next_avail, n, regions);
+    }
+
+    /// The chain starting at descriptor `head` (below the queue's size).
+    pub fn chain<'r>(&'r self, head: u16, mem: &'m GuestMemoryMmap) -> Chain<'r, 'm> {
+        self.rings.chain(head, mem)
+    }
+
+    /// Writes a used entry (not yet visible to the driver).
+    pub fn put_used(&mut self, head: u16, len: u32) -> Option<()> {
+        self.rings.put_used(self.next_used, head, len)?;
         self.next_used = self.next_used.wrapping_add(1);
         self.unpublished = self.unpublished.wrapping_add(1);
         Some(())
     }
 
-    /// Makes the used entries written so far visible to the driver: one
-    /// store of the used index, after them.
+    /// Makes the used entries written so far visible to the driver.
     pub fn publish(&mut self) -> Option<()> {
         if self.unpublished == 0 {
             return Some(());
         }
-        self.used
-            .store(self.next_used.to_le(), 2, Ordering::Release)
-            .ok()?;
+        self.rings.publish(self.next_used)?;
         self.unpublished = 0;
         Some(())
     }
