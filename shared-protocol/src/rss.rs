@@ -244,6 +244,8 @@ pub fn hash_input(info: &FrameInfo, types: HashTypes) -> Option<HashInput> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndirectionTable {
     entries: Vec<u16>,
+    /// The queue every entry names, when they all name one.
+    single: Option<u16>,
 }
 
 impl IndirectionTable {
@@ -257,7 +259,11 @@ impl IndirectionTable {
         if let Some(&queue) = entries.iter().find(|&&q| q >= queues) {
             return Err(RssError::QueueOutOfRange { queue, queues });
         }
-        Ok(IndirectionTable { entries })
+        let single = entries
+            .first()
+            .copied()
+            .filter(|&q| entries.iter().all(|&e| e == q));
+        Ok(IndirectionTable { entries, single })
     }
     /// The table Linux fills by default (`ethtool_rxfh_indir_default`):
     /// entry i is queue i mod `queues`.
@@ -273,6 +279,11 @@ impl IndirectionTable {
     }
     pub fn entries(&self) -> &[u16] {
         &self.entries
+    }
+    /// The queue every entry names, when they all name the same one:
+    /// then no hash can send a frame elsewhere.
+    pub fn single(&self) -> Option<u16> {
+        self.single
     }
 }
 
@@ -444,6 +455,19 @@ mod tests {
             0,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_table_naming_one_queue_says_so() {
+        assert_eq!(IndirectionTable::spread(128, 1).unwrap().single(), Some(0));
+        assert_eq!(IndirectionTable::spread(128, 2).unwrap().single(), None);
+        assert_eq!(
+            IndirectionTable::new(vec![3; 4], 4).unwrap().single(),
+            Some(3)
+        );
+        let mut e = vec![3u16; 4];
+        e[3] = 2;
+        assert_eq!(IndirectionTable::new(e, 4).unwrap().single(), None);
     }
 
     #[test]

@@ -153,8 +153,23 @@ impl PortView {
         self.egress(l2.vid()).is_some() && self.takes(l2.dst)
     }
 
-    /// Where RSS sends a frame whose first bytes are `prefix`.
+    /// Where RSS sends a frame whose first bytes are `prefix`. When every
+    /// frame, hashed or not, goes to one queue and the driver does not
+    /// want the hash, the frame is neither parsed nor hashed.
     pub fn steer(&self, prefix: &[u8], len: usize) -> Steering {
+        if !self.hash_report {
+            if let Some(q) = self
+                .rss
+                .table
+                .single()
+                .filter(|&q| q == self.rss.unclassified_queue)
+            {
+                return Steering {
+                    queue: q,
+                    ..NO_HASH
+                };
+            }
+        }
         match parse_frame_prefix(prefix, len) {
             Ok(info) => self.rss.steer(&info),
             Err(_) => Steering {

@@ -511,7 +511,7 @@ fn pop_head<'m>(
             *seen = idx;
             // The buffers the driver just posted, brought in while the
             // first of them is filled.
-            rings.prefetch(pos, n.min(RX_PREFETCH), regions);
+            rings.prefetch(pos, n.min(RX_PREFETCH), regions, true);
         }
         let head = rings.head(pos)?;
         q.set_next_avail(pos.wrapping_add(1));

@@ -137,7 +137,7 @@ impl<'m> Rings<'m> {
     /// before: the driver wrote them on another core, and each first
     /// touch is a miss. A hint only: nothing is popped, nothing read is
     /// trusted.
-    pub fn prefetch(&self, from: u16, n: u16, regions: &mut Regions<'m>) {
+    pub fn prefetch(&self, from: u16, n: u16, regions: &mut Regions<'m>, write: bool) {
         for j in 0..n.min(self.size) {
             let Some(head) = self.head(from.wrapping_add(j)) else {
                 return;
@@ -152,9 +152,9 @@ impl<'m> Rings<'m> {
             let len = (u32::from_le(len) as usize).clamp(1, 2 * CACHE_LINE);
             if let Some(s) = regions.slice(GuestAddress(u64::from_le(addr)), len) {
                 let p = s.ptr_guard().as_ptr();
-                prefetch(p);
+                prefetch(p, write);
                 if (p as usize % CACHE_LINE) + len > CACHE_LINE {
-                    prefetch(p.wrapping_add(CACHE_LINE));
+                    prefetch(p.wrapping_add(CACHE_LINE), write);
                 }
             }
         }
@@ -233,7 +233,7 @@ impl<'m> SplitRing<'m> {
 
     /// [`Rings::prefetch`] for the next `n` chains.
     pub fn prefetch(&self, n: u16, regions: &mut Regions<'m>) {
-        self.rings.prefetch(self.next_avail, n, regions);
+        self.rings.prefetch(self.next_avail, n, regions, false);
     }
 
     /// The chain starting at descriptor `head` (below the queue's size).
@@ -271,17 +271,45 @@ impl<'m> SplitRing<'m> {
 const CACHE_LINE: usize = 64;
 
 /// A prefetch hint for the cache line at `p` (any address: a prefetch
-/// never faults).
+/// never faults): to read it, or with `write` to own it (PREFETCHW where
+/// the CPU has it), so that the device's stores into a buffer the driver
+/// last touched on another core do not each wait for the line.
 #[inline(always)]
-fn prefetch(p: *const u8) {
+fn prefetch(p: *const u8, write: bool) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 only hints the cache; it neither reads memory
-    // into a register nor faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    {
+        if write && has_prefetchw() {
+            // SAFETY: PREFETCHW only hints the cache: it reads no memory
+            // into a register, writes none and never faults, whatever the
+            // address; the CPU was seen to have it.
+            unsafe {
+                std::arch::asm!(
+                    "prefetchw [{0}]",
+                    in(reg) p,
+                    options(nostack, readonly, preserves_flags)
+                );
+            }
+            return;
+        }
+        // SAFETY: PREFETCHT0 only hints the cache; it neither reads memory
+        // into a register nor faults, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    let _ = (p, write);
+}
+
+/// Whether the CPU has PREFETCHW (asked once).
+#[cfg(target_arch = "x86_64")]
+fn has_prefetchw() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        use std::arch::x86_64::__cpuid;
+        // CPUID 0x8000_0001, ECX bit 8: PREFETCHW (3DNowPrefetch).
+        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+    })
 }
 
 /// The descriptors of one chain, in order, as virtio-queue's
