@@ -249,7 +249,9 @@ pub(super) struct RxWriter<'a> {
     pub used: u32,
     /// The chains popped for the frame at hand; kept between frames so
     /// that its tables are not cleared for each (only its counts are).
-    bufs: Box<RxBufs>,
+    /// Made at the first direct read: a writer for one delivery (another
+    /// port's worker) never needs it.
+    bufs: Option<Box<RxBufs>>,
     /// The vring's lock, taken by the first frame and held for the ones
     /// after it until [`RxWriter::release`] (or the writer's end): a lock
     /// is a full barrier, and one a frame waited for every store before
@@ -285,15 +287,7 @@ impl<'a> RxWriter<'a> {
             rings: None,
             avail_seen: 0,
             regions: Regions::new(mem),
-            bufs: Box::new(RxBufs {
-                chains: [(0u16, 0usize); MAX_RX_BUFFERS],
-                pos: [0u16; MAX_RX_BUFFERS],
-                descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
-                used: [(0u16, 0u32); MAX_RX_BUFFERS],
-                nchains: 0,
-                ndescs: 0,
-                cap: 0,
-            }),
+            bufs: None,
         }
     }
 }
@@ -379,7 +373,7 @@ const RX_PEEK: usize = 256;
 
 /// Writes bytes `[off, off + n)` of `hdr ++ payload` at guest address `at`.
 fn write_part(
-    mem: &GuestMemoryMmap,
+    mem: &mut Regions<'_>,
     hdr: &[u8],
     payload: &[u8],
     off: usize,
@@ -398,8 +392,8 @@ fn write_part(
         let addr = at
             .checked_add(done as u64)
             .ok_or(DropReason::BadDescriptor)?;
-        mem.write_slice(&src[rel..rel + take], addr)
-            .map_err(|_| DropReason::BadDescriptor)?;
+        mem.write(&src[rel..rel + take], addr)
+            .ok_or(DropReason::BadDescriptor)?;
         done += take;
     }
     Ok(())
@@ -522,6 +516,38 @@ fn pop_head<'m>(
     }
 }
 
+/// The next RX chain of `q`: its head and a walk over its descriptors,
+/// through `rings` when they are resolved (reading the driver's index
+/// only past `seen`), else through virtio-queue.
+fn pop_walk<'r, 'm>(
+    q: &mut virtio_queue::Queue,
+    rings: Option<&'r Rings<'m>>,
+    seen: &mut u16,
+    regions: &mut Regions<'m>,
+    mem: &'m GuestMemoryMmap,
+    stats: &QueueStats,
+) -> Option<(u16, Walk<'r, 'm, &'m GuestMemoryMmap>)> {
+    match rings {
+        Some(r) => {
+            let head = pop_head(q, r, seen, regions, stats)?;
+            Some((head, Walk::Fast(r.chain(head, mem))))
+        }
+        None => {
+            let chain = pop_valid(q, mem, stats)?;
+            Some((chain.head_index(), Walk::Queue(chain)))
+        }
+    }
+}
+
+impl<M: Deref<Target = GuestMemoryMmap>> Walk<'_, '_, M> {
+    fn descs(&mut self) -> &mut dyn Iterator<Item = Descriptor> {
+        match self {
+            Walk::Fast(c) => c,
+            Walk::Queue(c) => c,
+        }
+    }
+}
+
 /// RX chains popped for one frame: heads with their descriptor counts,
 /// and the writable descriptors in order.
 struct RxBufs {
@@ -538,6 +564,18 @@ struct RxBufs {
 }
 
 impl RxBufs {
+    fn new() -> RxBufs {
+        RxBufs {
+            chains: [(0u16, 0usize); MAX_RX_BUFFERS],
+            pos: [0u16; MAX_RX_BUFFERS],
+            descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
+            used: [(0u16, 0u32); MAX_RX_BUFFERS],
+            nchains: 0,
+            ndescs: 0,
+            cap: 0,
+        }
+    }
+
     /// Pops chains until they hold `need` bytes or the ring (or our
     /// limits) run out. A malformed chain hands every popped chain back
     /// empty and is reported as `Ok(Err(reason))`.
@@ -546,31 +584,17 @@ impl RxBufs {
         &mut self,
         q: &mut virtio_queue::Queue,
         ring: &mut (Option<&Rings<'m>>, &mut u16, &mut Regions<'m>),
-        mem: &GuestMemoryMmap,
+        mem: &'m GuestMemoryMmap,
         need: usize,
         hdr_len: usize,
         mergeable: bool,
         stats: &QueueStats,
     ) -> io::Result<Result<(), DropReason>> {
         while self.cap < need && self.nchains < MAX_RX_BUFFERS && (self.nchains == 0 || mergeable) {
-            let (head, mut walk) = match ring.0 {
-                Some(r) => {
-                    let Some(head) = pop_head(q, r, ring.1, ring.2, stats) else {
-                        break;
-                    };
-                    (head, Walk::Fast(r.chain(head, mem)))
-                }
-                None => {
-                    let Some(chain) = pop_valid(q, mem, stats) else {
-                        break;
-                    };
-                    (chain.head_index(), Walk::Queue(chain))
-                }
+            let Some((head, mut walk)) = pop_walk(q, ring.0, ring.1, ring.2, mem, stats) else {
+                break;
             };
-            let chain: &mut dyn Iterator<Item = Descriptor> = match &mut walk {
-                Walk::Fast(c) => c,
-                Walk::Queue(c) => c,
-            };
+            let chain = walk.descs();
             let first = self.ndescs;
             let mut bad = None;
             let mut last_next = false;
@@ -685,6 +709,8 @@ impl RxWriter<'_> {
             return Err(DropReason::BadRing);
         };
         let q = state.get_queue_mut();
+        let (mem, rings) = (self.mem, self.rings);
+        let (seen, regions) = (&mut self.avail_seen, &mut self.regions);
         let mut used = [(0u16, 0u32); MAX_RX_BUFFERS];
         let mut count = 0;
         let mut written = 0;
@@ -696,7 +722,9 @@ impl RxWriter<'_> {
                 failure = Some(DropReason::RxChainTooSmall);
                 break;
             }
-            let Some(chain) = pop_valid(q, self.mem, self.stats) else {
+            let Some((head, mut walk)) =
+                pop_walk(q, rings.as_ref(), seen, regions, mem, self.stats)
+            else {
                 // Put back what was popped for this frame (from its first
                 // position: heads skipped in between are seen again).
                 if let Some(p) = first_pos {
@@ -705,10 +733,9 @@ impl RxWriter<'_> {
                 return Err(DropReason::RxNoBuffers);
             };
             first_pos.get_or_insert(q.next_avail().wrapping_sub(1));
-            let head = chain.head_index();
             let mut in_chain = 0usize;
             let mut last_next = false;
-            for desc in chain {
+            for desc in walk.descs() {
                 last_next = desc.has_next();
                 if !desc.is_write_only() {
                     failure = Some(DropReason::BadChainLayout);
@@ -729,7 +756,7 @@ impl RxWriter<'_> {
                     first_hdr = Some(desc.addr());
                 }
                 let n = len.min(total - written);
-                if let Err(e) = write_part(self.mem, hb, payload, written, n, desc.addr()) {
+                if let Err(e) = write_part(regions, hb, payload, written, n, desc.addr()) {
                     failure = Some(e);
                     break;
                 }
@@ -757,12 +784,10 @@ impl RxWriter<'_> {
             if let Some(at) = first_hdr {
                 let nb = (count as u16).to_le_bytes();
                 let at = at.checked_add(10).ok_or(DropReason::BadDescriptor)?;
-                self.mem
-                    .write_slice(&nb, at)
-                    .map_err(|_| DropReason::BadDescriptor)?;
+                regions.write(&nb, at).ok_or(DropReason::BadDescriptor)?;
             }
         }
-        add_used_frame(q, self.mem, self.rings.as_ref(), &used[..count])?;
+        add_used_frame(q, mem, rings.as_ref(), &used[..count])?;
         self.used += 1;
         Ok(())
     }
@@ -800,7 +825,7 @@ impl RxWriter<'_> {
         let rings = self.rings;
         let seen = &mut self.avail_seen;
         let regions = &mut self.regions;
-        let rx = &mut *self.bufs;
+        let rx = &mut **self.bufs.get_or_insert_with(|| Box::new(RxBufs::new()));
         rx.nchains = 0;
         rx.ndescs = 0;
         rx.cap = 0;
