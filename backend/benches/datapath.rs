@@ -13,8 +13,12 @@
 //! `cargo bench -p vnic-backend --bench datapath` (VNIC_BENCH_SECONDS sets
 //! the time per case, default 3; VNIC_BENCH_CALLGRIND=1 adds the
 //! instruction counts, which take minutes; VNIC_BENCH_ONLY=TEXT runs the
-//! cases whose name and size contain TEXT; VNIC_BENCH_KEEP=PATH keeps
-//! callgrind's output).
+//! cases whose name and size contain TEXT, `pairs` only the run by queue
+//! pairs; VNIC_BENCH_KEEP=PATH keeps callgrind's output).
+//!
+//! Last, guest->device 64 B frames over 1 to 16 queue pairs, vnicd's
+//! workers all on one core: the aggregate rate and vnicd's cycles per
+//! frame.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -156,6 +160,64 @@ fn drive(socket: &Path, case: &Case, dur: Duration, limit: u64) -> Moved {
         kicks,
         stalls,
     }
+}
+
+/// Guest->device 64 B frames over `pairs` queue pairs of 256 entries:
+/// this thread posts a burst to every TX queue in turn (as testpmd's one
+/// forwarding core does), vnicd runs a worker per pair, all pinned to
+/// core 1. Returns frames per second (all queues) and vnicd's CPU cycles
+/// per frame (every thread's CPU time at `mhz`).
+fn by_pairs(pairs: u16, dur: Duration, mhz: f64) -> (f64, f64) {
+    let q = pairs.to_string();
+    let v = Vnicd::start_wrapped(
+        &["taskset", "-c", "1"],
+        VNICD,
+        &["--uplink", "sink", "--queue-size", "256", "--queues", &q],
+    )
+    .expect("vnicd on core 1");
+    let mut g = VirtioNet::connect(
+        &v.socket,
+        NetOptions {
+            pairs,
+            queue_size: 256,
+            ..opts()
+        },
+    )
+    .expect("guest connects");
+    let (hdr, f) = frame(64);
+    let queues = usize::from(pairs);
+    let send_until = |g: &mut VirtioNet, end: Instant| {
+        while Instant::now() < end {
+            let mut posted = 0;
+            for i in 0..queues {
+                posted += g.tx(i).unwrap().post_burst(&hdr, &f, BURST).unwrap();
+            }
+            if posted == 0 {
+                // Every ring full: sleep on one queue's completions.
+                g.tx(0)
+                    .unwrap()
+                    .wait_for_room(Duration::from_millis(10))
+                    .unwrap();
+            }
+        }
+    };
+    let completed =
+        |g: &mut VirtioNet| -> u64 { (0..queues).map(|i| g.tx(i).unwrap().completed).sum() };
+    send_until(&mut g, Instant::now() + Duration::from_millis(500));
+    let (t0, c0, n0) = (
+        Instant::now(),
+        vnic_tests::cpu_ns(v.pid()),
+        completed(&mut g),
+    );
+    send_until(&mut g, t0 + dur);
+    let (t1, c1, n1) = (
+        Instant::now(),
+        vnic_tests::cpu_ns(v.pid()),
+        completed(&mut g),
+    );
+    let frames = n1.saturating_sub(n0) as f64;
+    let busy = c1.saturating_sub(c0) as f64 / 1e9;
+    (frames / (t1 - t0).as_secs_f64(), busy * mhz * 1e6 / frames)
 }
 
 /// Packets per second of memcpy'ing the same frame into a buffer.
@@ -312,5 +374,18 @@ fn main() {
             per(notes),
             ipp
         );
+    }
+    if !only.is_empty() && !"pairs".contains(&only) {
+        return;
+    }
+    // More worker threads than cores: the aggregate should hold.
+    let mhz = vnic_tests::cpu_mhz();
+    println!();
+    println!("guest->vnicd->sink, 64 B, by queue pairs (vnicd's workers all on core 1)");
+    println!("| pairs | packets/s | vnicd cycles/packet |");
+    println!("|---|---|---|");
+    for pairs in [1u16, 2, 4, 8, 16] {
+        let (pps, cycles) = by_pairs(pairs, dur, mhz);
+        println!("| {pairs} | {pps:.0} | {cycles:.0} |");
     }
 }

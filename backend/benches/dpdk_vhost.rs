@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vnic_tests::{dpdk::Testpmd, unique, Vnicd};
+use vnic_tests::{cpu_ns, dpdk::Testpmd, unique, Vnicd};
 
 const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
 
@@ -51,20 +51,6 @@ fn generator(socket: &Path, dir: Dir, size: usize, pairs: u16) -> Testpmd {
     Testpmd::virtio_user(socket, mode, size, false, pairs).expect("testpmd runs")
 }
 
-/// CPU time of every thread of `pid`, in ns.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| {
-            let t = t.ok()?;
-            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 /// The TSC's rate as DPDK reports it, else the kernel's.
 fn tsc_mhz(dpdk_out: &str) -> f64 {
     let from_dpdk = dpdk_out
@@ -72,20 +58,7 @@ fn tsc_mhz(dpdk_out: &str) -> f64 {
         .next()
         .filter(|s| s.len() < dpdk_out.len())
         .and_then(|s| s.rsplit(' ').next()?.parse::<f64>().ok());
-    from_dpdk.unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find(|l| l.starts_with("cpu MHz"))?
-                    .split(':')
-                    .nth(1)?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(f64::NAN)
-    })
+    from_dpdk.unwrap_or_else(vnic_tests::cpu_mhz)
 }
 
 fn vnicd_run(dir: Dir, size: usize, secs: u64, mhz: f64, pairs: u16) -> (Run, f64) {

@@ -18,6 +18,8 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// A setting that cannot be used.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("--workers must be 1 to {MAX_PAIRS}, not {0}")]
+    Workers(u16),
     #[error("--queues must be 1 to {MAX_PAIRS}, not {0}")]
     Queues(u16),
     #[error("--queue-size must be a power of two from 2 to {MAX_QUEUE_SIZE}, not {0}")]
@@ -187,6 +189,15 @@ pub fn check_queues(n: u16) -> Result<u16, ConfigError> {
         Ok(n)
     } else {
         Err(ConfigError::Queues(n))
+    }
+}
+
+/// A worker thread count: 1 to [`MAX_PAIRS`] (0 asks for the default).
+pub fn check_workers(n: u16) -> Result<u16, ConfigError> {
+    if n <= MAX_PAIRS {
+        Ok(n)
+    } else {
+        Err(ConfigError::Workers(n))
     }
 }
 

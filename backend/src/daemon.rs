@@ -338,6 +338,7 @@ mod tests {
             rss: RssSettings::default(),
             coalesce: Default::default(),
             rx_gro_hw: false,
+            workers: 0,
         };
         Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }

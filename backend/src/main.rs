@@ -97,6 +97,11 @@ struct RunArgs {
     /// the start; `vnicd ctl offload rx-gro-hw on|off` switches it later.
     #[arg(long)]
     rx_gro_hw: bool,
+    /// Worker threads for the queue pairs (1-16); by default one per pair,
+    /// up to the CPUs vnicd may run on. A thread serves pairs p with
+    /// p mod N equal to its number.
+    #[arg(long, default_value_t = 0, value_parser = |s: &str| num(s, config::check_workers))]
+    workers: u16,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -133,6 +138,7 @@ fn run(a: RunArgs) -> Result<(), String> {
             rss,
             coalesce: a.coalesce.unwrap_or_default(),
             rx_gro_hw: a.rx_gro_hw,
+            workers: a.workers,
         },
         uplink: a.uplink,
         mgmt: a.mgmt,

@@ -139,6 +139,7 @@ fuzz_target!(|data: &[u8]| {
         rss: RssSettings::default(),
         coalesce: Default::default(),
         rx_gro_hw: false,
+        workers: 0,
     };
     let vfs = (0..VFS)
         .map(|i| VfSettings::new(default_vf_mac(PF, i)))

@@ -76,6 +76,38 @@ pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// CPU time of every thread of process `pid` so far, in ns (0 when it is
+/// gone).
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// The CPU clock the kernel reports (`cpu MHz` in /proc/cpuinfo), NaN if
+/// it reports none.
+pub fn cpu_mhz() -> f64 {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("cpu MHz"))?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(f64::NAN)
+}
+
 /// Runs a command, failing with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
     let out = Command::new(cmd).args(args).output()?;

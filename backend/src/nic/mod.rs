@@ -80,6 +80,9 @@ pub struct DeviceConfig {
     pub coalesce: coalesce::CoalConfig,
     /// Receive segment coalescing (ethtool's rx-gro-hw) at start.
     pub rx_gro_hw: bool,
+    /// Worker threads for the queue pairs; 0: one per pair, up to the
+    /// CPUs available (`vhost::worker_threads`).
+    pub workers: u16,
 }
 
 impl DeviceConfig {
@@ -1540,6 +1543,7 @@ pub(crate) mod tests {
             rss: RssSettings::default(),
             coalesce: coalesce::CoalConfig::default(),
             rx_gro_hw: false,
+            workers: 0,
         }
     }
 

@@ -77,8 +77,9 @@ const CTRL_BUDGET: usize = 64;
 /// `virtio_net_ctrl_coal`).
 const CTRL_MAX_ANSWER: usize = 8;
 
-/// The backend's own events. Every worker thread has its own epoll, so
-/// each uses the same ids, numbered above the queues and the exit event.
+/// The backend's own events, numbered above the queues and the exit
+/// event. Every worker thread has its own epoll; a thread that serves
+/// several pairs has a set of ids per pair ([`VnicBackend::slot_event`]).
 #[derive(Debug, Clone, Copy)]
 enum Ev {
     /// The worker's uplink queue has frames.
@@ -92,6 +93,32 @@ enum Ev {
     Timer = 4,
     /// A held used-buffer notification of the worker's queues is due.
     Coalesce = 5,
+}
+
+/// Ids of [`Ev`] per pair.
+const EVENTS: usize = 5;
+
+/// What an event asks of a pair's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// A kick of its RX queue.
+    Rx,
+    /// A kick of its TX queue.
+    Tx,
+    Resume,
+    Timer,
+    Coalesce,
+    Uplink,
+    Backlog,
+}
+
+/// Worker threads for `pairs` queue pairs: `asked`, or with 0 one per
+/// pair up to the CPUs this process may run on (more threads than cores
+/// only add switches between them), at least one and at most `pairs`.
+pub fn worker_threads(pairs: usize, asked: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = if asked == 0 { cpus } else { asked };
+    n.clamp(1, pairs.max(1))
 }
 
 /// A worker's coalescing timer and the deadline it is armed for.
@@ -438,6 +465,10 @@ pub struct VnicBackend {
     /// Per virtqueue: the used index at the last notification decision
     /// ([`NOT_YET`] before the first), for EVENT_IDX.
     signalled: Vec<AtomicU32>,
+    /// Worker threads for the queue pairs: pair `p` is served by thread
+    /// `p % threads` (its slot there is `p / threads`); the control queue
+    /// has the thread after them.
+    threads: usize,
 }
 
 /// No notification decision made yet on a virtqueue.
@@ -459,6 +490,7 @@ impl VnicBackend {
             .get(port)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such port"))?;
         let pairs = usize::from(p.config.pairs);
+        let threads = worker_threads(pairs, usize::from(p.config.workers));
         let resume = (0..=pairs)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<_>>()?;
@@ -484,6 +516,7 @@ impl VnicBackend {
             acked: AtomicU64::new(0),
             ring_errors: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
+            threads,
         })
     }
 
@@ -506,8 +539,28 @@ impl VnicBackend {
 
     /// The id of one of the backend's own events (above every queue id
     /// and the exit event, which takes id `num_queues`).
+    /// Event `e`'s id for the first pair of a thread (the control
+    /// thread's too).
     fn event_id(&self, e: Ev) -> u16 {
-        (2 * self.pairs() + 1 + e as usize) as u16
+        self.slot_event(0, e)
+    }
+
+    /// Event `e`'s id for the pair in `slot` of its thread: ids run above
+    /// the queues and the exit event, [`EVENTS`] per slot.
+    fn slot_event(&self, slot: usize, e: Ev) -> u16 {
+        (2 * self.pairs() + 1 + slot * EVENTS + e as usize) as u16
+    }
+
+    /// The slot and event an id names, if it is one of the backend's own.
+    fn decode_event(&self, id: u16) -> Option<(usize, u16)> {
+        let d = usize::from(id).checked_sub(2 * self.pairs() + 2)?;
+        Some((d / EVENTS, (d % EVENTS + 1) as u16))
+    }
+
+    /// The pair in `slot` of worker thread `t`, if there is one.
+    fn pair_of(&self, t: usize, slot: usize) -> Option<usize> {
+        let p = slot * self.threads + t;
+        (t < self.threads && p < self.pairs()).then_some(p)
     }
 
     /// The event that resumes a worker's (or the control thread's) work
@@ -571,51 +624,56 @@ impl VnicBackend {
         &self,
         handlers: &[Arc<VringEpollHandler<Arc<VnicBackend>>>],
     ) -> io::Result<()> {
-        for (i, h) in handlers.iter().enumerate() {
-            if let Some(e) = self.resume.get(i) {
-                h.register_listener(
-                    e.as_raw_fd(),
-                    EventSet::IN,
-                    u64::from(self.event_id(Ev::Resume)),
-                )?;
-            }
-            if i >= self.pairs() {
+        for (t, h) in handlers.iter().enumerate() {
+            if t >= self.threads {
+                // The control thread.
+                if let Some(e) = self.resume.get(self.pairs()) {
+                    h.register_listener(
+                        e.as_raw_fd(),
+                        EventSet::IN,
+                        u64::from(self.event_id(Ev::Resume)),
+                    )?;
+                }
                 continue;
             }
-            if let Some(t) = self.timers.get(i) {
-                let fd = t.lock().unwrap_or_else(PoisonError::into_inner).as_raw_fd();
-                h.register_listener(fd, EventSet::IN, u64::from(self.event_id(Ev::Timer)))?;
-            }
-            if let Some(t) = self.coal_timers.get(i) {
-                let fd = t
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .fd
-                    .as_raw_fd();
-                h.register_listener(fd, EventSet::IN, u64::from(self.event_id(Ev::Coalesce)))?;
-            }
-            // The PF's workers read the uplink; frames for other ports go
-            // through the switch into their backlogs.
-            let uplink_fd = (self.port == 0)
-                .then(|| self.nic.uplink().rx_fd(i))
-                .flatten();
-            if let Some(fd) = uplink_fd {
-                h.register_listener(
-                    fd,
-                    EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    u64::from(self.event_id(Ev::Uplink)),
-                )?;
-            }
-            if let Some(b) = self.dev().backlogs.get(i) {
-                h.register_listener(
-                    b.event.as_raw_fd(),
-                    EventSet::IN,
-                    u64::from(self.event_id(Ev::Backlog)),
-                )?;
-                // Wake every worker once, before any frontend connects, so
-                // that each records its vrings: steering then always sees
-                // which RX queues the frontend has enabled.
-                b.event.write(1)?;
+            let mut slot = 0;
+            while let Some(i) = self.pair_of(t, slot) {
+                let id = |e: Ev| u64::from(self.slot_event(slot, e));
+                if let Some(e) = self.resume.get(i) {
+                    h.register_listener(e.as_raw_fd(), EventSet::IN, id(Ev::Resume))?;
+                }
+                if let Some(t) = self.timers.get(i) {
+                    let fd = t.lock().unwrap_or_else(PoisonError::into_inner).as_raw_fd();
+                    h.register_listener(fd, EventSet::IN, id(Ev::Timer))?;
+                }
+                if let Some(t) = self.coal_timers.get(i) {
+                    let fd = t
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .fd
+                        .as_raw_fd();
+                    h.register_listener(fd, EventSet::IN, id(Ev::Coalesce))?;
+                }
+                // The PF's workers read the uplink; frames for other ports
+                // go through the switch into their backlogs.
+                let uplink_fd = (self.port == 0)
+                    .then(|| self.nic.uplink().rx_fd(i))
+                    .flatten();
+                if let Some(fd) = uplink_fd {
+                    h.register_listener(
+                        fd,
+                        EventSet::IN | EventSet::EDGE_TRIGGERED,
+                        id(Ev::Uplink),
+                    )?;
+                }
+                if let Some(b) = self.dev().backlogs.get(i) {
+                    h.register_listener(b.event.as_raw_fd(), EventSet::IN, id(Ev::Backlog))?;
+                    // Wake every pair once, before any frontend connects,
+                    // so that each records its vrings: steering then
+                    // always sees which RX queues the frontend has enabled.
+                    b.event.write(1)?;
+                }
+                slot += 1;
             }
         }
         Ok(())
@@ -1658,7 +1716,10 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let mut t: Vec<u64> = (0..self.pairs()).map(|i| 0b11u64 << (2 * i)).collect();
+        let mut t = vec![0u64; self.threads];
+        for p in 0..self.pairs() {
+            t[p % self.threads] |= 0b11u64 << (2 * p);
+        }
         t.push(1u64 << (2 * self.pairs()));
         t
     }
@@ -1686,13 +1747,10 @@ impl VhostUserBackend for VnicBackend {
         // the worker goes on with its other queues and events.
         if let Err(e) = self.dispatch(device_event, vrings, thread_id) {
             let stats = &self.dev().stats;
-            let q = match (thread_id == self.pairs(), device_event) {
-                (true, _) => &stats.ctrl,
-                (false, 1) => &stats.tx[thread_id.min(self.pairs() - 1)],
-                (false, e) if e == self.event_id(Ev::Resume) => {
-                    &stats.tx[thread_id.min(self.pairs() - 1)]
-                }
-                _ => &stats.rx[thread_id.min(self.pairs() - 1)],
+            let q = match self.event_of(device_event, vrings.len(), thread_id) {
+                None => &stats.ctrl,
+                Some((i, Work::Tx)) => &stats.tx[i],
+                Some((i, _)) => &stats.rx[i],
             };
             q.drop(DropReason::BadRing);
             if self.ring_errors.fetch_add(1, Ordering::Relaxed) < 10 {
@@ -1707,22 +1765,53 @@ impl VhostUserBackend for VnicBackend {
 
 impl VnicBackend {
     /// Handles one event of thread `thread_id`.
+    /// What an event of worker thread `thread_id` is about: the pair and
+    /// the work, or None for the control thread (or an id of no pair).
+    /// Kicks carry the vring's place among the thread's `nvrings` (RX and
+    /// TX of each of its pairs in turn), the backend's own events their
+    /// pair's slot.
+    fn event_of(
+        &self,
+        device_event: u16,
+        nvrings: usize,
+        thread_id: usize,
+    ) -> Option<(usize, Work)> {
+        if thread_id >= self.threads {
+            return None;
+        }
+        let ev = usize::from(device_event);
+        let (slot, work) = if ev < nvrings {
+            (ev / 2, if ev % 2 == 0 { Work::Rx } else { Work::Tx })
+        } else {
+            let (slot, e) = self.decode_event(device_event)?;
+            let work = match e {
+                e if e == Ev::Resume as u16 => Work::Resume,
+                e if e == Ev::Timer as u16 => Work::Timer,
+                e if e == Ev::Coalesce as u16 => Work::Coalesce,
+                e if e == Ev::Uplink as u16 => Work::Uplink,
+                e if e == Ev::Backlog as u16 => Work::Backlog,
+                _ => return None,
+            };
+            (slot, work)
+        };
+        Some((self.pair_of(thread_id, slot)?, work))
+    }
+
     fn dispatch(
         &self,
         device_event: u16,
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        let i = thread_id;
-        log::trace!("worker {i}: event {device_event}");
-        if i == self.pairs() {
+        log::trace!("thread {thread_id}: event {device_event}");
+        if thread_id == self.threads {
             let Some(v) = vrings.first() else {
                 return Ok(());
             };
             return match device_event {
                 0 => self.process_ctrl(v),
                 e if e == self.event_id(Ev::Resume) => {
-                    let _ = self.take_resume(i);
+                    let _ = self.take_resume(self.pairs());
                     if live(v) {
                         self.process_ctrl(v)
                     } else {
@@ -1732,25 +1821,32 @@ impl VnicBackend {
                 _ => Ok(()),
             };
         }
-        if i > self.pairs() || vrings.len() < 2 {
+        let Some((i, work)) = self.event_of(device_event, vrings.len(), thread_id) else {
+            log::warn!("thread {thread_id}: unknown event {device_event}");
             return Ok(());
-        }
-        self.rx_vrings[i].get_or_init(|| vrings[0].clone());
-        match device_event {
-            0 => self.process_rx(i, &vrings[0]),
-            1 => self.process_tx(i, &vrings[1]),
-            e if e == self.event_id(Ev::Resume) => {
+        };
+        // The pair's vrings among the thread's: RX and TX of each of its
+        // pairs in turn.
+        let slot = i / self.threads;
+        let (Some(rx), Some(tx)) = (vrings.get(2 * slot), vrings.get(2 * slot + 1)) else {
+            return Ok(());
+        };
+        self.rx_vrings[i].get_or_init(|| rx.clone());
+        match work {
+            Work::Rx => self.process_rx(i, rx),
+            Work::Tx => self.process_tx(i, tx),
+            Work::Resume => {
                 let _ = self.take_resume(i);
                 // The frontend may have stopped the queue meanwhile
                 // (GET_VRING_BASE): kicks are checked by vhost-user-backend,
                 // our own resume event is not.
-                if live(&vrings[1]) {
-                    self.process_tx(i, &vrings[1])
+                if live(tx) {
+                    self.process_tx(i, tx)
                 } else {
                     Ok(())
                 }
             }
-            e if e == self.event_id(Ev::Timer) => {
+            Work::Timer => {
                 if let Some(t) = self.timers.get(i) {
                     let t = t.lock().unwrap_or_else(PoisonError::into_inner);
                     // Expired: reading clears it (it may already be).
@@ -1765,29 +1861,25 @@ impl VnicBackend {
                         )
                     };
                 }
-                if live(&vrings[1]) {
-                    self.process_tx(i, &vrings[1])
+                if live(tx) {
+                    self.process_tx(i, tx)
                 } else {
                     Ok(())
                 }
             }
-            e if e == self.event_id(Ev::Coalesce) => self.coalescing_due(i, vrings),
-            e if e == self.event_id(Ev::Uplink) || e == self.event_id(Ev::Backlog) => {
-                if e == self.event_id(Ev::Backlog) {
+            Work::Coalesce => self.coalescing_due(i, &[rx.clone(), tx.clone()]),
+            Work::Uplink | Work::Backlog => {
+                if matches!(work, Work::Backlog) {
                     let _ = self.dev().backlogs[i].event.read();
                 }
-                if live(&vrings[0]) {
-                    self.process_rx(i, &vrings[0])
+                if live(rx) {
+                    self.process_rx(i, rx)
                 } else {
                     // This pair's RX queue is off: pass what arrives on its
                     // uplink queue to the queues that are on.
                     self.forward_uplink(i);
                     Ok(())
                 }
-            }
-            e => {
-                log::warn!("worker {i}: unknown event {e}");
-                Ok(())
             }
         }
     }

@@ -409,6 +409,7 @@ impl Harness {
             rss: crate::nic::RssSettings::default(),
             coalesce: Default::default(),
             rx_gro_hw: false,
+            workers: 0,
         };
         #[allow(clippy::expect_used)]
         let nic = std::sync::Arc::new(

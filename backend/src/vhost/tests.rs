@@ -1186,3 +1186,61 @@ fn received_segments_are_coalesced_into_one_gso_frame() {
         assert_eq!(st.total_drops(), 0);
     }
 }
+
+#[test]
+fn pairs_share_worker_threads_round_robin_and_events_find_their_pair() {
+    use vhost_user_backend::VhostUserBackend;
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::{worker_threads, Ev, VnicBackend, Work};
+
+    let mut cfg = crate::nic::tests::config(5);
+    cfg.workers = 2;
+    let up = crate::nic::tests::FakeUplink::with_offloads(Offloads::ALL);
+    let nic = std::sync::Arc::new(crate::nic::Nic::single(cfg, Box::new(up)).unwrap());
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let b = VnicBackend::new(nic, 0, GuestMemoryAtomic::new(mem)).unwrap();
+    // Thread 0: pairs 0, 2, 4; thread 1: pairs 1, 3; then the control
+    // queue (virtqueue 10).
+    assert_eq!(
+        b.queues_per_thread(),
+        vec![0b11_0011_0011, 0b1100_1100, 1 << 10]
+    );
+    // Kicks name a vring among the thread's; the backend's own events a
+    // slot, every id above the queues and the exit event (11).
+    assert_eq!(b.event_of(3, 6, 0), Some((2, Work::Tx)));
+    assert_eq!(b.event_of(0, 4, 1), Some((1, Work::Rx)));
+    assert_eq!(
+        b.event_of(b.slot_event(2, Ev::Backlog), 6, 0),
+        Some((4, Work::Backlog))
+    );
+    assert_eq!(
+        b.event_of(b.slot_event(1, Ev::Timer), 4, 1),
+        Some((3, Work::Timer))
+    );
+    assert_eq!(
+        b.event_of(b.slot_event(0, Ev::Coalesce), 4, 1),
+        Some((1, Work::Coalesce))
+    );
+    assert_eq!(
+        b.event_of(b.slot_event(2, Ev::Resume), 4, 1),
+        None,
+        "no pair 5"
+    );
+    assert_eq!(b.event_of(0, 1, 2), None, "the control thread");
+    assert!(b.slot_event(0, Ev::Uplink) > 11);
+    let mut ids: Vec<u16> = (0..3)
+        .flat_map(|slot| {
+            [Ev::Uplink, Ev::Backlog, Ev::Resume, Ev::Timer, Ev::Coalesce]
+                .map(|e| b.slot_event(slot, e))
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 15, "ids of different slots never meet");
+    // One thread per pair up to the CPUs, or as asked, within 1..=pairs.
+    assert_eq!(worker_threads(3, 8), 3);
+    assert_eq!(worker_threads(16, 2), 2);
+    assert!((1..=4).contains(&worker_threads(4, 0)));
+    assert_eq!(worker_threads(1, 0), 1);
+}
