@@ -532,6 +532,8 @@ fn pop_walk<'r, 'm>(
             let head = pop_head(q, r, seen, regions, stats)?;
             Some((head, Walk::Fast(r.chain(head, mem))))
         }
+        // A queue that is not ready (stopped meanwhile) has nothing.
+        None if !q.ready() => None,
         None => {
             let chain = pop_valid(q, mem, stats)?;
             Some((chain.head_index(), Walk::Queue(chain)))

@@ -927,7 +927,9 @@ impl VnicBackend {
                 }
                 ring.finish(q)
                     .ok_or_else(|| io::Error::other("used ring not writable"))?;
-            } else {
+            } else if q.ready() {
+                // Rings the fast path cannot resolve (misaligned, or across
+                // guest regions): virtio-queue's own walk, same checks.
                 while moved < BUDGET {
                     if let Some(wait) = self.nic.tx_wait(self.port, view) {
                         // Over the port's rate: the chains wait in the
