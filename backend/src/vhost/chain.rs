@@ -55,6 +55,11 @@ where
 /// rest (virtio-queue's `add_used` publishes each element as it writes
 /// it: a Linux driver that reads `num_buffers` buffers and finds fewer
 /// counts a length error and drops the frame).
+///
+/// Through resolved `rings` the entries are written but the index is not
+/// stored: the writer publishes a batch of frames at once
+/// ([`RxWriter::publish`]), so that the driver, which polls the used ring
+/// from another core, does not pull its cache line over for every frame.
 pub(super) fn add_used_frame(
     q: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap,
@@ -86,9 +91,7 @@ pub(super) fn add_used_frame(
         }
         next += 1;
     }
-    if let Some(r) = rings {
-        r.publish(next.0).ok_or(DropReason::BadRing)?;
-    } else {
+    if rings.is_none() {
         let idx = q.used_ring().checked_add(2).ok_or(DropReason::BadRing)?;
         mem.store(next.0.to_le(), GuestAddress(idx), Ordering::Release)
             .map_err(|_| DropReason::BadRing)?;
@@ -260,10 +263,13 @@ pub(super) struct RxWriter<'a> {
     /// The queue's rings in host memory, resolved when the lock was taken
     /// (None: virtio-queue's path, for rings it cannot resolve).
     rings: Option<Rings<'a>>,
-    /// The driver's available index as last read: chains up to it are
-    /// popped without reading it again.
-    avail_seen: u16,
+    /// The driver's available index as last read (chains up to it are
+    /// popped without reading it again), and how far ahead buffers were
+    /// prefetched.
+    cursor: Cursor,
     regions: Regions<'a>,
+    /// Frames in the used ring whose index store is still to come.
+    unpublished: u16,
 }
 
 impl<'a> RxWriter<'a> {
@@ -285,10 +291,17 @@ impl<'a> RxWriter<'a> {
             used: 0,
             held: None,
             rings: None,
-            avail_seen: 0,
+            cursor: Cursor::default(),
+            unpublished: 0,
             regions: Regions::new(mem),
             bufs: None,
         }
+    }
+}
+
+impl Drop for RxWriter<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -470,7 +483,11 @@ pub(super) fn write_span(
     }
 }
 
-/// Buffers of an RX ring prefetched when the driver's index is read.
+/// Frames written into an RX ring before their used index is stored (a
+/// driver's burst); the rest at the end of the round.
+const PUBLISH_EVERY: u16 = 32;
+
+/// Buffers of an RX ring prefetched at a time.
 const RX_PREFETCH: u16 = 32;
 
 /// A chain walked by [`Chain`] over resolved rings, or by virtio-queue.
@@ -479,37 +496,96 @@ enum Walk<'r, 'm, M: Deref<Target = GuestMemoryMmap>> {
     Queue(DescriptorChain<M>),
 }
 
+/// Where the device stands in an RX ring beyond `Queue::next_avail`: the
+/// driver's index as last read, and how far the buffers after the
+/// device's position have been prefetched.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Cursor {
+    seen: u16,
+    ahead: u16,
+    /// Heads copied out of the available ring from position `base` on, a
+    /// batch at a time: the driver refills the slots just behind the
+    /// device's, in the same cache line, so reading one entry per frame
+    /// would fetch that line again and again.
+    heads: [u16; RX_PREFETCH as usize],
+    base: u16,
+    nheads: u16,
+}
+
+impl Cursor {
+    fn at(pos: u16) -> Cursor {
+        Cursor {
+            seen: pos,
+            ahead: pos,
+            ..Cursor::default()
+        }
+    }
+
+    /// The head at available position `pos` (known available).
+    fn head(&mut self, rings: &Rings<'_>, pos: u16) -> Option<u16> {
+        let k = pos.wrapping_sub(self.base);
+        if k < self.nheads {
+            return self.heads.get(usize::from(k)).copied();
+        }
+        let n = self.seen.wrapping_sub(pos).min(RX_PREFETCH);
+        for (j, h) in self.heads.iter_mut().take(usize::from(n)).enumerate() {
+            *h = rings.head(pos.wrapping_add(j as u16))?;
+        }
+        self.base = pos;
+        self.nheads = n;
+        self.heads.first().copied()
+    }
+}
+
 /// The next available head of `q` below the queue's size, read through
 /// `rings`; the driver's index is read again only once the chains up to
-/// `seen` (its last reading) are taken. A head past the queue's end is
-/// counted (`bad_ring`) and passed over, as [`pop_valid`] does; an index
-/// more than a queue ahead takes nothing.
+/// the cursor's last reading are taken. The buffers of the chains ahead
+/// are prefetched [`RX_PREFETCH`] at a time, a batch before they are
+/// reached. A head past the queue's end is counted (`bad_ring`) and
+/// passed over, as [`pop_valid`] does; an index more than a queue ahead
+/// takes nothing.
 fn pop_head<'m>(
     q: &mut virtio_queue::Queue,
     rings: &Rings<'m>,
-    seen: &mut u16,
+    cur: &mut Cursor,
     regions: &mut Regions<'m>,
     stats: &QueueStats,
 ) -> Option<u16> {
+    let size = rings.size();
     loop {
         let pos = q.next_avail();
         // Chains known available: none, or a reading from before a pop
         // that went past it (virtio-queue's path).
-        let known = seen.wrapping_sub(pos);
-        if known == 0 || known > rings.size() {
+        let known = cur.seen.wrapping_sub(pos);
+        if known == 0 || known > size {
             let idx = rings.avail_idx()?;
             let n = idx.wrapping_sub(pos);
-            if n == 0 || n > rings.size() {
+            if n == 0 || n > size {
                 return None;
             }
-            *seen = idx;
-            // The buffers the driver just posted, brought in while the
-            // first of them is filled.
-            rings.prefetch(pos, n.min(RX_PREFETCH), regions, true);
+            cur.seen = idx;
         }
-        let head = rings.head(pos)?;
+        // Prefetched up to `ahead`: behind the position (or stale), start
+        // from it; under half a batch ahead, issue the next batch.
+        let ahead = cur.ahead.wrapping_sub(pos);
+        if ahead > size {
+            cur.ahead = pos;
+        }
+        if cur.ahead.wrapping_sub(pos) < RX_PREFETCH / 2 {
+            let n = cur.seen.wrapping_sub(cur.ahead).min(RX_PREFETCH);
+            if n > 0 && n <= size {
+                rings.prefetch(cur.ahead, n, regions, true);
+                cur.ahead = cur.ahead.wrapping_add(n);
+                // And the descriptors of the batch after it, for its turn.
+                let m = cur.seen.wrapping_sub(cur.ahead).min(RX_PREFETCH);
+                if m <= size {
+                    rings.prefetch_descs(cur.ahead, m);
+                }
+            }
+        }
+        let head = cur.head(rings, pos)?;
         q.set_next_avail(pos.wrapping_add(1));
-        if head < rings.size() {
+        if head < size {
             return Some(head);
         }
         stats.drop(DropReason::BadRing);
@@ -517,19 +593,19 @@ fn pop_head<'m>(
 }
 
 /// The next RX chain of `q`: its head and a walk over its descriptors,
-/// through `rings` when they are resolved (reading the driver's index
-/// only past `seen`), else through virtio-queue.
+/// through `rings` when they are resolved (see [`pop_head`]), else
+/// through virtio-queue.
 fn pop_walk<'r, 'm>(
     q: &mut virtio_queue::Queue,
     rings: Option<&'r Rings<'m>>,
-    seen: &mut u16,
+    cur: &mut Cursor,
     regions: &mut Regions<'m>,
     mem: &'m GuestMemoryMmap,
     stats: &QueueStats,
 ) -> Option<(u16, Walk<'r, 'm, &'m GuestMemoryMmap>)> {
     match rings {
         Some(r) => {
-            let head = pop_head(q, r, seen, regions, stats)?;
+            let head = pop_head(q, r, cur, regions, stats)?;
             Some((head, Walk::Fast(r.chain(head, mem))))
         }
         // A queue that is not ready (stopped meanwhile) has nothing.
@@ -585,7 +661,7 @@ impl RxBufs {
     fn pop_until<'m>(
         &mut self,
         q: &mut virtio_queue::Queue,
-        ring: &mut (Option<&Rings<'m>>, &mut u16, &mut Regions<'m>),
+        ring: &mut (Option<&Rings<'m>>, &mut Cursor, &mut Regions<'m>),
         mem: &'m GuestMemoryMmap,
         need: usize,
         hdr_len: usize,
@@ -665,8 +741,36 @@ impl RxWriter<'_> {
     /// may take it (notifications, other ports' deliveries, the end of a
     /// round).
     pub fn release(&mut self) {
+        self.publish();
         self.held = None;
         self.rings = None;
+    }
+
+    /// Stores the used index for the frames written through the resolved
+    /// rings since the last time (their entries are in place).
+    pub fn publish(&mut self) {
+        if self.unpublished == 0 {
+            return;
+        }
+        if let (Some(g), Some(r)) = (&self.held, &self.rings) {
+            if r.publish(g.get_queue().next_used()).is_none() {
+                self.stats.drop(DropReason::BadRing);
+            }
+        }
+        self.unpublished = 0;
+    }
+
+    /// A frame went into the used ring through the resolved rings (or,
+    /// without them, was published already): published with the next
+    /// [`PUBLISH_EVERY`].
+    fn published_later(&mut self) {
+        if self.rings.is_none() {
+            return;
+        }
+        self.unpublished += 1;
+        if self.unpublished >= PUBLISH_EVERY {
+            self.publish();
+        }
     }
 
     /// Takes the vring's lock, unless held already, and resolves the
@@ -675,7 +779,7 @@ impl RxWriter<'_> {
         if self.held.is_none() {
             let g = self.vring.get_mut();
             self.rings = Rings::new(g.get_queue(), self.mem);
-            self.avail_seen = g.get_queue().next_avail();
+            self.cursor = Cursor::at(g.get_queue().next_avail());
             self.held = Some(g);
         }
     }
@@ -712,7 +816,7 @@ impl RxWriter<'_> {
         };
         let q = state.get_queue_mut();
         let (mem, rings) = (self.mem, self.rings);
-        let (seen, regions) = (&mut self.avail_seen, &mut self.regions);
+        let (cur, regions) = (&mut self.cursor, &mut self.regions);
         let mut used = [(0u16, 0u32); MAX_RX_BUFFERS];
         let mut count = 0;
         let mut written = 0;
@@ -724,8 +828,7 @@ impl RxWriter<'_> {
                 failure = Some(DropReason::RxChainTooSmall);
                 break;
             }
-            let Some((head, mut walk)) =
-                pop_walk(q, rings.as_ref(), seen, regions, mem, self.stats)
+            let Some((head, mut walk)) = pop_walk(q, rings.as_ref(), cur, regions, mem, self.stats)
             else {
                 // Put back what was popped for this frame (from its first
                 // position: heads skipped in between are seen again).
@@ -791,6 +894,7 @@ impl RxWriter<'_> {
         }
         add_used_frame(q, mem, rings.as_ref(), &used[..count])?;
         self.used += 1;
+        self.published_later();
         Ok(())
     }
 
@@ -825,7 +929,7 @@ impl RxWriter<'_> {
         };
         let q = state.get_queue_mut();
         let rings = self.rings;
-        let seen = &mut self.avail_seen;
+        let cur = &mut self.cursor;
         let regions = &mut self.regions;
         let rx = &mut **self.bufs.get_or_insert_with(|| Box::new(RxBufs::new()));
         rx.nchains = 0;
@@ -833,7 +937,7 @@ impl RxWriter<'_> {
         rx.cap = 0;
         if let Err(why) = rx.pop_until(
             q,
-            &mut (rings.as_ref(), &mut *seen, &mut *regions),
+            &mut (rings.as_ref(), &mut *cur, &mut *regions),
             mem,
             hdr_len + expect,
             hdr_len,
@@ -912,7 +1016,7 @@ impl RxWriter<'_> {
             let before = rx.cap;
             let got = rx.pop_until(
                 q,
-                &mut (rings.as_ref(), &mut *seen, &mut *regions),
+                &mut (rings.as_ref(), &mut *cur, &mut *regions),
                 mem,
                 total,
                 hdr_len,
@@ -981,6 +1085,7 @@ impl RxWriter<'_> {
             return Ok(Direct::Dropped(why));
         }
         self.used += 1;
+        self.published_later();
         Ok(Direct::Delivered(frame_len))
     }
 }

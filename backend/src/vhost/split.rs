@@ -160,6 +160,22 @@ impl<'m> Rings<'m> {
         }
     }
 
+    /// Asks the CPU to bring in the descriptors of the `n` chains
+    /// available from position `from` on, without waiting for them (only
+    /// the available ring is read), so that a later [`Rings::prefetch`]
+    /// of their buffers finds them.
+    pub fn prefetch_descs(&self, from: u16, n: u16) {
+        let base = self.desc.ptr_guard().as_ptr();
+        for j in 0..n.min(self.size) {
+            let Some(head) = self.head(from.wrapping_add(j)) else {
+                return;
+            };
+            if head < self.size {
+                prefetch(base.wrapping_add(DESC * usize::from(head)), false);
+            }
+        }
+    }
+
     /// The chain starting at descriptor `head` (below the queue's size).
     pub fn chain<'r>(&'r self, head: u16, mem: &'m GuestMemoryMmap) -> Chain<'r, 'm> {
         Chain {
