@@ -91,14 +91,21 @@ fn guest_set_coalescing_cuts_receive_notifications() {
     assert!(hold >= 200_000, "longest hold {hold} ns for max_usecs 200");
     // The timer's lateness is the time a thread of this two-vCPU virtual
     // machine takes to run once its timer fires: seen up to 0.4 ms alone,
-    // and in CI 2.6 ms, and once 6% over 1 ms and 5 ms at most (an idle
-    // vCPU the hypervisor must wake).
+    // and in CI 2.6 ms, once 6% over 1 ms and 5 ms at most, and once 18
+    // ms (an idle vCPU the hypervisor must wake).
     let total: u64 = late.iter().sum();
     assert!(
         (late[0] + late[1]) * 100 >= total * 80,
         "under 80% within 1 ms of max_usecs: {late:?}"
     );
-    assert_eq!(late[3], 0, "held over 10 ms past max_usecs: {late:?}");
+    // Over 10 ms late is the whole machine stalled (a CI run saw one of
+    // 302 go out 18 ms after it was held, while datagrams kept coming
+    // every millisecond and none of them woke the worker either): at
+    // most 1%. A timer armed wrong would show on every datagram.
+    assert!(
+        late[3] * 100 <= total,
+        "over 1% held over 10 ms past max_usecs: {late:?}"
+    );
     // A stream the stack easily keeps up with (a datagram every 500 µs),
     // so that without coalescing it is signalled for nearly every one;
     // with 5 ms it is signalled once for about ten.
