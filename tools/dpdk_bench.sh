@@ -7,6 +7,7 @@
 # needs root. Uses cores 0 (testpmd's generator) and 1 (the backend).
 #
 #   VNIC_DPDK_SECONDS   measurement window per case (default 4)
+#   VNIC_DPDK_ROUNDS    runs per case, the backends alternating; medians (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()

@@ -12,8 +12,10 @@
 //!
 //! `cargo bench -p vnic-backend --bench dpdk_vhost` (needs root and
 //! `dpdk-testpmd` from Debian's dpdk-dev; `tools/dpdk_bench.sh` installs
-//! it). VNIC_DPDK_SECONDS sets each measurement window (default 4). The
-//! table goes to stdout, CSV to `target/dpdk_vhost.csv`.
+//! it). VNIC_DPDK_SECONDS sets each measurement window (default 4),
+//! VNIC_DPDK_ROUNDS how many times each case runs, the two backends
+//! alternating (default 1; the tables show medians). The table goes to
+//! stdout, CSV to `target/dpdk_vhost.csv`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -169,6 +171,14 @@ fn dpdk_run(dir: Dir, size: usize, secs: u64, pairs: u16) -> (Run, f64) {
     (r, tsc_mhz(&out))
 }
 
+/// The median rate and the median cycles of `runs`.
+fn median_run(runs: Vec<Run>) -> Run {
+    Run {
+        pps: vnic_tests::median(runs.iter().map(|r| r.pps).collect()),
+        cycles_per_frame: vnic_tests::median(runs.iter().map(|r| r.cycles_per_frame).collect()),
+    }
+}
+
 fn main() {
     let secs: u64 = std::env::var("VNIC_DPDK_SECONDS")
         .ok()
@@ -180,16 +190,30 @@ fn main() {
         (Dir::ToGuest, 64),
         (Dir::ToGuest, 1500),
     ];
+    let rounds: usize = std::env::var("VNIC_DPDK_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let mut rows = Vec::new();
     for (dir, size) in cases {
-        let (dpdk, mhz) = dpdk_run(dir, size, secs, 1);
-        let (vnicd, load) = vnicd_run(dir, size, secs, mhz, 1);
-        eprintln!("{dir:?} {size} B: vnicd {vnicd:?} at {load:.2} of a core, DPDK {dpdk:?}");
-        rows.push((dir, size, vnicd, load, dpdk, mhz));
+        // Rounds alternate the two backends; each figure is the median.
+        let (mut vs, mut loads, mut ds, mut mhz) = (Vec::new(), Vec::new(), Vec::new(), f64::NAN);
+        for _ in 0..rounds {
+            let (dpdk, m) = dpdk_run(dir, size, secs, 1);
+            let (vnicd, load) = vnicd_run(dir, size, secs, m, 1);
+            eprintln!("{dir:?} {size} B: vnicd {vnicd:?} at {load:.2} of a core, DPDK {dpdk:?}");
+            vs.push(vnicd);
+            loads.push(load);
+            ds.push(dpdk);
+            mhz = m;
+        }
+        let load = vnic_tests::median(loads);
+        rows.push((dir, size, median_run(vs), load, median_run(ds), mhz));
     }
     println!(
         "testpmd virtio-user (core 0, txonly/rxonly, burst 32, in_order=0, 256-entry rings) \
-         against each backend on core 1; {secs} s windows"
+         against each backend on core 1; {secs} s windows, median of {rounds} round(s)"
     );
     println!(
         "| direction, frame | vnicd Mpps | vnicd busy cycles/frame (cores used) | DPDK vhost Mpps | DPDK busy cycles/frame | rate vnicd/DPDK | cycles vnicd/DPDK |"
@@ -227,9 +251,9 @@ fn main() {
     }
 
     // Queue pairs: the generator spreads 64 B frames over all of them from
-    // one core; each backend serves them from the other (vnicd with a
-    // worker thread per pair, all on core 1). DPDK's virtio-user takes at
-    // most 8 pairs.
+    // one core; each backend serves them from the other (vnicd, pinned to
+    // core 1, from one worker thread). DPDK's virtio-user takes at most 8
+    // pairs.
     let mhz = rows.first().map_or(f64::NAN, |r| r.5);
     println!();
     println!("guest->device, 64 B, by queue pairs (all on one backend core)");
@@ -238,8 +262,12 @@ fn main() {
     );
     println!("|---|---|---|---|---|");
     for pairs in [1u16, 2, 4, 8] {
-        let (d, _) = dpdk_run(Dir::ToDevice, 64, secs, pairs);
-        let (v, _) = vnicd_run(Dir::ToDevice, 64, secs, mhz, pairs);
+        let (mut vs, mut ds) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            ds.push(dpdk_run(Dir::ToDevice, 64, secs, pairs).0);
+            vs.push(vnicd_run(Dir::ToDevice, 64, secs, mhz, pairs).0);
+        }
+        let (v, d) = (median_run(vs), median_run(ds));
         println!(
             "| {pairs} | {:.2} | {:.0} | {:.2} | {:.0} |",
             v.pps / 1e6,

@@ -268,7 +268,7 @@ pub(super) struct RxWriter<'a> {
     /// prefetched.
     cursor: Cursor,
     regions: Regions<'a>,
-    /// Frames in the used ring whose index store is still to come.
+    /// Buffers in the used ring whose index store is still to come.
     unpublished: u16,
 }
 
@@ -483,8 +483,8 @@ pub(super) fn write_span(
     }
 }
 
-/// Frames written into an RX ring before their used index is stored (a
-/// driver's burst); the rest at the end of the round.
+/// Buffers written into an RX ring before their used index is stored (a
+/// driver's burst of small frames); the rest at the end of the round.
 const PUBLISH_EVERY: u16 = 32;
 
 /// Buffers of an RX ring prefetched at a time.
@@ -760,14 +760,17 @@ impl RxWriter<'_> {
         self.unpublished = 0;
     }
 
-    /// A frame went into the used ring through the resolved rings (or,
-    /// without them, was published already): published with the next
-    /// [`PUBLISH_EVERY`].
-    fn published_later(&mut self) {
+    /// A frame of `buffers` buffers went into the used ring through the
+    /// resolved rings (without them it was published already): published
+    /// once [`PUBLISH_EVERY`] buffers wait, so that a driver refilling
+    /// big frames' buffers is not kept waiting for many frames.
+    fn published_later(&mut self, buffers: usize) {
         if self.rings.is_none() {
             return;
         }
-        self.unpublished += 1;
+        self.unpublished = self
+            .unpublished
+            .saturating_add(u16::try_from(buffers).unwrap_or(u16::MAX));
         if self.unpublished >= PUBLISH_EVERY {
             self.publish();
         }
@@ -894,7 +897,7 @@ impl RxWriter<'_> {
         }
         add_used_frame(q, mem, rings.as_ref(), &used[..count])?;
         self.used += 1;
-        self.published_later();
+        self.published_later(count);
         Ok(())
     }
 
@@ -1085,7 +1088,7 @@ impl RxWriter<'_> {
             return Ok(Direct::Dropped(why));
         }
         self.used += 1;
-        self.published_later();
+        self.published_later(k);
         Ok(Direct::Delivered(frame_len))
     }
 }
