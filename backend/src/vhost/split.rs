@@ -213,7 +213,16 @@ pub(super) struct SplitRing<'m> {
     next_used: u16,
     /// Used entries written since the last [`SplitRing::publish`].
     unpublished: u16,
+    /// Heads copied out of the available ring from position `base` on
+    /// ([`SplitRing::prefetch`]): the driver writes the entries after
+    /// them into the same cache line while the device works.
+    heads: [u16; BATCH],
+    base: u16,
+    nheads: u16,
 }
+
+/// Heads taken out of the available ring at a time.
+const BATCH: usize = 32;
 
 impl<'m> SplitRing<'m> {
     /// See [`Rings::new`].
@@ -223,6 +232,9 @@ impl<'m> SplitRing<'m> {
             next_avail: q.next_avail(),
             next_used: q.next_used(),
             unpublished: 0,
+            heads: [0; BATCH],
+            base: 0,
+            nheads: 0,
         })
     }
 
@@ -242,13 +254,29 @@ impl<'m> SplitRing<'m> {
     /// Takes the next available head (the caller knows from
     /// [`SplitRing::pending`] that there is one); see [`Rings::head`].
     pub fn pop(&mut self) -> Option<u16> {
-        let head = self.rings.head(self.next_avail)?;
+        let k = self.next_avail.wrapping_sub(self.base);
+        let head = match self.heads.get(usize::from(k)) {
+            Some(&h) if k < self.nheads => h,
+            _ => self.rings.head(self.next_avail)?,
+        };
         self.next_avail = self.next_avail.wrapping_add(1);
         Some(head)
     }
 
-    /// [`Rings::prefetch`] for the next `n` chains.
-    pub fn prefetch(&self, n: u16, regions: &mut Regions<'m>) {
+    /// Copies the heads of the next `n` chains (at most 32, known
+    /// available) out of the available ring in one go, and
+    /// [`Rings::prefetch`]es their buffers.
+    pub fn prefetch(&mut self, n: u16, regions: &mut Regions<'m>) {
+        let n = n.min(BATCH as u16);
+        self.nheads = 0;
+        for j in 0..n {
+            let Some(h) = self.rings.head(self.next_avail.wrapping_add(j)) else {
+                break;
+            };
+            self.heads[usize::from(j)] = h;
+            self.nheads = j + 1;
+        }
+        self.base = self.next_avail;
         self.rings.prefetch(self.next_avail, n, regions, false);
     }
 
