@@ -18,7 +18,7 @@ use vnic_protocol::{
     },
 };
 
-use super::split::{Chain, Regions, Rings};
+use super::split::{Chain, Heads, Regions, Rings, BATCH};
 use crate::{
     nic::{
         switch::{View, NO_HASH},
@@ -487,9 +487,6 @@ pub(super) fn write_span(
 /// driver's burst of small frames); the rest at the end of the round.
 const PUBLISH_EVERY: u16 = 32;
 
-/// Buffers of an RX ring prefetched at a time.
-const RX_PREFETCH: u16 = 32;
-
 /// A chain walked by [`Chain`] over resolved rings, or by virtio-queue.
 enum Walk<'r, 'm, M: Deref<Target = GuestMemoryMmap>> {
     Fast(Chain<'r, 'm>),
@@ -503,13 +500,8 @@ enum Walk<'r, 'm, M: Deref<Target = GuestMemoryMmap>> {
 pub(super) struct Cursor {
     seen: u16,
     ahead: u16,
-    /// Heads copied out of the available ring from position `base` on, a
-    /// batch at a time: the driver refills the slots just behind the
-    /// device's, in the same cache line, so reading one entry per frame
-    /// would fetch that line again and again.
-    heads: [u16; RX_PREFETCH as usize],
-    base: u16,
-    nheads: u16,
+    /// The heads of the batch at hand.
+    heads: Heads,
 }
 
 impl Cursor {
@@ -523,24 +515,19 @@ impl Cursor {
 
     /// The head at available position `pos` (known available).
     fn head(&mut self, rings: &Rings<'_>, pos: u16) -> Option<u16> {
-        let k = pos.wrapping_sub(self.base);
-        if k < self.nheads {
-            return self.heads.get(usize::from(k)).copied();
+        if let Some(h) = self.heads.get(pos) {
+            return Some(h);
         }
-        let n = self.seen.wrapping_sub(pos).min(RX_PREFETCH);
-        for (j, h) in self.heads.iter_mut().take(usize::from(n)).enumerate() {
-            *h = rings.head(pos.wrapping_add(j as u16))?;
-        }
-        self.base = pos;
-        self.nheads = n;
-        self.heads.first().copied()
+        let n = self.seen.wrapping_sub(pos).min(BATCH);
+        self.heads.fill(rings, pos, n);
+        self.heads.get(pos)
     }
 }
 
 /// The next available head of `q` below the queue's size, read through
 /// `rings`; the driver's index is read again only once the chains up to
 /// the cursor's last reading are taken. The buffers of the chains ahead
-/// are prefetched [`RX_PREFETCH`] at a time, a batch before they are
+/// are prefetched [`BATCH`] at a time, a batch before they are
 /// reached. A head past the queue's end is counted (`bad_ring`) and
 /// passed over, as [`pop_valid`] does; an index more than a queue ahead
 /// takes nothing.
@@ -571,13 +558,13 @@ fn pop_head<'m>(
         if ahead > size {
             cur.ahead = pos;
         }
-        if cur.ahead.wrapping_sub(pos) < RX_PREFETCH / 2 {
-            let n = cur.seen.wrapping_sub(cur.ahead).min(RX_PREFETCH);
+        if cur.ahead.wrapping_sub(pos) < BATCH / 2 {
+            let n = cur.seen.wrapping_sub(cur.ahead).min(BATCH);
             if n > 0 && n <= size {
                 rings.prefetch(cur.ahead, n, regions, true);
                 cur.ahead = cur.ahead.wrapping_add(n);
                 // And the descriptors of the batch after it, for its turn.
-                let m = cur.seen.wrapping_sub(cur.ahead).min(RX_PREFETCH);
+                let m = cur.seen.wrapping_sub(cur.ahead).min(BATCH);
                 if m <= size {
                     rings.prefetch_descs(cur.ahead, m);
                 }

@@ -44,7 +44,7 @@ use vnic_protocol::virtio::{
 
 use self::{
     chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter},
-    split::{Regions, SplitRing},
+    split::{Regions, SplitRing, BATCH},
 };
 use crate::{
     nic::{
@@ -68,9 +68,6 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Frames a worker moves per wake-up before it yields to other events.
 const BUDGET: usize = 256;
-/// Chains taken off a TX ring at a time, their buffers prefetched
-/// before the first is gathered (a driver's burst).
-const PREFETCH: u16 = 32;
 /// Control commands answered per wake-up.
 const CTRL_BUDGET: usize = 64;
 /// The longest answer a control command has (VQ_GET's
@@ -889,63 +886,65 @@ impl VnicBackend {
                         self.nic.wake(&mut scratch.wakes);
                     }
                 };
-            if let Some(mut ring) = SplitRing::new(q, gm) {
-                // The batched path: the available index read once per
-                // batch (again only when the batch is used up), one used
-                // index store at its end.
-                let mut left = 0;
-                while moved < BUDGET {
+            // Rings resolved to host memory are taken a batch at a time:
+            // the available index read once per BATCH chains (again
+            // only when those are used up), their buffers prefetched, one
+            // used index store at the end. Rings that cannot be resolved
+            // (misaligned, or across guest regions) go through
+            // virtio-queue's own walk, with the same checks.
+            let mut fast = SplitRing::new(q, gm);
+            let mut left = 0;
+            let mut unwritable = false;
+            while moved < BUDGET {
+                if let Some(ring) = fast.as_mut().filter(|_| left == 0) {
+                    // None: the index ran more than a queue ahead; nothing
+                    // is taken, and `stuck` counts it.
+                    left = ring.pending().unwrap_or(0).min(BATCH);
                     if left == 0 {
-                        // None: the index ran more than a queue ahead;
-                        // nothing is taken, and `stuck` counts it.
-                        // Taken PREFETCH at a time, their buffers
-                        // prefetched first.
-                        left = ring.pending().unwrap_or(0).min(PREFETCH);
-                        if left == 0 {
+                        break;
+                    }
+                    ring.prefetch(left, &mut regions);
+                }
+                if let Some(wait) = self.nic.tx_wait(self.port, view) {
+                    // Over the port's rate: the chains wait in the ring
+                    // and the timer brings the worker back.
+                    self.arm_timer(i, wait);
+                    limited = true;
+                    break;
+                }
+                let used = match fast.as_mut() {
+                    Some(ring) => {
+                        left -= 1;
+                        let Some(head) = ring.pop() else {
                             break;
+                        };
+                        if head >= ring.size() {
+                            // No such descriptor, and no used entry for it.
+                            stats.drop(DropReason::BadRing);
+                            continue;
                         }
-                        ring.prefetch(left, &mut regions);
+                        send_chain(&mut regions, &mut ring.chain(head, gm));
+                        ring.put_used(head, 0).is_some()
                     }
-                    if let Some(wait) = self.nic.tx_wait(self.port, view) {
-                        self.arm_timer(i, wait);
-                        limited = true;
-                        break;
+                    None if !q.ready() => break,
+                    None => {
+                        let Some(mut chain) = pop_valid(q, gm, stats) else {
+                            break;
+                        };
+                        let head = chain.head_index();
+                        send_chain(&mut regions, &mut chain);
+                        q.add_used(gm, head, 0).is_ok()
                     }
-                    left -= 1;
-                    let Some(head) = ring.pop() else {
-                        break;
-                    };
-                    if head >= ring.size() {
-                        // No such descriptor, and no used entry for it.
-                        stats.drop(DropReason::BadRing);
-                        continue;
-                    }
-                    send_chain(&mut regions, &mut ring.chain(head, gm));
-                    ring.put_used(head, 0)
-                        .ok_or_else(|| io::Error::other("used ring not writable"))?;
-                    moved += 1;
+                };
+                if !used {
+                    unwritable = true;
+                    break;
                 }
-                ring.finish(q)
-                    .ok_or_else(|| io::Error::other("used ring not writable"))?;
-            } else if q.ready() {
-                // Rings the fast path cannot resolve (misaligned, or across
-                // guest regions): virtio-queue's own walk, same checks.
-                while moved < BUDGET {
-                    if let Some(wait) = self.nic.tx_wait(self.port, view) {
-                        // Over the port's rate: the chains wait in the
-                        // ring and the timer brings the worker back.
-                        self.arm_timer(i, wait);
-                        limited = true;
-                        break;
-                    }
-                    let Some(mut chain) = pop_valid(q, gm, stats) else {
-                        break;
-                    };
-                    let head = chain.head_index();
-                    send_chain(&mut regions, &mut chain);
-                    q.add_used(gm, head, 0).map_err(io::Error::other)?;
-                    moved += 1;
-                }
+                moved += 1;
+            }
+            let finished = fast.map_or(Some(()), |ring| ring.finish(q));
+            if unwritable || finished.is_none() {
+                return Err(io::Error::other("used ring not writable"));
             }
             drop(guard);
             if limited {
@@ -1067,7 +1066,7 @@ impl VnicBackend {
     /// Worker `i`'s coalescing timer fired: sends what is due of its RX
     /// and TX queues' held notifications, and arms the timer again for
     /// what is not.
-    fn coalescing_due(&self, i: usize, vrings: &[VringRwLock]) -> io::Result<()> {
+    fn coalescing_due(&self, i: usize, rx: &VringRwLock, tx: &VringRwLock) -> io::Result<()> {
         if let Some(t) = self.coal_timers.get(i) {
             let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
             t.armed = None;
@@ -1084,16 +1083,14 @@ impl VnicBackend {
         }
         let mem = self.memory();
         let stats = &self.dev().stats;
-        if let Some(rx) = vrings.first().filter(|v| live(v) && !self.rsc_idle(i)) {
+        if live(rx) && !self.rsc_idle(i) {
             // Segment coalescing holds flows: their time may be up.
             self.process_rx(i, rx)?;
         }
-        for (k, vring) in vrings.iter().take(2).enumerate() {
-            if !live(vring) {
-                continue;
+        for (k, vring, s) in [(0, rx, &stats.rx[i]), (1, tx, &stats.tx[i])] {
+            if live(vring) {
+                self.signal(2 * i + k, 0, vring, &mem, s, Room::Plenty)?;
             }
-            let s = if k == 0 { &stats.rx[i] } else { &stats.tx[i] };
-            self.signal(2 * i + k, 0, vring, &mem, s, Room::Plenty)?;
         }
         Ok(())
     }
@@ -1869,7 +1866,7 @@ impl VnicBackend {
                     Ok(())
                 }
             }
-            Work::Coalesce => self.coalescing_due(i, &[rx.clone(), tx.clone()]),
+            Work::Coalesce => self.coalescing_due(i, rx, tx),
             Work::Uplink | Work::Backlog => {
                 if matches!(work, Work::Backlog) {
                     let _ = self.dev().backlogs[i].event.read();

@@ -39,15 +39,15 @@ impl<'m> Regions<'m> {
 
     /// `len` bytes at `addr`, when they lie in one region of guest memory.
     pub fn slice(&mut self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m>> {
-        let region = match self.last {
-            Some(r) if r.to_region_addr(addr).is_some() => r,
-            _ => {
+        let hit = self.last.and_then(|r| Some((r, r.to_region_addr(addr)?)));
+        let (region, off) = match hit {
+            Some(hit) => hit,
+            None => {
                 let r = self.mem.find_region(addr)?;
                 self.last = Some(r);
-                r
+                (r, r.to_region_addr(addr)?)
             }
         };
-        let off = region.to_region_addr(addr)?;
         region.get_slice(off, len).ok()
     }
 
@@ -213,16 +213,50 @@ pub(super) struct SplitRing<'m> {
     next_used: u16,
     /// Used entries written since the last [`SplitRing::publish`].
     unpublished: u16,
-    /// Heads copied out of the available ring from position `base` on
-    /// ([`SplitRing::prefetch`]): the driver writes the entries after
-    /// them into the same cache line while the device works.
-    heads: [u16; BATCH],
-    base: u16,
-    nheads: u16,
+    /// The heads of the batch at hand ([`SplitRing::prefetch`]).
+    heads: Heads,
 }
 
-/// Heads taken out of the available ring at a time.
-const BATCH: usize = 32;
+/// Chains taken off a ring at a time (a driver's burst): their heads
+/// copied out together, their buffers prefetched.
+pub(super) const BATCH: u16 = 32;
+
+/// Heads copied out of an available ring together: the driver writes the
+/// entries next to them (new chains after them, refills just behind)
+/// into the same cache line while the device works, so reading one entry
+/// per chain would fetch that line again and again.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Heads {
+    heads: [u16; BATCH as usize],
+    /// The available position of `heads[0]`.
+    base: u16,
+    len: u16,
+}
+
+impl Heads {
+    /// The head at available position `pos`, if it was copied.
+    pub fn get(&self, pos: u16) -> Option<u16> {
+        let k = pos.wrapping_sub(self.base);
+        self.heads
+            .get(usize::from(k))
+            .copied()
+            .filter(|_| k < self.len)
+    }
+
+    /// Copies the heads at the `n` positions from `pos` on (at most
+    /// [`BATCH`], all known available) out of `rings`.
+    pub fn fill(&mut self, rings: &Rings<'_>, pos: u16, n: u16) {
+        self.base = pos;
+        self.len = 0;
+        for (j, h) in self.heads.iter_mut().take(usize::from(n)).enumerate() {
+            let Some(head) = rings.head(pos.wrapping_add(j as u16)) else {
+                break;
+            };
+            *h = head;
+            self.len += 1;
+        }
+    }
+}
 
 impl<'m> SplitRing<'m> {
     /// See [`Rings::new`].
@@ -232,9 +266,7 @@ impl<'m> SplitRing<'m> {
             next_avail: q.next_avail(),
             next_used: q.next_used(),
             unpublished: 0,
-            heads: [0; BATCH],
-            base: 0,
-            nheads: 0,
+            heads: Heads::default(),
         })
     }
 
@@ -254,29 +286,18 @@ impl<'m> SplitRing<'m> {
     /// Takes the next available head (the caller knows from
     /// [`SplitRing::pending`] that there is one); see [`Rings::head`].
     pub fn pop(&mut self) -> Option<u16> {
-        let k = self.next_avail.wrapping_sub(self.base);
-        let head = match self.heads.get(usize::from(k)) {
-            Some(&h) if k < self.nheads => h,
-            _ => self.rings.head(self.next_avail)?,
-        };
-        self.next_avail = self.next_avail.wrapping_add(1);
+        let pos = self.next_avail;
+        let head = self.heads.get(pos).or_else(|| self.rings.head(pos))?;
+        self.next_avail = pos.wrapping_add(1);
         Some(head)
     }
 
-    /// Copies the heads of the next `n` chains (at most 32, known
+    /// Copies the heads of the next `n` chains (at most [`BATCH`], known
     /// available) out of the available ring in one go, and
     /// [`Rings::prefetch`]es their buffers.
     pub fn prefetch(&mut self, n: u16, regions: &mut Regions<'m>) {
-        let n = n.min(BATCH as u16);
-        self.nheads = 0;
-        for j in 0..n {
-            let Some(h) = self.rings.head(self.next_avail.wrapping_add(j)) else {
-                break;
-            };
-            self.heads[usize::from(j)] = h;
-            self.nheads = j + 1;
-        }
-        self.base = self.next_avail;
+        let n = n.min(BATCH);
+        self.heads.fill(&self.rings, self.next_avail, n);
         self.rings.prefetch(self.next_avail, n, regions, false);
     }
 
