@@ -230,6 +230,7 @@ fn stack(socket: &std::path::Path, addr: &str) -> Stack {
         no_tso: false,
         no_csum: false,
         busy_poll_us: None,
+        reassembly_kib: 4096,
     }
     .start()
     .expect("stack")

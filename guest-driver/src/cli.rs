@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Args;
-use vnic_protocol::virtio::Features;
+use vnic_protocol::{frag, virtio::Features};
 
 use crate::{
     net::{NetOptions, VirtioNet},
@@ -43,6 +43,9 @@ pub struct NetArgs {
     /// Busy-poll this many microseconds before sleeping.
     #[arg(long)]
     pub busy_poll_us: Option<u64>,
+    /// Memory IP reassembly may hold, in KiB, across all shards (4096).
+    #[arg(long, default_value_t = 4096)]
+    pub reassembly_kib: usize,
 }
 
 fn prefix<T: std::str::FromStr>(s: &str, max: u8) -> Result<(T, u8)> {
@@ -121,6 +124,10 @@ impl NetArgs {
                 tso: !self.no_tso && !self.no_csum,
                 csum: !self.no_csum,
                 busy_poll: self.busy_poll_us.map(Duration::from_micros),
+                reassembly: frag::Limits {
+                    max_memory: self.reassembly_kib.saturating_mul(1024),
+                    ..frag::Limits::default()
+                },
                 ..StackConfig::default()
             },
         )

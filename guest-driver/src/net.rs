@@ -350,6 +350,12 @@ impl TxQueue {
         Ok(!self.pool.free.is_empty() && self.pool.q.free() > 0)
     }
 
+    /// Frames that can be posted now (completed chains reclaimed first).
+    pub fn room(&mut self) -> Result<usize> {
+        self.reclaim()?;
+        Ok(self.pool.free.len().min(self.pool.q.free()))
+    }
+
     /// Makes a frame available without notifying the device; false when
     /// the queue is full. See [`TxQueue::kick`].
     pub fn post(&mut self, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<bool> {

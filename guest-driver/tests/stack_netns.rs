@@ -18,33 +18,10 @@ use vnic_guest::stack::TcpStream;
 use vnic_tests::{pattern, require_netns, BridgedPort, PortInNs, Proc};
 
 mod common;
-use common::{rx_total, setup, start_stack, vnicd};
+use common::{in_ns, json, net_args, rx_total, setup, start_stack, vnicd};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
-
-fn net_args(s: &PortInNs) -> Vec<String> {
-    vec![
-        "--socket".into(),
-        s.vnicd.socket.display().to_string(),
-        "--addr".into(),
-        "192.0.2.2/24".into(),
-        "--addr6".into(),
-        "2001:db8::2/64".into(),
-        "--queues".into(),
-        "2".into(),
-    ]
-}
-
-fn in_ns(s: &PortInNs, cmd: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &s.ns.name, cmd]).args(args);
-    c
-}
-
-fn json(s: &str) -> Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
-}
 
 fn bytes(v: &Value, k: &str) -> u64 {
     v["end"][k]["bytes"]

@@ -71,6 +71,7 @@ fn stack_on_vf(s: &PortInNs, n: usize, queues: u16) -> Stack {
         no_tso: false,
         no_csum: false,
         busy_poll_us: None,
+        reassembly_kib: 4096,
     }
     .start()
     .unwrap_or_else(|e| panic!("stack on VF {n}: {e}"))

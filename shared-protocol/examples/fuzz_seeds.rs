@@ -279,5 +279,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "junk",
         &[0, 20, 0, 4, 1, 0, 0xc0, 1, 2, 3, 4, 5, 6, 7],
     )?;
+
+    // fragment: MTU (little endian), link-header length, order, packet.
+    let big = vec![0x5a; 3000];
+    let frame = udp_frame(&v4, &ip, &big)?;
+    let mut seed = vec![0xdc, 0x05, 14, 0];
+    seed.extend_from_slice(&frame);
+    write(dir, "fragment", "v4-udp-1500", &seed)?;
+    let mut seed = vec![0x40, 0x02, 0, 3];
+    let mut opts = frame[14..34].to_vec();
+    opts[0] = 0x47; // IHL 7: a copied option and a record route follow
+    opts.extend_from_slice(&[0x82, 4, 1, 2, 7, 3, 4, 0]);
+    opts.extend_from_slice(&frame[34..]);
+    seed.extend_from_slice(&opts);
+    write(dir, "fragment", "v4-options-576", &seed)?;
+    let mut ext = vec![ip_proto::UDP, 0, 1, 4, 0, 0, 0, 0];
+    ext.extend_from_slice(&big);
+    let mut seed = vec![0x00, 0x05, 0, 1];
+    seed.extend_from_slice(&ipv6_packet(ip_proto::HOP_BY_HOP, &ext));
+    write(dir, "fragment", "v6-hbh-1280", &seed)?;
     Ok(())
 }

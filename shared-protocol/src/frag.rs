@@ -21,13 +21,17 @@
 //! - Datagrams older than `timeout_ms` are dropped (no ICMP is sent, RFC
 //!   8200 4.5).
 //!
-//! The reassembler is sans-IO: callers pass the time in.
+//! The reassembler is sans-IO: callers pass the time in. [`fragment`] is
+//! the other direction: it cuts a packet to fit an MTU.
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use thiserror::Error;
 
 use crate::wire::{self, ipv4, ipv6};
+
+mod split;
+pub use split::{fragment, SplitError};
 
 /// Limits of a [`Reassembler`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +120,23 @@ pub struct Stats {
     pub timeouts: u64,
     pub evictions: u64,
     pub no_memory: u64,
+}
+
+impl core::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.fragments += o.fragments;
+        self.completed += o.completed;
+        self.malformed += o.malformed;
+        self.too_large += o.too_large;
+        self.overlaps += o.overlaps;
+        self.duplicates += o.duplicates;
+        self.inconsistent += o.inconsistent;
+        self.too_many_fragments += o.too_many_fragments;
+        self.discarded += o.discarded;
+        self.timeouts += o.timeouts;
+        self.evictions += o.evictions;
+        self.no_memory += o.no_memory;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

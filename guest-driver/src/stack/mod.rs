@@ -25,7 +25,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
     thread::JoinHandle,
@@ -34,6 +34,7 @@ use std::{
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vnic_protocol::{
+    frag,
     rss::{HashInput, HashReport, HashTypes, Toeplitz, DEFAULT_KEY},
     tcp,
     virtio::{
@@ -64,6 +65,9 @@ pub struct StackConfig {
     pub tcp: tcp::Config,
     /// Program the device's RSS (key, table over all pairs).
     pub rss: bool,
+    /// IP reassembly limits for the whole stack; each shard gets its share
+    /// of `max_memory` and `max_datagrams`.
+    pub reassembly: frag::Limits,
 }
 
 impl Default for StackConfig {
@@ -77,6 +81,7 @@ impl Default for StackConfig {
             busy_poll: None,
             tcp: tcp::Config::default(),
             rss: true,
+            reassembly: frag::Limits::default(),
         }
     }
 }
@@ -105,6 +110,11 @@ pub struct Counters {
     pub tcp_backlog_full: AtomicU64,
     pub echo_replied: AtomicU64,
     pub udp_dropped: AtomicU64,
+    /// Datagrams longer than the MTU sent as fragments, and the fragments.
+    pub tx_fragmented: AtomicU64,
+    pub tx_fragments: AtomicU64,
+    /// Datagrams longer than the MTU dropped: they could not be cut.
+    pub tx_unfragmentable: AtomicU64,
 }
 
 /// A snapshot of [`Counters`] and the neighbour cache's numbers.
@@ -123,6 +133,13 @@ pub struct StackStats {
     pub tcp_backlog_full: u64,
     pub echo_replied: u64,
     pub udp_dropped: u64,
+    pub tx_fragmented: u64,
+    pub tx_fragments: u64,
+    pub tx_unfragmentable: u64,
+    /// The shards' reassemblers, summed: their counters, and the bytes
+    /// they hold now.
+    pub reassembly: frag::Stats,
+    pub reassembly_memory: u64,
     pub neigh_requests: u64,
     pub neigh_dropped: u64,
     /// Per shard: frames received on its queue.
@@ -167,6 +184,8 @@ pub(crate) struct Inner {
     /// The shard the next connection opened here goes to (round robin).
     next_shard: AtomicUsize,
     ip_ident: AtomicU16,
+    /// IPv6 fragment identification.
+    frag_ident: AtomicU32,
 }
 
 impl std::fmt::Debug for Inner {
@@ -294,8 +313,14 @@ impl Stack {
         let qps = dev.take_pairs();
         let csum = cfg.csum && f.contains(Features::CSUM);
         let mut shards = Vec::with_capacity(qps.len());
+        let n = qps.len().max(1);
+        let share = frag::Limits {
+            max_memory: cfg.reassembly.max_memory / n,
+            max_datagrams: (cfg.reassembly.max_datagrams / n).max(1),
+            ..cfg.reassembly
+        };
         for qp in qps {
-            shards.push(Shard::new(qp, EventFd::new(EFD_NONBLOCK)?));
+            shards.push(Shard::new(qp, EventFd::new(EFD_NONBLOCK)?, share));
         }
         let inner = Arc::new(Inner {
             cfg,
@@ -323,6 +348,7 @@ impl Stack {
             next_conn: AtomicU64::new(0),
             next_shard: AtomicUsize::new(0),
             ip_ident: AtomicU16::new(1),
+            frag_ident: AtomicU32::new(1),
         });
         let mut threads = Vec::new();
         for i in 0..inner.shards.len() {
@@ -383,6 +409,13 @@ impl Stack {
         for (s, a) in shard_rx.iter_mut().zip(&self.inner.shard_rx) {
             *s = l(a);
         }
+        let (mut reassembly, mut reassembly_memory) = (frag::Stats::default(), 0u64);
+        for sh in &self.inner.shards {
+            if let Ok(st) = sh.st.lock() {
+                reassembly += st.p.frag.stats();
+                reassembly_memory += st.p.frag.memory() as u64;
+            }
+        }
         StackStats {
             rx_frames: l(&c.rx_frames),
             tx_frames: l(&c.tx_frames),
@@ -397,6 +430,11 @@ impl Stack {
             tcp_backlog_full: l(&c.tcp_backlog_full),
             echo_replied: l(&c.echo_replied),
             udp_dropped: l(&c.udp_dropped),
+            tx_fragmented: l(&c.tx_fragmented),
+            tx_fragments: l(&c.tx_fragments),
+            tx_unfragmentable: l(&c.tx_unfragmentable),
+            reassembly,
+            reassembly_memory,
             neigh_requests: nr,
             neigh_dropped: nd,
             shard_rx,

@@ -11,8 +11,10 @@ use std::{
 use log::{debug, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vnic_protocol::{
+    frag::{self, fragment, Outcome, Reassembler},
+    offload::csum::complete_checksum,
     tcp::{self, Connection, Event},
-    virtio::{HdrFlags, VirtioNetHdr},
+    virtio::{hdr::GsoType, HdrFlags, VirtioNetHdr},
     wire::{
         arp,
         ethernet::{ethertype, Address},
@@ -52,6 +54,11 @@ pub(crate) struct Proto {
     pub conns: Vec<Option<TcpEntry>>,
     pub flows: HashMap<(SocketAddr, SocketAddr), usize>,
     pub buf: Vec<u8>,
+    /// IP fragments of datagrams for this host that RSS steers here (it
+    /// hashes fragments on addresses alone, so they all come to one shard).
+    pub frag: Reassembler,
+    /// A reassembled datagram behind the received frame's Ethernet header.
+    pub whole: Vec<u8>,
     /// A socket event happened: wake waiters when the lock is released.
     pub wake_users: bool,
 }
@@ -79,7 +86,7 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
-    pub fn new(qp: QueuePair, wake: EventFd) -> Shard {
+    pub fn new(qp: QueuePair, wake: EventFd, reassembly: frag::Limits) -> Shard {
         let clone = |e: &EventFd| {
             e.try_clone()
                 .unwrap_or_else(|_| EventFd::new(0).unwrap_or_else(|_| std::process::abort()))
@@ -90,7 +97,10 @@ impl Shard {
             st: Mutex::new(ShardState {
                 rx: qp.rx,
                 tx: qp.tx,
-                p: Proto::default(),
+                p: Proto {
+                    frag: Reassembler::new(reassembly),
+                    ..Proto::default()
+                },
             }),
             cond: Condvar::new(),
             wake,
@@ -208,6 +218,7 @@ fn disarm_tx(shard: &Shard, armed: bool) {
 /// Timers and output of every connection; removes finished ones.
 /// Returns the earliest deadline left.
 fn service(inner: &Inner, st: &mut ShardState, now: tcp::Instant) -> Option<tcp::Instant> {
+    st.p.frag.expire(now.0 / 1000);
     let mut next: Option<tcp::Instant> = None;
     for slot in 0..st.p.conns.len() {
         let Some(e) = st.p.conns[slot].as_mut() else {
@@ -368,6 +379,14 @@ pub(crate) fn send_ip(
 }
 
 fn post(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
+    if frame.len() > ETH_LEN + inner.mtu && hdr.gso_type == GsoType::None as u8 {
+        post_fragments(inner, tx, hdr, frame);
+        return;
+    }
+    post_one(inner, tx, hdr, frame);
+}
+
+fn post_one(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
     match tx.post(hdr, frame) {
         Ok(true) => {
             inner.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -378,6 +397,65 @@ fn post(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
         Err(e) => {
             debug!("tx: {e}");
             inner.counters.tx_ring_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends an IP packet longer than the MTU as fragments: completes a
+/// checksum left to the device (it covers the whole datagram, which no
+/// fragment holds), clears IPv4's don't-fragment (this host is the
+/// source) and cuts. The datagram goes whole or not at all: without room
+/// in the ring for every piece it is dropped and counted as ring-full.
+fn post_fragments(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
+    let c = &inner.counters;
+    let mut whole = frame.to_vec();
+    if hdr.flags.contains(HdrFlags::NEEDS_CSUM)
+        && complete_checksum(
+            &mut whole,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset),
+        )
+        .is_err()
+    {
+        c.tx_unfragmentable.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if let Some(ip) = whole
+        .get_mut(ETH_LEN..)
+        .filter(|b| b.first() == Some(&0x45))
+    {
+        // Only a plain header: options are never sent by this stack.
+        let mut p = ipv4::Packet::new_unchecked(ip);
+        if p.dont_frag() {
+            p.set_frag(false, p.more_frags(), p.frag_offset());
+            p.fill_checksum();
+        }
+    }
+    // Pieces needed at most (IPv4 with the longest header, or IPv6 with a
+    // fragment header and room to spare).
+    let per = (inner
+        .mtu
+        .saturating_sub(ipv4::HEADER_LEN + ipv4::MAX_OPTIONS_LEN + 8)
+        & !7)
+        .max(8);
+    let need = (whole.len() - ETH_LEN).div_ceil(per);
+    if tx.room().unwrap_or(0) < need {
+        c.tx_ring_full.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let ident = inner.frag_ident.fetch_add(1, Ordering::Relaxed);
+    let mut scratch = Vec::with_capacity(ETH_LEN + inner.mtu);
+    let plain = VirtioNetHdr::default();
+    match fragment(&whole, ETH_LEN, inner.mtu, ident, &mut scratch, &mut |f| {
+        post_one(inner, tx, &plain, f)
+    }) {
+        Ok(n) => {
+            c.tx_fragmented.fetch_add(1, Ordering::Relaxed);
+            c.tx_fragments.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            debug!("tx: cannot fragment: {e}");
+            c.tx_unfragmentable.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -628,8 +706,7 @@ fn ipv4_input(
         return true;
     }
     if ip.more_frags || ip.frag_offset != 0 {
-        // No reassembly in this stack: count and drop.
-        return false;
+        return reassemble(inner, idx, p, tx, frame, now);
     }
     let l4 = pkt.payload();
     let (s, d) = (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
@@ -723,6 +800,11 @@ fn ipv6_input(
         inner.counters.rx_not_ours.fetch_add(1, Ordering::Relaxed);
         return true;
     }
+    if ipv6::is_extension_header(ip.next_header)
+        && ipv6::walk(&pkt).is_ok_and(|w| w.fragment.is_some())
+    {
+        return reassemble(inner, idx, p, tx, frame, now);
+    }
     let l4 = pkt.payload();
     let (s, d) = (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr));
     match ip.next_header {
@@ -814,6 +896,47 @@ fn ipv6_input(
             true
         }
     }
+}
+
+/// A fragment for this host: held until its datagram is whole, which then
+/// goes through input again as one frame (its checksums checked in
+/// software, since no device verified them). Drops are the reassembler's
+/// to count. Returns true: the frame was taken.
+fn reassemble(
+    inner: &Inner,
+    idx: usize,
+    p: &mut Proto,
+    tx: &mut TxQueue,
+    frame: &[u8],
+    now: tcp::Instant,
+) -> bool {
+    let mut whole = std::mem::take(&mut p.whole);
+    match p.frag.push(now.0 / 1000, &frame[ETH_LEN..]) {
+        Ok(Outcome::Complete(d)) => {
+            whole.clear();
+            whole.extend_from_slice(&frame[..ETH_LEN]);
+            whole.extend_from_slice(d);
+        }
+        Ok(Outcome::Held | Outcome::NotFragment) | Err(_) => {
+            p.whole = whole;
+            return true;
+        }
+    }
+    // A reassembled datagram is never a fragment, so this goes one level
+    // deep.
+    let plain = VirtioNetHdr::default();
+    let ok = match whole.get(ETH_LEN).map(|b| b >> 4) {
+        Some(4) => ipv4_input(inner, idx, p, tx, &plain, &whole, false, now),
+        _ => {
+            let src_mac = Address([frame[6], frame[7], frame[8], frame[9], frame[10], frame[11]]);
+            ipv6_input(inner, idx, p, tx, &plain, &whole, src_mac, false, now)
+        }
+    };
+    if !ok {
+        inner.counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+    }
+    p.whole = whole;
+    true
 }
 
 fn udp_input(inner: &Inner, s: IpAddr, d: IpAddr, l4: &[u8], verified: bool) -> bool {

@@ -600,7 +600,9 @@ impl UdpSocket {
         self.port
     }
 
-    /// Sends one datagram (checksum offloaded when the device can).
+    /// Sends one datagram (checksum offloaded when the device can). One
+    /// longer than the MTU allows goes as IP fragments, up to the largest
+    /// UDP datagram (65507 bytes over IPv4, 65527 over IPv6).
     pub fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<usize> {
         let inner = &self.inner;
         let src = inner.local_ip(to.ip()).ok_or_else(|| {
@@ -610,12 +612,15 @@ impl UdpSocket {
             )
         })?;
         let iph = if to.is_ipv6() { 40 } else { 20 };
-        if data.len() + 8 + iph > inner.mtu {
+        // The IPv4 total length, or the IPv6 payload length, is 16 bits.
+        let limit = if to.is_ipv6() { 65535 } else { 65535 - iph };
+        if data.len() + 8 > limit {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "datagram larger than the MTU",
+                "datagram larger than UDP allows",
             ));
         }
+        let fits = data.len() + 8 + iph <= inner.mtu;
         let local = SocketAddr::new(src, self.port);
         let owner = inner.owner(local, to);
         let mut buf = Vec::with_capacity(64 + data.len());
@@ -630,7 +635,9 @@ impl UdpSocket {
         buf.extend_from_slice(&[0, 0]);
         buf.extend_from_slice(data);
         let ps = frames::pseudo(src, to.ip(), frames::UDP, len);
-        let hdr: VirtioNetHdr = frames::l4_checksum(&mut buf, l4, 6, ps, inner.csum_tx);
+        // A datagram sent as fragments carries its checksum in the first
+        // one only, so it is computed here rather than by the device.
+        let hdr: VirtioNetHdr = frames::l4_checksum(&mut buf, l4, 6, ps, inner.csum_tx && fits);
         shard::with_tx(inner, owner, |tx| {
             shard::send_ip(inner, tx, to.ip(), hdr, &mut buf)
         })

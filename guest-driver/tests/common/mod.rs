@@ -2,8 +2,9 @@
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::Path;
+use std::{path::Path, process::Command};
 
+use serde_json::Value;
 use vnic_guest::cli::NetArgs;
 use vnic_tests::PortInNs;
 
@@ -43,6 +44,7 @@ pub fn start_stack(
         no_tso,
         no_csum: false,
         busy_poll_us,
+        reassembly_kib: 4096,
     }
     .start()
     .expect("stack")
@@ -52,4 +54,29 @@ pub fn start_stack(
 pub fn rx_total(s: &PortInNs, what: &str) -> u64 {
     let st = s.vnicd.stats().expect("vnicd stats");
     (0..2).map(|q| st[&format!("rx{q}.{what}")]).sum()
+}
+
+/// The tools' arguments for the stack of [`start_stack`].
+pub fn net_args(s: &PortInNs) -> Vec<String> {
+    vec![
+        "--socket".into(),
+        s.vnicd.socket.display().to_string(),
+        "--addr".into(),
+        "192.0.2.2/24".into(),
+        "--addr6".into(),
+        "2001:db8::2/64".into(),
+        "--queues".into(),
+        "2".into(),
+    ]
+}
+
+/// `cmd args` inside the namespace of `s`.
+pub fn in_ns(s: &PortInNs, cmd: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &s.ns.name, cmd]).args(args);
+    c
+}
+
+pub fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
 }
