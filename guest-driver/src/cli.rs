@@ -52,14 +52,14 @@ fn prefix<T: std::str::FromStr>(s: &str, max: u8) -> Result<(T, u8)> {
     let (a, p) = s.split_once('/').unwrap_or((s, ""));
     let addr = a
         .parse()
-        .map_err(|_| Error::Negotiation(format!("bad address {a}")))?;
+        .map_err(|_| Error::Argument(format!("bad address {a}")))?;
     let len = if p.is_empty() {
         max
     } else {
         p.parse()
             .ok()
             .filter(|&l| l <= max)
-            .ok_or_else(|| Error::Negotiation(format!("bad prefix length {p}")))?
+            .ok_or_else(|| Error::Argument(format!("bad prefix length {p}")))?
     };
     Ok((addr, len))
 }
@@ -104,7 +104,7 @@ impl NetArgs {
             .map(|s| prefix::<Ipv6Addr>(s, 128))
             .transpose()?;
         if ipv4.is_none() && ipv6.is_none() {
-            return Err(Error::Negotiation("give --addr or --addr6".into()));
+            return Err(Error::Argument("give --addr or --addr6".into()));
         }
         let dev = VirtioNet::connect(
             &self.socket,

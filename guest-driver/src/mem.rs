@@ -40,8 +40,7 @@ impl DmaMemory {
     pub fn new(size: usize) -> Result<DmaMemory> {
         let file = memfd(size)?;
         let fo = FileOffset::new(file.try_clone()?, 0);
-        let mem = GuestMemoryMmap::from_ranges_with_files([(BASE, size, Some(fo))])
-            .map_err(|e| Error::Memory(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(BASE, size, Some(fo))])?;
         Ok(DmaMemory {
             mem,
             file,
@@ -54,10 +53,12 @@ impl DmaMemory {
     pub fn alloc(&mut self, len: usize, align: u64) -> Result<GuestAddress> {
         let start = self.next.div_ceil(align) * align;
         let end = start + len as u64;
-        if end > BASE.raw_value() + self.size as u64 {
-            return Err(Error::Memory(format!(
-                "out of shared memory allocating {len} bytes"
-            )));
+        let limit = BASE.raw_value() + self.size as u64;
+        if end > limit {
+            return Err(Error::OutOfMemory {
+                wanted: len,
+                left: limit.saturating_sub(start) as usize,
+            });
         }
         self.next = end;
         Ok(GuestAddress(start))

@@ -1,5 +1,5 @@
 //! `VirtioNet`: negotiation, RX buffer posting, frame transmit and receive
-//! over a vhost-user connection.
+//! over any [`Transport`] (vhost-user today; the in-process fake in tests).
 //!
 //! Each queue pair is a [`QueuePair`] that can be taken out of the device
 //! and driven by its own thread (the stack runs one shard per pair); the
@@ -23,10 +23,13 @@ use vnic_protocol::virtio::{
     Features, VirtioNetHdr,
 };
 
+#[cfg(any(test, feature = "test-util"))]
+use crate::virtqueue::RawDesc;
 use crate::{
-    transport::vhost_user::VhostUserTransport,
-    virtqueue::{Buf, RawDesc, SplitQueue},
-    Error, Result,
+    mem::DmaMemory,
+    transport::{self, vhost_user::VhostUserTransport, Doorbell, Transport},
+    virtqueue::{Buf, SplitQueue},
+    QueueError, Result,
 };
 
 /// What to ask of the device.
@@ -85,11 +88,11 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(t: &mut VhostUserTransport, size: u16, buf_len: usize) -> Result<Pool> {
-        let q = SplitQueue::new(&mut t.dma, size)?;
+    fn new(dma: &mut DmaMemory, size: u16, buf_len: usize) -> Result<Pool> {
+        let q = SplitQueue::new(dma, size)?;
         let mut free = Vec::with_capacity(usize::from(size));
         for _ in 0..size {
-            free.push(t.dma.alloc(buf_len, 64)?);
+            free.push(dma.alloc(buf_len, 64)?);
         }
         Ok(Pool {
             q,
@@ -101,7 +104,7 @@ impl Pool {
     }
 
     fn add(&mut self, mem: &GuestMemoryMmap, len: usize, writable: bool) -> Result<GuestAddress> {
-        let addr = self.free.pop().ok_or(Error::Queue("no free buffers"))?;
+        let addr = self.free.pop().ok_or(QueueError::NoBuffers)?;
         match self.q.add(
             mem,
             &[Buf {
@@ -150,7 +153,7 @@ pub struct Received {
 pub struct RxQueue {
     mem: GuestMemoryMmap,
     pool: Pool,
-    kick: EventFd,
+    kick: Doorbell,
     call: EventFd,
     hdr_len: usize,
     mergeable: bool,
@@ -167,7 +170,7 @@ pub struct RxQueue {
 pub struct TxQueue {
     mem: GuestMemoryMmap,
     pool: Pool,
-    kick: EventFd,
+    kick: Doorbell,
     /// The TX interrupt (used-buffer notifications), armed only while the
     /// driver waits for room.
     call: EventFd,
@@ -212,7 +215,7 @@ impl RxQueue {
             added = true;
         }
         if added && self.pool.q.device_wants_kick(&self.mem)? {
-            self.kick.write(1)?;
+            self.kick.ring()?;
             self.kicks += 1;
         }
         Ok(())
@@ -235,8 +238,7 @@ impl RxQueue {
             }
             let mut hb = [0u8; HDR_LEN_HASH];
             self.mem.read_slice(&mut hb[..self.hdr_len], addr)?;
-            let hdr = VirtioNetHdr::parse(&hb[..self.hdr_len], self.hdr_len == HDR_LEN_HASH)
-                .map_err(|_| Error::Queue("bad rx header"))?;
+            let hdr = VirtioNetHdr::parse(&hb[..self.hdr_len], self.hdr_len == HDR_LEN_HASH)?;
             self.scratch.clear();
             self.scratch.resize(len - self.hdr_len, 0);
             self.mem
@@ -257,7 +259,7 @@ impl RxQueue {
                         got += 1;
                     }
                     None if Instant::now() < deadline => std::hint::spin_loop(),
-                    None => return Err(Error::Queue("device did not complete a merged frame")),
+                    None => return Err(QueueError::IncompleteFrame.into()),
                 }
             }
             let mut hdr = hdr;
@@ -360,16 +362,14 @@ impl TxQueue {
     /// the queue is full. See [`TxQueue::kick`].
     pub fn post(&mut self, hdr: &VirtioNetHdr, frame: &[u8]) -> Result<bool> {
         if frame.len() > MAX_FRAME_LEN {
-            return Err(Error::Queue("frame too long"));
+            return Err(QueueError::FrameTooLong(frame.len()).into());
         }
         if !self.has_room()? {
             return Ok(false);
         }
         let mut hb = [0u8; HDR_LEN_HASH];
-        let hl = hdr
-            .emit(&mut hb, self.hdr_len == HDR_LEN_HASH)
-            .map_err(|_| Error::Queue("header"))?;
-        let addr = *self.pool.free.last().ok_or(Error::Queue("tx queue full"))?;
+        let hl = hdr.emit(&mut hb, self.hdr_len == HDR_LEN_HASH)?;
+        let addr = *self.pool.free.last().ok_or(QueueError::NoBuffers)?;
         self.mem.write_slice(&hb[..hl], addr)?;
         self.mem.write_slice(frame, addr.unchecked_add_len(hl))?;
         self.pool.add(&self.mem, hl + frame.len(), false)?;
@@ -455,7 +455,7 @@ impl TxQueue {
         }
         self.unkicked = 0;
         if self.pool.q.device_wants_kick(&self.mem)? {
-            self.kick.write(1)?;
+            self.kick.ring()?;
             self.kicks += 1;
         }
         Ok(())
@@ -476,28 +476,32 @@ impl TxQueue {
     }
 }
 
-/// A virtio-net device driven over vhost-user.
+/// A virtio-net device driven over a [`Transport`].
 #[derive(Debug)]
 pub struct VirtioNet {
-    t: VhostUserTransport,
+    t: Box<dyn Transport>,
     pub features: Features,
     /// Queue pairs still with the device object (see [`VirtioNet::take_pairs`]).
     qps: Vec<QueuePair>,
     npairs: usize,
-    /// The control queue and its one command buffer, with CTRL_VQ.
-    ctrl: Option<Pool>,
+    /// The control queue, its one command buffer and doorbell, with CTRL_VQ.
+    ctrl: Option<(Pool, Doorbell)>,
     /// RX buffers returned shorter than a header.
     pub rx_length_errors: u64,
 }
 
 /// Bytes of a control command buffer (class, command, data, answer, ack).
 const CTRL_BUF: usize = 4096;
+/// Entries of the control queue.
+const CTRL_QUEUE: u16 = 64;
 
 impl VirtioNet {
     /// Connects to vnicd's socket and brings the device up.
     pub fn connect(socket: &Path, opts: NetOptions) -> Result<VirtioNet> {
         Self::start(opts, |max_queues, mem| {
-            VhostUserTransport::connect(socket, max_queues, mem)
+            Ok(Box::new(VhostUserTransport::connect(
+                socket, max_queues, mem,
+            )?))
         })
     }
 
@@ -505,60 +509,96 @@ impl VirtioNet {
     /// --client`) and brings it up.
     pub fn accept(listener: &UnixListener, opts: NetOptions) -> Result<VirtioNet> {
         Self::start(opts, |max_queues, mem| {
-            VhostUserTransport::accept(listener, max_queues, mem)
+            Ok(Box::new(VhostUserTransport::accept(
+                listener, max_queues, mem,
+            )?))
         })
     }
 
-    fn start(
+    /// Brings the device up over the transport `open` makes, given the
+    /// number of virtqueues and the bytes of shared memory the driver
+    /// needs: the init sequence of virtio 1.3, 3.1.1 (marking the device
+    /// FAILED if a step fails), RX buffers posted, DRIVER_OK.
+    pub fn start(
         opts: NetOptions,
-        transport: impl FnOnce(usize, usize) -> Result<VhostUserTransport>,
+        open: impl FnOnce(usize, usize) -> Result<Box<dyn Transport>>,
     ) -> Result<VirtioNet> {
         let pairs = usize::from(opts.pairs.max(1));
-        let mergeable = opts.features.contains(Features::MRG_RXBUF);
-        let rx_len = if mergeable || opts.rx_buf_len > 0 {
-            opts.rx_buf_len.max(HDR_LEN_HASH)
-        } else {
-            MAX_FRAME_LEN + HDR_LEN_HASH
-        };
+        let rx_len = Self::rx_buf_len(opts);
         let tx_len = MAX_FRAME_LEN + HDR_LEN_HASH;
         let n = usize::from(opts.queue_size);
         let mem = pairs * n * (rx_len.div_ceil(64) * 64 + tx_len.div_ceil(64) * 64)
             + pairs * 2 * (16 * n + 16 * n + 64)
             + (1 << 20);
-        let mut t = transport(2 * pairs + 1, mem)?;
-        let features = t.negotiate(opts.features)?;
+        let mut t = open(2 * pairs + 1, mem)?;
+        let features = transport::init(&mut *t, opts.features)?;
+        match Self::set_up(t, opts, features) {
+            Ok(dev) => Ok(dev),
+            Err((mut t, e)) => {
+                transport::fail(&mut *t);
+                Err(e)
+            }
+        }
+    }
+
+    /// Steps 7 and 8: queues, buffers, DRIVER_OK. Gives the transport back
+    /// on an error, to be marked FAILED.
+    fn set_up(
+        t: Box<dyn Transport>,
+        opts: NetOptions,
+        features: Features,
+    ) -> std::result::Result<VirtioNet, (Box<dyn Transport>, crate::Error)> {
+        let mut dev = VirtioNet {
+            t,
+            features,
+            qps: Vec::new(),
+            npairs: usize::from(opts.pairs.max(1)),
+            ctrl: None,
+            rx_length_errors: 0,
+        };
+        match dev.queues(opts) {
+            Ok(()) => Ok(dev),
+            Err(e) => Err((dev.t, e)),
+        }
+    }
+
+    fn queues(&mut self, opts: NetOptions) -> Result<()> {
+        let (pairs, features) = (self.npairs, self.features);
+        let mergeable = features.contains(Features::MRG_RXBUF);
+        let rx_len = Self::rx_buf_len(opts);
+        let tx_len = MAX_FRAME_LEN + HDR_LEN_HASH;
+        let t = &mut self.t;
         let hdr_len = features.hdr_len();
         let event_idx = features.contains(Features::EVENT_IDX);
-        let mut qps = Vec::with_capacity(pairs);
         for i in 0..pairs {
-            let mut r = Pool::new(&mut t, opts.queue_size, rx_len)?;
-            let mut w = Pool::new(&mut t, opts.queue_size, tx_len)?;
+            transport::check_queue_size(&mut **t, 2 * i, opts.queue_size)?;
+            transport::check_queue_size(&mut **t, 2 * i + 1, opts.queue_size)?;
+            let mut r = Pool::new(t.dma(), opts.queue_size, rx_len)?;
+            let mut w = Pool::new(t.dma(), opts.queue_size, tx_len)?;
             r.q.set_event_idx(event_idx);
             w.q.set_event_idx(event_idx);
             let on = opts.enabled_pairs.is_none_or(|n| i < usize::from(n));
-            t.setup_queue_enabled(2 * i, &r.q, on)?;
-            t.setup_queue_enabled(2 * i + 1, &w.q, on)?;
-            let fd = |e: Option<&EventFd>| -> Result<EventFd> {
-                Ok(e.ok_or(Error::Queue("queue not set up"))?.try_clone()?)
-            };
-            qps.push(QueuePair {
+            t.setup_queue(2 * i, &r.q, on)?;
+            t.setup_queue(2 * i + 1, &w.q, on)?;
+            let mem = t.dma().mem.clone();
+            self.qps.push(QueuePair {
                 index: i,
                 rx: RxQueue {
-                    mem: t.dma.mem.clone(),
+                    mem: mem.clone(),
                     pool: r,
-                    kick: fd(t.kick_fd(2 * i))?,
-                    call: fd(t.call_fd(2 * i))?,
+                    kick: t.doorbell(2 * i)?,
+                    call: t.interrupt(2 * i)?,
                     hdr_len,
-                    mergeable: features.contains(Features::MRG_RXBUF),
+                    mergeable,
                     scratch: Vec::with_capacity(MAX_FRAME_LEN),
                     rx_length_errors: 0,
                     kicks: 0,
                 },
                 tx: TxQueue {
-                    mem: t.dma.mem.clone(),
+                    mem,
                     pool: w,
-                    kick: fd(t.kick_fd(2 * i + 1))?,
-                    call: fd(t.call_fd(2 * i + 1))?,
+                    kick: t.doorbell(2 * i + 1)?,
+                    call: t.interrupt(2 * i + 1)?,
                     hdr_len,
                     kicks: 0,
                     unkicked: 0,
@@ -569,28 +609,31 @@ impl VirtioNet {
                 },
             });
         }
-        let ctrl = if features.contains(Features::CTRL_VQ) {
-            let c = Pool::new(&mut t, 64, CTRL_BUF)?;
-            t.setup_queue(2 * pairs, &c.q)?;
-            Some(c)
-        } else {
-            None
-        };
-        let mut dev = VirtioNet {
-            t,
-            features,
-            qps,
-            npairs: pairs,
-            ctrl,
-            rx_length_errors: 0,
-        };
-        for qp in &mut dev.qps {
+        if features.contains(Features::CTRL_VQ) {
+            transport::check_queue_size(&mut **t, 2 * pairs, CTRL_QUEUE)?;
+            let c = Pool::new(t.dma(), CTRL_QUEUE, CTRL_BUF)?;
+            t.setup_queue(2 * pairs, &c.q, true)?;
+            self.ctrl = Some((c, t.doorbell(2 * pairs)?));
+        }
+        // Buffers go in before DRIVER_OK (virtio 1.3, 3.1.1 step 7); the
+        // device looks at them once it is live.
+        for qp in &mut self.qps {
             qp.rx.fill()?;
             // TX completions are reclaimed when posting; the interrupt is
             // armed only to wait for room (see TxQueue::wait_for_room).
             qp.tx.disarm()?;
         }
-        Ok(dev)
+        transport::finish(&mut **t)
+    }
+
+    /// The size of each RX buffer.
+    fn rx_buf_len(opts: NetOptions) -> usize {
+        let mergeable = opts.features.contains(Features::MRG_RXBUF);
+        if mergeable || opts.rx_buf_len > 0 {
+            opts.rx_buf_len.max(HDR_LEN_HASH)
+        } else {
+            MAX_FRAME_LEN + HDR_LEN_HASH
+        }
     }
 
     pub fn pairs(&self) -> usize {
@@ -607,38 +650,35 @@ impl VirtioNet {
     fn qp(&mut self, q: usize) -> Result<&mut QueuePair> {
         self.qps
             .get_mut(q)
-            .ok_or(Error::Queue("no such queue (or the pairs were taken)"))
+            .ok_or_else(|| QueueError::NoSuchPair(q).into())
     }
 
     /// The device's config space.
     pub fn config(&mut self) -> Result<VirtioNetConfig> {
-        let b = self.t.read_config(0, CONFIG_LEN as u32)?;
+        let b = self.t.read_config(0, CONFIG_LEN)?;
         let arr: [u8; CONFIG_LEN] = b
             .get(..CONFIG_LEN)
             .and_then(|s| s.try_into().ok())
-            .ok_or(Error::Queue("short config space"))?;
+            .ok_or(QueueError::ShortConfig(CONFIG_LEN))?;
         Ok(VirtioNetConfig::from_bytes(&arr))
     }
 
     /// Sends a control command and waits for the device's answer: the ack
     /// (`ACK_OK` or `ACK_ERR`) and the answer bytes after it.
     pub fn ctrl(&mut self, cmd: &CtrlCommand) -> Result<(u8, Vec<u8>)> {
-        let bytes = cmd
-            .to_bytes()
-            .map_err(|_| Error::Queue("command cannot be encoded"))?;
+        let bytes = cmd.to_bytes()?;
         self.ctrl_raw(&bytes, cmd.response_len())
     }
 
     /// Sends raw command bytes (class, command, data) with room for
     /// `response_len` answer bytes and the ack.
     pub fn ctrl_raw(&mut self, bytes: &[u8], response_len: usize) -> Result<(u8, Vec<u8>)> {
-        let vq = 2 * self.pairs();
-        let pool = self.ctrl.as_mut().ok_or(Error::Queue("no control queue"))?;
+        let (pool, bell) = self.ctrl.as_mut().ok_or(QueueError::NoControlQueue)?;
         if bytes.len() + response_len + 1 > CTRL_BUF {
-            return Err(Error::Queue("control command too long"));
+            return Err(QueueError::CtrlTooLong(bytes.len() + response_len + 1).into());
         }
-        let out = *pool.free.last().ok_or(Error::Queue("control queue busy"))?;
-        let mem = &self.t.dma.mem;
+        let out = *pool.free.last().ok_or(QueueError::CtrlBusy)?;
+        let mem = &self.t.dma().mem;
         mem.write_slice(bytes, out)?;
         let answer = out.unchecked_add_len(bytes.len());
         let mut fill = vec![0xffu8; response_len + 1];
@@ -660,19 +700,19 @@ impl VirtioNet {
         )?;
         pool.inflight[usize::from(head)] = pool.free.pop();
         pool.in_flight += 1;
-        self.t.kick(vq)?;
+        bell.ring()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if pool.used(&self.t.dma.mem)?.is_some() {
+            if pool.used(mem)?.is_some() {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(Error::Queue("device did not answer the control command"));
+                return Err(QueueError::CtrlTimeout.into());
             }
             std::thread::sleep(Duration::from_micros(200));
         }
         // The ack comes first, then the answer (virtio 1.3, 5.1.6.5).
-        self.t.dma.mem.read_slice(&mut fill, answer)?;
+        mem.read_slice(&mut fill, answer)?;
         let ack = fill.first().copied().unwrap_or(0xff);
         Ok((ack, fill.split_off(1)))
     }
@@ -689,10 +729,10 @@ impl VirtioNet {
         let tx = &mut self.qp(q)?.tx;
         tx.reclaim()?;
         if !tx.post(hdr, frame)? {
-            return Err(Error::Queue("tx queue full"));
+            return Err(QueueError::NoBuffers.into());
         }
         tx.unkicked = 0;
-        tx.kick.write(1)?;
+        tx.kick.ring()?;
         Ok(())
     }
 
@@ -713,20 +753,9 @@ impl VirtioNet {
         Ok(&mut self.qp(q)?.tx)
     }
 
-    /// Sends raw descriptor bytes: `bytes` is header and frame as the
-    /// device will read them, with no checks (for tests of bad input).
-    pub fn send_raw(&mut self, q: usize, bytes: &[u8]) -> Result<()> {
-        let tx = &mut self.qp(q)?.tx;
-        tx.reclaim()?;
-        let addr = *tx.pool.free.last().ok_or(Error::Queue("tx queue full"))?;
-        let n = bytes.len().min(tx.pool.buf_len);
-        tx.mem.write_slice(&bytes[..n], addr)?;
-        tx.pool.add(&tx.mem, n, false)?;
-        Ok(tx.kick.write(1)?)
-    }
-
     /// Publishes raw descriptors on virtqueue `vq` (see
     /// [`SplitQueue::add_raw`]) and kicks it.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn send_raw_chain(&mut self, vq: usize, descs: &[RawDesc]) -> Result<u16> {
         let qp = self.qp(vq / 2)?;
         let (pool, kick, mem) = if vq % 2 == 0 {
@@ -735,14 +764,15 @@ impl VirtioNet {
             (&mut qp.tx.pool, &qp.tx.kick, &qp.tx.mem)
         };
         let head = pool.q.add_raw(mem, descs)?;
-        kick.write(1)?;
+        kick.ring()?;
         Ok(head)
     }
 
     /// A guest address inside the shared memory with `len` bytes the
     /// driver does not otherwise use (for raw chains).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn scratch(&mut self, len: usize) -> Result<GuestAddress> {
-        self.t.dma.alloc(len, 64)
+        self.t.dma().alloc(len, 64)
     }
 
     /// TX chains the device has consumed on queue `q`.
@@ -833,5 +863,219 @@ trait AddLen {
 impl AddLen for GuestAddress {
     fn unchecked_add_len(self, n: usize) -> GuestAddress {
         GuestAddress(self.0 + n as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use vnic_protocol::virtio::{ctrl::ACK_OK, DeviceStatus, HdrFlags};
+
+    use super::*;
+    use crate::{
+        transport::fake::{FakeConfig, FakeDevice, FakeTransport},
+        Error,
+    };
+
+    fn opts() -> NetOptions {
+        NetOptions {
+            pairs: 2,
+            queue_size: 64,
+            features: NetOptions::DEFAULT_FEATURES
+                | Features::CTRL_VQ
+                | Features::MQ
+                | Features::EVENT_IDX,
+            ..NetOptions::default()
+        }
+    }
+
+    /// `VirtioNet` over a fake device; the device handle comes back even
+    /// when bringing the driver up failed.
+    fn bring_up(cfg: FakeConfig, opts: NetOptions) -> (Result<VirtioNet>, FakeDevice) {
+        let mut dev = None;
+        let r = VirtioNet::start(opts, |queues, mem| {
+            assert_eq!(queues, 2 * usize::from(opts.pairs) + 1);
+            let (t, d) = FakeTransport::new(cfg, mem)?;
+            dev = Some(d);
+            Ok(Box::new(t))
+        });
+        (r, dev.expect("transport made"))
+    }
+
+    #[test]
+    fn the_init_sequence_and_the_features_both_sides_have() {
+        let (net, dev) = bring_up(FakeConfig::default(), opts());
+        let mut net = net.unwrap();
+        let s = DeviceStatus::ACKNOWLEDGE;
+        let d = s | DeviceStatus::DRIVER;
+        let f = d | DeviceStatus::FEATURES_OK;
+        assert_eq!(
+            dev.status_log(),
+            vec![DeviceStatus::empty(), s, d, f, f | DeviceStatus::DRIVER_OK]
+        );
+        let want = FakeConfig::default().features & opts().features;
+        assert_eq!(net.features, want);
+        assert_eq!(dev.driver_features(), want);
+        // Offered but not asked for, and asked for but not offered.
+        assert!(!net.features.contains(Features::INDIRECT_DESC));
+        assert!(!net.features.contains(Features::HOST_TSO4));
+        assert_eq!(net.config().unwrap(), FakeConfig::default().config);
+        assert!((0..5).all(|i| dev.enabled(i)));
+        // RX buffers were posted before DRIVER_OK, one kick per RX queue.
+        assert_eq!(dev.pop_chains(0).unwrap().len(), 64);
+        assert_eq!(dev.kicks(0), 1);
+    }
+
+    #[test]
+    fn a_device_that_refuses_a_feature_is_marked_failed() {
+        let cfg = FakeConfig {
+            refuses: Features::GUEST_CSUM,
+            ..FakeConfig::default()
+        };
+        let (net, dev) = bring_up(cfg, opts());
+        match net {
+            Err(Error::FeaturesRefused(f)) => assert!(f.contains(Features::GUEST_CSUM)),
+            other => panic!("expected FeaturesRefused, got {other:?}"),
+        }
+        let log = dev.status_log();
+        assert!(
+            log.last().unwrap().contains(DeviceStatus::FAILED),
+            "{log:?}"
+        );
+        assert!(log.iter().all(|s| !s.contains(DeviceStatus::DRIVER_OK)));
+        // Without the feature it asks for, the same device comes up.
+        let mut o = opts();
+        o.features -= Features::GUEST_CSUM;
+        let (net, dev) = bring_up(cfg, o);
+        assert!(net.is_ok());
+        assert!(dev.status().contains(DeviceStatus::DRIVER_OK));
+    }
+
+    #[test]
+    fn a_device_without_version_1_or_with_small_queues_fails() {
+        let cfg = FakeConfig {
+            features: FakeConfig::default().features - Features::VERSION_1,
+            ..FakeConfig::default()
+        };
+        let (net, dev) = bring_up(cfg, opts());
+        assert!(matches!(net, Err(Error::Negotiation(_))), "{net:?}");
+        assert!(dev.status().contains(DeviceStatus::FAILED));
+
+        let cfg = FakeConfig {
+            max_queue_size: 32,
+            ..FakeConfig::default()
+        };
+        let (net, dev) = bring_up(cfg, opts());
+        assert!(
+            matches!(
+                net,
+                Err(Error::Queue(QueueError::TooBig {
+                    index: 0,
+                    size: 64,
+                    max: 32
+                }))
+            ),
+            "{net:?}"
+        );
+        assert!(dev.status().contains(DeviceStatus::FAILED));
+    }
+
+    #[test]
+    fn frames_both_ways_byte_for_byte() {
+        let (net, dev) = bring_up(FakeConfig::default(), opts());
+        let mut net = net.unwrap();
+        let hl = net.features.hdr_len();
+        let frames: Vec<Vec<u8>> = [60usize, 1514, 9000]
+            .iter()
+            .map(|&n| (0..n).map(|i| (i * 7 + n) as u8).collect())
+            .collect();
+        let csum = VirtioNetHdr {
+            flags: HdrFlags::NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..VirtioNetHdr::default()
+        };
+        for f in &frames {
+            net.send(1, &csum, f).unwrap();
+        }
+        let got = dev.transmitted(3).unwrap();
+        assert_eq!(got.len(), 3);
+        for (g, f) in got.iter().zip(&frames) {
+            let h = VirtioNetHdr::parse(&g[..hl], hl == HDR_LEN_HASH).unwrap();
+            assert_eq!(h.flags, HdrFlags::NEEDS_CSUM);
+            assert_eq!((h.csum_start, h.csum_offset), (34, 6));
+            assert_eq!(&g[hl..], &f[..]);
+        }
+        assert_eq!(net.reclaim_tx(1).unwrap(), 3);
+        assert_eq!(net.tx_in_flight(1), 0);
+
+        // Receive on pair 1: 2048-byte buffers, so 9000 bytes take five.
+        let valid = VirtioNetHdr {
+            flags: HdrFlags::DATA_VALID,
+            ..VirtioNetHdr::default()
+        };
+        for f in &frames {
+            assert!(dev.receive(2, &valid, hl, f).unwrap());
+        }
+        for (f, bufs) in frames.iter().zip([1u16, 1, 5]) {
+            let r = net.recv(1).unwrap().expect("a frame");
+            assert_eq!(&r.frame, f);
+            assert_eq!(r.buffers, bufs);
+            assert_eq!(r.hdr.flags, HdrFlags::DATA_VALID);
+        }
+        assert!(net.recv(1).unwrap().is_none());
+        assert!(dev.interrupts(2) >= 1);
+    }
+
+    #[test]
+    fn control_commands_reach_the_device_and_its_ack_comes_back() {
+        let (net, dev) = bring_up(FakeConfig::default(), opts());
+        let mut net = net.unwrap();
+        let ctrl = 4;
+        let server = {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let end = Instant::now() + Duration::from_secs(5);
+                while got.len() < 2 && Instant::now() < end {
+                    let ack = if got.is_empty() { ACK_OK } else { 1 };
+                    got.extend(dev.serve_ctrl(ctrl, ack).unwrap());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                got
+            })
+        };
+        let cmd = CtrlCommand::VqPairsSet(2);
+        let (ack, _) = net.ctrl(&cmd).unwrap();
+        assert_eq!(ack, ACK_OK);
+        let (ack, _) = net.ctrl(&CtrlCommand::VlanAdd(100)).unwrap();
+        assert_eq!(ack, 1);
+        let got = server.join().unwrap();
+        assert_eq!(got[0], cmd.to_bytes().unwrap());
+        assert_eq!(got[1], CtrlCommand::VlanAdd(100).to_bytes().unwrap());
+        assert_eq!(dev.kicks(ctrl), 2);
+    }
+
+    #[test]
+    fn tx_rings_the_doorbell_only_when_the_device_asks() {
+        let (net, dev) = bring_up(FakeConfig::default(), opts());
+        let mut net = net.unwrap();
+        let tx = 1;
+        // avail_event starts at 0: the first frame rings, the next nine
+        // (the device never moved it) do not.
+        for _ in 0..10 {
+            assert!(net
+                .post_tx(0, &VirtioNetHdr::default(), &[0u8; 60])
+                .unwrap());
+            net.kick_tx(0).unwrap();
+        }
+        assert_eq!(dev.kicks(tx), 1);
+        assert_eq!(dev.transmitted(tx).unwrap().len(), 10);
+        dev.want_kicks(tx, true).unwrap();
+        net.post_tx(0, &VirtioNetHdr::default(), &[0u8; 60])
+            .unwrap();
+        net.kick_tx(0).unwrap();
+        assert_eq!(dev.kicks(tx), 2);
     }
 }

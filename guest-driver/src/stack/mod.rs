@@ -296,7 +296,7 @@ impl Stack {
             let table: Vec<u16> = (0..128).map(|i| (i % pairs) as u16).collect();
             control.set_rss(&DEFAULT_KEY, &table, HashTypes::LINUX_DEFAULT)?;
             Some(RssView {
-                toeplitz: Toeplitz::new(&DEFAULT_KEY).map_err(|_| Error::Queue("rss key"))?,
+                toeplitz: Toeplitz::new(&DEFAULT_KEY)?,
                 table,
             })
         } else {
@@ -392,7 +392,7 @@ impl Stack {
             .inner
             .dev
             .lock()
-            .map_err(|_| Error::Queue("device lock poisoned"))?;
+            .map_err(|_| Error::Poisoned("device"))?;
         Ok(ControlGuard { g })
     }
 
@@ -456,7 +456,7 @@ impl Stack {
         let sent = Instant::now();
         shard::send_echo(inner, dst, ident, seq_no, &payload)?;
         let deadline = sent + timeout;
-        let mut g = inner.echo.lock().map_err(|_| Error::Queue("lock"))?;
+        let mut g = inner.echo.lock().map_err(|_| Error::Poisoned("echo"))?;
         loop {
             if let Some(v) = g.get_mut(&ident) {
                 if let Some(i) = v
@@ -474,7 +474,7 @@ impl Stack {
             g = inner
                 .echo_cond
                 .wait_timeout(g, deadline - now)
-                .map_err(|_| Error::Queue("lock"))?
+                .map_err(|_| Error::Poisoned("echo"))?
                 .0;
         }
     }

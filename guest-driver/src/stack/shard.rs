@@ -30,7 +30,7 @@ use super::{
 };
 use crate::{
     net::{self, QueuePair, RxQueue, TxQueue},
-    Error, Result,
+    Error, QueueError, Result,
 };
 
 /// Frames waiting in one shard's inbox at most; past it they are dropped
@@ -529,9 +529,7 @@ pub(crate) fn send_echo(
     seq_no: u16,
     data: &[u8],
 ) -> Result<()> {
-    let src = inner
-        .local_ip(dst)
-        .ok_or(Error::Queue("no address of that family"))?;
+    let src = inner.local_ip(dst).ok_or(Error::NoAddress(dst))?;
     let mut buf = Vec::with_capacity(64 + data.len());
     frames::eth(&mut buf, None, inner.mac, frames::ethertype_of(dst));
     match (src, dst) {
@@ -557,7 +555,7 @@ pub(crate) fn send_echo(
             };
             icmpv6_append(&mut buf, s, d, &r, 64);
         }
-        _ => return Err(Error::Queue("address family mismatch")),
+        _ => return Err(Error::NoAddress(dst)),
     }
     with_tx(inner, 0, |tx| {
         send_ip(inner, tx, dst, VirtioNetHdr::default(), &mut buf)
@@ -578,11 +576,8 @@ pub(crate) fn with_tx<T>(
     idx: usize,
     f: impl FnOnce(&mut TxQueue) -> T,
 ) -> Result<T> {
-    let shard = inner.shards.get(idx).ok_or(Error::Queue("no such shard"))?;
-    let mut g = shard
-        .st
-        .lock()
-        .map_err(|_| Error::Queue("shard lock poisoned"))?;
+    let shard = inner.shards.get(idx).ok_or(QueueError::NoSuchPair(idx))?;
+    let mut g = shard.st.lock().map_err(|_| Error::Poisoned("shard"))?;
     let r = f(&mut g.tx);
     g.tx.kick()?;
     Ok(r)

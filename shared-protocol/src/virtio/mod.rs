@@ -6,9 +6,11 @@ pub mod config;
 pub mod ctrl;
 pub mod features;
 pub mod hdr;
+pub mod status;
 pub mod validate;
 
 pub use config::VirtioNetConfig;
 pub use features::Features;
 pub use hdr::{GsoType, HdrFlags, VirtioNetHdr};
+pub use status::DeviceStatus;
 pub use validate::{validate, validate_prefix, ValidateError, Validated};
