@@ -222,7 +222,8 @@ fn small_frames(p: &Pair, dur: Duration) -> Run {
 
 fn stack(socket: &std::path::Path, addr: &str) -> Stack {
     NetArgs {
-        socket: socket.to_path_buf(),
+        socket: Some(socket.to_path_buf()),
+        pci: None,
         addr: Some(addr.into()),
         addr6: None,
         queues: 1,

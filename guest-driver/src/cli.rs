@@ -20,8 +20,12 @@ use crate::{
 #[derive(Debug, Clone, Args)]
 pub struct NetArgs {
     /// vnicd's vhost-user socket.
-    #[arg(long)]
-    pub socket: PathBuf,
+    #[arg(long, required_unless_present = "pci", conflicts_with = "pci")]
+    pub socket: Option<PathBuf>,
+    /// Inside a VM: the virtio-net PCI function to drive from user space
+    /// (e.g. 0000:00:02.0), through uio_pci_generic and hugepages.
+    #[arg(long, value_name = "BDF")]
+    pub pci: Option<String>,
     /// IPv4 address and prefix of this end, e.g. 192.0.2.2/24.
     #[arg(long)]
     pub addr: Option<String>,
@@ -106,16 +110,18 @@ impl NetArgs {
         if ipv4.is_none() && ipv6.is_none() {
             return Err(Error::Argument("give --addr or --addr6".into()));
         }
-        let dev = VirtioNet::connect(
-            &self.socket,
-            NetOptions {
-                pairs: self.queues.max(1),
-                queue_size: self.queue_size,
-                features: self.features(),
-                rx_buf_len: 2048,
-                enabled_pairs: None,
-            },
-        )?;
+        let opts = NetOptions {
+            pairs: self.queues.max(1),
+            queue_size: self.queue_size,
+            features: self.features(),
+            rx_buf_len: 2048,
+            enabled_pairs: None,
+        };
+        let dev = match (&self.pci, &self.socket) {
+            (Some(bdf), _) => VirtioNet::open_pci(bdf, opts)?,
+            (None, Some(socket)) => VirtioNet::connect(socket, opts)?,
+            (None, None) => return Err(Error::Argument("give --socket or --pci".into())),
+        };
         Stack::start(
             dev,
             StackConfig {

@@ -48,6 +48,8 @@ pub enum Error {
     NoAddress(IpAddr),
     #[error("bad argument: {0}")]
     Argument(String),
+    #[error("PCI: {0}")]
+    Pci(String),
 }
 
 /// What went wrong with a virtqueue, its buffers or the device's use of it.

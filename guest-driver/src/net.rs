@@ -484,6 +484,9 @@ pub struct VirtioNet {
     /// Queue pairs still with the device object (see [`VirtioNet::take_pairs`]).
     qps: Vec<QueuePair>,
     npairs: usize,
+    /// The control queue's index: after every pair the device has (with
+    /// MQ), else after the pairs set up.
+    ctrl_index: usize,
     /// The control queue, its one command buffer and doorbell, with CTRL_VQ.
     ctrl: Option<(Pool, Doorbell)>,
     /// RX buffers returned shorter than a header.
@@ -511,6 +514,17 @@ impl VirtioNet {
         Self::start(opts, |max_queues, mem| {
             Ok(Box::new(VhostUserTransport::accept(
                 listener, max_queues, mem,
+            )?))
+        })
+    }
+
+    /// Takes the virtio-net PCI function `bdf` from the kernel (see
+    /// [`crate::transport::pci`]) and brings it up; it goes back to its
+    /// kernel driver when this is dropped.
+    pub fn open_pci(bdf: &str, opts: NetOptions) -> Result<VirtioNet> {
+        Self::start(opts, |max_queues, mem| {
+            Ok(Box::new(crate::transport::pci::PciTransport::open(
+                bdf, max_queues, mem,
             )?))
         })
     }
@@ -553,6 +567,7 @@ impl VirtioNet {
             features,
             qps: Vec::new(),
             npairs: usize::from(opts.pairs.max(1)),
+            ctrl_index: 2 * usize::from(opts.pairs.max(1)),
             ctrl: None,
             rx_length_errors: 0,
         };
@@ -564,6 +579,17 @@ impl VirtioNet {
 
     fn queues(&mut self, opts: NetOptions) -> Result<()> {
         let (pairs, features) = (self.npairs, self.features);
+        if features.contains(Features::MQ) {
+            // The control queue comes after all the device's pairs
+            // (virtio 1.3, 5.1.2), however many the driver uses.
+            let max = usize::from(self.config()?.max_virtqueue_pairs);
+            if pairs > max {
+                return Err(crate::Error::Argument(format!(
+                    "{pairs} queue pairs asked for, the device has {max}"
+                )));
+            }
+            self.ctrl_index = 2 * max;
+        }
         let mergeable = features.contains(Features::MRG_RXBUF);
         let rx_len = Self::rx_buf_len(opts);
         let tx_len = MAX_FRAME_LEN + HDR_LEN_HASH;
@@ -610,10 +636,11 @@ impl VirtioNet {
             });
         }
         if features.contains(Features::CTRL_VQ) {
-            transport::check_queue_size(&mut **t, 2 * pairs, CTRL_QUEUE)?;
+            let vq = self.ctrl_index;
+            transport::check_queue_size(&mut **t, vq, CTRL_QUEUE)?;
             let c = Pool::new(t.dma(), CTRL_QUEUE, CTRL_BUF)?;
-            t.setup_queue(2 * pairs, &c.q, true)?;
-            self.ctrl = Some((c, t.doorbell(2 * pairs)?));
+            t.setup_queue(vq, &c.q, true)?;
+            self.ctrl = Some((c, t.doorbell(vq)?));
         }
         // Buffers go in before DRIVER_OK (virtio 1.3, 3.1.1 step 7); the
         // device looks at them once it is live.

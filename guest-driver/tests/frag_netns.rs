@@ -28,7 +28,8 @@ const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 /// The stack on `s`'s vnicd (2 queue pairs) with `kib` of reassembly memory.
 fn stack(s: &PortInNs, kib: usize) -> Stack {
     NetArgs {
-        socket: s.vnicd.socket.clone(),
+        socket: Some(s.vnicd.socket.clone()),
+        pci: None,
         addr: Some("192.0.2.2/24".into()),
         addr6: Some("2001:db8::2/64".into()),
         queues: 2,

@@ -63,7 +63,8 @@ fn setup(vfs: usize, extra: &[&str]) -> PortInNs {
 /// The vnic-guest stack on VF `n` as 192.0.2.(10 + n)/24.
 fn stack_on_vf(s: &PortInNs, n: usize, queues: u16) -> Stack {
     NetArgs {
-        socket: s.vnicd.vf_socket(n),
+        socket: Some(s.vnicd.vf_socket(n)),
+        pci: None,
         addr: Some(format!("192.0.2.{}/24", 10 + n)),
         addr6: None,
         queues,

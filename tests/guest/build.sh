@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Linux guest that vnic's QEMU tests boot, from Debian's
 # packages only: the 6.12 cloud kernel, and an initramfs with busybox,
-# iperf3 and ethtool (with their libraries) and the virtio_net module with
-# its dependencies. The guest runs the shell commands it is given on the
-# kernel command line (see init) and powers off.
+# iperf3 and ethtool (with their libraries), the virtio_net module with
+# its dependencies (loaded at boot) and uio_pci_generic with its (listed
+# in /modules/extra, loaded by the tests that want them). The guest runs
+# the shell commands it is given on the kernel command line (see init)
+# and powers off. Tests add files of their own (vnic-guest's tools) as a
+# second archive (tests/src/qemu.rs).
 #
 # Output in $VNIC_GUEST_DIR (default .cache/guest): vmlinuz and
 # initramfs.cpio.gz. Nothing is rebuilt while the inputs (package
@@ -67,8 +70,12 @@ copy_with_libs() {
 copy_with_libs "$(command -v iperf3)"
 copy_with_libs "$(command -v ethtool)"
 
-# virtio_net and what it needs, in load order (unless built in).
+# virtio_net and what it needs, in load order (unless built in); the
+# modules a test loads itself (uio_pci_generic, for vnic-guest's PCI
+# transport) go in a list of their own.
 : > "$r/modules/order"
+: > "$r/modules/extra"
+list=order
 add_module() {
     local name=$1 path dep
     grep -q "/$name.ko" "$mods/modules.builtin" && return 0
@@ -82,15 +89,19 @@ add_module() {
     local base
     base=$(basename "$path")
     base=${base%%.ko*}.ko
-    grep -qx "$base" "$r/modules/order" && return 0
+    grep -qx "$base" "$r/modules/order" "$r/modules/extra" && return 0
     case "$path" in
         *.xz) xz -dc "$mods/$path" > "$r/modules/$base" ;;
         *.zst) zstd -qdc "$mods/$path" > "$r/modules/$base" ;;
         *) cp "$mods/$path" "$r/modules/$base" ;;
     esac
-    echo "$base" >> "$r/modules/order"
+    echo "$base" >> "$r/modules/$list"
 }
 for m in virtio_pci virtio_net; do
+    add_module "$m"
+done
+list=extra
+for m in uio uio_pci_generic; do
     add_module "$m"
 done
 
@@ -101,4 +112,4 @@ cp "$work/k/boot/vmlinuz-$kver" "$out/vmlinuz.new"
 mv "$out/vmlinuz.new" "$out/vmlinuz"
 mv "$out/initramfs.cpio.gz.new" "$out/initramfs.cpio.gz"
 echo "$inputs" > "$out/stamp"
-echo "guest image built in $out (kernel $kver, modules: $(tr '\n' ' ' < "$r/modules/order"))"
+echo "guest image built in $out (kernel $kver, modules: $(tr '\n' ' ' < "$r/modules/order"), on demand: $(tr '\n' ' ' < "$r/modules/extra"))"

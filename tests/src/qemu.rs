@@ -89,6 +89,11 @@ pub struct GuestOpts {
     pub accel: Option<Accel>,
     /// Run QEMU inside this network namespace (its TAP is created there).
     pub netns: Option<String>,
+    /// Host files put into the guest at the given paths, with the shared
+    /// libraries they link (as `ldd` lists them) at their own paths.
+    pub files: Vec<(PathBuf, String)>,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
 }
 
 impl Default for GuestOpts {
@@ -102,6 +107,8 @@ impl Default for GuestOpts {
             script: String::new(),
             accel: None,
             netns: None,
+            files: Vec::new(),
+            mem_mib: 512,
         }
     }
 }
@@ -193,6 +200,11 @@ impl Guest {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What QEMU itself printed (errors about its devices).
+    pub fn qemu_stderr(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("qemu-stderr")).unwrap_or_default()
+    }
+
     /// Waits until the console shows `marker`.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -248,9 +260,61 @@ impl Guest {
     }
 }
 
+/// Copies `src` to `root` + `dst`, executable.
+fn put_file(root: &Path, src: &Path, dst: &str) -> io::Result<()> {
+    let to = root.join(dst.trim_start_matches('/'));
+    if let Some(d) = to.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::copy(src, &to)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))
+}
+
+/// The guest image with `files` added: a second cpio archive after the
+/// first (the kernel unpacks both), written next to `log`.
+fn initrd_with(base: &Path, files: &[(PathBuf, String)], log: &Path) -> io::Result<PathBuf> {
+    let dir = log.parent().unwrap_or(Path::new("/tmp"));
+    let root = dir.join("overlay");
+    for (src, dst) in files {
+        put_file(&root, src, dst)?;
+        let ldd = Command::new("ldd").arg(src).output()?;
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            let lib = match line.split_once("=>") {
+                Some((_, r)) => r.split_whitespace().next(),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|l| l.starts_with('/')),
+            };
+            if let Some(lib) = lib.filter(|l| l.starts_with('/')) {
+                put_file(&root, Path::new(lib), lib)?;
+            }
+        }
+    }
+    let extra = dir.join("extra.cpio.gz");
+    let script = format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+        root.display(),
+        extra.display()
+    );
+    run("sh", &["-c", &script])?;
+    let out = dir.join("initrd.gz");
+    let mut all = std::fs::read(base)?;
+    all.extend(std::fs::read(&extra)?);
+    std::fs::write(&out, all)?;
+    Ok(out)
+}
+
 /// Starts QEMU for `opts`, its serial console written to `log` (anew).
 fn spawn(opts: &GuestOpts, log: &Path) -> io::Result<Child> {
     let img = guest_image()?;
+    let initrd = if opts.files.is_empty() {
+        img.initrd.clone()
+    } else {
+        initrd_with(&img.initrd, &opts.files, log)?
+    };
+    let mem = format!("{}M", opts.mem_mib);
     let accel = opts.accel.unwrap_or_else(accel);
     let cmd = base64(opts.script.as_bytes());
     if cmd.len() > 1800 {
@@ -274,18 +338,21 @@ fn spawn(opts: &GuestOpts, log: &Path) -> io::Result<Child> {
         "-machine",
         machine,
         "-m",
-        "512M",
+        &mem,
         "-display",
         "none",
         "-no-reboot",
     ])
     .args(["-nodefaults", "-smp", &opts.smp.to_string()])
-    .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ])
     .args(["-numa", "node,memdev=mem"])
     .arg("-kernel")
     .arg(&img.kernel)
     .arg("-initrd")
-    .arg(&img.initrd)
+    .arg(&initrd)
     .args([
         "-append",
         &format!("console=ttyS0 quiet panic=-1 vnic.cmd={cmd}"),
@@ -322,10 +389,13 @@ fn spawn(opts: &GuestOpts, log: &Path) -> io::Result<Child> {
             ),
         ]);
     }
+    // QEMU's own complaints (a device it marked broken, say) go next to
+    // the console log.
+    let err = std::fs::File::create(log.with_extension("qemu-stderr"))?;
     let child = q
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(err)
         .spawn()?;
     Ok(child)
 }

@@ -9,6 +9,7 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
+pub mod pci;
 pub mod vhost_user;
 
 use std::io;

@@ -122,6 +122,11 @@ impl VhostUserTransport {
             self.frontend.set_protocol_features(p)?;
             self.protocol = p;
             self.acked_protocol = true;
+            if p.contains(VhostUserProtocolFeatures::MQ) {
+                // The device's own count bounds the queue indices (the
+                // control queue sits after all its pairs).
+                self.max_queues = self.frontend.get_queue_num()? as usize;
+            }
             if p.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Wait for the device to have applied every message: when
                 // setup returns, the queues are live.

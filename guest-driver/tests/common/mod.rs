@@ -36,7 +36,8 @@ pub fn start_stack(
     busy_poll_us: Option<u64>,
 ) -> vnic_guest::stack::Stack {
     NetArgs {
-        socket: socket.to_path_buf(),
+        socket: Some(socket.to_path_buf()),
+        pci: None,
         addr: Some("192.0.2.2/24".into()),
         addr6: Some("2001:db8::2/64".into()),
         queues: 2,
