@@ -81,6 +81,28 @@ unsafe impl Send for Bar {}
 // SAFETY: as above; every access is a single volatile load or store.
 unsafe impl Sync for Bar {}
 
+impl Bar {
+    /// Puts anonymous memory where the BAR was mapped: once the kernel's
+    /// driver claims the function it revokes user mappings of its BARs,
+    /// and a thread still touching one (a doorbell, the poller) would
+    /// take SIGBUS. Its accesses land in that memory instead.
+    fn detach(&self) {
+        // SAFETY: replaces exactly this mapping (address and length from
+        // `map_bar`) with fresh anonymous memory of the same size; every
+        // pointer into it stays valid for the accesses `Region` makes.
+        unsafe {
+            libc::mmap(
+                self.ptr.cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+    }
+}
+
 impl Drop for Bar {
     fn drop(&mut self) {
         // SAFETY: `ptr` and `len` are the mapping made in `map_bar`,
@@ -292,8 +314,10 @@ impl Binding {
     }
 }
 
-impl Drop for Binding {
-    fn drop(&mut self) {
+impl Binding {
+    /// Gives the function back to the driver it had (unless that was
+    /// uio_pci_generic already).
+    fn give_back(&self) {
         if self.had.as_deref() == Some("uio_pci_generic") {
             return;
         }
@@ -304,6 +328,73 @@ impl Drop for Binding {
             log::warn!("giving {} back to {:?}: {e}", self.bdf, self.had);
         }
     }
+
+    fn copy(&self) -> Binding {
+        Binding {
+            bdf: self.bdf.clone(),
+            dev: self.dev.clone(),
+            had: self.had.clone(),
+        }
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// Gives the function back when the process is told to stop (SIGINT,
+/// SIGTERM, SIGHUP), as the normal exit does: a thread waits for those
+/// signals, which every thread started after this blocks, then resets
+/// the device, detaches its BAR (see [`Bar::detach`]: the other threads
+/// still run), turns INTx back on, rebinds the kernel's driver and exits
+/// with 128 + the signal; after the transport gave the function back
+/// itself (`done`), it only exits. Signals that arrive before this is set
+/// up are handled as usual.
+fn give_back_on_signal(
+    common: Region,
+    bars: Vec<Arc<Bar>>,
+    config: File,
+    binding: Binding,
+    done: Arc<AtomicBool>,
+) -> Result<()> {
+    // SAFETY: sigset_t is plain old data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for these calls; the signal
+    // numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+    }
+    // SAFETY: blocks the set in this thread (inherited by the threads it
+    // starts); `set` is initialised and no old mask is asked for.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r).into());
+    }
+    std::thread::Builder::new()
+        .name("vnic-pci-signal".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are valid for the call, which waits
+            // for one of the blocked signals.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            // Once the transport has given the function back itself, it
+            // is the kernel's: hands off.
+            if !done.load(Ordering::SeqCst) {
+                let _ = common.write8(common::STATUS, 0);
+                bars.iter().for_each(|b| b.detach());
+                let _ = set_intx_disabled(&config, false);
+                binding.give_back();
+            }
+            std::process::exit(128 + sig);
+        })?;
+    Ok(())
 }
 
 /// Sets or clears the command register's INTx-disable bit (in its high
@@ -383,6 +474,8 @@ pub struct PciTransport {
     irq: Option<Poller>,
     /// The function's config space (sysfs).
     config: File,
+    /// Set once the function is given back (see `give_back_on_signal`).
+    done: Arc<AtomicBool>,
     // Dropped after `irq` and the BARs' users: gives the function back.
     binding: Option<Binding>,
     bdf: String,
@@ -537,6 +630,15 @@ impl PciTransport {
             clones.push(c.try_clone()?);
         }
         set_intx_disabled(&cfg_file, true)?;
+        let done = Arc::new(AtomicBool::new(false));
+        let mapped: Vec<Arc<Bar>> = bars.iter().flatten().cloned().collect();
+        give_back_on_signal(
+            common.clone(),
+            mapped,
+            cfg_file.try_clone()?,
+            binding.copy(),
+            done.clone(),
+        )?;
         let irq = Poller::start(isr, clones);
         debug!("{bdf}: {nq} queues, caps {caps:?}");
         Ok(PciTransport {
@@ -549,6 +651,7 @@ impl PciTransport {
             notify_off: vec![None; nq],
             irq: Some(irq),
             config: cfg_file,
+            done,
             binding: Some(binding),
             bdf: bdf.to_string(),
         })
@@ -681,11 +784,17 @@ impl Drop for PciTransport {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.irq.take();
+        // Doorbells other threads still hold must not fault once the
+        // kernel's driver claims the BAR.
+        for r in [&self.common, &self.notify, &self.device] {
+            r.bar.detach();
+        }
         // The kernel's driver expects INTx on.
         if let Err(e) = set_intx_disabled(&self.config, false) {
             log::warn!("{}: unmasking INTx: {e}", self.bdf);
         }
         self.binding.take();
+        self.done.store(true, Ordering::SeqCst);
     }
 }
 

@@ -71,6 +71,14 @@ echo SERVER-READY
 wait $p
 echo "S-RC=$?"
 cat /tmp/s
+# Stopped by a signal, it gives the function back all the same.
+vnic-iperf $A -s > /tmp/sig 2>&1 &
+p=$!
+wait_for /tmp/sig listening
+kill -INT $p
+wait $p
+echo "SIG-RC=$? SIG-DRIVER=$(basename "$(readlink "$dev/driver")")"
+
 # The host reads vnicd's queue counters for the PCI runs now.
 echo VNIC-DONE
 sleep 3
