@@ -16,16 +16,10 @@ use vnic_tests::{
 };
 
 mod common;
-use common::{json, vnicd};
+use common::{bytes, json, vnicd};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
-
-fn bytes(v: &Value, k: &str) -> u64 {
-    v["end"][k]["bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no end.{k}.bytes in {v}"))
-}
 
 fn mbits(v: &Value, k: &str) -> f64 {
     v["end"][k]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6

@@ -18,16 +18,10 @@ use vnic_guest::stack::TcpStream;
 use vnic_tests::{pattern, require_netns, BridgedPort, PortInNs, Proc};
 
 mod common;
-use common::{in_ns, json, net_args, rx_total, setup, start_stack, vnicd};
+use common::{bytes, in_ns, json, net_args, rx_total, setup, start_stack, vnicd};
 
 const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
-
-fn bytes(v: &Value, k: &str) -> u64 {
-    v["end"][k]["bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no end.{k}.bytes in {v}"))
-}
 
 #[test]
 fn ping_both_ways_over_ipv4_and_ipv6() {

@@ -202,13 +202,7 @@ impl Transport for FakeTransport {
     }
 
     fn doorbell(&self, index: usize) -> Result<Doorbell> {
-        let m = self.model()?;
-        let fq = m
-            .queues
-            .get(index)
-            .and_then(Option::as_ref)
-            .ok_or(QueueError::NotSetUp(index))?;
-        let kicks = fq.kicks.clone();
+        let kicks = self.model()?.queue(index)?.kicks.clone();
         Ok(Doorbell::new(move || {
             kicks.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -216,13 +210,7 @@ impl Transport for FakeTransport {
     }
 
     fn interrupt(&self, index: usize) -> Result<EventFd> {
-        let m = self.model()?;
-        let fq = m
-            .queues
-            .get(index)
-            .and_then(Option::as_ref)
-            .ok_or(QueueError::NotSetUp(index))?;
-        Ok(fq.call.try_clone()?)
+        Ok(self.model()?.queue(index)?.call.try_clone()?)
     }
 
     fn read_config(&mut self, offset: usize, len: usize) -> Result<Vec<u8>> {
@@ -268,28 +256,18 @@ impl FakeDevice {
 
     /// Times the driver rang queue `index`'s doorbell.
     pub fn kicks(&self, index: usize) -> u64 {
-        let m = self.model();
-        m.queues
-            .get(index)
-            .and_then(Option::as_ref)
+        self.model()
+            .queue(index)
             .map_or(0, |q| q.kicks.load(Ordering::Relaxed))
     }
 
     /// Interrupts the device sent for queue `index`.
     pub fn interrupts(&self, index: usize) -> u64 {
-        let m = self.model();
-        m.queues
-            .get(index)
-            .and_then(Option::as_ref)
-            .map_or(0, |q| q.interrupts)
+        self.model().queue(index).map_or(0, |q| q.interrupts)
     }
 
     pub fn enabled(&self, index: usize) -> bool {
-        let m = self.model();
-        m.queues
-            .get(index)
-            .and_then(Option::as_ref)
-            .is_some_and(|q| q.enabled)
+        self.model().queue(index).is_ok_and(|q| q.enabled)
     }
 
     /// Asks the driver for a doorbell on its next buffers (the device's
@@ -348,13 +326,7 @@ impl FakeDevice {
         let mut frames = Vec::new();
         let mut used = Vec::new();
         for (head, descs) in chains {
-            let mut f = Vec::new();
-            for d in descs.iter().filter(|d| !d.writable) {
-                let at = f.len();
-                f.resize(at + d.len as usize, 0);
-                mem.read_slice(&mut f[at..], d.addr)?;
-            }
-            frames.push(f);
+            frames.push(readable(&mem, &descs)?);
             used.push((head, 0));
         }
         self.complete(index, &used)?;
@@ -429,12 +401,7 @@ impl FakeDevice {
         let mut cmds = Vec::new();
         let mut used = Vec::new();
         for (head, descs) in chains {
-            let mut c = Vec::new();
-            for d in descs.iter().filter(|d| !d.writable) {
-                let at = c.len();
-                c.resize(at + d.len as usize, 0);
-                mem.read_slice(&mut c[at..], d.addr)?;
-            }
+            let c = readable(&mem, &descs)?;
             let ack_at = descs.iter().find(|d| d.writable).map(|d| d.addr);
             if let Some(a) = ack_at {
                 mem.write_obj(ack, a)?;
@@ -444,6 +411,26 @@ impl FakeDevice {
         }
         self.complete(index, &used)?;
         Ok(cmds)
+    }
+}
+
+/// The bytes of a chain's device-readable buffers, in order.
+fn readable(mem: &GuestMemoryMmap, descs: &[SeenDesc]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for d in descs.iter().filter(|d| !d.writable) {
+        let at = out.len();
+        out.resize(at + d.len as usize, 0);
+        mem.read_slice(&mut out[at..], d.addr)?;
+    }
+    Ok(out)
+}
+
+impl Model {
+    fn queue(&self, index: usize) -> Result<&FakeQueue> {
+        self.queues
+            .get(index)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| QueueError::NotSetUp(index).into())
     }
 }
 

@@ -81,3 +81,10 @@ pub fn in_ns(s: &PortInNs, cmd: &str, args: &[&str]) -> Command {
 pub fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
 }
+
+/// `end.<k>.bytes` of an iperf3 JSON report.
+pub fn bytes(v: &Value, k: &str) -> u64 {
+    v["end"][k]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no end.{k}.bytes in {v}"))
+}
