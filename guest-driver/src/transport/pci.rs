@@ -762,7 +762,9 @@ impl Transport for PciTransport {
 
     fn read_config(&mut self, offset: usize, len: usize) -> Result<Vec<u8>> {
         let len = len.min(self.device.len.saturating_sub(offset));
-        loop {
+        // Read until the generation is the same before and after (virtio
+        // 1.3, 4.1.4.3.1), a bounded number of times.
+        for _ in 0..100 {
             let g = self.common.read8(common::CFGGEN)?;
             let mut out = Vec::with_capacity(len);
             for i in 0..len {
@@ -772,6 +774,10 @@ impl Transport for PciTransport {
                 return Ok(out);
             }
         }
+        Err(Error::Pci(format!(
+            "{}: the config space keeps changing",
+            self.bdf
+        )))
     }
 }
 
