@@ -71,8 +71,8 @@ impl DmaMemory {
     }
 
     /// At least `size` bytes of 2 MiB hugepages from the hugetlbfs mounted
-    /// at `mount` (hugetlb pages are never swapped), each a region at its physical address (read
-    /// from /proc/self/pagemap, which needs root).
+    /// at `mount` (hugetlb pages are never swapped), each a region at its
+    /// physical address (read from /proc/self/pagemap, which needs root).
     pub fn hugepages(mount: &Path, size: usize) -> Result<DmaMemory> {
         let pages = size.div_ceil(HUGEPAGE).max(1);
         let len = pages * HUGEPAGE;
@@ -132,6 +132,19 @@ impl DmaMemory {
         Ok(())
     }
 
+    /// Bytes handed out or passed over so far.
+    fn used(&self) -> usize {
+        let done: usize = self.regions[..self.region.min(self.regions.len())]
+            .iter()
+            .map(|r| r.1)
+            .sum();
+        let here = self
+            .regions
+            .get(self.region)
+            .map_or(0, |&(start, _)| self.next.saturating_sub(start) as usize);
+        done + here
+    }
+
     /// Reserves `len` bytes aligned to `align` (a power of two) within one
     /// region.
     pub fn alloc(&mut self, len: usize, align: u64) -> Result<GuestAddress> {
@@ -147,7 +160,7 @@ impl DmaMemory {
         }
         Err(Error::OutOfMemory {
             wanted: len,
-            left: 0,
+            left: self.size.saturating_sub(self.used()),
         })
     }
 }

@@ -352,6 +352,11 @@ impl TxQueue {
         Ok(!self.pool.free.is_empty() && self.pool.q.free() > 0)
     }
 
+    /// Frames the ring holds at most.
+    pub fn capacity(&self) -> usize {
+        usize::from(self.pool.q.size)
+    }
+
     /// Frames that can be posted now (completed chains reclaimed first).
     pub fn room(&mut self) -> Result<usize> {
         self.reclaim()?;
@@ -541,9 +546,17 @@ impl VirtioNet {
         let rx_len = Self::rx_buf_len(opts);
         let tx_len = MAX_FRAME_LEN + HDR_LEN_HASH;
         let n = usize::from(opts.queue_size);
-        let mem = pairs * n * (rx_len.div_ceil(64) * 64 + tx_len.div_ceil(64) * 64)
-            + pairs * 2 * (16 * n + 16 * n + 64)
-            + (1 << 20);
+        // Sized as if every kind of buffer filled 2 MiB pages of its own:
+        // hugepage memory never has an allocation straddle two pages.
+        let page = crate::mem::HUGEPAGE;
+        let packed = |count: usize, len: usize| {
+            let per = (page / len.div_ceil(64).max(1) / 64).max(1);
+            count.div_ceil(per) * page
+        };
+        let mem = pairs * (packed(n, rx_len) + packed(n, tx_len))
+            + packed(2 * pairs + 1, 32 * n + 64)
+            + packed(usize::from(CTRL_QUEUE), CTRL_BUF)
+            + page;
         let mut t = open(2 * pairs + 1, mem)?;
         let features = transport::init(&mut *t, opts.features)?;
         match Self::set_up(t, opts, features) {
@@ -579,16 +592,26 @@ impl VirtioNet {
 
     fn queues(&mut self, opts: NetOptions) -> Result<()> {
         let (pairs, features) = (self.npairs, self.features);
-        if features.contains(Features::MQ) {
+        if features.intersects(Features::MQ | Features::RSS) {
             // The control queue comes after all the device's pairs
             // (virtio 1.3, 5.1.2), however many the driver uses.
             let max = usize::from(self.config()?.max_virtqueue_pairs);
+            if !(1..=0x8000).contains(&max) {
+                return Err(crate::Error::Negotiation(format!(
+                    "the device's config says {max} queue pairs (1 to 32768)"
+                )));
+            }
             if pairs > max {
                 return Err(crate::Error::Argument(format!(
                     "{pairs} queue pairs asked for, the device has {max}"
                 )));
             }
             self.ctrl_index = 2 * max;
+        } else if pairs > 1 && features.contains(Features::CTRL_VQ) {
+            // Queue 2 is the control queue then, not a pair's RX.
+            return Err(crate::Error::Argument(format!(
+                "{pairs} queue pairs asked for, the device did not take MQ"
+            )));
         }
         let mergeable = features.contains(Features::MRG_RXBUF);
         let rx_len = Self::rx_buf_len(opts);

@@ -1,6 +1,7 @@
 //! vnic-guest inside a real VM: a QEMU guest (Debian's kernel) on vnicd,
 //! its virtio-net-pci function driven from user space by vnic-ping and
-//! vnic-iperf over the PCI transport (uio_pci_generic, hugepages, INTx),
+//! vnic-iperf over the PCI transport (uio_pci_generic, hugepages, the ISR
+//! polled),
 //! against the host's kernel and real iperf3 in vnicd's namespace; then
 //! the function back with the guest kernel's virtio_net, measured beside
 //! it. The guest's side is `tests/guest/pci-test.sh`.
@@ -91,7 +92,7 @@ fn vnic_guest_over_pci_inside_a_qemu_guest() {
         ("uio_pci_generic is not loaded", "NOUIO-RC=2"),
         ("is in use: its interface", "INUSE-RC=2"),
         ("not a virtio-net function", "WRONG-RC=2"),
-        ("no hugetlbfs mounted", "NOMOUNT-RC=2"),
+        ("no hugetlbfs of 2 MiB pages mounted", "NOMOUNT-RC=2"),
         ("hugepages of 2 MiB", "NOPAGES-RC=2"),
     ] {
         assert!(o.contains(what) && o.contains(rc), "{what}: {o}");

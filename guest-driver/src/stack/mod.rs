@@ -348,7 +348,8 @@ impl Stack {
             next_conn: AtomicU64::new(0),
             next_shard: AtomicUsize::new(0),
             ip_ident: AtomicU16::new(1),
-            frag_ident: AtomicU32::new(1),
+            // Unpredictable identifications (RFC 7739): a random start.
+            frag_ident: AtomicU32::new(random_u32()),
         });
         let mut threads = Vec::new();
         for i in 0..inner.shards.len() {
@@ -452,6 +453,18 @@ impl Stack {
         timeout: Duration,
     ) -> Result<Option<Duration>> {
         let inner = &self.inner;
+        // The IP length field bounds the echo: 65535 less the IPv4 header
+        // and the ICMP header, or the IPv6 payload less the ICMPv6 header.
+        let max = if dst.is_ipv6() {
+            65535 - 8
+        } else {
+            65535 - 20 - 8
+        };
+        if size > max {
+            return Err(Error::Argument(format!(
+                "an echo of {size} bytes does not fit an IP packet (at most {max})"
+            )));
+        }
         let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
         let sent = Instant::now();
         shard::send_echo(inner, dst, ident, seq_no, &payload)?;
@@ -637,5 +650,17 @@ impl Control<'_> {
     pub fn vlan_del(&mut self, vid: u16) -> Result<()> {
         self.need(Features::CTRL_VLAN, "CTRL_VLAN")?;
         self.run(&CtrlCommand::VlanDel(vid)).map(drop)
+    }
+}
+
+/// A random number from the kernel (0 if it has none to give).
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        0
     }
 }

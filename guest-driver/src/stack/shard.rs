@@ -439,6 +439,11 @@ fn post_fragments(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[
         & !7)
         .max(8);
     let need = (whole.len() - ETH_LEN).div_ceil(per);
+    if need > tx.capacity() {
+        // It would never fit, however long it waited.
+        c.tx_unfragmentable.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     if tx.room().unwrap_or(0) < need {
         c.tx_ring_full.fetch_add(1, Ordering::Relaxed);
         return;

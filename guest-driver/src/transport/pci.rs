@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -273,16 +273,23 @@ pub fn hugetlbfs_mount() -> Result<PathBuf> {
         .lines()
         .find_map(|l| {
             let mut f = l.split_whitespace();
-            let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
-            (kind == "hugetlbfs").then(|| PathBuf::from(at))
+            let (_, at, kind, opts) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            // 2 MiB pages: the default size, or said so.
+            let size = opts.split(',').find_map(|o| o.strip_prefix("pagesize="));
+            (kind == "hugetlbfs" && size.is_none_or(|p| p == "2M")).then(|| PathBuf::from(at))
         })
         .ok_or_else(|| {
-            Error::Pci("no hugetlbfs mounted (mount -t hugetlbfs none /dev/hugepages)".into())
+            Error::Pci(
+                "no hugetlbfs of 2 MiB pages mounted (mount -t hugetlbfs none /dev/hugepages)"
+                    .into(),
+            )
         })
 }
 
 /// The function's binding to uio_pci_generic; dropping it gives the
-/// function back to the driver it had.
+/// function back: its driver_override cleared and the kernel asked to
+/// probe it, so the driver it had (or, if it had none, whichever driver
+/// claims it: virtio-pci) takes it.
 struct Binding {
     bdf: String,
     dev: PathBuf,
@@ -315,9 +322,8 @@ impl Binding {
 }
 
 impl Binding {
-    /// Gives the function back to the driver it had (unless that was
-    /// uio_pci_generic already).
-    fn give_back(&self) {
+    /// Gives the function back (unless it was on uio_pci_generic already).
+    fn give_back_now(&self) {
         if self.had.as_deref() == Some("uio_pci_generic") {
             return;
         }
@@ -328,73 +334,108 @@ impl Binding {
             log::warn!("giving {} back to {:?}: {e}", self.bdf, self.had);
         }
     }
+}
 
-    fn copy(&self) -> Binding {
+impl Drop for Binding {
+    fn drop(&mut self) {
+        self.give_back_now();
+    }
+}
+
+/// What a signal needs to give one function back.
+struct Claim {
+    /// Whoever sets it first gives the function back: the transport's
+    /// drop or the signal thread, never both.
+    taken: Arc<AtomicBool>,
+    common: Region,
+    bars: Vec<Arc<Bar>>,
+    config: File,
+    bdf: String,
+    dev: PathBuf,
+    had: Option<String>,
+}
+
+impl Claim {
+    fn give_back(&self) {
+        let _ = self.common.write8(common::STATUS, 0);
+        wait_reset(&self.common);
+        self.bars.iter().for_each(|b| b.detach());
+        let _ = set_intx_disabled(&self.config, false);
         Binding {
             bdf: self.bdf.clone(),
             dev: self.dev.clone(),
             had: self.had.clone(),
         }
+        .give_back_now();
     }
 }
 
-impl Drop for Binding {
-    fn drop(&mut self) {
-        self.give_back();
+/// The functions this process holds, for the signal thread.
+static CLAIMS: Mutex<Vec<Claim>> = Mutex::new(Vec::new());
+
+/// Waits (up to 1 s) for a reset to complete: the status reads 0
+/// (virtio 1.3, 4.1.4.3.2).
+fn wait_reset(common: &Region) {
+    let end = Instant::now() + Duration::from_secs(1);
+    while common.read8(common::STATUS).unwrap_or(0) != 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
-/// Gives the function back when the process is told to stop (SIGINT,
-/// SIGTERM, SIGHUP), as the normal exit does: a thread waits for those
-/// signals, which every thread started after this blocks, then resets
-/// the device, detaches its BAR (see [`Bar::detach`]: the other threads
-/// still run), turns INTx back on, rebinds the kernel's driver and exits
-/// with 128 + the signal; after the transport gave the function back
-/// itself (`done`), it only exits. Signals that arrive before this is set
-/// up are handled as usual.
-fn give_back_on_signal(
-    common: Region,
-    bars: Vec<Arc<Bar>>,
-    config: File,
-    binding: Binding,
-    done: Arc<AtomicBool>,
-) -> Result<()> {
-    // SAFETY: sigset_t is plain old data; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t for these calls; the signal
-    // numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-    }
-    // SAFETY: blocks the set in this thread (inherited by the threads it
-    // starts); `set` is initialised and no old mask is asked for.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(std::io::Error::from_raw_os_error(r).into());
-    }
-    std::thread::Builder::new()
-        .name("vnic-pci-signal".into())
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` and `sig` are valid for the call, which waits
-            // for one of the blocked signals.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                return;
+/// Gives every function back when the process is told to stop (SIGINT,
+/// SIGTERM, SIGHUP), as a normal exit does: one thread for the process
+/// waits for those signals, which the threads started after it block,
+/// then for each function not given back yet resets it, detaches its BAR
+/// (see [`Bar::detach`]: the other threads still run), turns INTx back
+/// on and rebinds it, and exits with 128 + the signal. Signals that
+/// arrive before this is set up are handled as usual.
+fn watch_signals() -> Result<()> {
+    static STARTED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            // SAFETY: sigset_t is plain old data; sigemptyset initialises it.
+            let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` is a valid sigset_t for these calls; the
+            // signal numbers are valid.
+            unsafe {
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigaddset(&mut set, libc::SIGHUP);
             }
-            // Once the transport has given the function back itself, it
-            // is the kernel's: hands off.
-            if !done.load(Ordering::SeqCst) {
-                let _ = common.write8(common::STATUS, 0);
-                bars.iter().for_each(|b| b.detach());
-                let _ = set_intx_disabled(&config, false);
-                binding.give_back();
+            // SAFETY: blocks the set in this thread (inherited by the
+            // threads it starts); `set` is initialised and no old mask is
+            // asked for.
+            let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+            if r != 0 {
+                return Err(std::io::Error::from_raw_os_error(r).to_string());
             }
-            std::process::exit(128 + sig);
-        })?;
-    Ok(())
+            std::thread::Builder::new()
+                .name("vnic-pci-signal".into())
+                .spawn(move || {
+                    let mut sig: libc::c_int = 0;
+                    // SAFETY: `set` and `sig` are valid for the call,
+                    // which waits for one of the blocked signals.
+                    if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                        return;
+                    }
+                    let claims = match CLAIMS.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    for c in claims.iter() {
+                        if !c.taken.swap(true, Ordering::SeqCst) {
+                            c.give_back();
+                        }
+                    }
+                    std::process::exit(128 + sig);
+                })
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(Error::Pci)
 }
 
 /// Sets or clears the command register's INTx-disable bit (in its high
@@ -432,7 +473,7 @@ struct Poller {
 }
 
 impl Poller {
-    fn start(isr: Region, calls: Vec<EventFd>) -> Poller {
+    fn start(isr: Region, calls: Vec<EventFd>) -> Result<Poller> {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -446,9 +487,11 @@ impl Poller {
                         }
                     }
                 }
-            })
-            .ok();
-        Poller { stop, thread }
+            })?;
+        Ok(Poller {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -474,8 +517,8 @@ pub struct PciTransport {
     irq: Option<Poller>,
     /// The function's config space (sysfs).
     config: File,
-    /// Set once the function is given back (see `give_back_on_signal`).
-    done: Arc<AtomicBool>,
+    /// Set by whoever gives the function back (see [`watch_signals`]).
+    taken: Arc<AtomicBool>,
     // Dropped after `irq` and the BARs' users: gives the function back.
     binding: Option<Binding>,
     bdf: String,
@@ -629,17 +672,23 @@ impl PciTransport {
         for c in &calls {
             clones.push(c.try_clone()?);
         }
+        watch_signals()?;
+        let irq = Poller::start(isr, clones)?;
+        let taken = Arc::new(AtomicBool::new(false));
+        let claim = Claim {
+            taken: taken.clone(),
+            common: common.clone(),
+            bars: bars.iter().flatten().cloned().collect(),
+            config: cfg_file.try_clone()?,
+            bdf: bdf.to_string(),
+            dev: dev.clone(),
+            had: binding.had.clone(),
+        };
+        // Last, so that no failed step leaves INTx off.
         set_intx_disabled(&cfg_file, true)?;
-        let done = Arc::new(AtomicBool::new(false));
-        let mapped: Vec<Arc<Bar>> = bars.iter().flatten().cloned().collect();
-        give_back_on_signal(
-            common.clone(),
-            mapped,
-            cfg_file.try_clone()?,
-            binding.copy(),
-            done.clone(),
-        )?;
-        let irq = Poller::start(isr, clones);
+        if let Ok(mut c) = CLAIMS.lock() {
+            c.push(claim);
+        }
         debug!("{bdf}: {nq} queues, caps {caps:?}");
         Ok(PciTransport {
             common,
@@ -651,7 +700,7 @@ impl PciTransport {
             notify_off: vec![None; nq],
             irq: Some(irq),
             config: cfg_file,
-            done,
+            taken,
             binding: Some(binding),
             bdf: bdf.to_string(),
         })
@@ -764,14 +813,26 @@ impl Transport for PciTransport {
         let len = len.min(self.device.len.saturating_sub(offset));
         // Read until the generation is the same before and after (virtio
         // 1.3, 4.1.4.3.1), a bounded number of times.
+        // Aligned 16-bit reads: virtio-net's 16-bit fields each in one
+        // access of their width (virtio 1.3, 4.1.3.1), its bytes two at a
+        // time. Not 32-bit: a word that runs past the end of a config
+        // shorter than the fields asked for (one without MTU, say) reads
+        // as all ones on QEMU, the field in it included.
+        let (first, end) = (offset & !1, (offset + len).div_ceil(2) * 2);
+        let end = end.min(self.device.len & !1);
         for _ in 0..100 {
             let g = self.common.read8(common::CFGGEN)?;
-            let mut out = Vec::with_capacity(len);
-            for i in 0..len {
-                out.push(self.device.read8(offset + i)?);
+            let mut words = Vec::with_capacity(end.saturating_sub(first));
+            for at in (first..end).step_by(2) {
+                words.extend_from_slice(&self.device.read16(at)?.to_le_bytes());
             }
             if self.common.read8(common::CFGGEN)? == g {
-                return Ok(out);
+                let from = offset - first;
+                return Ok(words
+                    .get(from..from + len)
+                    .or_else(|| words.get(from..))
+                    .unwrap_or_default()
+                    .to_vec());
             }
         }
         Err(Error::Pci(format!(
@@ -783,12 +844,21 @@ impl Transport for PciTransport {
 
 impl Drop for PciTransport {
     fn drop(&mut self) {
+        if let Ok(mut c) = CLAIMS.lock() {
+            c.retain(|x| !Arc::ptr_eq(&x.taken, &self.taken));
+        }
+        if self.taken.swap(true, Ordering::SeqCst) {
+            // A signal got there first: the signal thread gives the
+            // function back and ends the process.
+            self.irq.take();
+            if let Some(b) = self.binding.take() {
+                std::mem::forget(b);
+            }
+            return;
+        }
         // Reset first: the device stops using the rings before they go.
         let _ = self.common.write8(common::STATUS, 0);
-        let end = Instant::now() + Duration::from_secs(1);
-        while self.common.read8(common::STATUS).unwrap_or(0) != 0 && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_reset(&self.common);
         self.irq.take();
         // Doorbells other threads still hold must not fault once the
         // kernel's driver claims the BAR.
@@ -800,7 +870,6 @@ impl Drop for PciTransport {
             log::warn!("{}: unmasking INTx: {e}", self.bdf);
         }
         self.binding.take();
-        self.done.store(true, Ordering::SeqCst);
     }
 }
 
