@@ -1,5 +1,6 @@
 //! `VirtioNet`: negotiation, RX buffer posting, frame transmit and receive
-//! over any [`Transport`] (vhost-user today; the in-process fake in tests).
+//! over any [`Transport`]: vhost-user, PCI inside a VM, or the
+//! in-process fake in tests.
 //!
 //! Each queue pair is a [`QueuePair`] that can be taken out of the device
 //! and driven by its own thread (the stack runs one shard per pair); the
@@ -490,7 +491,7 @@ pub struct VirtioNet {
     qps: Vec<QueuePair>,
     npairs: usize,
     /// The control queue's index: after every pair the device has (with
-    /// MQ), else after the pairs set up.
+    /// MQ or RSS), else after the pairs set up.
     ctrl_index: usize,
     /// The control queue, its one command buffer and doorbell, with CTRL_VQ.
     ctrl: Option<(Pool, Doorbell)>,
