@@ -286,24 +286,44 @@ pub fn hugetlbfs_mount() -> Result<PathBuf> {
         })
 }
 
-/// The function's binding to uio_pci_generic; dropping it gives the
-/// function back: its driver_override cleared and the kernel asked to
-/// probe it, so the driver it had (or, if it had none, whichever driver
-/// claims it: virtio-pci) takes it.
-struct Binding {
+/// Which function, and the driver it had: what giving it back needs.
+#[derive(Clone)]
+struct Owner {
     bdf: String,
     dev: PathBuf,
     had: Option<String>,
 }
 
+impl Owner {
+    /// Gives the function back: its driver_override cleared and the
+    /// kernel asked to probe it, so the driver it had (or, if it had none,
+    /// whichever driver claims it: virtio-pci) takes it. Nothing to do if
+    /// it was on uio_pci_generic already.
+    fn give_back(&self) {
+        if self.had.as_deref() == Some("uio_pci_generic") {
+            return;
+        }
+        let unbind = write_sys(&self.dev.join("driver/unbind"), &self.bdf);
+        let clear = write_sys(&self.dev.join("driver_override"), "\n");
+        let probe = write_sys(Path::new("/sys/bus/pci/drivers_probe"), &self.bdf);
+        if let Err(e) = unbind.and(clear).and(probe) {
+            log::warn!("giving {} back to {:?}: {e}", self.bdf, self.had);
+        }
+    }
+}
+
+/// The function's binding to uio_pci_generic; dropping it gives the
+/// function back ([`Owner::give_back`]).
+struct Binding(Owner);
+
 impl Binding {
     fn take(bdf: &str, dev: &Path) -> Result<Binding> {
         let had = driver_of(dev);
-        let b = Binding {
+        let b = Binding(Owner {
             bdf: bdf.to_string(),
             dev: dev.to_path_buf(),
             had: had.clone(),
-        };
+        });
         if had.as_deref() == Some("uio_pci_generic") {
             return Ok(b);
         }
@@ -321,24 +341,9 @@ impl Binding {
     }
 }
 
-impl Binding {
-    /// Gives the function back (unless it was on uio_pci_generic already).
-    fn give_back_now(&self) {
-        if self.had.as_deref() == Some("uio_pci_generic") {
-            return;
-        }
-        let unbind = write_sys(&self.dev.join("driver/unbind"), &self.bdf);
-        let clear = write_sys(&self.dev.join("driver_override"), "\n");
-        let probe = write_sys(Path::new("/sys/bus/pci/drivers_probe"), &self.bdf);
-        if let Err(e) = unbind.and(clear).and(probe) {
-            log::warn!("giving {} back to {:?}: {e}", self.bdf, self.had);
-        }
-    }
-}
-
 impl Drop for Binding {
     fn drop(&mut self) {
-        self.give_back_now();
+        self.0.give_back();
     }
 }
 
@@ -350,23 +355,16 @@ struct Claim {
     common: Region,
     bars: Vec<Arc<Bar>>,
     config: File,
-    bdf: String,
-    dev: PathBuf,
-    had: Option<String>,
+    owner: Owner,
 }
 
 impl Claim {
     fn give_back(&self) {
         let _ = self.common.write8(common::STATUS, 0);
-        wait_reset(&self.common);
+        let _ = wait_reset(&self.common);
         self.bars.iter().for_each(|b| b.detach());
         let _ = set_intx_disabled(&self.config, false);
-        Binding {
-            bdf: self.bdf.clone(),
-            dev: self.dev.clone(),
-            had: self.had.clone(),
-        }
-        .give_back_now();
+        self.owner.give_back();
     }
 }
 
@@ -374,11 +372,15 @@ impl Claim {
 static CLAIMS: Mutex<Vec<Claim>> = Mutex::new(Vec::new());
 
 /// Waits (up to 1 s) for a reset to complete: the status reads 0
-/// (virtio 1.3, 4.1.4.3.2).
-fn wait_reset(common: &Region) {
+/// (virtio 1.3, 4.1.4.3.2). Whether it did.
+fn wait_reset(common: &Region) -> bool {
     let end = Instant::now() + Duration::from_secs(1);
-    while common.read8(common::STATUS).unwrap_or(0) != 0 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(1));
+    loop {
+        match common.read8(common::STATUS) {
+            Ok(0) | Err(_) => return true,
+            Ok(_) if Instant::now() >= end => return false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+        }
     }
 }
 
@@ -680,9 +682,7 @@ impl PciTransport {
             common: common.clone(),
             bars: bars.iter().flatten().cloned().collect(),
             config: cfg_file.try_clone()?,
-            bdf: bdf.to_string(),
-            dev: dev.clone(),
-            had: binding.had.clone(),
+            owner: binding.0.clone(),
         };
         // Last, so that no failed step leaves INTx off.
         set_intx_disabled(&cfg_file, true)?;
@@ -711,14 +711,8 @@ impl Transport for PciTransport {
     fn set_status(&mut self, status: DeviceStatus) -> Result<()> {
         self.common.write8(common::STATUS, status.bits())?;
         if status.is_empty() {
-            // The reset is done when the status reads 0 (virtio 1.3,
-            // 4.1.4.3.2).
-            let end = Instant::now() + Duration::from_secs(1);
-            while self.common.read8(common::STATUS)? != 0 {
-                if Instant::now() > end {
-                    return Err(Error::Pci(format!("{} does not reset", self.bdf)));
-                }
-                std::thread::sleep(Duration::from_millis(1));
+            if !wait_reset(&self.common) {
+                return Err(Error::Pci(format!("{} does not reset", self.bdf)));
             }
             self.common.write16(common::MSIX, NO_VECTOR)?;
         }
@@ -858,7 +852,7 @@ impl Drop for PciTransport {
         }
         // Reset first: the device stops using the rings before they go.
         let _ = self.common.write8(common::STATUS, 0);
-        wait_reset(&self.common);
+        let _ = wait_reset(&self.common);
         self.irq.take();
         // Doorbells other threads still hold must not fault once the
         // kernel's driver claims the BAR.
