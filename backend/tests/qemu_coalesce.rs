@@ -157,18 +157,18 @@ fn coalescing_cuts_guest_interrupts_and_adaptive_keeps_ping_fast() {
         "throughput fell: {bps:?}"
     );
     // At a ping's load the adaptive mode holds nothing back: the device
-    // added no delay to any reply. (The medians differ by TCG's noise,
-    // which is larger than 50 µs between two runs of the same code; the
-    // 50 µs bound is checked against vnic-guest, whose RTTs are steady.
-    // What is checked here is that adaptive mode is not slower: a CI run
-    // saw the uncoalesced median at 1999 µs and the adaptive one at 1349.)
+    // deferred no notification, so it added no delay to any reply. That
+    // counter is the exact check. The guest's round trips only guard
+    // against a gross stall: TCG's medians wander by more than any hold
+    // the adaptive profiles could add (CI runs saw the adaptive median at
+    // 0.67x and at 1.32x the uncoalesced one, with nothing held).
     assert_eq!(
         delta(&fixed, &pinged, "rx0.coalesce.held"),
         0,
         "adaptive mode held notifications at ping rate"
     );
     assert!(
-        rtt_adaptive - rtt_off <= 500.0,
+        rtt_adaptive <= (1.5 * rtt_off).max(rtt_off + 500.0),
         "ping median: {rtt_off} us off, {rtt_adaptive} us adaptive"
     );
 }
