@@ -15,15 +15,31 @@
 //! DATA_VALID or NEEDS_CSUM are not checked again, and coalesced (GRO'd)
 //! receives are taken whole. Without the features the stack cuts at the
 //! MSS and computes every checksum itself.
+//!
+//! Layers, each using only those below it:
+//! - leaves: [`StackConfig`], `wait` (queues sockets wait on), `poll`
+//!   (readiness), `frames` (header builders), [`neigh`] (the neighbour
+//!   cache);
+//! - middle: `state` (the shared core and each shard's connection
+//!   table), `output` (segments, IP with neighbour resolution,
+//!   fragmentation), `input` (demultiplexing, reassembly);
+//! - top: `shard` (a queue pair's thread), [`socket`] (sockets over a
+//!   provider: the stack's own TCP today), and [`Stack`] here.
 
+mod config;
 mod frames;
+mod input;
 pub mod neigh;
+mod output;
+mod poll;
 mod shard;
 pub mod socket;
+mod state;
+mod wait;
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::IpAddr,
     sync::{
         atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
@@ -35,8 +51,7 @@ use std::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vnic_protocol::{
     frag,
-    rss::{HashInput, HashReport, HashTypes, Toeplitz, DEFAULT_KEY},
-    tcp,
+    rss::{HashTypes, Toeplitz, DEFAULT_KEY},
     virtio::{
         ctrl::{Coal, CtrlCommand, RssConfig, ACK_OK},
         Features,
@@ -44,78 +59,12 @@ use vnic_protocol::{
     wire::{ethernet::Address, icmpv6::solicited_node},
 };
 
-pub use socket::{Interest, PollEntry, Readiness, TcpListener, TcpStream, UdpSocket};
+pub use config::StackConfig;
+pub use poll::{Interest, PollEntry, Pollable, Readiness};
+pub use socket::{TcpListener, TcpStream, UdpSocket};
 
 use crate::{net::VirtioNet, Error, Result};
-use shard::Shard;
-
-/// How the stack is set up.
-#[derive(Debug, Clone, Copy)]
-pub struct StackConfig {
-    pub ipv4: Option<(Ipv4Addr, u8)>,
-    pub ipv6: Option<(Ipv6Addr, u8)>,
-    /// Use TSO when the device offers it.
-    pub tso: bool,
-    /// Use checksum offload (both ways) when the device offers it.
-    pub csum: bool,
-    /// Frames a shard takes per poll before it looks at timers.
-    pub budget: usize,
-    /// Keep polling this long after the ring ran dry before sleeping.
-    pub busy_poll: Option<Duration>,
-    pub tcp: tcp::Config,
-    /// Program the device's RSS (key, table over all pairs).
-    pub rss: bool,
-    /// IP reassembly limits for the whole stack; each shard gets its share
-    /// of `max_memory` and `max_datagrams`.
-    pub reassembly: frag::Limits,
-}
-
-impl Default for StackConfig {
-    fn default() -> Self {
-        StackConfig {
-            ipv4: None,
-            ipv6: None,
-            tso: true,
-            csum: true,
-            budget: 64,
-            busy_poll: None,
-            tcp: tcp::Config::default(),
-            rss: true,
-            reassembly: frag::Limits::default(),
-        }
-    }
-}
-
-/// Stack-wide counters.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub rx_frames: AtomicU64,
-    pub tx_frames: AtomicU64,
-    /// Received frames dropped: bad checksum.
-    pub rx_bad_checksum: AtomicU64,
-    /// Received frames dropped: malformed or unsupported.
-    pub rx_malformed: AtomicU64,
-    /// Received frames not for this host (address, protocol, port).
-    pub rx_not_ours: AtomicU64,
-    /// Frames that arrived on another shard's queue and were handed over.
-    pub rx_handed_over: AtomicU64,
-    /// Frames for another shard dropped: its inbox was full.
-    pub rx_inbox_full: AtomicU64,
-    /// Frames not sent: the TX ring was full.
-    pub tx_ring_full: AtomicU64,
-    /// Frames not sent: no route (no address of that family).
-    pub tx_no_route: AtomicU64,
-    pub tcp_rst_sent: AtomicU64,
-    /// Connections reset because the listener's backlog was full.
-    pub tcp_backlog_full: AtomicU64,
-    pub echo_replied: AtomicU64,
-    pub udp_dropped: AtomicU64,
-    /// Datagrams longer than the MTU sent as fragments, and the fragments.
-    pub tx_fragmented: AtomicU64,
-    pub tx_fragments: AtomicU64,
-    /// Datagrams longer than the MTU dropped: they could not be cut.
-    pub tx_unfragmentable: AtomicU64,
-}
+use state::{random_u32, Counters, Inner, RssView, Shard, EPHEMERAL};
 
 /// A snapshot of [`Counters`] and the neighbour cache's numbers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,132 +95,11 @@ pub struct StackStats {
     pub shard_rx: [u64; 16],
 }
 
-/// An echo reply: sequence number, from, when.
-type EchoSeen = (u16, IpAddr, Instant);
-
-/// The hash function of the device's RSS as the stack set it.
-#[derive(Debug)]
-struct RssView {
-    toeplitz: Toeplitz,
-    table: Vec<u16>,
-}
-
-pub(crate) struct Inner {
-    cfg: StackConfig,
-    mac: Address,
-    mtu: usize,
-    tso4: bool,
-    tso6: bool,
-    csum_tx: bool,
-    csum_rx: bool,
-    shards: Vec<Shard>,
-    neigh: Mutex<neigh::Neighbours>,
-    listeners: Mutex<HashMap<u16, Arc<socket::ListenQueue>>>,
-    udp: Mutex<HashMap<u16, Arc<socket::UdpQueue>>>,
-    echo: Mutex<HashMap<u16, Vec<EchoSeen>>>,
-    echo_cond: Condvar,
-    /// Bumped on every socket event; [`Stack::poll`] waits on it.
-    events: Mutex<u64>,
-    events_cond: Condvar,
-    rss: Option<RssView>,
-    epoch: Instant,
-    stop: AtomicBool,
-    counters: Counters,
-    shard_rx: Vec<AtomicU64>,
-    dev: Mutex<VirtioNet>,
-    next_port: AtomicU16,
-    next_conn: AtomicU64,
-    /// The shard the next connection opened here goes to (round robin).
-    next_shard: AtomicUsize,
-    ip_ident: AtomicU16,
-    /// IPv6 fragment identification.
-    frag_ident: AtomicU32,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
-            .field("mac", &self.mac)
-            .field("shards", &self.shards.len())
-            .finish_non_exhaustive()
-    }
-}
-
 /// A running stack.
 #[derive(Debug)]
 pub struct Stack {
     inner: Arc<Inner>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
-
-impl Inner {
-    fn now(&self) -> tcp::Instant {
-        tcp::Instant(self.epoch.elapsed().as_micros() as u64)
-    }
-
-    /// The shard that owns a flow: the queue the device steers its
-    /// incoming packets to (remote is the source there).
-    fn owner(&self, local: SocketAddr, remote: SocketAddr) -> usize {
-        let n = self.shards.len();
-        if n <= 1 {
-            return 0;
-        }
-        match &self.rss {
-            Some(r) => {
-                let input = HashInput::new(
-                    remote.ip(),
-                    local.ip(),
-                    Some((remote.port(), local.port())),
-                    HashReport::None,
-                );
-                let h = r.toeplitz.hash(input.as_bytes());
-                let q = r
-                    .table
-                    .get(h as usize & (r.table.len() - 1))
-                    .copied()
-                    .unwrap_or(0);
-                usize::from(q) % n
-            }
-            None => {
-                let x = u64::from(local.port()) << 16 | u64::from(remote.port());
-                (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as usize % n
-            }
-        }
-    }
-
-    fn local_ip(&self, remote: IpAddr) -> Option<IpAddr> {
-        match remote {
-            IpAddr::V4(_) => self.cfg.ipv4.map(|(a, _)| IpAddr::V4(a)),
-            IpAddr::V6(_) => self.cfg.ipv6.map(|(a, _)| IpAddr::V6(a)),
-        }
-    }
-
-    fn is_local(&self, ip: IpAddr) -> bool {
-        match ip {
-            IpAddr::V4(a) => self.cfg.ipv4.is_some_and(|(x, _)| x == a),
-            IpAddr::V6(a) => self.cfg.ipv6.is_some_and(|(x, _)| x == a),
-        }
-    }
-
-    fn iss(&self, local: SocketAddr, remote: SocketAddr) -> u32 {
-        // RFC 6528 in spirit: a clock plus a per-flow scramble.
-        let t = (self.epoch.elapsed().as_micros() / 4) as u32;
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in format!("{local}{remote}").bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        t.wrapping_add(h as u32)
-            .wrapping_add(self.next_conn.fetch_add(1, Ordering::Relaxed) as u32 * 64_000)
-    }
-
-    fn notify(&self) {
-        if let Ok(mut g) = self.events.lock() {
-            *g = g.wrapping_add(1);
-        }
-        self.events_cond.notify_all();
-    }
 }
 
 impl Stack {
@@ -467,7 +295,7 @@ impl Stack {
         }
         let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
         let sent = Instant::now();
-        shard::send_echo(inner, dst, ident, seq_no, &payload)?;
+        output::send_echo(inner, dst, ident, seq_no, &payload)?;
         let deadline = sent + timeout;
         let mut g = inner.echo.lock().map_err(|_| Error::Poisoned("echo"))?;
         loop {
@@ -509,7 +337,7 @@ impl Stack {
             if ready > 0 {
                 return ready;
             }
-            let Some(wait) = socket::wait_slice(deadline) else {
+            let Some(wait) = wait::wait_slice(deadline) else {
                 return 0;
             };
             if let Ok(g) = self.inner.events.lock() {
@@ -650,17 +478,5 @@ impl Control<'_> {
     pub fn vlan_del(&mut self, vid: u16) -> Result<()> {
         self.need(Features::CTRL_VLAN, "CTRL_VLAN")?;
         self.run(&CtrlCommand::VlanDel(vid)).map(drop)
-    }
-}
-
-/// A random number from the kernel (0 if it has none to give).
-fn random_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n == 4 {
-        u32::from_ne_bytes(b)
-    } else {
-        0
     }
 }

@@ -1,0 +1,383 @@
+//! Middle: what leaves the stack. A connection's segments and events,
+//! IP packets to their next hop (held while its link address is asked
+//! for), fragments for datagrams past the MTU, ARP and neighbour
+//! solicitations, echo requests.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::atomic::Ordering,
+    time::Instant,
+};
+
+use log::debug;
+use vnic_protocol::{
+    frag::fragment,
+    offload::csum::complete_checksum,
+    tcp::{self, Event},
+    virtio::{hdr::GsoType, HdrFlags, VirtioNetHdr},
+    wire::{
+        arp,
+        ethernet::{ethertype, Address},
+        icmpv4, icmpv6, ipv4, tcp as wtcp,
+    },
+};
+
+use super::{
+    frames::{self, ETH_LEN},
+    neigh::Lookup,
+    state::{Inner, Proto},
+};
+use crate::{net::TxQueue, Error, QueueError, Result};
+
+/// Passes connection `slot`'s events on, then sends whatever it has to send.
+pub(crate) fn flush(
+    inner: &Inner,
+    p: &mut Proto,
+    tx: &mut TxQueue,
+    slot: usize,
+    now: tcp::Instant,
+) {
+    // Events first: handing a connection to its listener may reset it,
+    // and the RST goes out below.
+    drain_events(inner, p, slot);
+    let Some(Some(e)) = p.conns.get_mut(slot) else {
+        return;
+    };
+    let v6 = e.remote.is_ipv6();
+    let tso = if v6 { inner.tso6 } else { inner.tso4 };
+    loop {
+        match tx.has_room() {
+            Ok(true) => {}
+            _ => {
+                inner.counters.tx_ring_full.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+        let max = if tso {
+            65535 - ETH_LEN - 40 - 60
+        } else {
+            e.conn.send_mss()
+        };
+        let Some(seg) = e.conn.poll_transmit(now, max) else {
+            break;
+        };
+        let (local, remote) = (e.local, e.remote);
+        let buf = &mut p.buf;
+        frames::eth(buf, None, inner.mac, frames::ethertype_of(remote.ip()));
+        let hl = seg.repr.header_len();
+        let l4_len = hl + seg.payload_len();
+        let ident = inner.ip_ident.fetch_add(1, Ordering::Relaxed);
+        let iphl = frames::ip(buf, local.ip(), remote.ip(), frames::TCP, l4_len, ident, 64);
+        let l4 = buf.len();
+        buf.resize(l4 + hl, 0);
+        let mut repr = seg.repr;
+        repr.payload_len = 0;
+        if repr
+            .emit(&mut wtcp::Packet::new_unchecked(&mut buf[l4..]), None)
+            .is_err()
+        {
+            inner.counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        buf.extend_from_slice(seg.payload[0]);
+        buf.extend_from_slice(seg.payload[1]);
+        let ps = frames::pseudo(local.ip(), remote.ip(), frames::TCP, l4_len);
+        let mut hdr = frames::l4_checksum(buf, l4, wtcp::CHECKSUM_OFFSET, ps, inner.csum_tx);
+        if seg.payload_len() > seg.mss {
+            frames::tso(&mut hdr, v6, ETH_LEN + iphl + hl, seg.mss);
+        }
+        send_ip(inner, tx, remote.ip(), hdr, buf);
+    }
+}
+
+/// Passes a connection's events to its listener and waiters.
+fn drain_events(inner: &Inner, p: &mut Proto, slot: usize) {
+    let Some(Some(e)) = p.conns.get_mut(slot) else {
+        return;
+    };
+    let mut any = false;
+    while let Some(ev) = e.conn.poll_event() {
+        any = true;
+        if matches!(ev, Event::Reset | Event::TimedOut) {
+            debug!(
+                "tcp {} -> {}: {ev:?}; {:?}",
+                e.local,
+                e.remote,
+                e.conn.stats()
+            );
+        }
+        if ev == Event::Connected {
+            if let Some(l) = e.listener.take() {
+                if !l.push((e.id, slot)) {
+                    // Nobody will accept it: reset it rather than keep it.
+                    e.conn.abort();
+                    e.user_gone = true;
+                    inner
+                        .counters
+                        .tcp_backlog_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    if any {
+        p.wake_users = true;
+    }
+}
+
+/// Puts an IP frame on the wire once its next hop's address is known.
+pub(crate) fn send_ip(
+    inner: &Inner,
+    tx: &mut TxQueue,
+    next_hop: IpAddr,
+    hdr: VirtioNetHdr,
+    frame: &mut [u8],
+) {
+    let now = Instant::now();
+    let look = match inner.neigh.lock() {
+        Ok(mut n) => {
+            let l = n.lookup(next_hop, now);
+            if let Lookup::Unknown { .. } = l {
+                n.hold(next_hop, (hdr, frame.to_vec()));
+            }
+            l
+        }
+        Err(_) => return,
+    };
+    match look {
+        Lookup::Known { mac, refresh } => {
+            frame[..6].copy_from_slice(mac.as_bytes());
+            post(inner, tx, &hdr, frame);
+            if refresh {
+                solicit(inner, tx, next_hop);
+            }
+        }
+        Lookup::Unknown { ask } => {
+            if ask {
+                solicit(inner, tx, next_hop);
+            }
+        }
+    }
+}
+
+pub(crate) fn post(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
+    if frame.len() > ETH_LEN + inner.mtu && hdr.gso_type == GsoType::None as u8 {
+        post_fragments(inner, tx, hdr, frame);
+        return;
+    }
+    post_one(inner, tx, hdr, frame);
+}
+
+fn post_one(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
+    match tx.post(hdr, frame) {
+        Ok(true) => {
+            inner.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(false) => {
+            inner.counters.tx_ring_full.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            debug!("tx: {e}");
+            inner.counters.tx_ring_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends an IP packet longer than the MTU as fragments: completes a
+/// checksum left to the device (it covers the whole datagram, which no
+/// fragment holds), clears IPv4's don't-fragment (this host is the
+/// source) and cuts. The datagram goes whole or not at all: without room
+/// in the ring for every piece it is dropped and counted as ring-full.
+fn post_fragments(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[u8]) {
+    let c = &inner.counters;
+    let mut whole = frame.to_vec();
+    if hdr.flags.contains(HdrFlags::NEEDS_CSUM)
+        && complete_checksum(
+            &mut whole,
+            usize::from(hdr.csum_start),
+            usize::from(hdr.csum_offset),
+        )
+        .is_err()
+    {
+        c.tx_unfragmentable.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if let Some(ip) = whole
+        .get_mut(ETH_LEN..)
+        .filter(|b| b.first() == Some(&0x45))
+    {
+        // Only a plain header: options are never sent by this stack.
+        let mut p = ipv4::Packet::new_unchecked(ip);
+        if p.dont_frag() {
+            p.set_frag(false, p.more_frags(), p.frag_offset());
+            p.fill_checksum();
+        }
+    }
+    // Pieces needed at most (IPv4 with the longest header, or IPv6 with a
+    // fragment header and room to spare).
+    let per = (inner
+        .mtu
+        .saturating_sub(ipv4::HEADER_LEN + ipv4::MAX_OPTIONS_LEN + 8)
+        & !7)
+        .max(8);
+    let need = (whole.len() - ETH_LEN).div_ceil(per);
+    if need > tx.capacity() {
+        // It would never fit, however long it waited.
+        c.tx_unfragmentable.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if tx.room().unwrap_or(0) < need {
+        c.tx_ring_full.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let ident = inner.frag_ident.fetch_add(1, Ordering::Relaxed);
+    let mut scratch = Vec::with_capacity(ETH_LEN + inner.mtu);
+    let plain = VirtioNetHdr::default();
+    match fragment(&whole, ETH_LEN, inner.mtu, ident, &mut scratch, &mut |f| {
+        post_one(inner, tx, &plain, f)
+    }) {
+        Ok(n) => {
+            c.tx_fragmented.fetch_add(1, Ordering::Relaxed);
+            c.tx_fragments.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            debug!("tx: cannot fragment: {e}");
+            c.tx_unfragmentable.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An ARP request or a neighbour solicitation for `ip`.
+fn solicit(inner: &Inner, tx: &mut TxQueue, ip: IpAddr) {
+    let mut buf = Vec::with_capacity(128);
+    match ip {
+        IpAddr::V4(t) => {
+            let Some((me, _)) = inner.cfg.ipv4 else {
+                return;
+            };
+            frames::eth(
+                &mut buf,
+                Some(Address::BROADCAST),
+                inner.mac,
+                ethertype::ARP,
+            );
+            let r = arp::Repr {
+                operation: arp::OP_REQUEST,
+                source_hardware_addr: inner.mac,
+                source_protocol_addr: me,
+                target_hardware_addr: Address([0; 6]),
+                target_protocol_addr: t,
+            };
+            arp_append(&mut buf, &r);
+        }
+        IpAddr::V6(t) => {
+            let Some((me, _)) = inner.cfg.ipv6 else {
+                return;
+            };
+            let group = icmpv6::solicited_node(t);
+            frames::eth(
+                &mut buf,
+                Some(frames::ipv6_multicast_mac(group)),
+                inner.mac,
+                ethertype::IPV6,
+            );
+            let m = icmpv6::Repr::NeighborSolicit {
+                target: t,
+                source_lladdr: Some(inner.mac),
+            };
+            icmpv6_append(&mut buf, me, group, &m, 255);
+        }
+    }
+    post(inner, tx, &VirtioNetHdr::default(), &buf);
+}
+
+pub(crate) fn arp_append(buf: &mut Vec<u8>, r: &arp::Repr) {
+    let at = buf.len();
+    buf.resize(at + r.buffer_len(), 0);
+    let _ = r.emit(&mut arp::Packet::new_unchecked(&mut buf[at..]));
+}
+
+/// Appends an IPv6 header and the ICMPv6 message `m` with its checksum
+/// (neighbour discovery needs hop limit 255).
+pub(crate) fn icmpv6_append(
+    buf: &mut Vec<u8>,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    m: &icmpv6::Repr<'_>,
+    hop: u8,
+) {
+    let len = m.buffer_len();
+    frames::ip(buf, IpAddr::V6(src), IpAddr::V6(dst), 58, len, 0, hop);
+    let at = buf.len();
+    buf.resize(at + len, 0);
+    let ps = frames::pseudo(IpAddr::V6(src), IpAddr::V6(dst), 58, len);
+    let _ = m.emit(&mut icmpv6::Packet::new_unchecked(&mut buf[at..]), ps);
+}
+
+/// Sends an echo request (for `Stack::ping`).
+pub(crate) fn send_echo(
+    inner: &Inner,
+    dst: IpAddr,
+    ident: u16,
+    seq_no: u16,
+    data: &[u8],
+) -> Result<()> {
+    let src = inner.local_ip(dst).ok_or(Error::NoAddress(dst))?;
+    let mut buf = Vec::with_capacity(64 + data.len());
+    frames::eth(&mut buf, None, inner.mac, frames::ethertype_of(dst));
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let r = icmpv4::Repr::EchoRequest {
+                ident,
+                seq_no,
+                data,
+            };
+            icmpv4_append(
+                &mut buf,
+                s,
+                d,
+                &r,
+                inner.ip_ident.fetch_add(1, Ordering::Relaxed),
+            );
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let r = icmpv6::Repr::EchoRequest {
+                ident,
+                seq_no,
+                data,
+            };
+            icmpv6_append(&mut buf, s, d, &r, 64);
+        }
+        _ => return Err(Error::NoAddress(dst)),
+    }
+    with_tx(inner, 0, |tx| {
+        send_ip(inner, tx, dst, VirtioNetHdr::default(), &mut buf)
+    })
+}
+
+pub(crate) fn icmpv4_append(
+    buf: &mut Vec<u8>,
+    s: Ipv4Addr,
+    d: Ipv4Addr,
+    r: &icmpv4::Repr<'_>,
+    ident: u16,
+) {
+    let len = r.buffer_len();
+    frames::ip(buf, IpAddr::V4(s), IpAddr::V4(d), 1, len, ident, 64);
+    let at = buf.len();
+    buf.resize(at + len, 0);
+    let _ = r.emit(&mut icmpv4::Packet::new_unchecked(&mut buf[at..]));
+}
+
+/// Runs `f` with shard `idx`'s TX queue and kicks it after.
+pub(crate) fn with_tx<T>(
+    inner: &Inner,
+    idx: usize,
+    f: impl FnOnce(&mut TxQueue) -> T,
+) -> Result<T> {
+    let shard = inner.shards.get(idx).ok_or(QueueError::NoSuchPair(idx))?;
+    let mut g = shard.st.lock().map_err(|_| Error::Poisoned("shard"))?;
+    let r = f(&mut g.tx);
+    g.tx.kick()?;
+    Ok(r)
+}
