@@ -5,6 +5,7 @@
 use std::{fs, io, net::Ipv6Addr, path::Path};
 
 use vnic_protocol::{
+    toe::{self, Command, Completion, Event, RingSpec},
     virtio::{
         ctrl::{Coal, CtrlCommand, HashConfig, RssConfig, RxMode},
         hdr::GsoType,
@@ -298,5 +299,69 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut seed = vec![0x00, 0x05, 0, 1];
     seed.extend_from_slice(&ipv6_packet(ip_proto::HOP_BY_HOP, &ext));
     write(dir, "fragment", "v6-hbh-1280", &seed)?;
+
+    // toe_command: a command, an event and a completion of each kind.
+    let ring = |addr| RingSpec {
+        addr,
+        size: 1 << 16,
+    };
+    let toe_cmds = [
+        Command::Hello {
+            version: toe::VERSION,
+            conns: 1024,
+        },
+        Command::IfConfig {
+            addr: "2001:db8::2".parse()?,
+            prefix: 64,
+            gateway: Some("2001:db8::1".parse()?),
+        },
+        Command::Connect {
+            conn: 1,
+            remote: "192.0.2.1:5201".parse()?,
+            local_port: 0,
+            rx: ring(0x10_0000),
+            tx: ring(0x20_0000),
+        },
+        Command::Listen {
+            id: 2,
+            port: 5201,
+            family: toe::Family::Both,
+            backlog: 64,
+        },
+        Command::Accept {
+            conn: 3,
+            handle: 9,
+            rx: ring(0x30_0000),
+            tx: ring(0x40_0000),
+        },
+        Command::Send {
+            conn: 1,
+            tail: 4096,
+        },
+        Command::SetOpt {
+            conn: 1,
+            opt: toe::SockOpt::NoDelay,
+            value: 1,
+        },
+    ];
+    for (i, c) in toe_cmds.iter().enumerate() {
+        write(dir, "toe_command", &format!("cmd{i:02}"), &c.to_bytes())?;
+    }
+    let toe_events = [
+        Event::Incoming {
+            listener: 2,
+            handle: 9,
+            remote: "[2001:db8::7]:40000".parse()?,
+        },
+        Event::Closed {
+            conn: 1,
+            reason: toe::CloseReason::Reset,
+        },
+    ];
+    for (i, e) in toe_events.iter().enumerate() {
+        write(dir, "toe_command", &format!("event{i:02}"), &e.to_bytes())?;
+    }
+    let done = Completion::ok(49152).to_bytes();
+    write(dir, "toe_command", "completion", &done)?;
     Ok(())
 }

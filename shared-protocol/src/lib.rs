@@ -12,5 +12,6 @@ pub mod frag;
 pub mod offload;
 pub mod rss;
 pub mod tcp;
+pub mod toe;
 pub mod virtio;
 pub mod wire;
