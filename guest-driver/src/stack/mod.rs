@@ -18,8 +18,8 @@
 //!
 //! Layers, each using only those below it:
 //! - leaves: [`StackConfig`], `wait` (queues sockets wait on), `poll`
-//!   (readiness), `frames` (header builders), [`neigh`] (the neighbour
-//!   cache);
+//!   (readiness), [`neigh`] (the neighbour cache), and frames built
+//!   with `vnic_protocol::wire::emit`;
 //! - middle: `state` (the shared core and each shard's connection
 //!   table), `output` (segments, IP with neighbour resolution,
 //!   fragmentation), `input` (demultiplexing, reassembly);
@@ -27,7 +27,6 @@
 //!   provider: the stack's own TCP today), and [`Stack`] here.
 
 mod config;
-mod frames;
 mod input;
 pub mod neigh;
 mod output;

@@ -4,7 +4,7 @@
 //! solicitations, echo requests.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr},
     sync::atomic::Ordering,
     time::Instant,
 };
@@ -16,14 +16,12 @@ use vnic_protocol::{
     tcp::{self, Event},
     virtio::{hdr::GsoType, HdrFlags, VirtioNetHdr},
     wire::{
-        arp,
-        ethernet::{ethertype, Address},
-        icmpv4, icmpv6, ipv4, tcp as wtcp,
+        emit::{self as frames, ETH_LEN},
+        icmpv4, icmpv6, ipv4,
     },
 };
 
 use super::{
-    frames::{self, ETH_LEN},
     neigh::Lookup,
     state::{Inner, Proto},
 };
@@ -54,7 +52,7 @@ pub(crate) fn flush(
             }
         }
         let max = if tso {
-            65535 - ETH_LEN - 40 - 60
+            frames::TSO_MAX_PAYLOAD
         } else {
             e.conn.send_mss()
         };
@@ -63,29 +61,13 @@ pub(crate) fn flush(
         };
         let (local, remote) = (e.local, e.remote);
         let buf = &mut p.buf;
-        frames::eth(buf, None, inner.mac, frames::ethertype_of(remote.ip()));
-        let hl = seg.repr.header_len();
-        let l4_len = hl + seg.payload_len();
         let ident = inner.ip_ident.fetch_add(1, Ordering::Relaxed);
-        let iphl = frames::ip(buf, local.ip(), remote.ip(), frames::TCP, l4_len, ident, 64);
-        let l4 = buf.len();
-        buf.resize(l4 + hl, 0);
-        let mut repr = seg.repr;
-        repr.payload_len = 0;
-        if repr
-            .emit(&mut wtcp::Packet::new_unchecked(&mut buf[l4..]), None)
-            .is_err()
-        {
+        let Some(hdr) =
+            frames::tcp_segment(buf, inner.mac, local, remote, &seg, ident, inner.csum_tx)
+        else {
             inner.counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
             continue;
-        }
-        buf.extend_from_slice(seg.payload[0]);
-        buf.extend_from_slice(seg.payload[1]);
-        let ps = frames::pseudo(local.ip(), remote.ip(), frames::TCP, l4_len);
-        let mut hdr = frames::l4_checksum(buf, l4, wtcp::CHECKSUM_OFFSET, ps, inner.csum_tx);
-        if seg.payload_len() > seg.mss {
-            frames::tso(&mut hdr, v6, ETH_LEN + iphl + hl, seg.mss);
-        }
+        };
         send_ip(inner, tx, remote.ip(), hdr, buf);
     }
 }
@@ -250,68 +232,12 @@ fn post_fragments(inner: &Inner, tx: &mut TxQueue, hdr: &VirtioNetHdr, frame: &[
 /// An ARP request or a neighbour solicitation for `ip`.
 fn solicit(inner: &Inner, tx: &mut TxQueue, ip: IpAddr) {
     let mut buf = Vec::with_capacity(128);
-    match ip {
-        IpAddr::V4(t) => {
-            let Some((me, _)) = inner.cfg.ipv4 else {
-                return;
-            };
-            frames::eth(
-                &mut buf,
-                Some(Address::BROADCAST),
-                inner.mac,
-                ethertype::ARP,
-            );
-            let r = arp::Repr {
-                operation: arp::OP_REQUEST,
-                source_hardware_addr: inner.mac,
-                source_protocol_addr: me,
-                target_hardware_addr: Address([0; 6]),
-                target_protocol_addr: t,
-            };
-            arp_append(&mut buf, &r);
-        }
-        IpAddr::V6(t) => {
-            let Some((me, _)) = inner.cfg.ipv6 else {
-                return;
-            };
-            let group = icmpv6::solicited_node(t);
-            frames::eth(
-                &mut buf,
-                Some(frames::ipv6_multicast_mac(group)),
-                inner.mac,
-                ethertype::IPV6,
-            );
-            let m = icmpv6::Repr::NeighborSolicit {
-                target: t,
-                source_lladdr: Some(inner.mac),
-            };
-            icmpv6_append(&mut buf, me, group, &m, 255);
-        }
+    match (ip, inner.cfg.ipv4, inner.cfg.ipv6) {
+        (IpAddr::V4(t), Some((me, _)), _) => frames::arp_request(&mut buf, inner.mac, me, t),
+        (IpAddr::V6(t), _, Some((me, _))) => frames::neighbor_solicit(&mut buf, inner.mac, me, t),
+        _ => return,
     }
     post(inner, tx, &VirtioNetHdr::default(), &buf);
-}
-
-pub(crate) fn arp_append(buf: &mut Vec<u8>, r: &arp::Repr) {
-    let at = buf.len();
-    buf.resize(at + r.buffer_len(), 0);
-    let _ = r.emit(&mut arp::Packet::new_unchecked(&mut buf[at..]));
-}
-
-/// Appends an IPv6 header and the ICMPv6 message `m` with its checksum
-/// (neighbour discovery needs hop limit 255).
-pub(crate) fn icmpv6_append(
-    buf: &mut Vec<u8>,
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    m: &icmpv6::Repr<'_>,
-    hop: u8,
-) {
-    let len = m.buffer_len();
-    frames::ip(buf, IpAddr::V6(src), IpAddr::V6(dst), 58, len, 0, hop);
-    let at = buf.len();
-    buf.resize(at + len, 0);
-    let ps = frames::pseudo(IpAddr::V6(src), IpAddr::V6(dst), 58, len);
-    let _ = m.emit(&mut icmpv6::Packet::new_unchecked(&mut buf[at..]), ps);
 }
 
 /// Sends an echo request (for `Stack::ping`).
@@ -346,7 +272,7 @@ pub(crate) fn send_echo(
                 seq_no,
                 data,
             };
-            icmpv6_append(&mut buf, s, d, &r, 64);
+            frames::icmpv6_append(&mut buf, s, d, &r, 64);
         }
         _ => return Err(Error::NoAddress(dst)),
     }

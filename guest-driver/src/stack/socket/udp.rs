@@ -7,10 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vnic_protocol::virtio::VirtioNetHdr;
+use vnic_protocol::{virtio::VirtioNetHdr, wire::emit as frames};
 
 use crate::stack::{
-    frames, output,
+    output,
     poll::{Pollable, Readiness},
     state::{Inner, UdpQueue},
     wait::lock_err,
