@@ -10,6 +10,7 @@ pub mod port;
 pub mod rsc;
 pub mod stats;
 pub mod switch;
+pub mod toe;
 pub mod vf;
 
 use std::{
