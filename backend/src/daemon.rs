@@ -245,7 +245,8 @@ fn serve_attached(nic: &Arc<Nic>, p: usize, front: UnixStream) -> Result<(), Dae
     // returns at once, and nothing is left on the filesystem to race for.
     daemon.start(&mut listener)?;
     drop(listener);
-    let vrings = 2 * u32::from(nic.ports[p].config.pairs) + 1;
+    // The pairs, the control queue, the TOE's two queues.
+    let vrings = 2 * u32::from(nic.ports[p].config.pairs) + 3;
     let threads = relay(front, back, vrings).map_err(DaemonError::Socket)?;
     // Other ports' workers write this port's frames straight into its RX
     // queues while the connection lasts.
@@ -253,6 +254,8 @@ fn serve_attached(nic: &Arc<Nic>, p: usize, front: UnixStream) -> Result<(), Dae
     nic.set_rx_path(p, Some(rx));
     let r = daemon.wait();
     nic.set_rx_path(p, None);
+    // The driver is gone: its TOE connections are reset on the wire.
+    backend.toe_reset();
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
@@ -339,6 +342,7 @@ mod tests {
             coalesce: Default::default(),
             rx_gro_hw: false,
             workers: 0,
+            toe_conns: 1024,
         };
         Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }

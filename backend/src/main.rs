@@ -102,6 +102,10 @@ struct RunArgs {
     /// p mod N equal to its number.
     #[arg(long, default_value_t = 0, value_parser = |s: &str| num(s, config::check_workers))]
     workers: u16,
+    /// TOE connections (and listeners) each port's driver may have; 0
+    /// does not offer the TOE.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(0..=65536))]
+    toe_conns: u32,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -139,6 +143,7 @@ fn run(a: RunArgs) -> Result<(), String> {
             coalesce: a.coalesce.unwrap_or_default(),
             rx_gro_hw: a.rx_gro_hw,
             workers: a.workers,
+            toe_conns: a.toe_conns,
         },
         uplink: a.uplink,
         mgmt: a.mgmt,

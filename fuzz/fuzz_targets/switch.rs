@@ -140,6 +140,7 @@ fuzz_target!(|data: &[u8]| {
         coalesce: Default::default(),
         rx_gro_hw: false,
         workers: 0,
+        toe_conns: 1024,
     };
     let vfs = (0..VFS)
         .map(|i| VfSettings::new(default_vf_mac(PF, i)))

@@ -84,6 +84,9 @@ pub struct DeviceConfig {
     /// Worker threads for the queue pairs; 0: one per pair, up to the
     /// CPUs available (`vhost::worker_threads`).
     pub workers: u16,
+    /// TOE connections (and listeners) a driver may have; 0: the TOE is
+    /// not offered.
+    pub toe_conns: u32,
 }
 
 impl DeviceConfig {
@@ -1545,6 +1548,7 @@ pub(crate) mod tests {
             coalesce: coalesce::CoalConfig::default(),
             rx_gro_hw: false,
             workers: 0,
+            toe_conns: 1024,
         }
     }
 

@@ -614,6 +614,11 @@ impl Toe {
 
     // ----- events -----
 
+    /// Whether events wait for the driver.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// The next event for the driver.
     pub fn pop_event(&mut self) -> Option<Event> {
         let e = self.events.pop_front()?;

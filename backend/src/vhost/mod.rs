@@ -15,6 +15,7 @@ mod split;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+mod toe;
 
 use std::{
     io,
@@ -159,6 +160,7 @@ pub fn offered_features() -> Features {
         | Features::VQ_NOTF_COAL
         | Features::RSC_EXT
         | Features::IN_ORDER
+        | Features::VNIC_TOE
         | Features::VHOST_USER_PROTOCOL_FEATURES
 }
 
@@ -464,8 +466,13 @@ pub struct VnicBackend {
     signalled: Vec<AtomicU32>,
     /// Worker threads for the queue pairs: pair `p` is served by thread
     /// `p % threads` (its slot there is `p / threads`); the control queue
-    /// has the thread after them.
+    /// and the TOE's queues have the thread after them.
     threads: usize,
+    /// The port's TOE (vhost/toe.rs).
+    toe: Mutex<crate::nic::toe::Toe>,
+    /// Fires at the TOE's next engine deadline, on the control thread.
+    toe_timer: Mutex<TimerFd>,
+    toe_vrings: toe::ToeVrings,
 }
 
 /// No notification decision made yet on a virtqueue.
@@ -498,11 +505,23 @@ impl VnicBackend {
             .map(|_| nonblocking_timer().map(|fd| Mutex::new(CoalTimer { fd, armed: None })))
             .collect::<io::Result<_>>()?;
         let view = nic.switch.view();
+        let toe = crate::nic::toe::Toe::new(crate::nic::toe::ToeConfig {
+            mac: p.ctrl_state().mac,
+            mtu: usize::from(p.config.mtu),
+            max_conns: p.config.toe_conns,
+            offload: true,
+            tcp: vnic_protocol::tcp::Config::default(),
+        });
         Ok(VnicBackend {
+            toe: Mutex::new(toe),
+            toe_timer: Mutex::new(nonblocking_timer()?),
+            toe_vrings: OnceLock::new(),
             resume,
             timers,
             coal_timers,
-            signalled: (0..=2 * pairs).map(|_| AtomicU32::new(NOT_YET)).collect(),
+            signalled: (0..2 * pairs + 3)
+                .map(|_| AtomicU32::new(NOT_YET))
+                .collect(),
             workers: (0..pairs)
                 .map(|_| Mutex::new(Worker::new(view.clone())))
                 .collect(),
@@ -545,12 +564,18 @@ impl VnicBackend {
     /// Event `e`'s id for the pair in `slot` of its thread: ids run above
     /// the queues and the exit event, [`EVENTS`] per slot.
     fn slot_event(&self, slot: usize, e: Ev) -> u16 {
-        (2 * self.pairs() + 1 + slot * EVENTS + e as usize) as u16
+        (self.queues() + slot * EVENTS + e as usize) as u16
+    }
+
+    /// Virtqueues: the pairs, the control queue, the TOE's command and
+    /// event queues.
+    fn queues(&self) -> usize {
+        2 * self.pairs() + 3
     }
 
     /// The slot and event an id names, if it is one of the backend's own.
     fn decode_event(&self, id: u16) -> Option<(usize, u16)> {
-        let d = usize::from(id).checked_sub(2 * self.pairs() + 2)?;
+        let d = usize::from(id).checked_sub(self.queues() + 1)?;
         Some((d / EVENTS, (d % EVENTS + 1) as u16))
     }
 
@@ -623,7 +648,7 @@ impl VnicBackend {
     ) -> io::Result<()> {
         for (t, h) in handlers.iter().enumerate() {
             if t >= self.threads {
-                // The control thread.
+                // The control thread: its resume event and the TOE's timer.
                 if let Some(e) = self.resume.get(self.pairs()) {
                     h.register_listener(
                         e.as_raw_fd(),
@@ -631,6 +656,12 @@ impl VnicBackend {
                         u64::from(self.event_id(Ev::Resume)),
                     )?;
                 }
+                let fd = self
+                    .toe_timer
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_raw_fd();
+                h.register_listener(fd, EventSet::IN, u64::from(self.event_id(Ev::Timer)))?;
                 continue;
             }
             let mut slot = 0;
@@ -1302,6 +1333,37 @@ impl VnicBackend {
                 *moved += 1;
                 continue;
             }
+            if self.toe_on() {
+                // The TOE sees each uplink frame first, so frames are read
+                // into the worker's buffer rather than the driver's.
+                writer.release();
+                let Worker {
+                    rx, view, scratch, ..
+                } = &mut *w;
+                match self.read_uplink(i, rx, view, scratch) {
+                    Uplinked::Empty => return Ok(false),
+                    Uplinked::Dropped => {}
+                    Uplinked::Frame { len, steered } => {
+                        let port = self.dev();
+                        let target = port.rx_queue(steered, i);
+                        if target != i {
+                            port.hand_over(target, &w.rx[..len]);
+                        } else if !put_frame(writer, me, &w.rx[..len], stats) {
+                            // No buffers: it waits in the backlog.
+                            writer.release();
+                            port.hand_over(i, &w.rx[..len]);
+                            *moved += 1;
+                            if !multi {
+                                return Ok(true);
+                            }
+                            starved = true;
+                            continue;
+                        }
+                    }
+                }
+                *moved += 1;
+                continue;
+            }
             // Provision for 64 KiB only while big frames are coming.
             let expect = if w.rx_big {
                 max_frame
@@ -1543,6 +1605,7 @@ impl VnicBackend {
             .nic
             .uplink_route(view, &frame[..frame.len().min(256)], frame.len())
         {
+            UplinkRoute::Pf(_) if self.toe_on() && self.toe_input(&buf[..n]) => Uplinked::Dropped,
             UplinkRoute::Pf(steering) => Uplinked::Frame {
                 len: n,
                 steered: usize::from(steering.queue),
@@ -1660,7 +1723,7 @@ impl VhostUserBackend for VnicBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2 * self.pairs() + 1
+        self.queues()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -1668,7 +1731,11 @@ impl VhostUserBackend for VnicBackend {
     }
 
     fn features(&self) -> u64 {
-        offered_features().bits()
+        let mut f = offered_features();
+        if self.dev().config.toe_conns == 0 {
+            f.remove(Features::VNIC_TOE);
+        }
+        f.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -1696,6 +1763,7 @@ impl VhostUserBackend for VnicBackend {
         for w in &self.workers {
             w.lock().unwrap_or_else(PoisonError::into_inner).rsc.clear();
         }
+        self.toe_reset();
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -1719,7 +1787,7 @@ impl VhostUserBackend for VnicBackend {
         for p in 0..self.pairs() {
             t[p % self.threads] |= 0b11u64 << (2 * p);
         }
-        t.push(1u64 << (2 * self.pairs()));
+        t.push(0b111u64 << (2 * self.pairs()));
         t
     }
 
@@ -1804,17 +1872,31 @@ impl VnicBackend {
     ) -> io::Result<()> {
         log::trace!("thread {thread_id}: event {device_event}");
         if thread_id == self.threads {
+            // Its vrings: the control queue, the TOE's command queue, the
+            // TOE's event queue.
             let Some(v) = vrings.first() else {
                 return Ok(());
             };
+            let toe = vrings.get(1).zip(vrings.get(2));
             return match device_event {
                 0 => self.process_ctrl(v),
+                1 | 2 => match toe {
+                    Some((cmd, evt)) if device_event == 1 => self.process_toe(cmd, evt),
+                    Some((cmd, evt)) => self.process_toe_events(cmd, evt),
+                    None => Ok(()),
+                },
+                e if e == self.event_id(Ev::Timer) => {
+                    self.toe_timer_fired();
+                    Ok(())
+                }
                 e if e == self.event_id(Ev::Resume) => {
                     let _ = self.take_resume(self.pairs());
                     if live(v) {
-                        self.process_ctrl(v)
-                    } else {
-                        Ok(())
+                        self.process_ctrl(v)?;
+                    }
+                    match toe {
+                        Some((cmd, evt)) if live(cmd) => self.process_toe(cmd, evt),
+                        _ => Ok(()),
                     }
                 }
                 _ => Ok(()),

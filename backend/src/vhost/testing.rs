@@ -410,6 +410,7 @@ impl Harness {
             coalesce: Default::default(),
             rx_gro_hw: false,
             workers: 0,
+            toe_conns: 1024,
         };
         #[allow(clippy::expect_used)]
         let nic = std::sync::Arc::new(

@@ -1201,13 +1201,13 @@ fn pairs_share_worker_threads_round_robin_and_events_find_their_pair() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     let b = VnicBackend::new(nic, 0, GuestMemoryAtomic::new(mem)).unwrap();
     // Thread 0: pairs 0, 2, 4; thread 1: pairs 1, 3; then the control
-    // queue (virtqueue 10).
+    // queue (virtqueue 10) and the TOE's command and event queues (11, 12).
     assert_eq!(
         b.queues_per_thread(),
-        vec![0b11_0011_0011, 0b1100_1100, 1 << 10]
+        vec![0b11_0011_0011, 0b1100_1100, 0b111 << 10]
     );
     // Kicks name a vring among the thread's; the backend's own events a
-    // slot, every id above the queues and the exit event (11).
+    // slot, every id above the queues and the exit event (13).
     assert_eq!(b.event_of(3, 6, 0), Some((2, Work::Tx)));
     assert_eq!(b.event_of(0, 4, 1), Some((1, Work::Rx)));
     assert_eq!(
@@ -1228,7 +1228,8 @@ fn pairs_share_worker_threads_round_robin_and_events_find_their_pair() {
         "no pair 5"
     );
     assert_eq!(b.event_of(0, 1, 2), None, "the control thread");
-    assert!(b.slot_event(0, Ev::Uplink) > 11);
+    assert_eq!(b.num_queues(), 13);
+    assert!(b.slot_event(0, Ev::Uplink) > 13);
     let mut ids: Vec<u16> = (0..3)
         .flat_map(|slot| {
             [Ev::Uplink, Ev::Backlog, Ev::Resume, Ev::Timer, Ev::Coalesce]

@@ -50,6 +50,9 @@ bitflags::bitflags! {
         const GUEST_USO6 = 1 << 55;
         const HOST_USO = 1 << 56;
         const HASH_REPORT = 1 << 57;
+        /// vnic's own: the TOE (`crate::toe`), a bit virtio 1.3 leaves
+        /// unassigned.
+        const VNIC_TOE = 1 << 58;
         const GUEST_HDRLEN = 1 << 59;
         const RSS = 1 << 60;
         const RSC_EXT = 1 << 61;

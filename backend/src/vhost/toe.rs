@@ -1,0 +1,316 @@
+//! The TOE's virtqueues: commands in, completions and events out, the
+//! payload rings read and written in guest memory, and the engine
+//! (`nic::toe`) fed with the port's uplink frames and its own timer.
+//!
+//! With VNIC_TOE negotiated the command queue follows the control queue
+//! and the event queue follows that (`vnic_protocol::toe`). Both are
+//! served by the control thread; the PF's RX workers hand the engine the
+//! uplink frames it may own. One lock (`VnicBackend::toe`) guards the
+//! engine: taken per command batch, per timer expiry and, while the TOE
+//! is negotiated, per frame read from the uplink.
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::{OnceLock, PoisonError},
+    time::Duration,
+};
+
+use vhost_user_backend::{VringRwLock, VringT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vnic_protocol::{
+    tcp,
+    toe::{Command, Completion, Status, CMD_LEN, COMPLETION_LEN, EVENT_LEN},
+    virtio::{hdr::HDR_LEN, Features, HdrFlags, VirtioNetHdr},
+};
+
+use super::{
+    chain::{split_chain, write_span},
+    pop_chain,
+    split::Regions,
+    VnicBackend,
+};
+use crate::nic::{
+    stats::DropReason,
+    toe::{RingMemory, Toe},
+    TxScratch,
+};
+
+/// Commands taken per wake-up before other events get their turn.
+const TOE_BUDGET: usize = 256;
+
+/// The driver's memory as the TOE's rings see it.
+struct GuestRings<'a>(&'a GuestMemoryMmap);
+
+impl RingMemory for GuestRings<'_> {
+    fn contains(&self, addr: u64, len: u64) -> bool {
+        len == 0
+            || usize::try_from(len)
+                .is_ok_and(|l| GuestMemoryBackend::check_range(self.0, GuestAddress(addr), l))
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+        buf.is_empty() || self.0.read_slice(buf, GuestAddress(addr)).is_ok()
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> bool {
+        data.is_empty() || self.0.write_slice(data, GuestAddress(addr)).is_ok()
+    }
+}
+
+impl VnicBackend {
+    /// Whether the driver took the TOE.
+    pub(super) fn toe_on(&self) -> bool {
+        self.acked().contains(Features::VNIC_TOE)
+    }
+
+    fn toe_now(&self) -> tcp::Instant {
+        tcp::Instant(self.nic.now() / 1000)
+    }
+
+    fn toe_lock(&self) -> std::sync::MutexGuard<'_, Toe> {
+        self.toe.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends a frame the TOE made through the port's transmit path, as
+    /// if its driver had put it on TX queue 0 (counted there).
+    fn toe_send(&self, scratch: &mut TxScratch, hdr: &VirtioNetHdr, frame: &[u8]) {
+        let mut h = [0u8; HDR_LEN];
+        if hdr.emit(&mut h, false).is_err() {
+            return;
+        }
+        if let Err(why) = self.nic.transmit(self.port, 0, &h, frame, scratch) {
+            log::debug!("toe: frame not sent: {why:?}");
+        }
+    }
+
+    /// After the engine moved: sends what it has, delivers its events
+    /// and re-arms its timer.
+    fn toe_settle(&self, toe: &mut Toe, mem: &GuestMemoryMmap) {
+        let now = self.toe_now();
+        let mut scratch = TxScratch::default();
+        toe.transmit(now, &GuestRings(mem), &mut |h, f| {
+            self.toe_send(&mut scratch, h, f)
+        });
+        if let Some((_, evt)) = self.toe_vrings.get() {
+            if let Err(e) = self.toe_events(toe, evt, mem) {
+                log::debug!("toe events: {e}");
+            }
+        }
+        self.toe_arm(toe, now);
+    }
+
+    fn toe_arm(&self, toe: &Toe, now: tcp::Instant) {
+        let mut t = self
+            .toe_timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let r = match toe.poll_timeout() {
+            Some(at) => {
+                let us = at.0.saturating_sub(now.0).max(1);
+                t.reset(Duration::from_micros(us), None)
+            }
+            None => t.clear(),
+        };
+        if let Err(e) = r {
+            log::warn!("toe timer: {e}");
+        }
+    }
+
+    /// Writes queued events into the buffers the driver posted on the
+    /// event queue, as many as there are, and notifies.
+    fn toe_events(
+        &self,
+        toe: &mut Toe,
+        evt: &VringRwLock,
+        mem: &GuestMemoryMmap,
+    ) -> io::Result<()> {
+        let stats = &self.dev().stats.ctrl;
+        let (mut readable, mut writable) = (Vec::new(), Vec::new());
+        let mut used = 0;
+        while toe.has_events() {
+            let Some(chain) = pop_chain(evt, &mem, stats) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match split_chain(mem, chain, &mut readable, &mut writable) {
+                Ok(())
+                    if readable.is_empty()
+                        && writable.iter().map(|w| w.1).sum::<usize>() >= EVENT_LEN =>
+                {
+                    match toe.pop_event() {
+                        Some(e) => {
+                            match write_span(&mut Regions::new(mem), &writable, 0, &e.to_bytes()) {
+                                Ok(()) => EVENT_LEN as u32,
+                                Err(why) => {
+                                    stats.drop(why);
+                                    0
+                                }
+                            }
+                        }
+                        // Every queued event was stale: a buffer of
+                        // nothing, which the driver posts again.
+                        None => 0,
+                    }
+                }
+                Ok(()) => {
+                    stats.drop(DropReason::BadControl);
+                    0
+                }
+                Err(why) => {
+                    stats.drop(why);
+                    0
+                }
+            };
+            evt.add_used(head, len).map_err(io::Error::other)?;
+            used += 1;
+        }
+        if used > 0 {
+            self.notify(2 * self.pairs() + 2, evt, mem, stats)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the commands on the command queue (at most [`TOE_BUDGET`],
+    /// then the resume event brings the thread back).
+    pub(super) fn process_toe(&self, cmd: &VringRwLock, evt: &VringRwLock) -> io::Result<()> {
+        let _ = self.toe_vrings.get_or_init(|| (cmd.clone(), evt.clone()));
+        let mem = self.memory();
+        let stats = &self.dev().stats.ctrl;
+        let (mut readable, mut writable) = (Vec::new(), Vec::new());
+        let mut toe = self.toe_lock();
+        let mut moved = 0;
+        loop {
+            cmd.disable_notification().map_err(io::Error::other)?;
+            while moved < TOE_BUDGET {
+                let Some(chain) = pop_chain(cmd, &mem, stats) else {
+                    break;
+                };
+                let head = chain.head_index();
+                moved += 1;
+                let used = match split_chain(&mem, chain, &mut readable, &mut writable) {
+                    Ok(()) if writable.iter().map(|w| w.1).sum::<usize>() >= COMPLETION_LEN => {
+                        let c = if !self.toe_on() {
+                            Completion::err(Status::NotReady)
+                        } else {
+                            match Command::parse(readable.get(..CMD_LEN).unwrap_or(&readable)) {
+                                Ok(c) => toe.command(&c, self.toe_now(), &GuestRings(&mem)),
+                                Err(e) => {
+                                    log::debug!("toe command does not parse: {e}");
+                                    Completion::err(Status::Invalid)
+                                }
+                            }
+                        };
+                        match write_span(&mut Regions::new(&mem), &writable, 0, &c.to_bytes()) {
+                            Ok(()) => {
+                                stats.packet(readable.len());
+                                COMPLETION_LEN as u32
+                            }
+                            Err(why) => {
+                                stats.drop(why);
+                                0
+                            }
+                        }
+                    }
+                    Ok(()) => {
+                        stats.drop(DropReason::BadControl);
+                        0
+                    }
+                    Err(why) => {
+                        stats.drop(why);
+                        0
+                    }
+                };
+                cmd.add_used(head, used).map_err(io::Error::other)?;
+            }
+            if moved >= TOE_BUDGET {
+                self.resume_later(self.pairs());
+                break;
+            }
+            if !cmd.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        if moved > 0 {
+            self.notify(2 * self.pairs() + 1, cmd, &mem, stats)?;
+        }
+        self.toe_settle(&mut toe, &mem);
+        Ok(())
+    }
+
+    /// The driver posted event buffers: events waiting go into them.
+    pub(super) fn process_toe_events(
+        &self,
+        cmd: &VringRwLock,
+        evt: &VringRwLock,
+    ) -> io::Result<()> {
+        let _ = self.toe_vrings.get_or_init(|| (cmd.clone(), evt.clone()));
+        let mem = self.memory();
+        let mut toe = self.toe_lock();
+        self.toe_events(&mut toe, evt, &mem)
+    }
+
+    /// The TOE's timer fired: the engines' timers run.
+    pub(super) fn toe_timer_fired(&self) {
+        {
+            let t = self
+                .toe_timer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut n = 0u64;
+            // SAFETY: reads 8 bytes into `n` from the timerfd this backend
+            // owns; a timerfd read writes at most that.
+            let _ = unsafe {
+                libc::read(
+                    t.as_raw_fd(),
+                    std::ptr::addr_of_mut!(n).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+        }
+        let mem = self.memory();
+        let mut toe = self.toe_lock();
+        let now = self.toe_now();
+        let mut scratch = TxScratch::default();
+        toe.on_timer(now, &GuestRings(&mem), &mut |h, f| {
+            self.toe_send(&mut scratch, h, f)
+        });
+        self.toe_settle(&mut toe, &mem);
+    }
+
+    /// Offers a frame read from the uplink (`buf`: the TAP's header, then
+    /// the frame) to the TOE. True when the TOE took it.
+    pub(super) fn toe_input(&self, buf: &[u8]) -> bool {
+        let Some(frame) = buf.get(HDR_LEN..) else {
+            return false;
+        };
+        let verified = VirtioNetHdr::parse(&buf[..HDR_LEN], false).is_ok_and(|h| {
+            h.flags
+                .intersects(HdrFlags::DATA_VALID | HdrFlags::NEEDS_CSUM)
+        });
+        let mem = self.memory();
+        let mut toe = self.toe_lock();
+        if !toe.input(frame, verified, self.toe_now(), &GuestRings(&mem)) {
+            return false;
+        }
+        self.toe_settle(&mut toe, &mem);
+        true
+    }
+
+    /// The driver reset the device or went away: every TOE connection is
+    /// reset on the wire and forgotten.
+    pub fn toe_reset(&self) {
+        let mut toe = self.toe_lock();
+        let live = toe.connections();
+        let mut scratch = TxScratch::default();
+        toe.reset(self.toe_now(), &mut |h, f| {
+            self.toe_send(&mut scratch, h, f)
+        });
+        if live > 0 {
+            log::info!("port {}: {live} TOE connections reset", self.port);
+        }
+    }
+}
+
+/// The TOE's vrings once the control thread saw them.
+pub(super) type ToeVrings = OnceLock<(VringRwLock, VringRwLock)>;
