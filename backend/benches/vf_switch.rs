@@ -232,6 +232,9 @@ fn stack(socket: &std::path::Path, addr: &str) -> Stack {
         no_csum: false,
         busy_poll_us: None,
         reassembly_kib: 4096,
+        toe: false,
+        toe_conns: 0,
+        toe_ring_kib: 256,
     }
     .start()
     .expect("stack")

@@ -13,6 +13,7 @@ use vnic_protocol::{frag, virtio::Features};
 use crate::{
     net::{NetOptions, VirtioNet},
     stack::{Stack, StackConfig},
+    toe::ToeOptions,
     Error, Result,
 };
 
@@ -50,6 +51,16 @@ pub struct NetArgs {
     /// Memory IP reassembly may hold, in KiB, across all shards (4096).
     #[arg(long, default_value_t = 4096)]
     pub reassembly_kib: usize,
+    /// Run TCP on the device's TOE (vnicd offers it to drivers that own
+    /// all queues); connections past its table use the stack's TCP.
+    #[arg(long)]
+    pub toe: bool,
+    /// TOE connections with rings of their own.
+    #[arg(long, default_value_t = 64)]
+    pub toe_conns: u16,
+    /// Bytes of each TOE payload ring, in KiB (a power of two, 4 to 2048).
+    #[arg(long, default_value_t = 256)]
+    pub toe_ring_kib: u32,
 }
 
 fn prefix<T: std::str::FromStr>(s: &str, max: u8) -> Result<(T, u8)> {
@@ -92,6 +103,9 @@ impl NetArgs {
         if self.no_csum {
             f -= Features::CSUM | Features::GUEST_CSUM;
         }
+        if self.toe {
+            f |= Features::VNIC_TOE;
+        }
         f
     }
 
@@ -116,6 +130,10 @@ impl NetArgs {
             features: self.features(),
             rx_buf_len: 2048,
             enabled_pairs: None,
+            toe: self.toe.then_some(ToeOptions {
+                conns: self.toe_conns,
+                ring: self.toe_ring_kib.saturating_mul(1024),
+            }),
         };
         let dev = match (&self.pci, &self.socket) {
             (Some(bdf), _) => VirtioNet::open_pci(bdf, opts)?,
@@ -134,6 +152,7 @@ impl NetArgs {
                     max_memory: self.reassembly_kib.saturating_mul(1024),
                     ..frag::Limits::default()
                 },
+                toe: self.toe,
                 ..StackConfig::default()
             },
         )

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod mem;
 pub mod net;
 pub mod stack;
+pub mod toe;
 pub mod transport;
 pub mod virtqueue;
 

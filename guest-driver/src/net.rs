@@ -16,18 +16,22 @@ use std::{
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use vnic_protocol::virtio::{
-    config::{VirtioNetConfig, CONFIG_LEN},
-    ctrl::CtrlCommand,
-    hdr::HDR_LEN_HASH,
-    validate::MAX_FRAME_LEN,
-    Features, VirtioNetHdr,
+use vnic_protocol::{
+    toe::{RingSpec, CMD_LEN, COMPLETION_LEN, EVENT_LEN, RING_MIN},
+    virtio::{
+        config::{VirtioNetConfig, CONFIG_LEN},
+        ctrl::CtrlCommand,
+        hdr::HDR_LEN_HASH,
+        validate::MAX_FRAME_LEN,
+        Features, VirtioNetHdr,
+    },
 };
 
 #[cfg(any(test, feature = "test-util"))]
 use crate::virtqueue::RawDesc;
 use crate::{
     mem::DmaMemory,
+    toe::{ToeOptions, ToeQueues, CMD_QUEUE, EVT_QUEUE},
     transport::{self, vhost_user::VhostUserTransport, Doorbell, Transport},
     virtqueue::{Buf, SplitQueue},
     QueueError, Result,
@@ -45,6 +49,8 @@ pub struct NetOptions {
     /// Pairs to enable; the rest are set up but left disabled, as a VMM
     /// does for pairs the guest has not asked for. `None`: all.
     pub enabled_pairs: Option<u16>,
+    /// Ask for the TOE (VNIC_TOE), with this much ring memory.
+    pub toe: Option<ToeOptions>,
 }
 
 impl NetOptions {
@@ -73,15 +79,16 @@ impl Default for NetOptions {
             features: Self::DEFAULT_FEATURES,
             rx_buf_len: 2048,
             enabled_pairs: None,
+            toe: None,
         }
     }
 }
 
 #[derive(Debug)]
-struct Pool {
-    q: SplitQueue,
+pub(crate) struct Pool {
+    pub(crate) q: SplitQueue,
     buf_len: usize,
-    free: Vec<GuestAddress>,
+    pub(crate) free: Vec<GuestAddress>,
     /// Buffer of each chain in flight, by head.
     inflight: Vec<Option<GuestAddress>>,
     /// Chains with the device.
@@ -104,7 +111,33 @@ impl Pool {
         })
     }
 
-    fn add(&mut self, mem: &GuestMemoryMmap, len: usize, writable: bool) -> Result<GuestAddress> {
+    /// Publishes a chain of pieces (address, length, device-writable) of
+    /// the last free buffer, which stays in flight with it.
+    pub(crate) fn add_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        pieces: &[(GuestAddress, usize, bool)],
+    ) -> Result<u16> {
+        let bufs: Vec<Buf> = pieces
+            .iter()
+            .map(|&(addr, len, writable)| Buf {
+                addr,
+                len: len as u32,
+                writable,
+            })
+            .collect();
+        let head = self.q.add(mem, &bufs)?;
+        self.inflight[usize::from(head)] = self.free.pop();
+        self.in_flight += 1;
+        Ok(head)
+    }
+
+    pub(crate) fn add(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        len: usize,
+        writable: bool,
+    ) -> Result<GuestAddress> {
         let addr = self.free.pop().ok_or(QueueError::NoBuffers)?;
         match self.q.add(
             mem,
@@ -128,7 +161,7 @@ impl Pool {
 
     /// The next used buffer of this pool; chains published raw (which
     /// carry no pool buffer) are reclaimed and passed over.
-    fn used(&mut self, mem: &GuestMemoryMmap) -> Result<Option<(GuestAddress, u32)>> {
+    pub(crate) fn used(&mut self, mem: &GuestMemoryMmap) -> Result<Option<(GuestAddress, u32)>> {
         while let Some((head, len)) = self.q.pop_used(mem)? {
             if let Some(addr) = self.inflight[usize::from(head)].take() {
                 self.free.push(addr);
@@ -495,6 +528,8 @@ pub struct VirtioNet {
     ctrl_index: usize,
     /// The control queue, its one command buffer and doorbell, with CTRL_VQ.
     ctrl: Option<(Pool, Doorbell)>,
+    /// The TOE's queues, with VNIC_TOE (see [`VirtioNet::take_toe`]).
+    toe: Option<ToeQueues>,
     /// RX buffers returned shorter than a header.
     pub rx_length_errors: u64,
 }
@@ -554,11 +589,23 @@ impl VirtioNet {
             let per = (page / len.div_ceil(64).max(1) / 64).max(1);
             count.div_ceil(per) * page
         };
+        let toe = opts
+            .toe
+            .filter(|_| opts.features.contains(Features::VNIC_TOE));
+        let toe_mem = toe.map_or(0, |o| {
+            packed(2, 32 * usize::from(EVT_QUEUE) + 64)
+                + packed(usize::from(CMD_QUEUE), CMD_LEN + COMPLETION_LEN)
+                + packed(usize::from(EVT_QUEUE), EVENT_LEN)
+                + ToeQueues::ring_memory(o)
+                + page
+        });
         let mem = pairs * (packed(n, rx_len) + packed(n, tx_len))
             + packed(2 * pairs + 1, 32 * n + 64)
             + packed(usize::from(CTRL_QUEUE), CTRL_BUF)
-            + page;
-        let mut t = open(2 * pairs + 1, mem)?;
+            + page
+            + toe_mem;
+        let queues = 2 * pairs + 1 + if toe.is_some() { 2 } else { 0 };
+        let mut t = open(queues, mem)?;
         let features = transport::init(&mut *t, opts.features)?;
         match Self::set_up(t, opts, features) {
             Ok(dev) => Ok(dev),
@@ -583,6 +630,7 @@ impl VirtioNet {
             npairs: usize::from(opts.pairs.max(1)),
             ctrl_index: 2 * usize::from(opts.pairs.max(1)),
             ctrl: None,
+            toe: None,
             rx_length_errors: 0,
         };
         match dev.queues(opts) {
@@ -665,6 +713,12 @@ impl VirtioNet {
             let c = Pool::new(t.dma(), CTRL_QUEUE, CTRL_BUF)?;
             t.setup_queue(vq, &c.q, true)?;
             self.ctrl = Some((c, t.doorbell(vq)?));
+            match opts.toe {
+                Some(o) if features.contains(Features::VNIC_TOE) => {
+                    self.toe = Some(Self::toe_queues(&mut **t, vq + 1, o, event_idx)?);
+                }
+                _ => {}
+            }
         }
         // Buffers go in before DRIVER_OK (virtio 1.3, 3.1.1 step 7); the
         // device looks at them once it is live.
@@ -675,6 +729,66 @@ impl VirtioNet {
             qp.tx.disarm()?;
         }
         transport::finish(&mut **t)
+    }
+
+    /// The TOE's command queue at `vq`, its event queue after it, and the
+    /// ring memory.
+    fn toe_queues(
+        t: &mut dyn Transport,
+        vq: usize,
+        o: ToeOptions,
+        event_idx: bool,
+    ) -> Result<ToeQueues> {
+        if !o.ring.is_power_of_two() || !(RING_MIN..=2 << 20).contains(&o.ring) {
+            return Err(crate::Error::Argument(format!(
+                "TOE ring of {} bytes: a power of two from 4 KiB to 2 MiB",
+                o.ring
+            )));
+        }
+        transport::check_queue_size(t, vq, CMD_QUEUE)?;
+        transport::check_queue_size(t, vq + 1, EVT_QUEUE)?;
+        let cmd = Pool::new(t.dma(), CMD_QUEUE, CMD_LEN + COMPLETION_LEN)?;
+        let mut evt = Pool::new(t.dma(), EVT_QUEUE, EVENT_LEN)?;
+        evt.q.set_event_idx(event_idx);
+        t.setup_queue(vq, &cmd.q, true)?;
+        t.setup_queue(vq + 1, &evt.q, true)?;
+        let mut rings = Vec::with_capacity(usize::from(o.conns));
+        for _ in 0..o.conns {
+            // Aligned to its size, a ring never straddles a hugepage.
+            let mut ring = || -> Result<RingSpec> {
+                let a = t.dma().alloc(o.ring as usize, u64::from(o.ring))?;
+                Ok(RingSpec {
+                    addr: a.0,
+                    size: o.ring,
+                })
+            };
+            rings.push((ring()?, ring()?));
+        }
+        // Handed out from the front.
+        rings.reverse();
+        Ok(ToeQueues {
+            mem: t.dma().mem.clone(),
+            cmd,
+            cmd_bell: t.doorbell(vq)?,
+            evt,
+            evt_bell: t.doorbell(vq + 1)?,
+            evt_call: t.interrupt(vq + 1)?,
+            rings,
+            opts: o,
+        })
+    }
+
+    /// Hands the TOE's queues over (to the stack's TOE thread), when the
+    /// device took VNIC_TOE and they were asked for. The event buffers
+    /// are posted.
+    pub fn take_toe(&mut self) -> Result<Option<ToeQueues>> {
+        match self.toe.take() {
+            Some(mut q) => {
+                q.post_event_buffers()?;
+                Ok(Some(q))
+            }
+            None => Ok(None),
+        }
     }
 
     /// The size of each RX buffer.
@@ -734,23 +848,10 @@ impl VirtioNet {
         let answer = out.unchecked_add_len(bytes.len());
         let mut fill = vec![0xffu8; response_len + 1];
         mem.write_slice(&fill, answer)?;
-        let head = pool.q.add(
+        pool.add_chain(
             mem,
-            &[
-                Buf {
-                    addr: out,
-                    len: bytes.len() as u32,
-                    writable: false,
-                },
-                Buf {
-                    addr: answer,
-                    len: (response_len + 1) as u32,
-                    writable: true,
-                },
-            ],
+            &[(out, bytes.len(), false), (answer, response_len + 1, true)],
         )?;
-        pool.inflight[usize::from(head)] = pool.free.pop();
-        pool.in_flight += 1;
         bell.ring()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

@@ -38,6 +38,9 @@ fn stack(s: &PortInNs, kib: usize) -> Stack {
         no_csum: false,
         busy_poll_us: None,
         reassembly_kib: kib,
+        toe: false,
+        toe_conns: 0,
+        toe_ring_kib: 256,
     }
     .start()
     .expect("stack")

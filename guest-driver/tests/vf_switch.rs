@@ -73,6 +73,9 @@ fn stack_on_vf(s: &PortInNs, n: usize, queues: u16) -> Stack {
         no_csum: false,
         busy_poll_us: None,
         reassembly_kib: 4096,
+        toe: false,
+        toe_conns: 0,
+        toe_ring_kib: 256,
     }
     .start()
     .unwrap_or_else(|e| panic!("stack on VF {n}: {e}"))
@@ -252,6 +255,7 @@ fn bare(s: &PortInNs, n: usize) -> VirtioNet {
             features: Features::VERSION_1 | Features::MAC | Features::MRG_RXBUF,
             rx_buf_len: 2048,
             enabled_pairs: None,
+            toe: None,
         },
     )
     .unwrap_or_else(|e| panic!("driver on VF {n}: {e}"));
@@ -593,6 +597,7 @@ fn vfs_hear_the_wire_while_the_pf_guest_posts_no_buffers() {
             features: Features::VERSION_1 | Features::MAC,
             rx_buf_len: 2048,
             enabled_pairs: None,
+            toe: None,
         },
     )
     .expect("PF driver");

@@ -26,6 +26,10 @@ pub struct StackConfig {
     /// IP reassembly limits for the whole stack; each shard gets its share
     /// of `max_memory` and `max_datagrams`.
     pub reassembly: frag::Limits,
+    /// Run TCP connections on the device's TOE when the device has one
+    /// (the driver took its queues); the stack's own TCP takes a
+    /// connection the TOE has no room for.
+    pub toe: bool,
 }
 
 impl Default for StackConfig {
@@ -40,6 +44,7 @@ impl Default for StackConfig {
             tcp: tcp::Config::default(),
             rss: true,
             reassembly: frag::Limits::default(),
+            toe: false,
         }
     }
 }

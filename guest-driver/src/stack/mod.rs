@@ -34,6 +34,7 @@ mod poll;
 mod shard;
 pub mod socket;
 mod state;
+mod toe;
 mod wait;
 
 use std::{
@@ -138,6 +139,14 @@ impl Stack {
             control.set_mac_filter(Vec::new(), multicast)?;
         }
         let qps = dev.take_pairs();
+        let toe = match dev.take_toe()? {
+            Some(q) if cfg.toe => {
+                let v4 = cfg.ipv4.map(|(a, p)| (IpAddr::V4(a), p));
+                let v6 = cfg.ipv6.map(|(a, p)| (IpAddr::V6(a), p));
+                Some(Arc::new(toe::ToeCore::start(q, v4, v6)?))
+            }
+            _ => None,
+        };
         let csum = cfg.csum && f.contains(Features::CSUM);
         let mut shards = Vec::with_capacity(qps.len());
         let n = qps.len().max(1);
@@ -177,8 +186,17 @@ impl Stack {
             ip_ident: AtomicU16::new(1),
             // Unpredictable identifications (RFC 7739): a random start.
             frag_ident: AtomicU32::new(random_u32()),
+            toe,
         });
         let mut threads = Vec::new();
+        if let Some(core) = inner.toe.clone() {
+            let inn = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("vnic-toe".into())
+                    .spawn(move || core.run(&|| inn.notify()))?,
+            );
+        }
         for i in 0..inner.shards.len() {
             let inn = inner.clone();
             threads.push(
@@ -350,6 +368,9 @@ impl Stack {
     /// Stops the shard threads (sockets fail from then on).
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = &self.inner.toe {
+            t.stop();
+        }
         for s in &self.inner.shards {
             let _ = s.wake.write(1);
         }

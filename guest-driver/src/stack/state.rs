@@ -22,7 +22,7 @@ use vnic_protocol::{
     wire::ethernet::Address,
 };
 
-use super::{config::StackConfig, neigh, wait::WaitQueue};
+use super::{config::StackConfig, neigh, toe::ToeCore, wait::WaitQueue};
 use crate::net::{QueuePair, RxQueue, TxQueue, VirtioNet};
 
 /// Established connections waiting for accept(): (id, slot); accept()
@@ -105,6 +105,8 @@ pub(crate) struct Inner {
     pub(crate) ip_ident: AtomicU16,
     /// IPv6 fragment identification.
     pub(crate) frag_ident: AtomicU32,
+    /// The device's TOE, when the stack uses it for TCP.
+    pub(crate) toe: Option<Arc<ToeCore>>,
 }
 
 impl std::fmt::Debug for Inner {

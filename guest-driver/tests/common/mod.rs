@@ -35,6 +35,13 @@ pub fn start_stack(
     no_tso: bool,
     busy_poll_us: Option<u64>,
 ) -> vnic_guest::stack::Stack {
+    stack_args(socket, no_tso, busy_poll_us)
+        .start()
+        .expect("stack")
+}
+
+/// [`start_stack`]'s arguments.
+pub fn stack_args(socket: &Path, no_tso: bool, busy_poll_us: Option<u64>) -> NetArgs {
     NetArgs {
         socket: Some(socket.to_path_buf()),
         pci: None,
@@ -46,9 +53,10 @@ pub fn start_stack(
         no_csum: false,
         busy_poll_us,
         reassembly_kib: 4096,
+        toe: false,
+        toe_conns: 0,
+        toe_ring_kib: 256,
     }
-    .start()
-    .expect("stack")
 }
 
 /// One vnicd counter summed over the RX queues (`packets`, `drop.filtered`).

@@ -8,6 +8,7 @@
 //! readiness here are the same for both.
 
 mod soft;
+mod toe;
 mod udp;
 
 use std::{
@@ -54,6 +55,10 @@ pub(crate) trait Stream: Send + Sync + fmt::Debug {
     fn state(&self) -> io::Result<State>;
     /// The queue pair the connection's packets travel on.
     fn shard(&self) -> usize;
+    /// Whether the device's TOE runs it.
+    fn on_toe(&self) -> bool {
+        false
+    }
 }
 
 /// A listening port as its provider runs it. Dropping it stops listening.
@@ -82,7 +87,17 @@ impl TcpStream {
     /// The local port is chosen so that the device steers the flow's
     /// packets to the shard the connection lives on.
     pub fn connect(stack: &Stack, remote: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        if let Some(core) = &stack.inner().toe {
+            if let toe::Opened::Toe(s) = toe::connect(core, remote, timeout)? {
+                return Ok(TcpStream::new(s));
+            }
+        }
         soft::connect(stack.inner(), remote, timeout).map(TcpStream::new)
+    }
+
+    /// Whether the device's TOE runs this connection.
+    pub fn on_toe(&self) -> bool {
+        self.s.on_toe()
     }
 
     /// A read or write blocks at most this long (None: forever).
@@ -189,6 +204,11 @@ impl TcpListener {
     /// [`TcpListener::bind`] with at most `backlog` connections waiting
     /// for accept(); more are reset.
     pub fn bind_with_backlog(stack: &Stack, port: u16, backlog: usize) -> io::Result<TcpListener> {
+        if let Some(core) = &stack.inner().toe {
+            if let toe::Opened::Toe(l) = toe::listen(core, port, backlog)? {
+                return Ok(TcpListener { l, port });
+            }
+        }
         let l = soft::listen(stack.inner(), port, backlog)?;
         Ok(TcpListener { l, port })
     }

@@ -1,0 +1,99 @@
+//! TCP on vnicd's TOE: the vnic-guest stack opens and accepts
+//! connections that the device terminates, against the Linux kernel's
+//! TCP in a namespace behind vnicd's TAP.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use vnic_guest::stack::{Stack, TcpListener, TcpStream};
+use vnic_tests::{pattern, require_netns};
+
+mod common;
+use common::{setup, stack_args};
+
+fn toe_stack(s: &vnic_tests::PortInNs, conns: u16, ring_kib: u32) -> Stack {
+    let mut a = stack_args(&s.vnicd.socket, false, None);
+    a.toe = true;
+    a.toe_conns = conns;
+    a.toe_ring_kib = ring_kib;
+    a.start().expect("stack with the TOE")
+}
+
+/// The guest connects (IPv4 and IPv6) to a kernel server that echoes;
+/// then the kernel connects to a guest listener that echoes. Every
+/// connection runs on the TOE and its bytes come back whole.
+#[test]
+fn toe_connections_carry_bytes_both_ways() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    let stack = toe_stack(&s, 16, 256);
+    const BYTES: usize = 3 << 20;
+    let server = s.ns.enter(|| {
+        let l4 = std::net::TcpListener::bind("192.0.2.1:7400")?;
+        let l6 = std::net::TcpListener::bind("[2001:db8::1]:7400")?;
+        for l in [l4, l6] {
+            let (mut c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut buf = vec![0u8; BYTES];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, to) in ["192.0.2.1:7400", "[2001:db8::1]:7400"]
+        .into_iter()
+        .enumerate()
+    {
+        let to: SocketAddr = to.parse().unwrap();
+        let mut c = TcpStream::connect(&stack, to, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        assert!(c.on_toe(), "{to}: not on the TOE");
+        assert_eq!(c.peer_addr().unwrap(), to);
+        c.set_timeout(Some(Duration::from_secs(30)));
+        // The kernel reads everything before it echoes.
+        let data = pattern(BYTES, i as u64);
+        c.write_all(&data).expect("send");
+        let mut back = vec![0u8; BYTES];
+        c.read_exact(&mut back).expect("echo");
+        assert!(back == data, "{to}: the echo differs");
+    }
+    server.join().unwrap().expect("kernel server");
+
+    let l = TcpListener::bind(&stack, 7401).expect("listen on the TOE");
+    let client = s.ns.enter(|| {
+        let data = pattern(BYTES, 9);
+        let mut c = std::net::TcpStream::connect("192.0.2.2:7401")?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut w = c.try_clone()?;
+        let d = data.clone();
+        let t = std::thread::spawn(move || w.write_all(&d));
+        let mut back = vec![0u8; BYTES];
+        c.read_exact(&mut back)?;
+        t.join().map_err(|_| std::io::Error::other("writer"))??;
+        if back != data {
+            return Err(std::io::Error::other("the echo differs"));
+        }
+        Ok(())
+    });
+    let mut c = l.accept(Some(Duration::from_secs(10))).expect("accept");
+    assert!(c.on_toe());
+    c.set_timeout(Some(Duration::from_secs(30)));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0;
+    while n < BYTES {
+        let k = c.read(&mut buf).expect("read");
+        assert!(k > 0, "end of stream after {n} bytes");
+        c.write_all(&buf[..k]).expect("echo");
+        n += k;
+    }
+    client.join().unwrap().expect("kernel client");
+    stack.shutdown();
+}
