@@ -13,14 +13,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use vnic_guest::stack::TcpStream;
-use vnic_tests::{pattern, require_netns, BridgedPort, PortInNs, Proc};
+use vnic_tests::{pattern, require_netns, BridgedPort, Proc};
 
 mod common;
-use common::{bytes, in_ns, json, net_args, rx_total, setup, start_stack, vnicd};
+use common::{
+    agree, bytes, client_vs_kernel, in_flight_bound, kernel_vs_server, net_args, rx_total, setup,
+    start_stack, vnicd,
+};
 
-const IPERF: &str = env!("CARGO_BIN_EXE_vnic-iperf");
 const PING: &str = env!("CARGO_BIN_EXE_vnic-ping");
 
 #[test]
@@ -58,80 +59,6 @@ fn ping_both_ways_over_ipv4_and_ipv6() {
     );
 }
 
-/// vnic-iperf client against `iperf3 -s`; returns (client doc, server doc).
-fn client_vs_kernel(s: &PortInNs, extra: &[&str]) -> (Value, Value) {
-    let server = Proc::spawn(&mut in_ns(
-        s,
-        "iperf3",
-        &["-s", "-1", "-J", "-B", "192.0.2.1"],
-    ));
-    std::thread::sleep(Duration::from_millis(500));
-    let mut a = net_args(s);
-    a.extend(["-c", "192.0.2.1", "-t", "3", "-J"].map(String::from));
-    a.extend(extra.iter().map(|x| x.to_string()));
-    let (ok, out, err) = Proc::spawn(Command::new(IPERF).args(&a)).finish(Duration::from_secs(60));
-    assert!(ok, "vnic-iperf {extra:?}: {out} {err}");
-    let (sok, sout, serr) = server.finish(Duration::from_secs(20));
-    assert!(sok, "iperf3 -s: {sout} {serr}");
-    (json(&out), json(&sout))
-}
-
-/// `iperf3 -c` against vnic-iperf -s; returns (client doc, server doc).
-fn kernel_vs_server(s: &PortInNs, extra: &[&str]) -> (Value, Value) {
-    let mut a = net_args(s);
-    a.extend(["-s", "-1", "-J", "--idle-timeout", "30"].map(String::from));
-    let server = Proc::spawn(Command::new(IPERF).args(&a));
-    std::thread::sleep(Duration::from_secs(2));
-    let mut args = vec!["-c", "192.0.2.2", "-t", "3", "-J"];
-    args.extend_from_slice(extra);
-    let (ok, out, err) =
-        Proc::spawn(&mut in_ns(s, "iperf3", &args)).finish(Duration::from_secs(60));
-    let (sok, sout, serr) = server.finish(Duration::from_secs(20));
-    assert!(
-        ok,
-        "iperf3 -c {extra:?}: {out} {err}\nvnic-iperf -s said: {sout} {serr}"
-    );
-    assert!(sok, "vnic-iperf -s: {sout} {serr}");
-    (json(&out), json(&sout))
-}
-
-/// The most a sender's count can run ahead of its receiver's when a test
-/// stops, per stream: what the sending socket holds (written, not yet
-/// acknowledged), what the receiving socket holds (acknowledged, not yet
-/// read), and the one block iperf counts as it writes. The kernel's
-/// buffers are at most its tcp_wmem/tcp_rmem maximum; the guest's are the
-/// engine's defaults.
-fn in_flight_bound(s: &PortInNs, streams: u64, kernel_sends: bool) -> u64 {
-    let kernel_max = |key: &str| -> u64 {
-        let v = s.ns.exec("sysctl", &["-n", key]).expect("sysctl");
-        v.split_whitespace()
-            .nth(2)
-            .and_then(|x| x.parse().ok())
-            .unwrap_or_else(|| panic!("{key}: {v:?}"))
-    };
-    let guest = vnic_protocol::tcp::Config::default();
-    let per_stream = if kernel_sends {
-        kernel_max("net.ipv4.tcp_wmem") + guest.recv_buffer as u64
-    } else {
-        guest.send_buffer as u64 + kernel_max("net.ipv4.tcp_rmem")
-    };
-    streams * (per_stream + (128 << 10))
-}
-
-/// What the sender said it sent and what the receiver said it got agree:
-/// equal, or the receiver short by no more than `bound`.
-fn agree(sent: u64, received: u64, bound: u64, what: &str) {
-    assert!(sent > 1_000_000, "{what}: only {sent} bytes sent");
-    assert!(
-        received <= sent,
-        "{what}: received {received} > sent {sent}"
-    );
-    assert!(
-        sent - received <= bound,
-        "{what}: sent {sent}, received {received}, at most {bound} apart"
-    );
-}
-
 #[test]
 fn vnic_iperf_client_against_real_iperf3_server_both_ways() {
     if !require_netns() {
@@ -146,7 +73,7 @@ fn vnic_iperf_client_against_real_iperf3_server_both_ways() {
         };
         let queue_bytes = || s.vnicd.stats().expect("vnicd stats");
         let before = queue_bytes();
-        let (c, srv) = client_vs_kernel(&s, extra);
+        let (c, srv) = client_vs_kernel(&s, &[], extra);
         let after = queue_bytes();
         let (sent, recv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
         // The two streams live on the two shards, so each of the device's
@@ -180,7 +107,7 @@ fn real_iperf3_client_against_vnic_iperf_server_both_ways() {
     let s = setup();
     for rev in [false, true] {
         let extra: &[&str] = if rev { &["-R"] } else { &[] };
-        let (c, srv) = kernel_vs_server(&s, extra);
+        let (c, srv) = kernel_vs_server(&s, &[], extra);
         let (ksent, krecv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
         let (vsent, vrecv) = (bytes(&srv, "sum_sent"), bytes(&srv, "sum_received"));
         eprintln!("iperf3 -c {extra:?}: sent {ksent} received {krecv}; vnic-iperf -s: sent {vsent} received {vrecv}");
@@ -204,12 +131,12 @@ fn udp_both_ways_with_real_iperf3() {
         return;
     }
     let s = setup();
-    let (c, _) = kernel_vs_server(&s, &["-u", "-b", "20M"]);
+    let (c, _) = kernel_vs_server(&s, &[], &["-u", "-b", "20M"]);
     let sum = &c["end"]["sum"];
     let lost = sum["lost_percent"].as_f64().unwrap_or(100.0);
     assert!(bytes(&c, "sum") > 3_000_000, "{c}");
     assert!(lost < 5.0, "{sum}");
-    let (c, srv) = client_vs_kernel(&s, &["-u", "-b", "20M"]);
+    let (c, srv) = client_vs_kernel(&s, &[], &["-u", "-b", "20M"]);
     let got = srv["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
     assert!(got > 3_000_000, "kernel got {got}: {srv}");
     assert!(

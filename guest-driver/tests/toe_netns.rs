@@ -14,7 +14,9 @@ use vnic_guest::stack::{Stack, TcpListener, TcpStream};
 use vnic_tests::{pattern, require_netns};
 
 mod common;
-use common::{setup, stack_args};
+use common::{
+    agree, bytes, client_vs_kernel, in_flight_bound, kernel_vs_server, setup, stack_args,
+};
 
 fn toe_stack(s: &vnic_tests::PortInNs, conns: u16, ring_kib: u32) -> Stack {
     let mut a = stack_args(&s.vnicd.socket, false, None);
@@ -96,4 +98,53 @@ fn toe_connections_carry_bytes_both_ways() {
     }
     client.join().unwrap().expect("kernel client");
     stack.shutdown();
+}
+
+/// vnicd's TOE counter `name`.
+fn toe_counter(s: &vnic_tests::PortInNs, name: &str) -> u64 {
+    s.vnicd.stats().expect("vnicd stats")[&format!("toe.{name}")]
+}
+
+/// `vnic-iperf --toe` as client and as server against the kernel's
+/// iperf3, both directions: the byte counts of both ends agree, and the
+/// connections were the device's.
+#[test]
+fn vnic_iperf_on_the_toe_against_iperf3_both_ways() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    for rev in [false, true] {
+        let extra: &[&str] = if rev { &["-R", "-P", "2"] } else { &["-P", "2"] };
+        let before = toe_counter(&s, "connects");
+        let (c, srv) = client_vs_kernel(&s, &["--toe"], extra);
+        let (sent, recv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
+        let (ksent, krecv) = (bytes(&srv, "sum_sent"), bytes(&srv, "sum_received"));
+        eprintln!(
+            "vnic-iperf --toe -c {extra:?}: sent {sent} received {recv}; iperf3 -s: sent {ksent} received {krecv}"
+        );
+        // A control connection and two streams.
+        assert_eq!(toe_counter(&s, "connects") - before, 3);
+        agree(sent, recv, in_flight_bound(&s, 2, rev), "client view");
+        if rev {
+            assert_eq!(ksent, sent);
+        } else {
+            assert_eq!(krecv, recv);
+        }
+    }
+    for rev in [false, true] {
+        let extra: &[&str] = if rev { &["-R"] } else { &[] };
+        let before = toe_counter(&s, "accepts");
+        let (c, srv) = kernel_vs_server(&s, &["--toe"], extra);
+        let (ksent, krecv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
+        let (vsent, vrecv) = (bytes(&srv, "sum_sent"), bytes(&srv, "sum_received"));
+        eprintln!(
+            "iperf3 -c {extra:?}: sent {ksent} received {krecv}; vnic-iperf --toe -s: sent {vsent} received {vrecv}"
+        );
+        assert_eq!(toe_counter(&s, "accepts") - before, 2);
+        agree(ksent, krecv, in_flight_bound(&s, 1, !rev), "iperf3 client view");
+        assert_eq!((ksent, krecv), (vsent, vrecv));
+    }
+    assert_eq!(toe_counter(&s, "ring_faults"), 0);
+    assert_eq!(toe_counter(&s, "segments_bad"), 0);
 }

@@ -203,6 +203,33 @@ impl QueueStats {
     }
 }
 
+/// The TOE's counters over every frontend connection of a port, in the
+/// order of `ToeStats::fields`, and the connections open now.
+#[derive(Debug, Default)]
+pub struct ToeCounters {
+    counts: [AtomicU64; 12],
+    pub connections: AtomicU64,
+}
+
+impl ToeCounters {
+    /// Adds what an engine counted since it was last asked.
+    pub fn add(&self, s: &crate::nic::toe::ToeStats) {
+        for (c, (_, v)) in self.counts.iter().zip(s.fields()) {
+            if v > 0 {
+                c.fetch_add(v, Relaxed);
+            }
+        }
+    }
+
+    fn render(&self, s: &mut String) {
+        let names = crate::nic::toe::ToeStats::default().fields();
+        for (c, (name, _)) in self.counts.iter().zip(names) {
+            let _ = writeln!(s, "toe.{name} {}", c.load(Relaxed));
+        }
+        let _ = writeln!(s, "toe.connections {}", self.connections.load(Relaxed));
+    }
+}
+
 /// Counters of the whole device: one entry per RX and per TX queue.
 #[derive(Debug)]
 pub struct Stats {
@@ -210,6 +237,7 @@ pub struct Stats {
     pub tx: Vec<QueueStats>,
     /// The control queue: packets are commands answered.
     pub ctrl: QueueStats,
+    pub toe: ToeCounters,
 }
 
 impl Stats {
@@ -218,6 +246,7 @@ impl Stats {
             rx: (0..pairs).map(|_| QueueStats::default()).collect(),
             tx: (0..pairs).map(|_| QueueStats::default()).collect(),
             ctrl: QueueStats::default(),
+            toe: ToeCounters::default(),
         }
     }
 
@@ -274,6 +303,7 @@ impl Stats {
                 }
             }
         }
+        self.toe.render(&mut s);
         s
     }
 }

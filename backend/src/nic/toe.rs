@@ -224,6 +224,26 @@ pub struct Toe {
 /// Frames kept for the next `transmit` at most.
 const OUTBOX: usize = 256;
 
+impl ToeStats {
+    /// Each counter with its name, as `vnicd ctl stats` shows it.
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
+        [
+            ("commands", self.commands),
+            ("commands_refused", self.commands_refused),
+            ("table_full", self.table_full),
+            ("connects", self.connects),
+            ("accepts", self.accepts),
+            ("syn_dropped", self.syn_dropped),
+            ("closed", self.closed),
+            ("ring_faults", self.ring_faults),
+            ("segments_in", self.segments_in),
+            ("segments_bad", self.segments_bad),
+            ("frames_out", self.frames_out),
+            ("neighbour_drops", self.neighbour_drops),
+        ]
+    }
+}
+
 impl Toe {
     pub fn new(cfg: ToeConfig) -> Toe {
         Toe {
@@ -252,6 +272,14 @@ impl Toe {
 
     pub fn stats(&self) -> ToeStats {
         self.stats
+    }
+
+    /// The counts since the last call (for the port's counters, which
+    /// outlive a frontend connection's engine).
+    pub fn take_stats(&mut self) -> ToeStats {
+        let s = self.stats;
+        self.stats = ToeStats::default();
+        s
     }
 
     /// Connections open or waiting for ACCEPT.

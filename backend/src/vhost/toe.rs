@@ -98,6 +98,17 @@ impl VnicBackend {
             }
         }
         self.toe_arm(toe, now);
+        self.toe_count(toe);
+    }
+
+    /// Moves the engine's counts to the port's counters.
+    fn toe_count(&self, toe: &mut Toe) {
+        let c = &self.dev().stats.toe;
+        c.add(&toe.take_stats());
+        c.connections.store(
+            toe.connections() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn toe_arm(&self, toe: &Toe, now: tcp::Instant) {
@@ -306,6 +317,7 @@ impl VnicBackend {
         toe.reset(self.toe_now(), &mut |h, f| {
             self.toe_send(&mut scratch, h, f)
         });
+        self.toe_count(&mut toe);
         if live > 0 {
             log::info!("port {}: {live} TOE connections reset", self.port);
         }

@@ -2,11 +2,16 @@
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use serde_json::Value;
 use vnic_guest::cli::NetArgs;
-use vnic_tests::PortInNs;
+use vnic_tests::{PortInNs, Proc};
+
+/// The vnic-iperf binary of this build.
+pub fn iperf() -> &'static str {
+    env!("CARGO_BIN_EXE_vnic-iperf")
+}
 
 /// The workspace's vnicd, built beside the test binaries.
 pub fn vnicd() -> String {
@@ -95,4 +100,82 @@ pub fn bytes(v: &Value, k: &str) -> u64 {
     v["end"][k]["bytes"]
         .as_u64()
         .unwrap_or_else(|| panic!("no end.{k}.bytes in {v}"))
+}
+
+/// vnic-iperf client (with `ours` added to its arguments) against
+/// `iperf3 -s`; returns (client doc, server doc).
+pub fn client_vs_kernel(s: &PortInNs, ours: &[&str], extra: &[&str]) -> (Value, Value) {
+    let server = Proc::spawn(&mut in_ns(
+        s,
+        "iperf3",
+        &["-s", "-1", "-J", "-B", "192.0.2.1"],
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut a = net_args(s);
+    a.extend(ours.iter().map(|x| x.to_string()));
+    a.extend(["-c", "192.0.2.1", "-t", "3", "-J"].map(String::from));
+    a.extend(extra.iter().map(|x| x.to_string()));
+    let (ok, out, err) =
+        Proc::spawn(Command::new(iperf()).args(&a)).finish(Duration::from_secs(60));
+    assert!(ok, "vnic-iperf {extra:?}: {out} {err}");
+    let (sok, sout, serr) = server.finish(Duration::from_secs(20));
+    assert!(sok, "iperf3 -s: {sout} {serr}");
+    (json(&out), json(&sout))
+}
+
+/// `iperf3 -c` against vnic-iperf -s; returns (client doc, server doc).
+pub fn kernel_vs_server(s: &PortInNs, ours: &[&str], extra: &[&str]) -> (Value, Value) {
+    let mut a = net_args(s);
+    a.extend(ours.iter().map(|x| x.to_string()));
+    a.extend(["-s", "-1", "-J", "--idle-timeout", "30"].map(String::from));
+    let server = Proc::spawn(Command::new(iperf()).args(&a));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut args = vec!["-c", "192.0.2.2", "-t", "3", "-J"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) =
+        Proc::spawn(&mut in_ns(s, "iperf3", &args)).finish(Duration::from_secs(60));
+    let (sok, sout, serr) = server.finish(Duration::from_secs(20));
+    assert!(
+        ok,
+        "iperf3 -c {extra:?}: {out} {err}\nvnic-iperf -s said: {sout} {serr}"
+    );
+    assert!(sok, "vnic-iperf -s: {sout} {serr}");
+    (json(&out), json(&sout))
+}
+
+/// The most a sender's count can run ahead of its receiver's when a test
+/// stops, per stream: what the sending socket holds (written, not yet
+/// acknowledged), what the receiving socket holds (acknowledged, not yet
+/// read), and the one block iperf counts as it writes. The kernel's
+/// buffers are at most its tcp_wmem/tcp_rmem maximum; the guest's are the
+/// engine's defaults.
+pub fn in_flight_bound(s: &PortInNs, streams: u64, kernel_sends: bool) -> u64 {
+    let kernel_max = |key: &str| -> u64 {
+        let v = s.ns.exec("sysctl", &["-n", key]).expect("sysctl");
+        v.split_whitespace()
+            .nth(2)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("{key}: {v:?}"))
+    };
+    let guest = vnic_protocol::tcp::Config::default();
+    let per_stream = if kernel_sends {
+        kernel_max("net.ipv4.tcp_wmem") + guest.recv_buffer as u64
+    } else {
+        guest.send_buffer as u64 + kernel_max("net.ipv4.tcp_rmem")
+    };
+    streams * (per_stream + (128 << 10))
+}
+
+/// What the sender said it sent and what the receiver said it got agree:
+/// equal, or the receiver short by no more than `bound`.
+pub fn agree(sent: u64, received: u64, bound: u64, what: &str) {
+    assert!(sent > 1_000_000, "{what}: only {sent} bytes sent");
+    assert!(
+        received <= sent,
+        "{what}: received {received} > sent {sent}"
+    );
+    assert!(
+        sent - received <= bound,
+        "{what}: sent {sent}, received {received}, at most {bound} apart"
+    );
 }
