@@ -7,15 +7,17 @@
 use std::{
     io::{Read, Write},
     net::SocketAddr,
+    process::Command,
     time::Duration,
 };
 
 use vnic_guest::stack::{Stack, TcpListener, TcpStream};
-use vnic_tests::{pattern, require_netns};
+use vnic_tests::{pattern, require_netns, Proc};
 
 mod common;
 use common::{
-    agree, bytes, client_vs_kernel, in_flight_bound, kernel_vs_server, setup, stack_args,
+    agree, bytes, client_vs_kernel, in_flight_bound, in_ns, iperf, kernel_vs_server, net_args,
+    setup, stack_args,
 };
 
 fn toe_stack(s: &vnic_tests::PortInNs, conns: u16, ring_kib: u32) -> Stack {
@@ -115,7 +117,11 @@ fn vnic_iperf_on_the_toe_against_iperf3_both_ways() {
     }
     let s = setup();
     for rev in [false, true] {
-        let extra: &[&str] = if rev { &["-R", "-P", "2"] } else { &["-P", "2"] };
+        let extra: &[&str] = if rev {
+            &["-R", "-P", "2"]
+        } else {
+            &["-P", "2"]
+        };
         let before = toe_counter(&s, "connects");
         let (c, srv) = client_vs_kernel(&s, &["--toe"], extra);
         let (sent, recv) = (bytes(&c, "sum_sent"), bytes(&c, "sum_received"));
@@ -142,9 +148,53 @@ fn vnic_iperf_on_the_toe_against_iperf3_both_ways() {
             "iperf3 -c {extra:?}: sent {ksent} received {krecv}; vnic-iperf --toe -s: sent {vsent} received {vrecv}"
         );
         assert_eq!(toe_counter(&s, "accepts") - before, 2);
-        agree(ksent, krecv, in_flight_bound(&s, 1, !rev), "iperf3 client view");
+        agree(
+            ksent,
+            krecv,
+            in_flight_bound(&s, 1, !rev),
+            "iperf3 client view",
+        );
         assert_eq!((ksent, krecv), (vsent, vrecv));
     }
     assert_eq!(toe_counter(&s, "ring_faults"), 0);
     assert_eq!(toe_counter(&s, "segments_bad"), 0);
+}
+
+/// A guest that goes away mid-transfer (vnic-iperf --toe killed while it
+/// sends): vnicd resets its TOE connections, and the kernel peer's TCP
+/// counts the resets of its established connections.
+#[test]
+fn a_guest_that_goes_away_mid_transfer_leaves_resets() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    let server = Proc::spawn(&mut in_ns(&s, "iperf3", &["-s", "-1", "-B", "192.0.2.1"]));
+    std::thread::sleep(Duration::from_millis(500));
+    let resets = || s.ns.tcp_counter("EstabResets").expect("EstabResets");
+    let before = resets();
+    let mut a = net_args(&s);
+    a.extend(["--toe", "-c", "192.0.2.1", "-t", "30"].map(String::from));
+    let client = Proc::spawn(Command::new(iperf()).args(&a));
+    // Until the stream is moving.
+    let moving = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        s.vnicd.stats().expect("stats")["tx0.bytes"] > 20 << 20
+    });
+    assert!(moving, "no transfer started");
+    let open = toe_counter(&s, "connections");
+    assert_eq!(open, 2, "a control connection and a stream on the TOE");
+    drop(client);
+    let reset = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        resets() >= before + 2
+    });
+    assert!(
+        reset,
+        "the kernel saw {} resets of established connections",
+        resets() - before
+    );
+    assert_eq!(toe_counter(&s, "connections"), 0);
+    let (_, out, err) = server.finish(Duration::from_secs(10));
+    eprintln!("iperf3 -s after the guest went: {out} {err}");
 }

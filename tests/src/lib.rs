@@ -168,6 +168,25 @@ impl NetNs {
         run("ip", &a)
     }
 
+    /// A TCP counter of the namespace's kernel (from /proc/net/snmp or
+    /// /proc/net/netstat, e.g. `EstabResets`, `TCPAbortOnData`).
+    pub fn tcp_counter(&self, name: &str) -> io::Result<u64> {
+        let text = self.exec("cat", &["/proc/net/snmp", "/proc/net/netstat"])?;
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [h, v] = pair else { continue };
+            let found = h
+                .split_whitespace()
+                .zip(v.split_whitespace())
+                .skip(1)
+                .find(|(k, _)| *k == name);
+            if let Some((_, val)) = found {
+                return val.parse().map_err(io::Error::other);
+            }
+        }
+        Err(io::Error::other(format!("no TCP counter {name}")))
+    }
+
     /// `ip netns exec NAME cmd args...`
     pub fn exec(&self, cmd: &str, args: &[&str]) -> io::Result<String> {
         let mut a = vec!["netns", "exec", self.name.as_str(), cmd];
@@ -792,21 +811,6 @@ impl BridgedPort {
     /// A counter of the peer's TCP from `/proc/net/snmp` (`Tcp:` lines) or
     /// `/proc/net/netstat` (`TcpExt:` lines), e.g. `RetransSegs`.
     pub fn peer_tcp_counter(&self, name: &str) -> io::Result<u64> {
-        let text = self
-            .peer
-            .exec("cat", &["/proc/net/snmp", "/proc/net/netstat"])?;
-        let lines: Vec<&str> = text.lines().collect();
-        for pair in lines.chunks(2) {
-            let [h, v] = pair else { continue };
-            let found = h
-                .split_whitespace()
-                .zip(v.split_whitespace())
-                .skip(1)
-                .find(|(k, _)| *k == name);
-            if let Some((_, val)) = found {
-                return val.parse().map_err(io::Error::other);
-            }
-        }
-        Err(io::Error::other(format!("no TCP counter {name}")))
+        self.peer.tcp_counter(name)
     }
 }
