@@ -161,8 +161,8 @@ fn vnic_iperf_on_the_toe_against_iperf3_both_ways() {
 }
 
 /// A guest that goes away mid-transfer (vnic-iperf --toe killed while it
-/// sends): vnicd resets its TOE connections, and the kernel peer's TCP
-/// counts the resets of its established connections.
+/// sends): vnicd resets its TOE connections, the kernel peer counts a
+/// reset of an established connection, and none is left established.
 #[test]
 fn a_guest_that_goes_away_mid_transfer_leaves_resets() {
     if !require_netns() {
@@ -185,16 +185,187 @@ fn a_guest_that_goes_away_mid_transfer_leaves_resets() {
     let open = toe_counter(&s, "connections");
     assert_eq!(open, 2, "a control connection and a stream on the TOE");
     drop(client);
-    let reset = (0..50).any(|_| {
+    // Without the device's resets both connections would stay
+    // established at the kernel: it would not know the guest went. With
+    // them, the first reset it takes ends iperf3 (which then closes the
+    // other itself), so at least one is counted and none is left.
+    let left = || {
+        s.ns.exec("ss", &["-tanH", "state", "established"])
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let ended = (0..50).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
-        resets() >= before + 2
+        resets() > before && left() == 0
     });
     assert!(
-        reset,
-        "the kernel saw {} resets of established connections",
-        resets() - before
+        ended,
+        "the kernel saw {} resets of established connections, {} are left",
+        resets() - before,
+        left()
     );
     assert_eq!(toe_counter(&s, "connections"), 0);
     let (_, out, err) = server.finish(Duration::from_secs(10));
     eprintln!("iperf3 -s after the guest went: {out} {err}");
+}
+
+/// 1000 connections open on the TOE at once, each carrying its own
+/// bytes both ways; vnicd counts them open, then none once they close.
+#[test]
+fn a_thousand_concurrent_toe_connections() {
+    if !require_netns() {
+        return;
+    }
+    let s = setup();
+    const N: usize = 1000;
+    let stack = toe_stack(&s, N as u16, 4);
+    let server = s.ns.enter(|| {
+        let l = std::net::TcpListener::bind("192.0.2.1:7500")?;
+        let mut conns = Vec::with_capacity(N);
+        for _ in 0..N {
+            let (c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            conns.push(c);
+        }
+        // Every connection is open now; each echoes its 8 bytes.
+        for c in &mut conns {
+            let mut b = [0u8; 8];
+            c.read_exact(&mut b)?;
+            c.write_all(&b)?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let to: SocketAddr = "192.0.2.1:7500".parse().unwrap();
+    let mut conns = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut c = TcpStream::connect(&stack, to, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert!(c.on_toe(), "connection {i} is not on the TOE");
+        c.set_timeout(Some(Duration::from_secs(30)));
+        conns.push(c);
+    }
+    let st = s.vnicd.stats().expect("stats");
+    assert_eq!(st["toe.connections"], N as u64, "open on the device");
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&(i as u64).to_be_bytes()).expect("send");
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut b = [0u8; 8];
+        c.read_exact(&mut b).expect("echo");
+        assert_eq!(u64::from_be_bytes(b), i as u64);
+    }
+    server.join().unwrap().expect("kernel server");
+    drop(conns);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        toe_counter(&s, "connections") == 0
+    });
+    assert!(
+        gone,
+        "{} TOE connections left",
+        toe_counter(&s, "connections")
+    );
+    stack.shutdown();
+}
+
+/// More connections than vnicd's table (--toe-conns 8), both ways: the
+/// ones past it run on the guest stack's own TCP, counted; every one
+/// carries its bytes.
+#[test]
+fn a_flood_past_the_table_falls_back_and_is_counted() {
+    if !require_netns() {
+        return;
+    }
+    let s = vnic_tests::PortInNs::start(
+        &common::vnicd(),
+        &["--queues", "2", "--toe-conns", "8"],
+        "192.0.2.1/24",
+        &[],
+    )
+    .expect("vnicd");
+    let stack = toe_stack(&s, 32, 16);
+    const N: usize = 20;
+    const BYTES: usize = 64 << 10;
+    // The guest opens N connections.
+    let server = s.ns.enter(|| {
+        let l = std::net::TcpListener::bind("192.0.2.1:7600")?;
+        let mut conns = Vec::new();
+        for _ in 0..N {
+            let (mut c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut buf = vec![0u8; BYTES];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)?;
+            conns.push(c);
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let to: SocketAddr = "192.0.2.1:7600".parse().unwrap();
+    let mut conns = Vec::new();
+    for i in 0..N {
+        let mut c = TcpStream::connect(&stack, to, Duration::from_secs(10)).expect("connect");
+        c.set_timeout(Some(Duration::from_secs(30)));
+        let data = pattern(BYTES, i as u64);
+        c.write_all(&data).expect("send");
+        let mut back = vec![0u8; BYTES];
+        c.read_exact(&mut back).expect("echo");
+        assert!(back == data, "connection {i}: the echo differs");
+        conns.push(c);
+    }
+    server.join().unwrap().expect("kernel server");
+    let on_toe = conns.iter().filter(|c| c.on_toe()).count();
+    assert_eq!(
+        on_toe, 8,
+        "the table's worth on the TOE, the rest on the stack"
+    );
+    let st = stack.stats();
+    assert_eq!(st.toe_fallbacks, (N - 8) as u64);
+    drop(conns);
+    let free = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        toe_counter(&s, "connections") == 0
+    });
+    assert!(free, "the table did not empty");
+
+    // The kernel opens N connections to a guest listener.
+    let l = TcpListener::bind(&stack, 7601).expect("listen");
+    let full_before = toe_counter(&s, "table_full");
+    let client = s.ns.enter(|| {
+        let mut conns = Vec::new();
+        for i in 0..N {
+            let mut c = std::net::TcpStream::connect("192.0.2.2:7601")?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let data = pattern(BYTES, 50 + i as u64);
+            c.write_all(&data)?;
+            let mut back = vec![0u8; BYTES];
+            c.read_exact(&mut back)?;
+            if back != data {
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: echo differs"
+                )));
+            }
+            conns.push(c);
+        }
+        Ok(())
+    });
+    let mut accepted = Vec::new();
+    for _ in 0..N {
+        let mut c = l.accept(Some(Duration::from_secs(30))).expect("accept");
+        c.set_timeout(Some(Duration::from_secs(30)));
+        let mut buf = vec![0u8; BYTES];
+        c.read_exact(&mut buf).expect("read");
+        c.write_all(&buf).expect("echo");
+        accepted.push(c);
+    }
+    client.join().unwrap().expect("kernel client");
+    let on_toe = accepted.iter().filter(|c| c.on_toe()).count();
+    assert_eq!(on_toe, 8, "accepted on the TOE");
+    assert!(
+        toe_counter(&s, "table_full") - full_before >= (N - 8) as u64,
+        "SYNs past the table counted"
+    );
+    stack.shutdown();
 }

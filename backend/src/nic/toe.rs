@@ -42,6 +42,11 @@ use vnic_protocol::{
 pub const HELD_PER_NEIGHBOUR: usize = 16;
 /// Bytes moved between a ring and the engine per step.
 const CHUNK: usize = 64 << 10;
+/// Engine buffers of a connection waiting for ACCEPT, and at most of an
+/// open one (whose rings may be larger): the device's memory per
+/// connection stays within twice this.
+const PENDING_BUFFER: u32 = 256 << 10;
+const MAX_BUFFER: u32 = 1 << 20;
 /// Ports the device picks for CONNECT without a local port.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 
@@ -516,8 +521,9 @@ impl Toe {
         if remote.is_ipv6() {
             c.default_peer_mss = 1220;
         }
-        c.recv_buffer = rx as usize;
-        c.send_buffer = tx as usize;
+        c.recv_buffer = rx.min(MAX_BUFFER) as usize;
+        c.send_buffer = tx.min(MAX_BUFFER) as usize;
+        c.ooo_limit = c.ooo_limit.min(c.recv_buffer);
         c
     }
 
@@ -787,14 +793,16 @@ impl Toe {
                 let Some(lid) = listener else {
                     return false;
                 };
-                self.syn_input(lid, local, remote, &repr, payload.len(), now);
+                return self.syn_input(lid, local, remote, &repr, payload.len(), now);
             }
         }
         true
     }
 
     /// A segment to a listening port that matches no flow: a SYN makes a
-    /// waiting connection; anything else is answered as a stray.
+    /// waiting connection. With the table full the SYN goes on to the
+    /// driver, whose own TCP may take the connection; so do segments of
+    /// no flow, which may be that TCP's. Returns whether the TOE took it.
     fn syn_input(
         &mut self,
         lid: u32,
@@ -803,9 +811,9 @@ impl Toe {
         repr: &wtcp::Repr,
         payload_len: usize,
         now: tcp::Instant,
-    ) {
+    ) -> bool {
         let Some(l) = self.listeners.get(&lid) else {
-            return;
+            return false;
         };
         let family_ok = match l.family {
             Family::Both => true,
@@ -815,12 +823,16 @@ impl Toe {
         let is_syn = repr.flags & (wtcp::Flags::SYN | wtcp::Flags::ACK | wtcp::Flags::RST)
             == wtcp::Flags::SYN;
         if family_ok && is_syn {
-            if l.waiting >= l.backlog || self.connections() >= self.conns.len() {
-                self.stats.syn_dropped += 1;
-                return;
+            if self.connections() >= self.conns.len() {
+                // No room in the table: the driver's own TCP may take it.
+                self.stats.table_full += 1;
+                return false;
             }
-            let rx = self.cfg.tcp.recv_buffer as u32;
-            let cfg = self.tcp_cfg(remote, rx, self.cfg.tcp.send_buffer as u32);
+            if l.waiting >= l.backlog {
+                self.stats.syn_dropped += 1;
+                return true;
+            }
+            let cfg = self.tcp_cfg(remote, PENDING_BUFFER, PENDING_BUFFER);
             let iss = self.iss(local, remote, now);
             if let Some(tcp) = Connection::accept(cfg, now, repr, iss) {
                 let h = self.next_handle;
@@ -840,8 +852,11 @@ impl Toe {
                 }
                 self.flows.insert((local, remote), Key::Pending(h));
                 self.touch(Key::Pending(h));
-                return;
+                return true;
             }
+        }
+        if !is_syn {
+            return false;
         }
         if let Some(rst) = tcp::reply_to_stray(repr, payload_len) {
             let seg = tcp::Segment {
@@ -857,6 +872,7 @@ impl Toe {
                 _ => self.stats.neighbour_drops += 1,
             }
         }
+        true
     }
 
     fn arp_learn(&mut self, body: &[u8]) {
@@ -1905,6 +1921,11 @@ mod tests {
             Completion::err(Status::TableFull)
         );
         assert_eq!(toe.stats().table_full, 1);
+        assert!(
+            !toe.input(&syn(1004), false, t, &mem),
+            "with the table full a SYN goes on to the driver"
+        );
+        assert_eq!(toe.stats().table_full, 2);
         // Frames that are not the TOE's go on to the driver.
         let mut other = syn(1002);
         other[ETH_LEN + 20 + 2..ETH_LEN + 20 + 4].copy_from_slice(&81u16.to_be_bytes());

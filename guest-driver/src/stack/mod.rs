@@ -93,6 +93,11 @@ pub struct StackStats {
     pub neigh_dropped: u64,
     /// Per shard: frames received on its queue.
     pub shard_rx: [u64; 16],
+    /// Connections opened and accepted on the device's TOE, and those
+    /// that went to the stack's own TCP because the TOE had no room.
+    pub toe_connects: u64,
+    pub toe_accepts: u64,
+    pub toe_fallbacks: u64,
 }
 
 /// A running stack.
@@ -251,6 +256,7 @@ impl Stack {
             .lock()
             .map(|n| (n.requests, n.dropped))
             .unwrap_or((0, 0));
+        let toe = self.inner.toe.as_ref().map(|t| &t.counters);
         let mut shard_rx = [0u64; 16];
         for (s, a) in shard_rx.iter_mut().zip(&self.inner.shard_rx) {
             *s = l(a);
@@ -284,6 +290,9 @@ impl Stack {
             neigh_requests: nr,
             neigh_dropped: nd,
             shard_rx,
+            toe_connects: toe.map_or(0, |t| l(&t.connects)),
+            toe_accepts: toe.map_or(0, |t| l(&t.accepts)),
+            toe_fallbacks: toe.map_or(0, |t| l(&t.fallbacks)),
         }
     }
 
@@ -343,7 +352,7 @@ impl Stack {
     pub fn poll(&self, entries: &mut [PollEntry<'_>], timeout: Option<Duration>) -> usize {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let gen = self.inner.events.lock().map(|g| *g).unwrap_or(0);
+            let gen = self.inner.event_gen();
             let mut ready = 0;
             for e in entries.iter_mut() {
                 e.ready = e.socket.readiness();
@@ -357,11 +366,7 @@ impl Stack {
             let Some(wait) = wait::wait_slice(deadline) else {
                 return 0;
             };
-            if let Ok(g) = self.inner.events.lock() {
-                if *g == gen {
-                    let _ = self.inner.events_cond.wait_timeout(g, wait);
-                }
-            }
+            self.inner.wait_event(gen, wait);
         }
     }
 

@@ -181,6 +181,20 @@ impl Inner {
             .wrapping_add(self.next_conn.fetch_add(1, Ordering::Relaxed) as u32 * 64_000)
     }
 
+    /// The count of socket events so far.
+    pub(crate) fn event_gen(&self) -> u64 {
+        self.events.lock().map(|g| *g).unwrap_or(0)
+    }
+
+    /// Sleeps until a socket event after `seen` or `slice` passed.
+    pub(crate) fn wait_event(&self, seen: u64, slice: std::time::Duration) {
+        if let Ok(g) = self.events.lock() {
+            if *g == seen {
+                let _ = self.events_cond.wait_timeout(g, slice);
+            }
+        }
+    }
+
     pub(crate) fn notify(&self) {
         if let Ok(mut g) = self.events.lock() {
             *g = g.wrapping_add(1);

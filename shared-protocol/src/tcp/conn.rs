@@ -459,9 +459,13 @@ impl Connection {
     }
 
     /// Resets the connection: a RST goes out and the state is CLOSED.
+    /// Its sequence number is the highest sent: after a retransmission
+    /// timeout SND.NXT is back at SND.UNA while the peer may hold more,
+    /// and a RST left of the peer's window is dropped without a word
+    /// (RFC 5961, 3.2 takes only RCV.NXT exactly).
     pub fn abort(&mut self) {
         if self.state.is_synchronized() || self.state == State::SynReceived {
-            self.reset_with_seq(self.snd_nxt);
+            self.reset_with_seq(seq::max(self.snd_nxt, self.snd_max));
         }
         self.enter_closed(None);
     }

@@ -14,6 +14,7 @@ mod udp;
 use std::{
     fmt, io,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,6 +24,8 @@ pub use udp::UdpSocket;
 
 use super::{
     poll::{Interest, Pollable, Readiness},
+    state::Inner,
+    wait::wait_slice,
     Stack,
 };
 
@@ -189,11 +192,14 @@ impl io::Write for TcpStream {
     }
 }
 
-/// A listening TCP port (on every shard).
+/// A listening TCP port (on every shard). On the TOE it listens on the
+/// stack's own TCP too, which takes the connections the device has no
+/// room for.
 #[derive(Debug)]
 pub struct TcpListener {
-    l: Box<dyn Listener>,
+    ls: Vec<Box<dyn Listener>>,
     port: u16,
+    inner: Arc<Inner>,
 }
 
 impl TcpListener {
@@ -204,21 +210,40 @@ impl TcpListener {
     /// [`TcpListener::bind`] with at most `backlog` connections waiting
     /// for accept(); more are reset.
     pub fn bind_with_backlog(stack: &Stack, port: u16, backlog: usize) -> io::Result<TcpListener> {
-        if let Some(core) = &stack.inner().toe {
+        let inner = stack.inner().clone();
+        let mut ls = Vec::with_capacity(2);
+        if let Some(core) = &inner.toe {
             if let toe::Opened::Toe(l) = toe::listen(core, port, backlog)? {
-                return Ok(TcpListener { l, port });
+                ls.push(l);
             }
         }
-        let l = soft::listen(stack.inner(), port, backlog)?;
-        Ok(TcpListener { l, port })
+        ls.push(soft::listen(&inner, port, backlog)?);
+        Ok(TcpListener { ls, port, inner })
     }
 
     /// Waits up to `timeout` (None: forever) for an established connection.
     pub fn accept(&self, timeout: Option<Duration>) -> io::Result<TcpStream> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        match self.l.accept(deadline)? {
-            Some(s) => Ok(TcpStream::new(s)),
-            None => Err(io::Error::new(io::ErrorKind::TimedOut, "no connection")),
+        if let [l] = &self.ls[..] {
+            return match l.accept(deadline)? {
+                Some(s) => Ok(TcpStream::new(s)),
+                None => Err(io::Error::new(io::ErrorKind::TimedOut, "no connection")),
+            };
+        }
+        loop {
+            let gen = self.inner.event_gen();
+            let now = Some(Instant::now());
+            for l in &self.ls {
+                if l.readiness().readable {
+                    if let Some(s) = l.accept(now)? {
+                        return Ok(TcpStream::new(s));
+                    }
+                }
+            }
+            let Some(wait) = wait_slice(deadline) else {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no connection"));
+            };
+            self.inner.wait_event(gen, wait);
         }
     }
 
@@ -229,6 +254,9 @@ impl TcpListener {
 
 impl Pollable for TcpListener {
     fn readiness(&self) -> Readiness {
-        self.l.readiness()
+        Readiness {
+            readable: self.ls.iter().any(|l| l.readiness().readable),
+            ..Readiness::default()
+        }
     }
 }
