@@ -1732,7 +1732,9 @@ impl VhostUserBackend for VnicBackend {
 
     fn features(&self) -> u64 {
         let mut f = offered_features();
-        if self.dev().config.toe_conns == 0 {
+        // The TOE sees the frames the PF reads from the uplink; a VF's
+        // come through the switch, which does not offer them to it yet.
+        if self.dev().config.toe_conns == 0 || self.port != 0 {
             f.remove(Features::VNIC_TOE);
         }
         f.bits()
