@@ -1,7 +1,10 @@
-//! vnic-iperf over vnicd against the kernel's iperf3 in a namespace, with
-//! TSO and checksum offload, without TSO, and without either, side by
-//! side in one run. `cargo bench -p vnic-guest --bench stack_offloads`
-//! (root; builds vnicd with the workspace).
+//! vnic-iperf over vnicd against the kernel's iperf3 in a namespace, by
+//! offload, side by side in one run: TCP on the device's TOE, TSO and
+//! checksum offload, checksum only, none. For each direction: the rate,
+//! the guest's CPU time per GB moved (vnic-iperf's, the driver and stack
+//! included) and vnicd's. `cargo bench -p vnic-guest --bench
+//! stack_offloads` (root; build vnicd first with `cargo build --release
+//! -p vnic-backend`). VNIC_BENCH_SECS sets each run's length (5).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
@@ -11,6 +14,77 @@ use std::{
 };
 
 use vnic_tests::{require_netns, PortInNs};
+
+/// CPU time of process `pid` so far, its exited threads included, in
+/// seconds (vnicd's workers end with each frontend connection).
+fn process_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime
+    // are the 12th and 13th there.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    f.iter().sum::<f64>() / hz
+}
+
+/// CPU time of the children waited for so far, in seconds.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given and nothing
+    // else.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// One run: (Gbit/s, GB moved, guest CPU s, vnicd CPU s, retransmits).
+fn run(
+    iperf: &str,
+    s: &PortInNs,
+    flags: &[&str],
+    rev: bool,
+    secs: &str,
+) -> (f64, f64, f64, f64, u64) {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &s.ns.name])
+        .args(["iperf3", "-s", "-1", "-B", "192.0.2.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(500));
+    let sock = s.vnicd.socket.display().to_string();
+    let mut a = vec!["--socket", &sock, "--addr", "192.0.2.2/24"];
+    a.extend_from_slice(flags);
+    a.extend_from_slice(&["-c", "192.0.2.1", "-t", secs, "-J"]);
+    if rev {
+        a.push("-R");
+    }
+    let (cpu0, dev0) = (children_cpu(), process_cpu(s.vnicd.pid()));
+    let out = Command::new(iperf).args(&a).output().expect("vnic-iperf");
+    let (cpu1, dev1) = (children_cpu(), process_cpu(s.vnicd.pid()));
+    let _ = server.wait();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "vnic-iperf {a:?}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let r = &doc["end"]["sum_received"];
+    let bps = r["bits_per_second"].as_f64().unwrap_or(0.0);
+    let gb = r["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+    let retr = doc["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    (bps / 1e9, gb, cpu1 - cpu0, dev1 - dev0, retr)
+}
 
 fn main() {
     if !require_netns() {
@@ -23,66 +97,41 @@ fn main() {
         "build vnicd first: cargo build --release -p vnic-backend"
     );
     let secs = std::env::var("VNIC_BENCH_SECS").unwrap_or_else(|_| "5".into());
-    println!("| offloads | guest -> kernel Gbit/s | kernel -> guest Gbit/s | guest retransmits |");
-    println!("|---|---|---|---|");
+    println!(
+        "| offloads | guest -> kernel Gbit/s | guest CPU s/GB | vnicd CPU s/GB | kernel -> guest Gbit/s | guest CPU s/GB | vnicd CPU s/GB | guest retransmits |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut tso_cpu = [0.0; 2];
     for (name, flags) in [
         ("TSO + checksum", &[][..]),
+        ("TOE (--toe)", &["--toe"][..]),
         ("checksum only (--no-tso)", &["--no-tso"][..]),
         ("none (--no-csum)", &["--no-csum"][..]),
     ] {
         let s =
             PortInNs::start(&vnicd.display().to_string(), &[], "192.0.2.1/24", &[]).expect("vnicd");
-        let mut row = Vec::new();
+        let mut cells = Vec::new();
         let mut retr = 0;
-        for rev in [false, true] {
-            let mut server = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &s.ns.name,
-                    "iperf3",
-                    "-s",
-                    "-1",
-                    "-B",
-                    "192.0.2.1",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("iperf3 -s");
-            std::thread::sleep(Duration::from_millis(500));
-            let sock = s.vnicd.socket.display().to_string();
-            let mut a = vec![
-                "--socket",
-                &sock,
-                "--addr",
-                "192.0.2.2/24",
-                "-c",
-                "192.0.2.1",
-                "-t",
-                &secs,
-                "-J",
-            ];
-            a.extend_from_slice(flags);
-            if rev {
-                a.push("-R");
-            }
-            let out = Command::new(iperf).args(&a).output().expect("vnic-iperf");
-            let _ = server.wait();
-            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-                panic!(
-                    "vnic-iperf {a:?}: {e}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            });
-            let bps = doc["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0);
+        for (i, rev) in [false, true].into_iter().enumerate() {
+            let (gbps, gb, guest, dev, r) = run(iperf, &s, flags, rev, &secs);
             if !rev {
-                retr = doc["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+                retr = r;
             }
-            row.push(format!("{:.2}", bps / 1e9));
+            let per = |cpu: f64| if gb > 0.0 { cpu / gb } else { f64::NAN };
+            if flags.is_empty() {
+                tso_cpu[i] = per(guest);
+            }
+            let ratio = if flags == ["--toe"] && tso_cpu[i] > 0.0 {
+                format!(" ({:.2}x TSO)", per(guest) / tso_cpu[i])
+            } else {
+                String::new()
+            };
+            cells.push(format!(
+                "{gbps:.2} | {:.3}{ratio} | {:.3}",
+                per(guest),
+                per(dev)
+            ));
         }
-        println!("| {name} | {} | {} | {retr} |", row[0], row[1]);
+        println!("| {name} | {} | {} | {retr} |", cells[0], cells[1]);
     }
 }

@@ -747,7 +747,8 @@ impl VirtioNet {
         }
         transport::check_queue_size(t, vq, CMD_QUEUE)?;
         transport::check_queue_size(t, vq + 1, EVT_QUEUE)?;
-        let cmd = Pool::new(t.dma(), CMD_QUEUE, CMD_LEN + COMPLETION_LEN)?;
+        let mut cmd = Pool::new(t.dma(), CMD_QUEUE, CMD_LEN + COMPLETION_LEN)?;
+        cmd.q.set_event_idx(event_idx);
         let mut evt = Pool::new(t.dma(), EVT_QUEUE, EVENT_LEN)?;
         evt.q.set_event_idx(event_idx);
         t.setup_queue(vq, &cmd.q, true)?;
@@ -775,6 +776,7 @@ impl VirtioNet {
             evt_call: t.interrupt(vq + 1)?,
             rings,
             opts: o,
+            failed: 0,
         })
     }
 

@@ -47,6 +47,8 @@ pub struct ToeQueues {
     /// Free ring pairs (RX, TX).
     pub(crate) rings: Vec<(RingSpec, RingSpec)>,
     pub(crate) opts: ToeOptions,
+    /// Posted commands the device refused.
+    pub(crate) failed: u64,
 }
 
 impl std::fmt::Debug for ToeQueues {
@@ -66,6 +68,37 @@ impl ToeQueues {
 
     /// Runs one command and waits (up to 5 s) for its completion.
     pub fn command(&mut self, c: &Command) -> Result<Completion> {
+        let out = self.publish(c)?;
+        let done = self.reap_until(Some(out))?;
+        let answer = GuestAddress(out.0 + CMD_LEN as u64);
+        let mut b = [0u8; COMPLETION_LEN];
+        if done {
+            self.mem.read_slice(&mut b, answer)?;
+        }
+        Completion::parse(&b).map_err(|e| crate::Error::Negotiation(format!("TOE completion: {e}")))
+    }
+
+    /// Posts a command without waiting for its completion (SEND and
+    /// RECVD, which the device refuses only for a driver's mistake): the
+    /// completions of earlier ones are taken first, and one that failed
+    /// is counted in [`ToeQueues::failed`].
+    pub fn post(&mut self, c: &Command) -> Result<()> {
+        self.reap_until(None)?;
+        self.publish(c).map(drop)
+    }
+
+    /// Posted commands the device refused.
+    pub fn failed(&self) -> u64 {
+        self.failed
+    }
+
+    /// Writes `c` into a free buffer and publishes it; returns the buffer.
+    fn publish(&mut self, c: &Command) -> Result<GuestAddress> {
+        // A chain takes two descriptors and a buffer: with all of them
+        // with the device, wait for the oldest to come back.
+        while self.cmd.free.is_empty() || self.cmd.q.free() < 2 {
+            self.reap_one()?;
+        }
         let out = *self.cmd.free.last().ok_or(QueueError::CtrlBusy)?;
         let mem = &self.mem;
         mem.write_slice(&c.to_bytes(), out)?;
@@ -75,13 +108,28 @@ impl ToeQueues {
             mem,
             &[(out, CMD_LEN, false), (answer, COMPLETION_LEN, true)],
         )?;
-        self.cmd_bell.ring()?;
+        // A device still at work on earlier commands needs no kick.
+        if self.cmd.q.device_wants_kick(mem)? {
+            self.cmd_bell.ring()?;
+        }
+        Ok(out)
+    }
+
+    /// Takes completions: with `want`, until that buffer's (waiting up to
+    /// 5 s; whether it came), else those already there.
+    fn reap_until(&mut self, want: Option<GuestAddress>) -> Result<bool> {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            if self.cmd.used(mem)?.is_some() {
-                break;
+            while let Some((addr, _)) = self.cmd.used(&self.mem)? {
+                if Some(addr) == want {
+                    return Ok(true);
+                }
+                self.check(addr)?;
             }
+            let Some(_) = want else {
+                return Ok(false);
+            };
             if start.elapsed() > Duration::from_secs(5) {
                 return Err(QueueError::CtrlTimeout.into());
             }
@@ -92,9 +140,32 @@ impl ToeQueues {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    /// Waits for one completion of a posted command.
+    fn reap_one(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some((addr, _)) = self.cmd.used(&self.mem)? {
+                return self.check(addr);
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                return Err(QueueError::CtrlTimeout.into());
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    /// Counts a posted command the device refused.
+    fn check(&mut self, out: GuestAddress) -> Result<()> {
         let mut b = [0u8; COMPLETION_LEN];
-        mem.read_slice(&mut b, answer)?;
-        Completion::parse(&b).map_err(|e| crate::Error::Negotiation(format!("TOE completion: {e}")))
+        self.mem
+            .read_slice(&mut b, GuestAddress(out.0 + CMD_LEN as u64))?;
+        if Completion::parse(&b).map_or(true, |c| c.status != vnic_protocol::toe::Status::Ok) {
+            self.failed += 1;
+            log::debug!("a posted TOE command was refused: {b:?}");
+        }
+        Ok(())
     }
 
     /// Posts every free event buffer and notifies the device.

@@ -99,6 +99,9 @@ fn toe_connections_carry_bytes_both_ways() {
         n += k;
     }
     client.join().unwrap().expect("kernel client");
+    let st = stack.stats();
+    assert_eq!((st.toe_connects, st.toe_accepts), (2, 1));
+    assert_eq!((st.toe_fallbacks, st.toe_refused), (0, 0));
     stack.shutdown();
 }
 

@@ -1067,8 +1067,12 @@ impl Toe {
                 _ => {}
             }
         }
+        // SENT once a quarter of the ring is freed, or everything the
+        // driver wrote is acknowledged: not per ACK, each of which would
+        // wake the driver.
         let acked = c.tx_pulled.wrapping_sub(c.tcp.send_queued() as u32);
-        if acked != c.tx_acked {
+        let freed = acked.wrapping_sub(c.tx_acked);
+        if freed > 0 && (freed >= c.tx.size / 4 || acked == c.tx_tail) {
             c.tx_acked = acked;
             if !c.sent_queued {
                 c.sent_queued = true;
@@ -1128,8 +1132,24 @@ impl Toe {
     ) {
         let offload = self.cfg.offload;
         let mac = self.cfg.mac;
+        let remote_ip = match k {
+            Key::Conn(id) => self
+                .conns
+                .get(id as usize)
+                .and_then(|c| c.as_ref())
+                .map(|c| c.remote.ip()),
+            Key::Pending(h) => self.pending.get(&h).map(|p| p.remote.ip()),
+        };
+        let Some(remote_ip) = remote_ip else {
+            return;
+        };
+        // With the next hop known, each segment goes out as it is built;
+        // otherwise it is kept for `route`, which holds it and asks.
+        let hop = self.iface(remote_ip).map(|i| i.next_hop(remote_ip));
+        let dst = hop.and_then(|h| self.neigh.get(&h).copied());
         let mut f = std::mem::take(&mut self.frame);
-        let mut out: Vec<(IpAddr, VirtioNetHdr, Vec<u8>)> = Vec::new();
+        let mut out: Vec<(VirtioNetHdr, Vec<u8>)> = Vec::new();
+        let mut sent = 0;
         {
             let (tcp, local, remote) = match k {
                 Key::Conn(id) => match self.conns.get_mut(id as usize) {
@@ -1147,14 +1167,24 @@ impl Toe {
                 tcp.send_mss()
             };
             while let Some(seg) = tcp.poll_transmit(now, max) {
-                if let Some(hdr) = emit::tcp_segment(&mut f, mac, local, remote, &seg, 0, offload) {
-                    out.push((remote.ip(), hdr, f.clone()));
+                let Some(hdr) = emit::tcp_segment(&mut f, mac, local, remote, &seg, 0, offload)
+                else {
+                    continue;
+                };
+                match dst {
+                    Some(d) => {
+                        f[..6].copy_from_slice(d.as_bytes());
+                        send(&hdr, &f);
+                        sent += 1;
+                    }
+                    None => out.push((hdr, f.clone())),
                 }
             }
         }
         self.frame = f;
-        for (ip, hdr, frame) in out {
-            self.route(ip, hdr, &frame, send);
+        self.stats.frames_out += sent;
+        for (hdr, frame) in out {
+            self.route(remote_ip, hdr, &frame, send);
         }
         if let Key::Pending(h) = k {
             if self.pending.get(&h).is_some_and(|p| p.tcp.is_closed()) {

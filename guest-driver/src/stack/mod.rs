@@ -98,6 +98,8 @@ pub struct StackStats {
     pub toe_connects: u64,
     pub toe_accepts: u64,
     pub toe_fallbacks: u64,
+    /// SEND and RECVD commands the device refused (a driver's mistake).
+    pub toe_refused: u64,
 }
 
 /// A running stack.
@@ -293,6 +295,7 @@ impl Stack {
             toe_connects: toe.map_or(0, |t| l(&t.connects)),
             toe_accepts: toe.map_or(0, |t| l(&t.accepts)),
             toe_fallbacks: toe.map_or(0, |t| l(&t.fallbacks)),
+            toe_refused: self.inner.toe.as_ref().map_or(0, |t| t.failed()),
         }
     }
 

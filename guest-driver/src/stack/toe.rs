@@ -147,6 +147,16 @@ impl ToeCore {
         self.queues()?.command(c).map_err(std::io::Error::other)
     }
 
+    /// Posts a command without waiting for its completion.
+    pub fn post(&self, c: &Command) -> std::io::Result<()> {
+        self.queues()?.post(c).map_err(std::io::Error::other)
+    }
+
+    /// Posted commands the device refused.
+    pub fn failed(&self) -> u64 {
+        self.q.lock().map_or(0, |q| q.failed())
+    }
+
     /// A free id and rings for a new connection, registered; None when
     /// either ran out.
     pub fn open(&self, remote: SocketAddr) -> std::io::Result<Option<Arc<ToeConn>>> {

@@ -175,7 +175,7 @@ impl Stream for ToeStream {
         }
         drop(s);
         if give {
-            self.command(Command::Recvd {
+            self.core.post(&Command::Recvd {
                 conn: self.id,
                 head,
             })?;
@@ -198,7 +198,7 @@ impl Stream for ToeStream {
         let tail = s.tx_tail;
         drop(s);
         if n > 0 {
-            self.command(Command::Send {
+            self.core.post(&Command::Send {
                 conn: self.id,
                 tail,
             })?;
