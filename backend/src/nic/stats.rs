@@ -207,7 +207,7 @@ impl QueueStats {
 /// order of `ToeStats::fields`, and the connections open now.
 #[derive(Debug, Default)]
 pub struct ToeCounters {
-    counts: [AtomicU64; 12],
+    counts: [AtomicU64; 14],
     pub connections: AtomicU64,
 }
 

@@ -25,6 +25,7 @@ use std::{
 };
 
 use vnic_protocol::{
+    frag::{self, Outcome, Reassembler},
     tcp::{self, Connection, State},
     toe::{
         spans, CloseReason, Command, Completion, Event, Family, RingSpec, SockOpt, Status, VERSION,
@@ -72,6 +73,8 @@ pub struct ToeConfig {
     /// cannot.
     pub offload: bool,
     pub tcp: tcp::Config,
+    /// Limits of the reassembly of TCP datagrams sent in IP fragments.
+    pub reassembly: frag::Limits,
 }
 
 /// What the TOE counted.
@@ -96,6 +99,11 @@ pub struct ToeStats {
     pub frames_out: u64,
     /// Frames dropped while waiting for a neighbour (over the hold limit).
     pub neighbour_drops: u64,
+    /// TCP datagrams put together from IP fragments, and fragments the
+    /// reassembler dropped (malformed, overlapping, over its limits,
+    /// timed out).
+    pub reassembled: u64,
+    pub fragments_dropped: u64,
 }
 
 /// An open connection of the driver's.
@@ -224,6 +232,13 @@ pub struct Toe {
     scratch: Vec<u8>,
     frame: Vec<u8>,
     stats: ToeStats,
+    /// IP fragments of TCP datagrams to the TOE's addresses.
+    frag: Reassembler,
+    /// The reassembler's counts already added to `stats`.
+    frag_seen: frag::Stats,
+    /// A datagram reassembled here that no TOE flow owns: the driver's
+    /// (see [`Toe::take_whole`]).
+    whole: Option<Vec<u8>>,
 }
 
 /// Frames kept for the next `transmit` at most.
@@ -231,7 +246,7 @@ const OUTBOX: usize = 256;
 
 impl ToeStats {
     /// Each counter with its name, as `vnicd ctl stats` shows it.
-    pub fn fields(&self) -> [(&'static str, u64); 12] {
+    pub fn fields(&self) -> [(&'static str, u64); 14] {
         [
             ("commands", self.commands),
             ("commands_refused", self.commands_refused),
@@ -245,6 +260,8 @@ impl ToeStats {
             ("segments_bad", self.segments_bad),
             ("frames_out", self.frames_out),
             ("neighbour_drops", self.neighbour_drops),
+            ("reassembled", self.reassembled),
+            ("fragments_dropped", self.fragments_dropped),
         ]
     }
 }
@@ -269,6 +286,9 @@ impl Toe {
             next_port: *EPHEMERAL.start(),
             iss_seed: 0x6d2b_79f5,
             outbox: Vec::new(),
+            frag: Reassembler::new(cfg.reassembly),
+            frag_seen: frag::Stats::default(),
+            whole: None,
             scratch: vec![0; CHUNK],
             frame: Vec::with_capacity(2048),
             stats: ToeStats::default(),
@@ -721,8 +741,11 @@ impl Toe {
                     return false;
                 };
                 let mine = self.v4.is_some_and(|i| i.addr == IpAddr::V4(ip.dst_addr));
-                if !mine || ip.protocol != ip_proto::TCP || ip.more_frags || ip.frag_offset != 0 {
+                if !mine || ip.protocol != ip_proto::TCP {
                     return false;
+                }
+                if ip.more_frags || ip.frag_offset != 0 {
+                    return self.reassemble(frame, now, mem);
                 }
                 let (s, d) = (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
                 self.tcp_input(s, d, p.payload(), verified, now, mem)
@@ -743,11 +766,65 @@ impl Toe {
                     ip_proto::TCP if self.v6.is_some_and(|i| i.addr == d) => {
                         self.tcp_input(s, d, p.payload(), verified, now, mem)
                     }
+                    h if ipv6::is_extension_header(h)
+                        && self.v6.is_some_and(|i| i.addr == d)
+                        && ipv6::walk(&p).is_ok_and(|w| {
+                            w.fragment
+                                .is_some_and(|f| f.repr.next_header == ip_proto::TCP)
+                        }) =>
+                    {
+                        self.reassemble(frame, now, mem)
+                    }
                     _ => false,
                 }
             }
             _ => false,
         }
+    }
+
+    /// A fragment of a TCP datagram to a TOE address: held until the
+    /// datagram is whole, which then goes through `input` (checksums
+    /// checked here). One that no TOE flow owns is the driver's: it is
+    /// kept for [`Toe::take_whole`]. Fragments are always taken.
+    fn reassemble(&mut self, frame: &[u8], now: tcp::Instant, mem: &dyn RingMemory) -> bool {
+        let whole = match self.frag.push(now.0 / 1000, &frame[ETH_LEN..]) {
+            Ok(Outcome::Complete(d)) => {
+                let mut w = Vec::with_capacity(ETH_LEN + d.len());
+                w.extend_from_slice(&frame[..ETH_LEN]);
+                w.extend_from_slice(d);
+                Some(w)
+            }
+            Ok(Outcome::Held | Outcome::NotFragment) | Err(_) => None,
+        };
+        let st = self.frag.stats();
+        let seen = std::mem::replace(&mut self.frag_seen, st);
+        self.stats.reassembled += st.completed - seen.completed;
+        let dropped = |s: &frag::Stats| {
+            s.malformed
+                + s.too_large
+                + s.overlaps
+                + s.inconsistent
+                + s.too_many_fragments
+                + s.discarded
+                + s.timeouts
+                + s.evictions
+                + s.no_memory
+        };
+        self.stats.fragments_dropped += dropped(&st).saturating_sub(dropped(&seen));
+        if let Some(w) = whole {
+            // Not a fragment any more, so this goes one level deep.
+            if !self.input(&w, false, now, mem) {
+                self.whole = Some(w);
+            }
+        }
+        true
+    }
+
+    /// A datagram that came in fragments, put together by the TOE, that
+    /// is not the TOE's: the driver gets it whole (Ethernet header first)
+    /// in place of the fragment just taken.
+    pub fn take_whole(&mut self) -> Option<Vec<u8>> {
+        self.whole.take()
     }
 
     fn tcp_input(
@@ -1394,6 +1471,7 @@ mod tests {
                 max_conns: 64,
                 offload: false,
                 tcp: tcp::Config::default(),
+                reassembly: frag::Limits::default(),
             });
             let mem = Mem(RefCell::new(vec![0; 1 << 20]));
             let t = tcp::Instant(0);
@@ -1819,6 +1897,7 @@ mod tests {
             max_conns: 2,
             offload: false,
             tcp: tcp::Config::default(),
+            reassembly: frag::Limits::default(),
         });
         let t = tcp::Instant(0);
         let (rx, tx) = rings(0);
@@ -2043,6 +2122,91 @@ mod tests {
             n.cmd(Command::Shutdown { conn: 1 }),
             Completion::err(Status::NotReady)
         );
+    }
+
+    /// `frame` cut into fragments of a 1280-byte MTU, last first (IPv4's
+    /// don't-fragment cleared first).
+    fn fragments(frame: &[u8]) -> Vec<Vec<u8>> {
+        let mut whole = frame.to_vec();
+        if whole[ETH_LEN] >> 4 == 4 {
+            let mut p = ipv4::Packet::new_unchecked(&mut whole[ETH_LEN..]);
+            p.set_frag(false, false, 0);
+            p.fill_checksum();
+        }
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        let n = frag::fragment(&whole, ETH_LEN, 1280, 77, &mut scratch, &mut |f| {
+            out.push(f.to_vec())
+        })
+        .expect("fragments");
+        assert!(n >= 3);
+        out.reverse();
+        out
+    }
+
+    /// A TCP segment that arrives in IP fragments (IPv4 and IPv6, out of
+    /// order) is put together and its bytes reach the driver's ring; one
+    /// of no TOE flow comes back whole for the driver.
+    #[test]
+    fn fragmented_segments_are_reassembled() {
+        for v6 in [false, true] {
+            let mut n = Net::new(v6, 8);
+            n.peer.listen = Some(5201);
+            let (rx, tx) = rings(1);
+            let remote = SocketAddr::new(n.peer.ip, 5201);
+            n.cmd(Command::Connect {
+                conn: 1,
+                remote,
+                local_port: 0,
+                rx,
+                tx,
+            });
+            n.run_until("connected", |n| {
+                n.take(|e| matches!(e, Event::Connected { .. })).is_some()
+            });
+            let now = tcp::Instant(n.now);
+            let data = pattern(3000, 5);
+            let (frame, here, there) = {
+                let (c, here, there) = n.peer.conn.as_mut().unwrap();
+                assert_eq!(c.send(&data), 3000);
+                let seg = c.poll_transmit(now, 3000).unwrap();
+                assert_eq!(seg.payload_len(), 3000);
+                let mut f = Vec::new();
+                emit::tcp_segment(&mut f, PEER_MAC, *here, *there, &seg, 9, false).unwrap();
+                f[..6].copy_from_slice(DEV_MAC.as_bytes());
+                (f, *here, *there)
+            };
+            for f in fragments(&frame) {
+                assert!(n.toe.input(&f, false, now, &n.mem), "a fragment is taken");
+            }
+            assert!(n.toe.take_whole().is_none(), "the TOE's own");
+            n.run_until("data", |n| {
+                n.events.iter().any(|e| matches!(e, Event::Data { .. }))
+            });
+            let Some(Event::Data { tail, .. }) = n.take(|e| matches!(e, Event::Data { .. })) else {
+                unreachable!()
+            };
+            assert_eq!(tail, 3000);
+            let mut got = vec![0; 3000];
+            assert!(read_ring(&n.mem, rx, 0, &mut got));
+            assert_eq!(got, data);
+            assert_eq!(n.toe.stats().reassembled, 1);
+
+            // The same datagram to a port the TOE has nothing on.
+            let iphl = if v6 { 40 } else { 20 };
+            let l4 = ETH_LEN + iphl;
+            let mut stray = frame.clone();
+            stray[l4 + 2..l4 + 4].copy_from_slice(&9999u16.to_be_bytes());
+            let ps = emit::pseudo(here.ip(), there.ip(), emit::TCP, stray.len() - l4);
+            emit::l4_checksum(&mut stray, l4, wtcp::CHECKSUM_OFFSET, ps, false);
+            let mut whole = None;
+            for f in fragments(&stray) {
+                assert!(n.toe.input(&f, false, now, &n.mem), "a fragment is taken");
+                whole = whole.or(n.toe.take_whole());
+            }
+            let whole = whole.expect("the driver's datagram comes back whole");
+            assert_eq!(&whole[l4..], &stray[l4..], "TCP header and payload");
+            assert_eq!(n.toe.stats().reassembled, 2);
+        }
     }
 
     #[test]

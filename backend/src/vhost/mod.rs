@@ -511,6 +511,12 @@ impl VnicBackend {
             max_conns: p.config.toe_conns,
             offload: true,
             tcp: vnic_protocol::tcp::Config::default(),
+            // 1 MiB for TCP datagrams that come in fragments, per port.
+            reassembly: vnic_protocol::frag::Limits {
+                max_memory: 1 << 20,
+                max_datagrams: 64,
+                ..vnic_protocol::frag::Limits::default()
+            },
         });
         Ok(VnicBackend {
             toe: Mutex::new(toe),
@@ -1605,11 +1611,26 @@ impl VnicBackend {
             .nic
             .uplink_route(view, &frame[..frame.len().min(256)], frame.len())
         {
-            UplinkRoute::Pf(_) if self.toe_on() && self.toe_input(&buf[..n]) => Uplinked::Dropped,
-            UplinkRoute::Pf(steering) => Uplinked::Frame {
-                len: n,
-                steered: usize::from(steering.queue),
-            },
+            UplinkRoute::Pf(steering) => {
+                let steered = usize::from(steering.queue);
+                if !self.toe_on() {
+                    return Uplinked::Frame { len: n, steered };
+                }
+                match self.toe_input(&buf[..n]) {
+                    toe::ToeVerdict::Pass => Uplinked::Frame { len: n, steered },
+                    toe::ToeVerdict::Taken => Uplinked::Dropped,
+                    toe::ToeVerdict::Whole(w) => {
+                        let len = VNET_HDR_LEN + w.len();
+                        let Some(out) = buf.get_mut(..len) else {
+                            stats.drop(DropReason::Oversized);
+                            return Uplinked::Dropped;
+                        };
+                        out[..VNET_HDR_LEN].fill(0);
+                        out[VNET_HDR_LEN..].copy_from_slice(&w);
+                        Uplinked::Frame { len, steered }
+                    }
+                }
+            }
             UplinkRoute::Switch => {
                 self.nic.from_uplink(&buf[..n], view, stats, scratch);
                 Uplinked::Dropped

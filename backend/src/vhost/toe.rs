@@ -290,10 +290,10 @@ impl VnicBackend {
     }
 
     /// Offers a frame read from the uplink (`buf`: the TAP's header, then
-    /// the frame) to the TOE. True when the TOE took it.
-    pub(super) fn toe_input(&self, buf: &[u8]) -> bool {
+    /// the frame) to the TOE.
+    pub(super) fn toe_input(&self, buf: &[u8]) -> ToeVerdict {
         let Some(frame) = buf.get(HDR_LEN..) else {
-            return false;
+            return ToeVerdict::Pass;
         };
         let verified = VirtioNetHdr::parse(&buf[..HDR_LEN], false).is_ok_and(|h| {
             h.flags
@@ -302,10 +302,14 @@ impl VnicBackend {
         let mem = self.memory();
         let mut toe = self.toe_lock();
         if !toe.input(frame, verified, self.toe_now(), &GuestRings(&mem)) {
-            return false;
+            return ToeVerdict::Pass;
         }
+        let whole = toe.take_whole();
         self.toe_settle(&mut toe, &mem);
-        true
+        match whole {
+            Some(w) => ToeVerdict::Whole(w),
+            None => ToeVerdict::Taken,
+        }
     }
 
     /// The driver reset the device or went away: every TOE connection is
@@ -322,6 +326,16 @@ impl VnicBackend {
             log::info!("port {}: {live} TOE connections reset", self.port);
         }
     }
+}
+
+/// What the TOE did with a frame from the uplink.
+pub(super) enum ToeVerdict {
+    /// Not the TOE's: on to the driver.
+    Pass,
+    Taken,
+    /// A fragment completed a datagram the TOE does not own: the driver
+    /// gets the whole datagram (Ethernet header first) instead.
+    Whole(Vec<u8>),
 }
 
 /// The TOE's vrings once the control thread saw them.
