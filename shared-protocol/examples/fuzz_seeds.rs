@@ -14,6 +14,7 @@ use vnic_protocol::{
     wire::{
         arp,
         build::{data_segment, pseudo_header, tcp_frame, udp_frame, Flow, IpFields},
+        emit,
         ethernet::{self, Address},
         icmpv4, icmpv6, ip_proto, ipv6, parse_frame,
         tcp::Flags,
@@ -363,5 +364,80 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let done = Completion::ok(49152).to_bytes();
     write(dir, "toe_command", "completion", &done)?;
+
+    // toe_engine: a flag byte, then operations (0 command, 1 frame with a
+    // little-endian length, 2 timers, 3 transmit, 4 take the events).
+    let mut seed = vec![1u8];
+    let op_cmd = |seed: &mut Vec<u8>, c: Command| {
+        seed.push(0);
+        seed.extend_from_slice(&c.to_bytes());
+    };
+    op_cmd(
+        &mut seed,
+        Command::Hello {
+            version: 1,
+            conns: 8,
+        },
+    );
+    op_cmd(
+        &mut seed,
+        Command::IfConfig {
+            addr: "192.0.2.2".parse()?,
+            prefix: 24,
+            gateway: None,
+        },
+    );
+    op_cmd(
+        &mut seed,
+        Command::Listen {
+            id: 0,
+            port: 80,
+            family: toe::Family::Both,
+            backlog: 4,
+        },
+    );
+    let dev = Address([2, 0, 0, 0, 0, 1]);
+    let peer = Address([2, 0, 0, 0, 0, 2]);
+    let mut syn_conn = vnic_protocol::tcp::Connection::connect(
+        vnic_protocol::tcp::Config::default(),
+        vnic_protocol::tcp::Instant(0),
+        1000,
+        80,
+        7,
+    );
+    if let Some(seg) = syn_conn.poll_transmit(vnic_protocol::tcp::Instant(0), 1460) {
+        let mut f = Vec::new();
+        let (l, r) = ("192.0.2.1:1000".parse()?, "192.0.2.2:80".parse()?);
+        if emit::tcp_segment(&mut f, peer, l, r, &seg, 1, false).is_some() {
+            f[..6].copy_from_slice(dev.as_bytes());
+            seed.push(1);
+            seed.extend_from_slice(&(f.len() as u16).to_le_bytes());
+            seed.extend_from_slice(&f);
+        }
+    }
+    let mut arp = Vec::new();
+    emit::arp_request(&mut arp, peer, "192.0.2.1".parse()?, "192.0.2.2".parse()?);
+    seed.push(1);
+    seed.extend_from_slice(&(arp.len() as u16).to_le_bytes());
+    seed.extend_from_slice(&arp);
+    seed.extend_from_slice(&[3, 4]);
+    op_cmd(
+        &mut seed,
+        Command::Connect {
+            conn: 1,
+            remote: "192.0.2.1:5201".parse()?,
+            local_port: 0,
+            rx: RingSpec {
+                addr: 0x1_0000,
+                size: 4096,
+            },
+            tx: RingSpec {
+                addr: 0x1_1000,
+                size: 4096,
+            },
+        },
+    );
+    seed.extend_from_slice(&[3, 2, 4]);
+    write(dir, "toe_engine", "listen-syn-connect", &seed)?;
     Ok(())
 }

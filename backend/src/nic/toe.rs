@@ -673,6 +673,11 @@ impl Toe {
         !self.events.is_empty()
     }
 
+    /// Events waiting for the driver.
+    pub fn queued_events(&self) -> usize {
+        self.events.len()
+    }
+
     /// The next event for the driver.
     pub fn pop_event(&mut self) -> Option<Event> {
         let e = self.events.pop_front()?;
