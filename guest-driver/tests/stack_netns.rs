@@ -18,7 +18,8 @@ use vnic_tests::{pattern, require_netns, BridgedPort, Proc};
 
 mod common;
 use common::{
-    agree, bytes, client_vs_kernel, in_flight_bound, kernel_vs_server, net_args, rx_total, setup,
+    agree, bytes, client_vs_kernel, guest_echo_client, guest_echo_server, in_flight_bound,
+    kernel_echo_client, kernel_echo_server, kernel_vs_server, net_args, rx_total, setup,
     start_stack, vnicd,
 };
 
@@ -185,57 +186,24 @@ fn every_flow_stays_on_its_shard() {
     const FLOWS: usize = 8;
     const BYTES: usize = 256 << 10;
     // Guest opens: the kernel echoes what it reads.
-    let server = s.ns.enter(|| {
-        let l = std::net::TcpListener::bind("192.0.2.1:7300")?;
-        for _ in 0..FLOWS {
-            let (mut c, _) = l.accept()?;
-            c.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut buf = vec![0u8; BYTES];
-            c.read_exact(&mut buf)?;
-            c.write_all(&buf)?;
-        }
-        Ok(())
-    });
+    let server = kernel_echo_server(&s.ns, "192.0.2.1:7300", FLOWS, BYTES);
     std::thread::sleep(Duration::from_millis(300));
-    let mut opened = Vec::new();
-    for i in 0..FLOWS {
-        let data = pattern(BYTES, i as u64);
-        let mut c = connect(&stack, "192.0.2.1:7300".parse().expect("addr"), 30);
-        c.write_all(&data).expect("send");
-        let mut back = vec![0u8; BYTES];
-        c.read_exact(&mut back).expect("echo");
-        assert!(back == data, "flow {i}: echo differs");
-        opened.push(c.shard());
-    }
+    let to = "192.0.2.1:7300".parse().expect("addr");
+    let opened: Vec<usize> = guest_echo_client(&stack, to, FLOWS, BYTES, 0)
+        .iter()
+        .map(TcpStream::shard)
+        .collect();
     server
         .join()
         .expect("kernel server")
         .expect("kernel server");
     // Kernel opens: the guest echoes.
     let l = vnic_guest::stack::TcpListener::bind(&stack, 7301).expect("listen");
-    let client = s.ns.enter(|| {
-        for i in 0..FLOWS {
-            let data = pattern(BYTES, 100 + i as u64);
-            let mut c = std::net::TcpStream::connect("192.0.2.2:7301")?;
-            c.set_read_timeout(Some(Duration::from_secs(30)))?;
-            c.write_all(&data)?;
-            let mut back = vec![0u8; BYTES];
-            c.read_exact(&mut back)?;
-            if back != data {
-                return Err(std::io::Error::other(format!("flow {i}: echo differs")));
-            }
-        }
-        Ok(())
-    });
-    let mut accepted = Vec::new();
-    for _ in 0..FLOWS {
-        let mut c = l.accept(Some(Duration::from_secs(30))).expect("accept");
-        c.set_timeout(Some(Duration::from_secs(30)));
-        let mut buf = vec![0u8; BYTES];
-        c.read_exact(&mut buf).expect("read");
-        c.write_all(&buf).expect("echo");
-        accepted.push(c.shard());
-    }
+    let client = kernel_echo_client(&s.ns, "192.0.2.2:7301", FLOWS, BYTES, 100);
+    let accepted: Vec<usize> = guest_echo_server(&l, FLOWS, BYTES)
+        .iter()
+        .map(TcpStream::shard)
+        .collect();
     client
         .join()
         .expect("kernel client")

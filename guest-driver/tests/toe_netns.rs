@@ -16,8 +16,8 @@ use vnic_tests::{pattern, require_netns, Proc};
 
 mod common;
 use common::{
-    agree, bytes, client_vs_kernel, in_flight_bound, in_ns, iperf, kernel_vs_server, net_args,
-    setup, stack_args,
+    agree, bytes, client_vs_kernel, guest_echo_client, guest_echo_server, in_flight_bound, in_ns,
+    iperf, kernel_echo_client, kernel_echo_server, kernel_vs_server, net_args, setup, stack_args,
 };
 
 fn toe_stack(s: &vnic_tests::PortInNs, conns: u16, ring_kib: u32) -> Stack {
@@ -292,32 +292,10 @@ fn a_flood_past_the_table_falls_back_and_is_counted() {
     const N: usize = 20;
     const BYTES: usize = 64 << 10;
     // The guest opens N connections.
-    let server = s.ns.enter(|| {
-        let l = std::net::TcpListener::bind("192.0.2.1:7600")?;
-        let mut conns = Vec::new();
-        for _ in 0..N {
-            let (mut c, _) = l.accept()?;
-            c.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut buf = vec![0u8; BYTES];
-            c.read_exact(&mut buf)?;
-            c.write_all(&buf)?;
-            conns.push(c);
-        }
-        Ok(())
-    });
+    let server = kernel_echo_server(&s.ns, "192.0.2.1:7600", N, BYTES);
     std::thread::sleep(Duration::from_millis(300));
     let to: SocketAddr = "192.0.2.1:7600".parse().unwrap();
-    let mut conns = Vec::new();
-    for i in 0..N {
-        let mut c = TcpStream::connect(&stack, to, Duration::from_secs(10)).expect("connect");
-        c.set_timeout(Some(Duration::from_secs(30)));
-        let data = pattern(BYTES, i as u64);
-        c.write_all(&data).expect("send");
-        let mut back = vec![0u8; BYTES];
-        c.read_exact(&mut back).expect("echo");
-        assert!(back == data, "connection {i}: the echo differs");
-        conns.push(c);
-    }
+    let conns = guest_echo_client(&stack, to, N, BYTES, 0);
     server.join().unwrap().expect("kernel server");
     let on_toe = conns.iter().filter(|c| c.on_toe()).count();
     assert_eq!(
@@ -336,33 +314,8 @@ fn a_flood_past_the_table_falls_back_and_is_counted() {
     // The kernel opens N connections to a guest listener.
     let l = TcpListener::bind(&stack, 7601).expect("listen");
     let full_before = toe_counter(&s, "table_full");
-    let client = s.ns.enter(|| {
-        let mut conns = Vec::new();
-        for i in 0..N {
-            let mut c = std::net::TcpStream::connect("192.0.2.2:7601")?;
-            c.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let data = pattern(BYTES, 50 + i as u64);
-            c.write_all(&data)?;
-            let mut back = vec![0u8; BYTES];
-            c.read_exact(&mut back)?;
-            if back != data {
-                return Err(std::io::Error::other(format!(
-                    "connection {i}: echo differs"
-                )));
-            }
-            conns.push(c);
-        }
-        Ok(())
-    });
-    let mut accepted = Vec::new();
-    for _ in 0..N {
-        let mut c = l.accept(Some(Duration::from_secs(30))).expect("accept");
-        c.set_timeout(Some(Duration::from_secs(30)));
-        let mut buf = vec![0u8; BYTES];
-        c.read_exact(&mut buf).expect("read");
-        c.write_all(&buf).expect("echo");
-        accepted.push(c);
-    }
+    let client = kernel_echo_client(&s.ns, "192.0.2.2:7601", N, BYTES, 50);
+    let accepted = guest_echo_server(&l, N, BYTES);
     client.join().unwrap().expect("kernel client");
     let on_toe = accepted.iter().filter(|c| c.on_toe()).count();
     assert_eq!(on_toe, 8, "accepted on the TOE");

@@ -450,70 +450,59 @@ impl Toe {
                 rx,
                 tx,
             } => self.accept(conn, handle, rx, tx, mem),
-            Command::Send { conn, tail } => {
-                let Some(c) = self.conn_mut(conn) else {
-                    return Completion::err(Status::BadId);
-                };
+            Command::Send { conn, tail } => self.on_conn(conn, |c| {
                 // Never more than a ring of unacknowledged bytes, and the
                 // tail only moves forward.
                 let ahead = tail.wrapping_sub(c.tx_pulled);
                 let unacked = tail.wrapping_sub(c.tx_acked);
                 if unacked > c.tx.size || ahead > c.tx.size || c.fin_asked {
-                    return Completion::err(Status::Invalid);
+                    return Status::Invalid;
                 }
                 c.tx_tail = tail;
-                self.touch(Key::Conn(conn));
-                Completion::ok(0)
-            }
-            Command::Recvd { conn, head } => {
-                let Some(c) = self.conn_mut(conn) else {
-                    return Completion::err(Status::BadId);
-                };
-                let given = head.wrapping_sub(c.rx_head);
-                if given > c.rx_tail.wrapping_sub(c.rx_head) {
-                    return Completion::err(Status::Invalid);
+                Status::Ok
+            }),
+            Command::Recvd { conn, head } => self.on_conn(conn, |c| {
+                if head.wrapping_sub(c.rx_head) > c.rx_tail.wrapping_sub(c.rx_head) {
+                    return Status::Invalid;
                 }
                 c.rx_head = head;
-                self.touch(Key::Conn(conn));
-                Completion::ok(0)
-            }
-            Command::Shutdown { conn } => {
-                let Some(c) = self.conn_mut(conn) else {
-                    return Completion::err(Status::BadId);
-                };
+                Status::Ok
+            }),
+            Command::Shutdown { conn } => self.on_conn(conn, |c| {
                 c.fin_asked = true;
-                self.touch(Key::Conn(conn));
-                Completion::ok(0)
-            }
-            Command::Close { conn } => {
-                let Some(c) = self.conn_mut(conn) else {
-                    return Completion::err(Status::BadId);
-                };
+                Status::Ok
+            }),
+            Command::Close { conn } => self.on_conn(conn, |c| {
                 c.fin_asked = true;
                 c.closing = true;
-                self.touch(Key::Conn(conn));
-                Completion::ok(0)
-            }
-            Command::Abort { conn } => {
-                let Some(c) = self.conn_mut(conn) else {
-                    return Completion::err(Status::BadId);
-                };
+                Status::Ok
+            }),
+            Command::Abort { conn } => self.on_conn(conn, |c| {
                 c.tcp.abort();
                 c.closing = true;
                 c.reason.get_or_insert(CloseReason::Aborted);
+                Status::Ok
+            }),
+            Command::SetOpt { conn, opt, .. } => self.on_conn(conn, |_| match opt {
+                // The engine sends what it has at once: no Nagle.
+                SockOpt::NoDelay => Status::Ok,
+                SockOpt::KeepAlive | SockOpt::MaxSeg => Status::Invalid,
+            }),
+        }
+    }
+
+    /// Runs `f` on open connection `conn` and gives it a turn at the next
+    /// `transmit`; BAD_ID when there is no such connection.
+    fn on_conn(&mut self, conn: u32, f: impl FnOnce(&mut Conn) -> Status) -> Completion {
+        let Some(c) = self.conn_mut(conn) else {
+            return Completion::err(Status::BadId);
+        };
+        match f(c) {
+            Status::Ok => {
                 self.touch(Key::Conn(conn));
                 Completion::ok(0)
             }
-            Command::SetOpt { conn, opt, .. } => {
-                if self.conn_mut(conn).is_none() {
-                    return Completion::err(Status::BadId);
-                }
-                match opt {
-                    // The engine sends what it has at once: no Nagle.
-                    SockOpt::NoDelay => Completion::ok(0),
-                    SockOpt::KeepAlive | SockOpt::MaxSeg => Completion::err(Status::Invalid),
-                }
-            }
+            s => Completion::err(s),
         }
     }
 

@@ -32,7 +32,7 @@ use super::{
 };
 use crate::nic::{
     stats::DropReason,
-    toe::{RingMemory, Toe},
+    toe::{RingMemory, Toe, ToeStats},
     TxScratch,
 };
 
@@ -302,6 +302,11 @@ impl VnicBackend {
         let mem = self.memory();
         let mut toe = self.toe_lock();
         if !toe.input(frame, verified, self.toe_now(), &GuestRings(&mem)) {
+            // A frame passed on may still have been counted (a SYN past
+            // the table).
+            if toe.stats() != ToeStats::default() {
+                self.toe_count(&mut toe);
+            }
             return ToeVerdict::Pass;
         }
         let whole = toe.take_whole();

@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::poll::Readiness;
+
 /// How long to sleep before looking again: at most 100 ms, never past
 /// `deadline`; None once it has passed.
 pub(crate) fn wait_slice(deadline: Option<Instant>) -> Option<Duration> {
@@ -75,5 +77,13 @@ impl<T> WaitQueue<T> {
 
     pub fn is_empty(&self) -> bool {
         self.q.lock().map(|q| q.is_empty()).unwrap_or(true)
+    }
+
+    /// Readable while something waits in it.
+    pub fn readiness(&self) -> Readiness {
+        Readiness {
+            readable: !self.is_empty(),
+            ..Readiness::default()
+        }
     }
 }

@@ -179,3 +179,105 @@ pub fn agree(sent: u64, received: u64, bound: u64, what: &str) {
         "{what}: sent {sent}, received {received}, at most {bound} apart"
     );
 }
+
+/// In `ns`, a kernel server on `bind` for `n` connections, one after
+/// another: each reads `bytes` and echoes them. The connections stay open
+/// until the last is done.
+pub fn kernel_echo_server(
+    ns: &vnic_tests::NetNs,
+    bind: &'static str,
+    n: usize,
+    bytes: usize,
+) -> std::thread::JoinHandle<std::io::Result<()>> {
+    use std::io::{Read, Write};
+    ns.enter(move || {
+        let l = std::net::TcpListener::bind(bind)?;
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (mut c, _) = l.accept()?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut buf = vec![0u8; bytes];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)?;
+            conns.push(c);
+        }
+        Ok(())
+    })
+}
+
+/// In `ns`, `n` kernel connections to `to`, one after another: each sends
+/// `bytes` of `pattern(bytes, seed + i)` and checks the echo. They stay
+/// open until the last is done.
+pub fn kernel_echo_client(
+    ns: &vnic_tests::NetNs,
+    to: &'static str,
+    n: usize,
+    bytes: usize,
+    seed: u64,
+) -> std::thread::JoinHandle<std::io::Result<()>> {
+    use std::io::{Read, Write};
+    ns.enter(move || {
+        let mut conns = Vec::with_capacity(n);
+        for i in 0..n {
+            let data = vnic_tests::pattern(bytes, seed + i as u64);
+            let mut c = std::net::TcpStream::connect(to)?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            c.write_all(&data)?;
+            let mut back = vec![0u8; bytes];
+            c.read_exact(&mut back)?;
+            if back != data {
+                return Err(std::io::Error::other(format!(
+                    "connection {i}: echo differs"
+                )));
+            }
+            conns.push(c);
+        }
+        Ok(())
+    })
+}
+
+/// The guest's side of [`kernel_echo_server`]: `n` connections to `to`,
+/// each sending `bytes` of `pattern(bytes, seed + i)` and checking the
+/// echo; returns them, still open.
+pub fn guest_echo_client(
+    stack: &vnic_guest::stack::Stack,
+    to: std::net::SocketAddr,
+    n: usize,
+    bytes: usize,
+    seed: u64,
+) -> Vec<vnic_guest::stack::TcpStream> {
+    use std::io::{Read, Write};
+    (0..n)
+        .map(|i| {
+            let mut c = vnic_guest::stack::TcpStream::connect(stack, to, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+            c.set_timeout(Some(Duration::from_secs(30)));
+            let data = vnic_tests::pattern(bytes, seed + i as u64);
+            c.write_all(&data).expect("send");
+            let mut back = vec![0u8; bytes];
+            c.read_exact(&mut back).expect("echo");
+            assert!(back == data, "connection {i}: the echo differs");
+            c
+        })
+        .collect()
+}
+
+/// The guest's side of [`kernel_echo_client`]: accepts `n` connections
+/// on `l`, echoing `bytes` each; returns them, still open.
+pub fn guest_echo_server(
+    l: &vnic_guest::stack::TcpListener,
+    n: usize,
+    bytes: usize,
+) -> Vec<vnic_guest::stack::TcpStream> {
+    use std::io::{Read, Write};
+    (0..n)
+        .map(|_| {
+            let mut c = l.accept(Some(Duration::from_secs(30))).expect("accept");
+            c.set_timeout(Some(Duration::from_secs(30)));
+            let mut buf = vec![0u8; bytes];
+            c.read_exact(&mut buf).expect("read");
+            c.write_all(&buf).expect("echo");
+            c
+        })
+        .collect()
+}

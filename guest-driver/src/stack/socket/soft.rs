@@ -336,10 +336,7 @@ impl Listener for SoftListener {
     }
 
     fn readiness(&self) -> Readiness {
-        Readiness {
-            readable: !self.q.is_empty(),
-            ..Readiness::default()
-        }
+        self.q.readiness()
     }
 }
 

@@ -327,11 +327,21 @@ pub(super) fn listen(
 impl Listener for ToeListener {
     fn accept(&self, deadline: Option<Instant>) -> io::Result<Option<Box<dyn Stream>>> {
         while let Some((handle, remote)) = self.q.pop(deadline)? {
-            let Some(conn) = self.core.open(remote)? else {
-                // No id or rings for it: the device resets it when the
-                // listener goes, or it times out there.
+            // Ids and rings come back as the device's CLOSED events are
+            // taken: wait for one (the device holds the connection).
+            let conn = loop {
+                if let Some(c) = self.core.open(remote)? {
+                    break Some(c);
+                }
+                if wait_slice(deadline).is_none() {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            let Some(conn) = conn else {
+                // Still none: the device resets it when the listener goes.
                 self.core.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-                continue;
+                return Ok(None);
             };
             let (id, rx, tx) = {
                 let mut s = conn.st.lock().map_err(|_| lock_err())?;
@@ -366,10 +376,7 @@ impl Listener for ToeListener {
     }
 
     fn readiness(&self) -> Readiness {
-        Readiness {
-            readable: !self.q.is_empty(),
-            ..Readiness::default()
-        }
+        self.q.readiness()
     }
 }
 

@@ -126,9 +126,8 @@ impl UdpSocket {
 impl Pollable for UdpSocket {
     fn readiness(&self) -> Readiness {
         Readiness {
-            readable: !self.q.is_empty(),
             writable: true,
-            closed: false,
+            ..self.q.readiness()
         }
     }
 }
