@@ -743,6 +743,26 @@ impl VnicBackend {
     fn process_ctrl(&self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory();
         let acked = self.acked();
+        self.serve_requests(2 * self.pairs(), vring, &mem, CTRL_BUDGET, |r, w| {
+            self.answer_ctrl(&mem, acked, r, w)
+        })
+    }
+
+    /// Serves a queue of requests (the control queue, the TOE's command
+    /// queue), at most `budget` per call, then the control thread's resume
+    /// event brings it back: each chain's device-readable bytes and
+    /// writable buffers go to `answer`, which returns the bytes it wrote;
+    /// a bad chain is counted and returned empty; a stuck ring is counted
+    /// and left. Notifies the driver when anything was used.
+    fn serve_requests(
+        &self,
+        vq: usize,
+        vring: &VringRwLock,
+        mem: &vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>,
+        budget: usize,
+        mut answer: impl FnMut(&[u8], &[(GuestAddress, usize)]) -> u32,
+    ) -> io::Result<()> {
+        let stats = &self.dev().stats.ctrl;
         let mut readable = Vec::new();
         let mut writable = Vec::new();
         let mut moved = 0;
@@ -750,35 +770,35 @@ impl VnicBackend {
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
-            while moved < CTRL_BUDGET {
-                let Some(chain) = pop_chain(vring, &mem, &self.dev().stats.ctrl) else {
+            while moved < budget {
+                let Some(chain) = pop_chain(vring, mem, stats) else {
                     break;
                 };
                 let head = chain.head_index();
                 moved += 1;
-                let used = match split_chain(&mem, chain, &mut readable, &mut writable) {
-                    Ok(()) => self.answer_ctrl(&mem, acked, &readable, &writable),
+                let used = match split_chain(mem, chain, &mut readable, &mut writable) {
+                    Ok(()) => answer(&readable, &writable),
                     Err(why) => {
-                        self.dev().stats.ctrl.drop(why);
+                        stats.drop(why);
                         0
                     }
                 };
                 vring.add_used(head, used).map_err(io::Error::other)?;
             }
-            if moved >= CTRL_BUDGET {
+            if moved >= budget {
                 self.resume_later(self.pairs());
                 break;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
-            if stuck(vring, &mem, moved == round, &mut empty) {
-                self.dev().stats.ctrl.drop(DropReason::BadRing);
+            if stuck(vring, mem, moved == round, &mut empty) {
+                stats.drop(DropReason::BadRing);
                 break;
             }
         }
         if moved > 0 {
-            self.notify(2 * self.pairs(), vring, &mem, &self.dev().stats.ctrl)?;
+            self.notify(vq, vring, mem, stats)?;
         }
         Ok(())
     }

@@ -188,65 +188,37 @@ impl VnicBackend {
         let _ = self.toe_vrings.get_or_init(|| (cmd.clone(), evt.clone()));
         let mem = self.memory();
         let stats = &self.dev().stats.ctrl;
-        let (mut readable, mut writable) = (Vec::new(), Vec::new());
         let mut toe = self.toe_lock();
-        let mut moved = 0;
-        loop {
-            cmd.disable_notification().map_err(io::Error::other)?;
-            while moved < TOE_BUDGET {
-                let Some(chain) = pop_chain(cmd, &mem, stats) else {
-                    break;
-                };
-                let head = chain.head_index();
-                moved += 1;
-                let used = match split_chain(&mem, chain, &mut readable, &mut writable) {
-                    Ok(()) if writable.iter().map(|w| w.1).sum::<usize>() >= COMPLETION_LEN => {
-                        let c = if !self.toe_on() {
-                            Completion::err(Status::NotReady)
-                        } else {
-                            match Command::parse(readable.get(..CMD_LEN).unwrap_or(&readable)) {
-                                Ok(c) => toe.command(&c, self.toe_now(), &GuestRings(&mem)),
-                                Err(e) => {
-                                    log::debug!("toe command does not parse: {e}");
-                                    Completion::err(Status::Invalid)
-                                }
-                            }
-                        };
-                        match write_span(&mut Regions::new(&mem), &writable, 0, &c.to_bytes()) {
-                            Ok(()) => {
-                                stats.packet(readable.len());
-                                COMPLETION_LEN as u32
-                            }
-                            Err(why) => {
-                                stats.drop(why);
-                                0
-                            }
-                        }
-                    }
-                    Ok(()) => {
-                        stats.drop(DropReason::BadControl);
-                        0
-                    }
-                    Err(why) => {
-                        stats.drop(why);
-                        0
-                    }
-                };
-                cmd.add_used(head, used).map_err(io::Error::other)?;
+        let vq = 2 * self.pairs() + 1;
+        let r = self.serve_requests(vq, cmd, &mem, TOE_BUDGET, |readable, writable| {
+            if writable.iter().map(|w| w.1).sum::<usize>() < COMPLETION_LEN {
+                stats.drop(DropReason::BadControl);
+                return 0;
             }
-            if moved >= TOE_BUDGET {
-                self.resume_later(self.pairs());
-                break;
+            let c = if !self.toe_on() {
+                Completion::err(Status::NotReady)
+            } else {
+                match Command::parse(readable.get(..CMD_LEN).unwrap_or(readable)) {
+                    Ok(c) => toe.command(&c, self.toe_now(), &GuestRings(&mem)),
+                    Err(e) => {
+                        log::debug!("toe command does not parse: {e}");
+                        Completion::err(Status::Invalid)
+                    }
+                }
+            };
+            match write_span(&mut Regions::new(&mem), writable, 0, &c.to_bytes()) {
+                Ok(()) => {
+                    stats.packet(readable.len());
+                    COMPLETION_LEN as u32
+                }
+                Err(why) => {
+                    stats.drop(why);
+                    0
+                }
             }
-            if !cmd.enable_notification().map_err(io::Error::other)? {
-                break;
-            }
-        }
-        if moved > 0 {
-            self.notify(2 * self.pairs() + 1, cmd, &mem, stats)?;
-        }
+        });
         self.toe_settle(&mut toe, &mem);
-        Ok(())
+        r
     }
 
     /// The driver posted event buffers: events waiting go into them.
