@@ -102,9 +102,11 @@ struct RunArgs {
     /// p mod N equal to its number.
     #[arg(long, default_value_t = 0, value_parser = |s: &str| num(s, config::check_workers))]
     workers: u16,
-    /// TOE connections (and listeners) each port's driver may have; 0
-    /// does not offer the TOE.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(0..=65536))]
+    /// TOE connections (and listeners) the PF's driver may have; 0 does
+    /// not offer the TOE. vnicd holds about 2 MiB of TCP buffers per
+    /// connection at most, so this bounds the memory a driver can make it
+    /// use.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=65536))]
     toe_conns: u32,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
