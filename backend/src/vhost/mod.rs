@@ -1127,16 +1127,9 @@ impl VnicBackend {
         if let Some(t) = self.coal_timers.get(i) {
             let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
             t.armed = None;
-            let mut n = 0u64;
-            // SAFETY: reads 8 bytes into `n` from the timerfd this backend
-            // owns; a timerfd read writes at most that.
-            let _ = unsafe {
-                libc::read(
-                    t.fd.as_raw_fd(),
-                    std::ptr::addr_of_mut!(n).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            // Expired: reading clears it (it may already be; the fd does
+            // not block).
+            let _ = t.fd.wait();
         }
         let mem = self.memory();
         let stats = &self.dev().stats;
@@ -1972,18 +1965,10 @@ impl VnicBackend {
             }
             Work::Timer => {
                 if let Some(t) = self.timers.get(i) {
-                    let t = t.lock().unwrap_or_else(PoisonError::into_inner);
-                    // Expired: reading clears it (it may already be).
-                    let mut n = 0u64;
-                    // SAFETY: reads 8 bytes into `n` from the timerfd this
-                    // backend owns; a timerfd read writes at most that.
-                    let _ = unsafe {
-                        libc::read(
-                            t.as_raw_fd(),
-                            std::ptr::addr_of_mut!(n).cast(),
-                            std::mem::size_of::<u64>(),
-                        )
-                    };
+                    let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
+                    // Expired: reading clears it (it may already be; the
+                    // fd does not block).
+                    let _ = t.wait();
                 }
                 if live(tx) {
                     self.process_tx(i, tx)

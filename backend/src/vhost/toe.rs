@@ -11,7 +11,6 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
     sync::{OnceLock, PoisonError},
     time::Duration,
 };
@@ -236,20 +235,12 @@ impl VnicBackend {
     /// The TOE's timer fired: the engines' timers run.
     pub(super) fn toe_timer_fired(&self) {
         {
-            let t = self
+            let mut t = self
                 .toe_timer
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let mut n = 0u64;
-            // SAFETY: reads 8 bytes into `n` from the timerfd this backend
-            // owns; a timerfd read writes at most that.
-            let _ = unsafe {
-                libc::read(
-                    t.as_raw_fd(),
-                    std::ptr::addr_of_mut!(n).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            // Expired: reading clears it (the fd does not block).
+            let _ = t.wait();
         }
         let mem = self.memory();
         let mut toe = self.toe_lock();

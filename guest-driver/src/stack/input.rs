@@ -17,14 +17,14 @@ use vnic_protocol::{
     virtio::{HdrFlags, VirtioNetHdr},
     wire::{
         arp,
-        emit::{self as frames, arp_append, icmpv6_append, ETH_LEN},
+        emit::{self as frames, arp_append, icmpv4_append, icmpv6_append, ETH_LEN},
         ethernet::{ethertype, Address},
         icmpv4, icmpv6, ipv4, ipv6, tcp as wtcp, udp,
     },
 };
 
 use super::{
-    output::{flush, icmpv4_append, post, send_ip},
+    output::{flush, post, send_ip},
     state::{insert, Inner, Proto, TcpEntry},
 };
 use crate::net::TxQueue;

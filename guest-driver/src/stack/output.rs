@@ -3,11 +3,7 @@
 //! for), fragments for datagrams past the MTU, ARP and neighbour
 //! solicitations, echo requests.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    sync::atomic::Ordering,
-    time::Instant,
-};
+use std::{net::IpAddr, sync::atomic::Ordering, time::Instant};
 
 use log::debug;
 use vnic_protocol::{
@@ -258,7 +254,7 @@ pub(crate) fn send_echo(
                 seq_no,
                 data,
             };
-            icmpv4_append(
+            frames::icmpv4_append(
                 &mut buf,
                 s,
                 d,
@@ -279,20 +275,6 @@ pub(crate) fn send_echo(
     with_tx(inner, 0, |tx| {
         send_ip(inner, tx, dst, VirtioNetHdr::default(), &mut buf)
     })
-}
-
-pub(crate) fn icmpv4_append(
-    buf: &mut Vec<u8>,
-    s: Ipv4Addr,
-    d: Ipv4Addr,
-    r: &icmpv4::Repr<'_>,
-    ident: u16,
-) {
-    let len = r.buffer_len();
-    frames::ip(buf, IpAddr::V4(s), IpAddr::V4(d), 1, len, ident, 64);
-    let at = buf.len();
-    buf.resize(at + len, 0);
-    let _ = r.emit(&mut icmpv4::Packet::new_unchecked(&mut buf[at..]));
 }
 
 /// Runs `f` with shard `idx`'s TX queue and kicks it after.

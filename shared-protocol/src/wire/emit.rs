@@ -13,7 +13,7 @@ use crate::{
     wire::{
         arp,
         ethernet::{ethertype, Address},
-        icmpv6, ip_proto, tcp as wtcp,
+        icmpv4, icmpv6, ip_proto, tcp as wtcp,
     },
 };
 
@@ -194,6 +194,30 @@ pub fn neighbor_solicit(buf: &mut Vec<u8>, mac: Address, me: Ipv6Addr, target: I
         source_lladdr: Some(mac),
     };
     icmpv6_append(buf, me, group, &m, 255);
+}
+
+/// Appends an IPv4 header (identification `ident`) and the ICMP message
+/// `r` with its checksum.
+pub fn icmpv4_append(
+    buf: &mut Vec<u8>,
+    s: Ipv4Addr,
+    d: Ipv4Addr,
+    r: &icmpv4::Repr<'_>,
+    ident: u16,
+) {
+    let len = r.buffer_len();
+    ip(
+        buf,
+        IpAddr::V4(s),
+        IpAddr::V4(d),
+        ip_proto::ICMP,
+        len,
+        ident,
+        64,
+    );
+    let at = buf.len();
+    buf.resize(at + len, 0);
+    let _ = r.emit(&mut icmpv4::Packet::new_unchecked(&mut buf[at..]));
 }
 
 /// Appends an IPv6 header and the ICMPv6 message `m` with its checksum
