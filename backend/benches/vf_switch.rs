@@ -11,9 +11,9 @@
 //!
 //! `cargo bench -p vnic-backend --bench vf_switch` (VNIC_BENCH_SECONDS
 //! sets the time per run, default 3; VNIC_BENCH_ROUNDS the rounds,
-//! default 3; VNIC_BENCH_STATS=1 prints vnicd's counters and the TCP
-//! sender's after each TCP run). Needs root (TAP devices, network
-//! namespaces) for the bridge.
+//! default 3; VNIC_BENCH_STATS=1 prints vnicd's counters and both TCP
+//! ends' after each TCP run; VNIC_BENCH_ONLY=TCP or =64 runs one case).
+//! Needs root (TAP devices, network namespaces) for the bridge.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -258,7 +258,11 @@ fn tcp_stream(p: &Pair, dur: Duration) -> Run {
         let mut at0 = 0;
         loop {
             match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
+                Err(e) => {
+                    eprintln!("reader: {e} after {got} bytes");
+                    break;
+                }
                 Ok(n) => got += n as u64,
             }
             // Count from the first 4 MB on (past slow start).
@@ -268,7 +272,7 @@ fn tcp_stream(p: &Pair, dur: Duration) -> Run {
             }
         }
         let secs = t0.map_or(1.0, |t| t.elapsed().as_secs_f64());
-        ((got - at0) as f64 * 8.0 / secs, got)
+        ((got - at0) as f64 * 8.0 / secs, got, s.tcp_stats())
     });
     let cpu0 = vnicd_cpu(p);
     let block = vec![0x42u8; 128 << 10];
@@ -277,7 +281,7 @@ fn tcp_stream(p: &Pair, dur: Duration) -> Run {
         c.write_all(&block).expect("send");
     }
     c.shutdown_write().unwrap();
-    let (bps, bytes) = reader.join().unwrap();
+    let (bps, bytes, rstats) = reader.join().unwrap();
     let cpu = vnicd_cpu(p) - cpu0;
     if std::env::var("VNIC_BENCH_STATS").is_ok() {
         for v in &p._keep {
@@ -289,6 +293,7 @@ fn tcp_stream(p: &Pair, dur: Duration) -> Run {
             eprintln!("{:.2} Gbit/s: {nz:?}", bps / 1e9);
         }
         eprintln!("sender: {:?}", c.tcp_stats());
+        eprintln!("receiver: {rstats:?}");
         eprintln!("sending stack: {:?}", a.stats());
         eprintln!("receiving stack: {:?}", b.stats());
     }
@@ -317,6 +322,8 @@ fn main() {
         .unwrap_or(3)
         .max(1);
     let dur = Duration::from_secs(secs);
+    // VNIC_BENCH_ONLY=TCP or =64 runs one case.
+    let only = std::env::var("VNIC_BENCH_ONLY").ok();
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -337,6 +344,9 @@ fn main() {
             1e6,
         ),
     ] {
+        if !only.as_deref().is_none_or(|o| what.starts_with(o)) {
+            continue;
+        }
         let (mut sw, mut br, mut swc, mut brc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let r = f(&switch_pair(), dur);

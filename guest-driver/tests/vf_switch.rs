@@ -86,7 +86,11 @@ fn vf_addr(n: usize, port: u16) -> SocketAddr {
 }
 
 /// Sends `bytes` of a pattern from `from` to a listener of `to` at
-/// `addr` and checks every byte arrived.
+/// `addr` and checks every byte arrived. The switch neither loses nor
+/// reorders, so unless the sender's retransmission timer fired (a
+/// stall of this machine; its copies arrive as duplicates), neither
+/// engine may have dropped a segment as unacceptable (a timestamp that
+/// went back, say) or seen one out of order.
 fn transfer(from: &Stack, to: &Stack, addr: SocketAddr, bytes: usize, seed: u64) {
     let l = TcpListener::bind(to, addr.port()).expect("listen");
     let data = pattern(bytes, seed);
@@ -99,15 +103,25 @@ fn transfer(from: &Stack, to: &Stack, addr: SocketAddr, bytes: usize, seed: u64)
             c.write_all(&data).expect("send");
             c.shutdown_write().expect("shutdown");
             c.flush_acked(Duration::from_secs(30)).expect("acked");
+            c.tcp_stats().expect("sender's counters")
         })
     };
     let mut c = l.accept(Some(Duration::from_secs(10))).expect("accept");
     c.set_timeout(Some(Duration::from_secs(30)));
     let mut got = Vec::with_capacity(bytes);
     c.read_to_end(&mut got).expect("receive");
-    sender.join().expect("sender");
+    let sent = sender.join().expect("sender");
     assert_eq!(got.len(), data.len(), "{addr}: bytes received");
     assert!(got == data, "{addr}: the bytes differ");
+    let recv = c.tcp_stats().expect("receiver's counters");
+    if sent.timeouts > 0 {
+        return;
+    }
+    assert_eq!(
+        (sent.dropped, recv.dropped, recv.ooo_segments),
+        (0, 0, 0),
+        "{addr}: segments dropped or out of order on a lossless path; sender {sent:?}, receiver {recv:?}"
+    );
 }
 
 fn tap_bytes(s: &PortInNs) -> (u64, u64) {

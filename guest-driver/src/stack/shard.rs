@@ -24,11 +24,15 @@ pub(crate) fn run(inner: &Arc<Inner>, idx: usize) {
     let budget = inner.cfg.budget.max(1);
     let busy = inner.cfg.busy_poll;
     while !inner.stop.load(Ordering::Relaxed) {
-        let now = inner.now();
         let (n, next, tx_armed, tx_raced) = {
             let Ok(mut g) = shard.st.lock() else {
                 return;
             };
+            // The clock is read under the lock: a time read before it
+            // could be older than the one a user thread sent with while
+            // this thread waited, and the peer drops a segment whose
+            // timestamp went back (PAWS).
+            let now = inner.now();
             let st = &mut *g;
             let inbox = shard
                 .inbox

@@ -119,6 +119,11 @@ pub struct Connection {
     ts_enabled: bool,
     ts_recent: u32,
     ts_offset: u32,
+    /// The last TSval sent: the next is never older, whatever clock the
+    /// caller passes (threads that read the time before waiting for the
+    /// connection hand it times out of order, and the peer's PAWS drops
+    /// a segment whose TSval went back).
+    ts_sent: u32,
     sack_enabled: bool,
     /// Ranges above `snd_una` the peer holds (sorted, merged).
     sacked: Vec<(u32, u32)>,
@@ -205,6 +210,7 @@ impl Connection {
             ts_enabled: false,
             ts_recent: 0,
             ts_offset: iss.rotate_left(13),
+            ts_sent: iss.rotate_left(13),
             sack_enabled: false,
             sacked: Vec::new(),
             rtx_deadline: None,
@@ -498,6 +504,13 @@ impl Connection {
 
     fn ts_now(&self, now: Instant) -> u32 {
         ((now.0 / 1000) as u32).wrapping_add(self.ts_offset)
+    }
+
+    /// The TSval for a segment sent at `now`: the clock, or the last one
+    /// sent if that is later.
+    fn ts_val(&mut self, now: Instant) -> u32 {
+        self.ts_sent = seq::max(self.ts_sent, self.ts_now(now));
+        self.ts_sent
     }
 
     fn rcv_window(&self) -> usize {
@@ -1304,7 +1317,7 @@ impl Connection {
             r.sack_permitted = true;
         }
         if self.cfg.timestamps && (!answering || self.ts_enabled) {
-            r.timestamp = Some((self.ts_now(now), if answering { self.ts_recent } else { 0 }));
+            r.timestamp = Some((self.ts_val(now), if answering { self.ts_recent } else { 0 }));
         }
         if answering {
             r.flags |= Flags::ACK;
@@ -1340,7 +1353,7 @@ impl Connection {
         let field = (wnd >> self.rcv_wscale).min(MAX_WINDOW);
         r.window_len = field as u16;
         if self.ts_enabled {
-            r.timestamp = Some((self.ts_now(now), self.ts_recent));
+            r.timestamp = Some((self.ts_val(now), self.ts_recent));
         }
         if self.sack_enabled && !self.asm.is_empty() {
             let max = if self.ts_enabled { 3 } else { MAX_SACK_BLOCKS };

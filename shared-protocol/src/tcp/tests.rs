@@ -755,6 +755,35 @@ fn paws_drops_old_timestamps() {
 }
 
 #[test]
+fn timestamps_never_go_back_when_the_callers_clock_does() {
+    // Two threads drive one connection, one with a time it read before
+    // it waited for the lock: the segment it sends must not carry an
+    // older TSval than the one before, or the peer drops it (PAWS).
+    let mut l = Link::established(cfg(), cfg());
+    let later = l.now.add_micros(50_000);
+    assert_eq!(l.a.send(b"first"), 5);
+    let first = l.a.poll_transmit(later, 1460).map(|s| s.repr);
+    let first = first.unwrap_or_else(|| panic!("first segment"));
+    assert_eq!(l.a.send(b"second"), 6);
+    let earlier = l.now.add_micros(10_000);
+    let second = l.a.poll_transmit(earlier, 1460).map(|s| s.repr);
+    let second = second.unwrap_or_else(|| panic!("second segment"));
+    let ts = |r: &Repr| r.timestamp.unwrap_or_else(|| panic!("no timestamp")).0;
+    assert!(
+        !seq::lt(ts(&second), ts(&first)),
+        "{} then {}",
+        ts(&first),
+        ts(&second)
+    );
+    l.b.on_segment(later, &first, b"first");
+    l.b.on_segment(later, &second, b"second");
+    assert_eq!(l.b.stats().dropped, 0);
+    let mut got = [0u8; 16];
+    let n = l.b.recv(&mut got);
+    assert_eq!(&got[..n], b"firstsecond");
+}
+
+#[test]
 fn zero_window_is_probed_until_it_opens() {
     let cb = Config {
         recv_buffer: 8192,
