@@ -343,6 +343,7 @@ mod tests {
             rx_gro_hw: false,
             workers: 0,
             toe_conns: 1024,
+            link_speed: 0,
         };
         Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }

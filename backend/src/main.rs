@@ -108,6 +108,11 @@ struct RunArgs {
     /// use.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=65536))]
     toe_conns: u32,
+    /// The transmit capacity, in Mbit/s, that the PF and the VFs share
+    /// (all they send, to the wire or to each other); VFs'
+    /// `min_tx_rate` guarantees are shares of it. 0: no limit.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=400_000))]
+    link_speed: u32,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -146,6 +151,7 @@ fn run(a: RunArgs) -> Result<(), String> {
             rx_gro_hw: a.rx_gro_hw,
             workers: a.workers,
             toe_conns: a.toe_conns,
+            link_speed: a.link_speed,
         },
         uplink: a.uplink,
         mgmt: a.mgmt,

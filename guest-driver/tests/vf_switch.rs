@@ -456,6 +456,88 @@ fn max_tx_rate_holds_a_vf_to_its_rate() {
     panic!("no run within 10% of 200 Mbit/s: {seen:?}");
 }
 
+#[test]
+fn min_tx_rate_guarantees_a_share_of_the_link() {
+    if !require_netns() {
+        return;
+    }
+    let _one = serial();
+    let s = setup(2, &["--link-speed", "400", "--vf", "0:min_tx_rate=300"]);
+    // A guarantee past what the link has left is refused and changes
+    // nothing.
+    let (ok, _, err) = ctl(&s, &["vf", "1", "min_tx_rate", "200"]);
+    assert!(!ok && err.contains("--link-speed 400"), "{err}");
+    let (_, out, _) = ctl(&s, &["link", "show"]);
+    assert!(out.contains("min_tx_rate 300Mbps"), "{out}");
+    assert!(!out.contains("min_tx_rate 200Mbps"), "{out}");
+    // Both VFs send as fast as they can: VF 0 keeps its 300 Mbit/s, and
+    // the two together stay within the link.
+    let [r0, r1] = contend(&s);
+    eprintln!("min_tx_rate 300 on a 400 Mbit/s link: VF0 {r0:.0}, VF1 {r1:.0} Mbit/s");
+    assert!(
+        r0 >= 270.0,
+        "VF0 {r0:.0} Mbit/s under a 300 Mbit/s guarantee"
+    );
+    assert!(
+        r0 + r1 <= 440.0,
+        "{r0:.0} + {r1:.0} Mbit/s on a 400 Mbit/s link"
+    );
+    assert!(r1 >= 20.0, "VF1 got {r1:.0} Mbit/s of what was left");
+    // Without the guarantee they share the link about evenly.
+    let (ok, _, err) = ctl(&s, &["vf", "0", "min_tx_rate", "0"]);
+    assert!(ok, "{err}");
+    let [r0, r1] = contend(&s);
+    eprintln!("no guarantee: VF0 {r0:.0}, VF1 {r1:.0} Mbit/s");
+    assert!(
+        r0 + r1 <= 440.0,
+        "{r0:.0} + {r1:.0} Mbit/s on a 400 Mbit/s link"
+    );
+    assert!(r0 < 260.0 && r1 > 140.0, "VF0 {r0:.0}, VF1 {r1:.0} Mbit/s");
+}
+
+/// VF 0 and VF 1 each send 1400-byte UDP frames to the wire as fast as
+/// their rings take them for 3 s: the Mbit/s vnicd sent for each over the
+/// last 2 s.
+fn contend(s: &PortInNs) -> [f64; 2] {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders: Vec<_> = (0..2)
+        .map(|n| {
+            let mut dev = bare(s, n);
+            let flow = Flow {
+                src_mac: vf_mac(s, n),
+                dst_mac: Address([2, 0, 0, 0, 0, 0x99]),
+                src_ip: IpAddr::from([192, 0, 2, 10 + n as u8]),
+                dst_ip: IpAddr::from([192, 0, 2, 1]),
+                src_port: 40000,
+                dst_port: 9,
+            };
+            let f = udp_frame(&flow, &IpFields::default(), &[0x5a; 1400]).unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let q = dev.tx(0).expect("TX queue");
+                let hdr = VirtioNetHdr::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if q.post_burst(&hdr, &f, 32).expect("post") == 0 {
+                        q.wait_for_room(Duration::from_millis(100)).expect("wait");
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let bytes = |vf: &str| port_total(s, vf, "tx", "bytes") as f64;
+    let (a0, b0, t0) = (bytes("vf0."), bytes("vf1."), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (a1, b1) = (bytes("vf0."), bytes("vf1."));
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in senders {
+        t.join().expect("sender");
+    }
+    let mbit = |d: f64| d * 8.0 / secs / 1e6;
+    [mbit(a1 - a0), mbit(b1 - b0)]
+}
+
 /// One vnic-iperf run from VF 0 to `iperf3 -s` on the uplink: Mbit/s.
 fn rate_run(s: &PortInNs) -> f64 {
     let server = Proc::spawn(Command::new("ip").args([

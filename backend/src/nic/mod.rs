@@ -39,7 +39,7 @@ use self::{
     switch::{
         insert_tag, strip_tag, PortSet, PortView, Route, Switch, View, L2, MAX_LEARNED, NO_HASH,
     },
-    vf::{SettingError, TokenBucket, VfSettings},
+    vf::{LinkShares, SettingError, TokenBucket, VfSettings},
 };
 pub use self::{
     port::Port,
@@ -87,6 +87,9 @@ pub struct DeviceConfig {
     /// TOE connections (and listeners) a driver may have; 0: the TOE is
     /// not offered.
     pub toe_conns: u32,
+    /// The transmit capacity the ports share, in Mbit/s (what VFs'
+    /// `min_tx_rate` guarantees are shares of); 0: no limit.
+    pub link_speed: u32,
 }
 
 impl DeviceConfig {
@@ -425,6 +428,35 @@ pub enum UplinkRoute {
     Drop(DropReason),
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// VFs' `min_tx_rate` guarantees (Mbit/s, 0 for none) are shares of the
+/// link: they need `--link-speed`, and may not add up to more than it.
+fn check_guarantees(link_speed: u32, mins: impl Iterator<Item = u32>) -> Result<(), SettingError> {
+    let (mut sum, mut any) = (0u64, 0u32);
+    for m in mins {
+        sum += u64::from(m);
+        any = any.max(m);
+    }
+    if any > 0 && link_speed == 0 {
+        return Err(SettingError::new(
+            "min_tx_rate",
+            &any.to_string(),
+            "a guarantee is a share of the link: start vnicd with --link-speed",
+        ));
+    }
+    if sum > u64::from(link_speed) && any > 0 {
+        return Err(SettingError::new(
+            "min_tx_rate",
+            &any.to_string(),
+            &format!("the VFs' guarantees would add up to {sum} Mbit/s, more than --link-speed {link_speed}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The NIC: its ports (the PF, then the VFs), the switch between them and
 /// the uplink they share.
 pub struct Nic {
@@ -439,6 +471,8 @@ pub struct Nic {
     admin: Mutex<()>,
     /// The time base of rate limiting.
     epoch: Instant,
+    /// `--link-speed`: the ports' shares of it (`min_tx_rate`).
+    link: Option<Mutex<LinkShares>>,
 }
 
 impl std::fmt::Debug for Nic {
@@ -489,6 +523,10 @@ impl Nic {
                 format!("{} VFs, at most {MAX_VFS}", vfs.len()),
             ));
         }
+        check_guarantees(config.link_speed, vfs.iter().map(|s| s.min_tx_rate))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut link =
+            (config.link_speed > 0).then(|| LinkShares::new(config.link_speed, 1 + vfs.len(), 0));
         let mut ports = vec![Port::new(0, config.clone(), VfSettings::pf(config.mac))?];
         for (n, s) in vfs.into_iter().enumerate() {
             if ports.iter().any(|p| p.settings().mac == s.mac) {
@@ -496,6 +534,9 @@ impl Nic {
                     io::ErrorKind::InvalidInput,
                     format!("VF {n}: MAC {} is another port's", s.mac),
                 ));
+            }
+            if let Some(l) = link.as_mut() {
+                l.set_min(1 + n, s.min_tx_rate, 0);
             }
             ports.push(Port::new(1 + n, config.clone(), s)?);
         }
@@ -512,6 +553,7 @@ impl Nic {
             learning: Mutex::new(()),
             admin: Mutex::new(()),
             epoch: Instant::now(),
+            link: link.map(Mutex::new),
         };
         for p in 0..nic.ports.len() {
             nic.publish(p);
@@ -652,6 +694,14 @@ impl Nic {
         let _admin = self.admin.lock().unwrap_or_else(PoisonError::into_inner);
         let cur = port.settings().clone();
         let new = cur.with(pairs.iter().copied())?;
+        if new.min_tx_rate != cur.min_tx_rate {
+            let others = self
+                .ports
+                .iter()
+                .filter(|o| o.id != p)
+                .map(|o| o.settings().min_tx_rate);
+            check_guarantees(self.link_speed(), others.chain([new.min_tx_rate]))?;
+        }
         if new.mac != cur.mac {
             let taken = self
                 .ports
@@ -675,6 +725,11 @@ impl Nic {
             if new.max_tx_rate != cur.max_tx_rate {
                 *port.bucket() =
                     (new.max_tx_rate > 0).then(|| TokenBucket::new(new.max_tx_rate, self.now()));
+            }
+            if new.min_tx_rate != cur.min_tx_rate {
+                if let Some(l) = &self.link {
+                    lock(l).set_min(p, new.min_tx_rate, self.now());
+                }
             }
             *s = new;
         }
@@ -734,13 +789,30 @@ impl Nic {
     }
 
     /// How long port `p` must wait before it sends again (its
-    /// `max_tx_rate`), in nanoseconds; None when it may send now.
+    /// `max_tx_rate`, and its share of `--link-speed`), in nanoseconds;
+    /// None when it may send now.
     pub fn tx_wait(&self, p: usize, view: &View) -> Option<u64> {
-        if view.ports.get(p)?.settings.max_tx_rate == 0 {
+        let capped = view.ports.get(p)?.settings.max_tx_rate > 0;
+        if !capped && self.link.is_none() {
             return None;
         }
         let now = self.now();
-        self.ports.get(p)?.bucket().as_mut()?.wait(now)
+        let cap = if capped {
+            self.ports
+                .get(p)?
+                .bucket()
+                .as_mut()
+                .and_then(|b| b.wait(now))
+        } else {
+            None
+        };
+        let share = self.link.as_ref().and_then(|l| lock(l).wait(p, now));
+        cap.max(share)
+    }
+
+    /// `--link-speed` in Mbit/s; 0: none.
+    pub fn link_speed(&self) -> u32 {
+        self.ports[0].config.link_speed
     }
 
     /// Sends one frame port `p`'s driver put on TX queue `q`: `hdr` is the
@@ -792,14 +864,19 @@ impl Nic {
             Ok(()) => {
                 scratch.sent.0 += 1;
                 scratch.sent.1 += len as u64;
-                if view
+                let capped = view
                     .ports
                     .get(p)
-                    .is_some_and(|v| v.settings.max_tx_rate > 0)
-                {
+                    .is_some_and(|v| v.settings.max_tx_rate > 0);
+                if capped || self.link.is_some() {
                     let now = self.now();
-                    if let Some(b) = self.ports[p].bucket().as_mut() {
-                        b.take(now, len);
+                    if capped {
+                        if let Some(b) = self.ports[p].bucket().as_mut() {
+                            b.take(now, len);
+                        }
+                    }
+                    if let Some(l) = &self.link {
+                        lock(l).take(p, now, len);
                     }
                 }
             }
@@ -1549,6 +1626,7 @@ pub(crate) mod tests {
             rx_gro_hw: false,
             workers: 0,
             toe_conns: 1024,
+            link_speed: 0,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Per-port administrative settings with the meaning of `ip link set DEV
-//! vf N ...`, and the token bucket behind `max_tx_rate`.
+//! vf N ...`, the token bucket behind `max_tx_rate`, and the link's
+//! shares behind `min_tx_rate`.
 
 use std::fmt;
 
@@ -238,7 +239,7 @@ pub struct SettingError {
 }
 
 impl SettingError {
-    fn new(key: &str, value: &str, why: &str) -> SettingError {
+    pub(crate) fn new(key: &str, value: &str, why: &str) -> SettingError {
         SettingError {
             key: key.to_owned(),
             value: value.to_owned(),
@@ -332,9 +333,138 @@ impl TokenBucket {
     }
 }
 
+/// The NIC's transmit capacity (`--link-speed`), shared by its ports,
+/// with `min_tx_rate` guarantees, as a hierarchical token bucket shares a
+/// parent's rate: every byte a port sends is taken from the link's bucket
+/// and from the port's own guarantee, if it has one. A port may send
+/// while its guarantee has bytes, even when the link has none (the link
+/// goes into debt, which the others wait out), or while the link has
+/// bytes (borrowing). So under contention a port gets at least its
+/// guarantee and the ports share what the guarantees leave; without
+/// contention any port may use the whole link. Driven by the caller's
+/// clock, like [`TokenBucket`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkShares {
+    link: TokenBucket,
+    /// Per port (0 the PF): its guarantee.
+    min: Vec<Option<TokenBucket>>,
+}
+
+impl LinkShares {
+    /// A link of `mbit` Mbit/s for `ports` ports, none with a guarantee.
+    pub fn new(mbit: u32, ports: usize, now: u64) -> LinkShares {
+        LinkShares {
+            link: TokenBucket::new(mbit, now),
+            min: vec![None; ports],
+        }
+    }
+
+    /// Port `p`'s guarantee: `mbit` Mbit/s, 0 for none.
+    pub fn set_min(&mut self, p: usize, mbit: u32, now: u64) {
+        if let Some(m) = self.min.get_mut(p) {
+            *m = (mbit > 0).then(|| TokenBucket::new(mbit, now));
+        }
+    }
+
+    /// None when port `p` may send at `now`; otherwise how many
+    /// nanoseconds until it may (its guarantee's or the link's time,
+    /// whichever comes first).
+    pub fn wait(&mut self, p: usize, now: u64) -> Option<u64> {
+        let own = match self.min.get_mut(p).and_then(Option::as_mut) {
+            Some(b) => Some(b.wait(now)?),
+            None => None,
+        };
+        let link = self.link.wait(now)?;
+        Some(own.map_or(link, |o| o.min(link)))
+    }
+
+    /// Takes `bytes` that port `p` sent at `now`.
+    pub fn take(&mut self, p: usize, now: u64, bytes: usize) {
+        self.link.take(now, bytes);
+        if let Some(b) = self.min.get_mut(p).and_then(Option::as_mut) {
+            b.take(now, bytes);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Greedy ports (each always has a 1500-byte frame to send) on a
+    /// link for 10 s, taking turns: Mbit/s each got.
+    fn contend(link: u32, mins: &[u32]) -> Vec<f64> {
+        let mut l = LinkShares::new(link, mins.len(), 0);
+        for (p, &m) in mins.iter().enumerate() {
+            l.set_min(p, m, 0);
+        }
+        let mut sent = vec![0u64; mins.len()];
+        let (mut now, end) = (0u64, 10_000_000_000u64);
+        let mut turn = 0;
+        while now < end {
+            let mut soonest = u64::MAX;
+            let mut any = false;
+            for k in 0..mins.len() {
+                let p = (turn + k) % mins.len();
+                match l.wait(p, now) {
+                    None => {
+                        l.take(p, now, 1500);
+                        sent[p] += 1500;
+                        any = true;
+                    }
+                    Some(w) => soonest = soonest.min(w),
+                }
+            }
+            if any {
+                turn += 1;
+            } else {
+                now += soonest;
+            }
+        }
+        sent.iter().map(|&b| b as f64 * 8.0 / 10.0 / 1e6).collect()
+    }
+
+    #[test]
+    fn a_guarantee_holds_under_contention_and_the_rest_is_shared() {
+        // Nobody guaranteed: two greedy ports halve a 1000 Mbit/s link.
+        let r = contend(1000, &[0, 0]);
+        assert!(
+            (r[0] - 500.0).abs() < 15.0 && (r[1] - 500.0).abs() < 15.0,
+            "{r:?}"
+        );
+        // 600 guaranteed to one: it gets at least that, the link is not
+        // overrun, and the other gets what is left.
+        let r = contend(1000, &[600, 0]);
+        assert!(r[0] >= 600.0 * 0.99, "{r:?}");
+        assert!(r[0] + r[1] <= 1000.0 * 1.01, "{r:?}");
+        assert!(r[1] >= 300.0, "{r:?}");
+        // Three ports, two guaranteed.
+        let r = contend(900, &[300, 400, 0]);
+        assert!(r[0] >= 300.0 * 0.99 && r[1] >= 400.0 * 0.99, "{r:?}");
+        assert!(r.iter().sum::<f64>() <= 900.0 * 1.01, "{r:?}");
+    }
+
+    #[test]
+    fn alone_a_port_may_use_the_whole_link() {
+        let mut l = LinkShares::new(1000, 2, 0);
+        l.set_min(1, 100, 0);
+        let (mut now, mut sent) = (0u64, 0u64);
+        while now < 1_000_000_000 {
+            match l.wait(0, now) {
+                None => {
+                    l.take(0, now, 1500);
+                    sent += 1500;
+                }
+                Some(w) => now += w,
+            }
+        }
+        let mbit = sent as f64 * 8.0 / 1e6;
+        assert!((mbit - 1000.0).abs() < 15.0, "{mbit}");
+        // Its guarantee lets port 1 send even right after the link was
+        // spent.
+        assert!(l.wait(0, now).is_some() || l.wait(1, now).is_none());
+        assert_eq!(l.wait(1, now), None);
+    }
 
     const MAC: Address = Address([2, 0, 0, 0, 0, 1]);
 

@@ -411,6 +411,7 @@ impl Harness {
             rx_gro_hw: false,
             workers: 0,
             toe_conns: 1024,
+            link_speed: 0,
         };
         #[allow(clippy::expect_used)]
         let nic = std::sync::Arc::new(
