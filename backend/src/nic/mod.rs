@@ -325,27 +325,50 @@ impl TxScratch {
     }
 }
 
-/// Backlogs (port, queue) whose consumers are to be woken: once per
-/// [`WAKE_FRAMES`] frames or [`WAKE_BYTES`] bytes queued, or at the end
-/// of a batch, rather than once per frame (small frames), yet without
-/// holding a big frame back for a whole batch (TCP's ACK clock).
+/// A frame switched to another port's RX queue, waiting to be written
+/// into its buffers with the others of the batch (12-byte header first).
+#[derive(Debug)]
+pub struct Pending {
+    pub frame: Vec<u8>,
+    pub steering: Steering,
+}
+
+/// Frames for one RX queue of another port, to be written straight into
+/// its buffers.
+struct Direct {
+    port: usize,
+    q: usize,
+    rx: Arc<dyn RxPath>,
+    frames: Vec<Pending>,
+}
+
+/// Buffers of delivered frames a worker keeps for the next ones.
+const SPARE_BUFFERS: usize = 64;
+
+/// What a worker's batch owes other ports: frames to write straight into
+/// their RX buffers, and backlogs whose consumers are to be woken. Both
+/// are settled ([`Nic::wake`]) once per [`WAKE_FRAMES`] frames or
+/// [`WAKE_BYTES`] bytes, or at the end of the batch, rather than per
+/// frame (small frames: one lock of the receiving ring, one reading of
+/// its index and one notification for up to 32), yet without holding a
+/// big frame back for a whole batch (TCP's ACK clock).
 #[derive(Default)]
 pub struct Wakes {
     to: Vec<(usize, usize)>,
-    /// RX queues written directly, whose drivers are owed a notification
-    /// for this many frames.
-    notify: Vec<(Arc<dyn RxPath>, usize, u32)>,
+    /// Frames for other ports' RX queues, per queue in the order they
+    /// came.
+    direct: Vec<Direct>,
     frames: usize,
     bytes: usize,
-    /// A frame in one piece for a direct delivery.
-    buf: Vec<u8>,
+    /// Recycled frame buffers.
+    spare: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Wakes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Wakes")
             .field("to", &self.to)
-            .field("notify", &self.notify.len())
+            .field("direct", &self.direct.len())
             .finish_non_exhaustive()
     }
 }
@@ -370,18 +393,39 @@ impl Wakes {
 
     /// Whether enough waits for the consumers to be woken now.
     pub fn due(&self) -> bool {
-        (!self.to.is_empty() || !self.notify.is_empty())
+        (!self.to.is_empty() || !self.direct.is_empty())
             && (self.frames >= WAKE_FRAMES || self.bytes >= WAKE_BYTES)
     }
 
-    fn notify(&mut self, rx: Arc<dyn RxPath>, q: usize, len: usize) {
-        match self
-            .notify
-            .iter_mut()
-            .find(|(r, n, _)| *n == q && Arc::ptr_eq(r, &rx))
-        {
-            Some((_, _, frames)) => *frames += 1,
-            None => self.notify.push((rx, q, 1)),
+    /// Whether frames for RX queue `q` of port `port` wait here.
+    fn has_direct(&self, port: usize, q: usize) -> bool {
+        self.direct.iter().any(|d| d.port == port && d.q == q)
+    }
+
+    /// Keeps a frame of `len` bytes that `fill` writes for RX queue `q` of
+    /// port `port`, to be written straight into its buffers.
+    fn stage(
+        &mut self,
+        port: usize,
+        q: usize,
+        rx: Arc<dyn RxPath>,
+        steering: Steering,
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let mut frame = self.spare.pop().unwrap_or_default();
+        frame.clear();
+        fill(&mut frame);
+        frame.truncate(len);
+        let p = Pending { frame, steering };
+        match self.direct.iter_mut().find(|d| d.port == port && d.q == q) {
+            Some(d) => d.frames.push(p),
+            None => self.direct.push(Direct {
+                port,
+                q,
+                rx,
+                frames: vec![p],
+            }),
         }
         self.held(len);
     }
@@ -392,11 +436,11 @@ impl Wakes {
 /// buffers, by the worker that switched it, with no hand-over to the
 /// receiving port's worker. The port's vhost backend implements it.
 pub trait RxPath: Send + Sync {
-    /// Writes one frame (12-byte header first) into RX queue `q` with
-    /// `steering`'s hash. False when the queue cannot take it now (no
-    /// buffers, not running): nothing changed. A frame the queue's
-    /// buffers cannot hold is dropped and counted, and true.
-    fn deliver(&self, q: usize, frame: &[u8], steering: &Steering) -> bool;
+    /// Writes `frames` in order into RX queue `q`, each with its hash,
+    /// until the queue cannot take the next now (no buffers, not
+    /// running): how many it took. A frame the queue's buffers cannot
+    /// hold is dropped and counted, and taken.
+    fn deliver(&self, q: usize, frames: &[Pending]) -> usize;
     /// Tells RX queue `q` that `frames` were delivered: its driver is
     /// signalled, if it wants, now or when the queue's coalescing says.
     fn flush(&self, q: usize, frames: u32);
@@ -1401,29 +1445,15 @@ impl Nic {
         let Some(b) = port.backlogs.get(q) else {
             return;
         };
-        // Straight into the guest's buffers, unless frames already wait
-        // for this queue (they go first).
-        let direct = tv.rx.as_ref().and_then(|h| h.0.upgrade());
-        if let Some(rx) = direct.filter(|_| b.looks_empty()) {
-            let mut buf = std::mem::take(&mut wakes.buf);
-            buf.clear();
-            fill(&mut buf);
-            buf.truncate(len);
-            let taken = rx.deliver(q, &buf, &steering);
-            if taken {
-                wakes.notify(rx, q, len);
-            } else if let Some(was_empty) = b.push_from(len, |v| v.extend_from_slice(&buf)) {
-                // No buffers: the port's own worker takes it from here.
-                if was_empty {
-                    wakes.add(t, q, len);
-                } else {
-                    wakes.held(len);
-                }
-            } else {
-                port.stats.rx[q].drop(DropReason::RxNoBuffers);
+        // Straight into the guest's buffers (with the batch's other frames
+        // for it), unless frames already wait in its backlog: they go
+        // first. Once some wait in the batch, the queue's later frames
+        // join them, so that they stay in order.
+        if let Some(rx) = tv.rx.as_ref().and_then(|h| h.0.upgrade()) {
+            if wakes.has_direct(t, q) || b.looks_empty() {
+                wakes.stage(t, q, rx, steering, len, fill);
+                return;
             }
-            wakes.buf = buf;
-            return;
         }
         match b.push_from(len, fill) {
             Some(true) => wakes.add(t, q, len),
@@ -1437,9 +1467,37 @@ impl Nic {
     pub fn wake(&self, wakes: &mut Wakes) {
         wakes.frames = 0;
         wakes.bytes = 0;
-        for (rx, q, frames) in wakes.notify.drain(..) {
-            rx.flush(q, frames);
+        let mut direct = std::mem::take(&mut wakes.direct);
+        for d in direct.drain(..) {
+            let n = d.rx.deliver(d.q, &d.frames).min(d.frames.len());
+            if n > 0 {
+                d.rx.flush(d.q, u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            // What the ring had no buffers for waits in the backlog, in
+            // order; the port's own worker takes it from there.
+            let port = &self.ports[d.port];
+            for (k, p) in d.frames.into_iter().enumerate() {
+                if k >= n {
+                    match port
+                        .backlogs
+                        .get(d.q)
+                        .map(|b| b.push_from(p.frame.len(), |v| v.extend_from_slice(&p.frame)))
+                    {
+                        Some(Some(true)) => {
+                            if !wakes.to.contains(&(d.port, d.q)) {
+                                wakes.to.push((d.port, d.q));
+                            }
+                        }
+                        Some(Some(false)) => {}
+                        _ => port.stats.rx[d.q].drop(DropReason::RxNoBuffers),
+                    }
+                }
+                if wakes.spare.len() < SPARE_BUFFERS {
+                    wakes.spare.push(p.frame);
+                }
+            }
         }
+        wakes.direct = direct;
         for (p, q) in wakes.to.drain(..) {
             if let Some(b) = self.ports.get(p).and_then(|port| port.backlogs.get(q)) {
                 let _ = b.event.write(1);

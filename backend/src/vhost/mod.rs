@@ -1709,31 +1709,39 @@ impl VnicBackend {
 }
 
 impl RxPath for VnicBackend {
-    fn deliver(&self, q: usize, frame: &[u8], steering: &vnic_protocol::rss::Steering) -> bool {
+    fn deliver(&self, q: usize, frames: &[crate::nic::Pending]) -> usize {
         if self.dev().rsc_active() {
-            // The queue's worker coalesces: the frame waits in its backlog.
-            return false;
+            // The queue's worker coalesces: the frames wait in its backlog.
+            return 0;
         }
         let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
-            return false;
+            return 0;
         };
         if !live(vring) {
-            return false;
+            return 0;
         }
         let mem = self.memory();
         let stats = &self.dev().stats.rx[q];
+        // One writer for them all: the ring's lock taken once, the
+        // driver's index read once per batch of its buffers, the used
+        // index stored at the end.
         let mut writer = RxWriter::new(&mem, vring, stats, self.acked());
-        match writer.write(frame, steering) {
-            Ok(()) => {
-                stats.packet(frame.len().saturating_sub(VNET_HDR_LEN));
-                true
+        let (mut n, mut delivered, mut bytes) = (0, 0u64, 0u64);
+        for p in frames {
+            match writer.write(&p.frame, &p.steering) {
+                Ok(()) => {
+                    delivered += 1;
+                    bytes += p.frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+                }
+                Err(DropReason::RxNoBuffers) => break,
+                Err(why) => stats.drop(why),
             }
-            Err(DropReason::RxNoBuffers) => false,
-            Err(why) => {
-                stats.drop(why);
-                true
-            }
+            n += 1;
         }
+        if delivered > 0 {
+            stats.packets(delivered, bytes);
+        }
+        n
     }
 
     fn flush(&self, q: usize, frames: u32) {
