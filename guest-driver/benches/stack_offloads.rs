@@ -4,7 +4,10 @@
 //! the guest's CPU time per GB moved (vnic-iperf's, the driver and stack
 //! included) and vnicd's. `cargo bench -p vnic-guest --bench
 //! stack_offloads` (root; build vnicd first with `cargo build --release
-//! -p vnic-backend`). VNIC_BENCH_SECS sets each run's length (5).
+//! -p vnic-backend`). VNIC_BENCH_SECS sets each run's length (5),
+//! VNIC_BENCH_ROUNDS how many rounds of every case run, one case after
+//! the other in each (3; medians are shown: this machine's speed swings
+//! from one minute to the next).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
@@ -97,41 +100,74 @@ fn main() {
         "build vnicd first: cargo build --release -p vnic-backend"
     );
     let secs = std::env::var("VNIC_BENCH_SECS").unwrap_or_else(|_| "5".into());
+    let rounds: usize = std::env::var("VNIC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let cases: [(&str, &[&str]); 5] = [
+        ("TSO + checksum", &[]),
+        ("TOE (--toe, 1 MiB rings)", &["--toe"]),
+        (
+            "TOE (--toe --toe-ring-kib 2048)",
+            &["--toe", "--toe-ring-kib", "2048"],
+        ),
+        ("checksum only (--no-tso)", &["--no-tso"]),
+        ("none (--no-csum)", &["--no-csum"]),
+    ];
+    // Per case and direction, per round: (Gbit/s, guest s/GB, vnicd
+    // s/GB); and the sender's retransmits.
+    let mut got = vec![[Vec::new(), Vec::new()]; cases.len()];
+    let mut retr = vec![0u64; cases.len()];
+    for _ in 0..rounds {
+        for (c, (_, flags)) in cases.iter().enumerate() {
+            let s = PortInNs::start(&vnicd.display().to_string(), &[], "192.0.2.1/24", &[])
+                .expect("vnicd");
+            for (i, rev) in [false, true].into_iter().enumerate() {
+                let (gbps, gb, guest, dev, r) = run(iperf, &s, flags, rev, &secs);
+                if !rev {
+                    retr[c] += r;
+                }
+                let per = |cpu: f64| if gb > 0.0 { cpu / gb } else { f64::NAN };
+                got[c][i].push((gbps, per(guest), per(dev)));
+            }
+        }
+    }
+    let median = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
     println!(
         "| offloads | guest -> kernel Gbit/s | guest CPU s/GB | vnicd CPU s/GB | kernel -> guest Gbit/s | guest CPU s/GB | vnicd CPU s/GB | guest retransmits |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let mut tso_cpu = [0.0; 2];
-    for (name, flags) in [
-        ("TSO + checksum", &[][..]),
-        ("TOE (--toe)", &["--toe"][..]),
-        ("checksum only (--no-tso)", &["--no-tso"][..]),
-        ("none (--no-csum)", &["--no-csum"][..]),
-    ] {
-        let s =
-            PortInNs::start(&vnicd.display().to_string(), &[], "192.0.2.1/24", &[]).expect("vnicd");
+    let tso = [
+        (median(&got[0][0], |r| r.0), median(&got[0][0], |r| r.1)),
+        (median(&got[0][1], |r| r.0), median(&got[0][1], |r| r.1)),
+    ];
+    for (c, (name, flags)) in cases.iter().enumerate() {
         let mut cells = Vec::new();
-        let mut retr = 0;
-        for (i, rev) in [false, true].into_iter().enumerate() {
-            let (gbps, gb, guest, dev, r) = run(iperf, &s, flags, rev, &secs);
-            if !rev {
-                retr = r;
-            }
-            let per = |cpu: f64| if gb > 0.0 { cpu / gb } else { f64::NAN };
-            if flags.is_empty() {
-                tso_cpu[i] = per(guest);
-            }
-            let ratio = if flags == ["--toe"] && tso_cpu[i] > 0.0 {
-                format!(" ({:.2}x TSO)", per(guest) / tso_cpu[i])
+        for (i, t) in tso.iter().enumerate() {
+            let (gbps, guest, dev) = (
+                median(&got[c][i], |r| r.0),
+                median(&got[c][i], |r| r.1),
+                median(&got[c][i], |r| r.2),
+            );
+            let vs = if flags.first() == Some(&"--toe") && t.1 > 0.0 && t.0 > 0.0 {
+                (
+                    format!(" ({:.2}x TSO)", gbps / t.0),
+                    format!(" ({:.2}x TSO)", guest / t.1),
+                )
             } else {
-                String::new()
+                (String::new(), String::new())
             };
-            cells.push(format!(
-                "{gbps:.2} | {:.3}{ratio} | {:.3}",
-                per(guest),
-                per(dev)
-            ));
+            cells.push(format!("{gbps:.2}{} | {guest:.3}{} | {dev:.3}", vs.0, vs.1));
         }
-        println!("| {name} | {} | {} | {retr} |", cells[0], cells[1]);
+        println!("| {name} | {} | {} | {} |", cells[0], cells[1], retr[c]);
+    }
+    eprintln!("every round (Gbit/s, guest s/GB, vnicd s/GB), out then in:");
+    for (c, (name, _)) in cases.iter().enumerate() {
+        eprintln!("{name}: {:.2?} {:.2?}", got[c][0], got[c][1]);
     }
 }

@@ -58,8 +58,9 @@ pub struct NetArgs {
     /// TOE connections with rings of their own.
     #[arg(long, default_value_t = 64)]
     pub toe_conns: u16,
-    /// Bytes of each TOE payload ring, in KiB (a power of two, 4 to 2048).
-    #[arg(long, default_value_t = 256)]
+    /// Bytes of each TOE payload ring, in KiB (a power of two, 4 to 2048):
+    /// the socket's buffer each way.
+    #[arg(long, default_value_t = 1024)]
     pub toe_ring_kib: u32,
 }
 

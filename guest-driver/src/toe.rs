@@ -23,10 +23,13 @@ pub struct ToeOptions {
 }
 
 impl Default for ToeOptions {
+    /// 64 connections with rings of 1 MiB each way: a ring is the
+    /// socket's buffer, and a smaller one means more events (and
+    /// wake-ups) per byte. The memory is only touched as it is used.
     fn default() -> Self {
         ToeOptions {
             conns: 64,
-            ring: 256 << 10,
+            ring: 1 << 20,
         }
     }
 }

@@ -472,6 +472,9 @@ pub struct VnicBackend {
     toe: Mutex<crate::nic::toe::Toe>,
     /// Fires at the TOE's next engine deadline, on the control thread.
     toe_timer: Mutex<TimerFd>,
+    /// The TOE took uplink frames whose ACKs, events and timer are still
+    /// to go out (at the end of the RX worker's batch).
+    toe_unsettled: std::sync::atomic::AtomicBool,
     toe_vrings: toe::ToeVrings,
 }
 
@@ -521,6 +524,7 @@ impl VnicBackend {
         Ok(VnicBackend {
             toe: Mutex::new(toe),
             toe_timer: Mutex::new(nonblocking_timer()?),
+            toe_unsettled: std::sync::atomic::AtomicBool::new(false),
             toe_vrings: OnceLock::new(),
             resume,
             timers,
@@ -1267,6 +1271,9 @@ impl VnicBackend {
                 break;
             }
         }
+        // What the TOE took in this batch: its ACKs, one event per
+        // connection and one notification for them all.
+        self.toe_settle_batch();
         let used = writer.used;
         if moved > 0 || used > 0 {
             let room = if starved {

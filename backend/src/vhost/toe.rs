@@ -273,11 +273,29 @@ impl VnicBackend {
             return ToeVerdict::Pass;
         }
         let whole = toe.take_whole();
-        self.toe_settle(&mut toe, &mem);
+        // Settled once for the RX worker's batch (toe_settle_batch): one
+        // DATA event, one notification and the ACKs for every frame of
+        // it, rather than for each.
+        self.toe_unsettled
+            .store(true, std::sync::atomic::Ordering::Release);
         match whole {
             Some(w) => ToeVerdict::Whole(w),
             None => ToeVerdict::Taken,
         }
+    }
+
+    /// At the end of an RX worker's batch: settles what the TOE took in
+    /// it, if anything.
+    pub(super) fn toe_settle_batch(&self) {
+        if !self
+            .toe_unsettled
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let mem = self.memory();
+        let mut toe = self.toe_lock();
+        self.toe_settle(&mut toe, &mem);
     }
 
     /// The driver reset the device or went away: every TOE connection is
