@@ -141,6 +141,8 @@ fuzz_target!(|data: &[u8]| {
         rx_gro_hw: false,
         workers: 0,
         toe_conns: 1024,
+        // Now and then a link the ports share (min_tx_rate guarantees).
+        link_speed: if switchdev { 0 } else { 1000 },
     };
     let vfs = (0..VFS)
         .map(|i| VfSettings::new(default_vf_mac(PF, i)))

@@ -870,8 +870,30 @@ impl Nic {
         frame: &[u8],
         scratch: &mut TxScratch,
     ) -> Result<(), DropReason> {
+        self.transmit_vectored(p, q, hdr, frame, &[], scratch)
+    }
+
+    /// [`Nic::transmit`] for a frame in pieces of vnicd's own memory:
+    /// `head` (all its headers), then `rest` (at most two pieces more are
+    /// taken), written to the uplink in one vectored write without being
+    /// put together when it takes the frame as it is.
+    pub fn transmit_vectored(
+        &self,
+        p: usize,
+        q: usize,
+        hdr: &[u8],
+        head: &[u8],
+        rest: &[&[u8]],
+        scratch: &mut TxScratch,
+    ) -> Result<(), DropReason> {
         let view = self.switch.view();
-        let r = self.transmit_pieces(p, q, hdr, frame, &[], scratch, &view);
+        let mut pieces = [Piece::Local(&[]), Piece::Local(&[])];
+        let mut n = 0;
+        for r in rest.iter().filter(|r| !r.is_empty()).take(pieces.len()) {
+            pieces[n] = Piece::Local(r);
+            n += 1;
+        }
+        let r = self.transmit_pieces(p, q, hdr, head, &pieces[..n], scratch, &view);
         if let Some(stats) = self.ports.get(p).and_then(|port| port.stats.tx.get(q)) {
             scratch.settle(stats);
         }

@@ -74,11 +74,26 @@ impl VnicBackend {
     /// Sends a frame the TOE made through the port's transmit path, as
     /// if its driver had put it on TX queue 0 (counted there).
     fn toe_send(&self, scratch: &mut TxScratch, hdr: &VirtioNetHdr, frame: &[u8]) {
+        self.toe_send_pieces(scratch, hdr, frame, [&[], &[]]);
+    }
+
+    /// [`VnicBackend::toe_send`] for a segment's headers and its payload
+    /// in the engine's buffer, which goes to the uplink without a copy.
+    fn toe_send_pieces(
+        &self,
+        scratch: &mut TxScratch,
+        hdr: &VirtioNetHdr,
+        head: &[u8],
+        payload: [&[u8]; 2],
+    ) {
         let mut h = [0u8; HDR_LEN];
         if hdr.emit(&mut h, false).is_err() {
             return;
         }
-        if let Err(why) = self.nic.transmit(self.port, 0, &h, frame, scratch) {
+        if let Err(why) = self
+            .nic
+            .transmit_vectored(self.port, 0, &h, head, &payload, scratch)
+        {
             log::debug!("toe: frame not sent: {why:?}");
         }
     }
@@ -87,10 +102,13 @@ impl VnicBackend {
     /// and re-arms its timer.
     fn toe_settle(&self, toe: &mut Toe, mem: &GuestMemoryMmap) {
         let now = self.toe_now();
-        let mut scratch = TxScratch::default();
-        toe.transmit(now, &GuestRings(mem), &mut |h, f| {
-            self.toe_send(&mut scratch, h, f)
-        });
+        let scratch = std::cell::RefCell::new(TxScratch::default());
+        toe.transmit_pieces(
+            now,
+            &GuestRings(mem),
+            &mut |h, f| self.toe_send(&mut scratch.borrow_mut(), h, f),
+            Some(&mut |h, f, p| self.toe_send_pieces(&mut scratch.borrow_mut(), h, f, p)),
+        );
         if let Some((_, evt)) = self.toe_vrings.get() {
             if let Err(e) = self.toe_events(toe, evt, mem) {
                 log::debug!("toe events: {e}");

@@ -144,6 +144,35 @@ pub fn tcp_segment(
     ident: u16,
     offload: bool,
 ) -> Option<VirtioNetHdr> {
+    tcp_frame(buf, mac, local, remote, seg, ident, offload, true)
+}
+
+/// [`tcp_segment`] with the checksum left to the device, but only the
+/// headers: the segment's payload (`seg.payload`, in that order) is to
+/// follow them as it is, so that a sender writing both in one vectored
+/// write never copies it.
+pub fn tcp_headers(
+    buf: &mut Vec<u8>,
+    mac: Address,
+    local: SocketAddr,
+    remote: SocketAddr,
+    seg: &Segment<'_>,
+    ident: u16,
+) -> Option<VirtioNetHdr> {
+    tcp_frame(buf, mac, local, remote, seg, ident, true, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tcp_frame(
+    buf: &mut Vec<u8>,
+    mac: Address,
+    local: SocketAddr,
+    remote: SocketAddr,
+    seg: &Segment<'_>,
+    ident: u16,
+    offload: bool,
+    payload: bool,
+) -> Option<VirtioNetHdr> {
     eth(buf, None, mac, ethertype_of(remote.ip()));
     let hl = seg.repr.header_len();
     let l4_len = hl + seg.payload_len();
@@ -154,9 +183,13 @@ pub fn tcp_segment(
     repr.payload_len = 0;
     repr.emit(&mut wtcp::Packet::new_unchecked(&mut buf[l4..]), None)
         .ok()?;
-    buf.extend_from_slice(seg.payload[0]);
-    buf.extend_from_slice(seg.payload[1]);
+    if payload {
+        buf.extend_from_slice(seg.payload[0]);
+        buf.extend_from_slice(seg.payload[1]);
+    }
     let ps = pseudo(local.ip(), remote.ip(), TCP, l4_len);
+    // With the checksum left to the device only the pseudo-header's sum
+    // is written: the payload is not read.
     let mut hdr = l4_checksum(buf, l4, wtcp::CHECKSUM_OFFSET, ps, offload);
     if offload && seg.payload_len() > seg.mss {
         tso(&mut hdr, remote.is_ipv6(), ETH_LEN + iphl + hl, seg.mss);
@@ -302,6 +335,33 @@ mod tests {
             assert_eq!(u16::from_be_bytes([buf[at], buf[at + 1]]), ps);
             assert_eq!(hdr.gso_type, GsoType::None as u8);
         }
+    }
+
+    /// Headers alone, then the payload after them, are the offloaded
+    /// frame byte for byte, TSO marking included.
+    #[test]
+    fn tcp_headers_then_payload_are_the_frame() {
+        let (local, remote): (SocketAddr, SocketAddr) = (
+            "192.0.2.2:50000".parse().unwrap(),
+            "192.0.2.1:5201".parse().unwrap(),
+        );
+        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let mut repr = crate::wire::build::data_segment(1000, 1, wtcp::Flags::ACK);
+        repr.payload_len = data.len();
+        let seg = Segment {
+            repr,
+            payload: [&data[..3000], &data[3000..]],
+            mss: 1448,
+        };
+        let mut whole = Vec::new();
+        let h1 = tcp_segment(&mut whole, MAC, local, remote, &seg, 9, true).unwrap();
+        let mut head = Vec::new();
+        let h2 = tcp_headers(&mut head, MAC, local, remote, &seg, 9).unwrap();
+        assert_eq!(h1, h2);
+        assert_eq!(h2.gso_type, GsoType::TcpV4 as u8);
+        assert_eq!(usize::from(h2.hdr_len), head.len());
+        head.extend_from_slice(&data);
+        assert_eq!(head, whole);
     }
 
     #[test]
