@@ -62,6 +62,13 @@ fn setup(vfs: usize, extra: &[&str]) -> PortInNs {
 
 /// The vnic-guest stack on VF `n` as 192.0.2.(10 + n)/24.
 fn stack_on_vf(s: &PortInNs, n: usize, queues: u16) -> Stack {
+    vf_args(s, n, queues)
+        .start()
+        .unwrap_or_else(|e| panic!("stack on VF {n}: {e}"))
+}
+
+/// The stack's arguments for VF `n` as 192.0.2.(10 + n)/24.
+fn vf_args(s: &PortInNs, n: usize, queues: u16) -> NetArgs {
     NetArgs {
         socket: Some(s.vnicd.vf_socket(n)),
         pci: None,
@@ -77,8 +84,6 @@ fn stack_on_vf(s: &PortInNs, n: usize, queues: u16) -> Stack {
         toe_conns: 0,
         toe_ring_kib: 256,
     }
-    .start()
-    .unwrap_or_else(|e| panic!("stack on VF {n}: {e}"))
 }
 
 fn vf_addr(n: usize, port: u16) -> SocketAddr {
@@ -255,6 +260,62 @@ fn vfs_talk_through_the_switch_without_the_kernel_and_each_reaches_the_uplink() 
     for vf in ["vf0.", "vf1."] {
         assert_eq!(port_drops(&s, vf), vec![], "{vf} dropped frames");
     }
+    vf0.shutdown();
+    vf1.shutdown();
+}
+
+/// VF 0's driver takes the TOE: its connections to the kernel on the
+/// uplink and to VF 1 run in vnicd, counted on VF 0's TOE and not the
+/// PF's; VF 1 (the stack's own TCP) echoes across the switch.
+#[test]
+fn a_vf_runs_tcp_on_its_own_toe() {
+    if !require_netns() {
+        return;
+    }
+    let _one = serial();
+    let s = setup(2, &[]);
+    let mut a = NetArgs {
+        toe: true,
+        toe_conns: 8,
+        ..vf_args(&s, 0, 1)
+    };
+    a.toe_ring_kib = 256;
+    let vf0 = a.start().expect("stack with the TOE on VF 0");
+    let vf1 = stack_on_vf(&s, 1, 1);
+    let server = kernel_echo(&s, 7300, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let to = SocketAddr::from(([192, 0, 2, 1], 7300));
+    let c = TcpStream::connect(&vf0, to, Duration::from_secs(10)).expect("connect");
+    assert!(c.on_toe(), "VF 0's connection is not on its TOE");
+    drop(c);
+    echo_via_kernel(&vf0, 7300, 1 << 20, 5);
+    server.join().expect("echo server").expect("echo server");
+    // VF 0 (TOE) to VF 1 (the stack's TCP) through the switch.
+    let l = TcpListener::bind(&vf1, 7301).expect("listen on VF 1");
+    let echo = std::thread::spawn(move || {
+        let mut c = l.accept(Some(Duration::from_secs(10))).expect("accept");
+        c.set_timeout(Some(Duration::from_secs(30)));
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).expect("read");
+        c.write_all(&buf).expect("echo");
+        c.shutdown_write().expect("shutdown");
+    });
+    let mut c = TcpStream::connect(&vf0, vf_addr(1, 7301), Duration::from_secs(10))
+        .expect("connect to VF 1");
+    assert!(c.on_toe());
+    c.set_timeout(Some(Duration::from_secs(30)));
+    let data = pattern(1 << 20, 6);
+    c.write_all(&data).expect("send");
+    c.shutdown_write().expect("shutdown");
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).expect("echo");
+    assert!(back == data, "VF 1's echo differs");
+    echo.join().expect("VF 1 echo");
+    let st = s.vnicd.stats().unwrap();
+    assert!(st["vf0.toe.connects"] >= 3, "{:?}", st["vf0.toe.connects"]);
+    assert_eq!(st["toe.connects"], 0, "the PF's TOE ran VF 0's connections");
+    assert_eq!(st["vf1.toe.connects"], 0);
+    assert_eq!(vf0.stats().toe_fallbacks, 0);
     vf0.shutdown();
     vf1.shutdown();
 }

@@ -1325,9 +1325,17 @@ impl VnicBackend {
             return Ok(false);
         };
         let mut starved = false;
-        // Frames already waiting here go first, in order.
+        let vf_toe = self.port != 0 && self.toe_on();
+        // Frames already waiting here go first, in order (a VF's through
+        // its TOE first).
         while *moved < BUDGET {
-            match backlog.deliver_front(|f| put_frame(writer, me, f, stats)) {
+            match backlog.deliver_front(|f| {
+                if vf_toe {
+                    self.vf_toe_then(f, stats, |f| put_frame(writer, me, f, stats))
+                } else {
+                    put_frame(writer, me, f, stats)
+                }
+            }) {
                 Some(true) => *moved += 1,
                 Some(false) => {
                     starved = true;
@@ -1536,9 +1544,17 @@ impl VnicBackend {
                 scratch,
                 ..
             } = &mut *w;
+            let vf_toe = self.port != 0 && self.toe_on();
             let took = backlog.deliver_front(|f| {
-                rsc.receive(f, now, stats);
-                true
+                if vf_toe {
+                    self.vf_toe_then(f, stats, |f| {
+                        rsc.receive(f, now, stats);
+                        true
+                    })
+                } else {
+                    rsc.receive(f, now, stats);
+                    true
+                }
             });
             if took.is_some() {
                 continue;
@@ -1717,8 +1733,9 @@ impl VnicBackend {
 
 impl RxPath for VnicBackend {
     fn deliver(&self, q: usize, frames: &[crate::nic::Pending]) -> usize {
-        if self.dev().rsc_active() {
-            // The queue's worker coalesces: the frames wait in its backlog.
+        if self.dev().rsc_active() || (self.port != 0 && self.toe_on()) {
+            // The queue's worker coalesces, or (a VF) offers each frame to
+            // the port's TOE first: the frames wait in its backlog.
             return 0;
         }
         let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
@@ -1781,9 +1798,10 @@ impl VhostUserBackend for VnicBackend {
 
     fn features(&self) -> u64 {
         let mut f = offered_features();
-        // The TOE sees the frames the PF reads from the uplink; a VF's
-        // come through the switch, which does not offer them to it yet.
-        if self.dev().config.toe_conns == 0 || self.port != 0 {
+        // Every port has a TOE of its own (the PF's sees what its workers
+        // read from the uplink, a VF's what the switch puts in its
+        // backlogs).
+        if self.dev().config.toe_conns == 0 {
             f.remove(Features::VNIC_TOE);
         }
         f.bits()

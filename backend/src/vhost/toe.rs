@@ -302,6 +302,34 @@ impl VnicBackend {
         }
     }
 
+    /// A frame the switch put in a VF's backlog (12-byte header first),
+    /// offered to the VF's TOE; what the TOE does not take goes to `up`
+    /// (the driver), as it is or, for a fragment that completed a
+    /// datagram no TOE flow owns, as that datagram. Returns what `up`
+    /// returned (false: no buffers, the frame stays in the backlog and is
+    /// offered again), or true when the TOE took it.
+    pub(super) fn vf_toe_then(
+        &self,
+        f: &[u8],
+        stats: &crate::nic::stats::QueueStats,
+        up: impl FnOnce(&[u8]) -> bool,
+    ) -> bool {
+        match self.toe_input(f) {
+            ToeVerdict::Taken => true,
+            ToeVerdict::Pass => up(f),
+            ToeVerdict::Whole(w) => {
+                let mut whole = vec![0u8; HDR_LEN];
+                whole.extend_from_slice(&w);
+                if !up(&whole) {
+                    // The fragments are gone into the datagram: it cannot
+                    // wait for buffers as the last fragment would.
+                    stats.drop(crate::nic::DropReason::RxNoBuffers);
+                }
+                true
+            }
+        }
+    }
+
     /// At the end of an RX worker's batch: settles what the TOE took in
     /// it, if anything.
     pub(super) fn toe_settle_batch(&self) {
