@@ -60,7 +60,7 @@ pub struct NetArgs {
     pub toe_conns: u16,
     /// Bytes of each TOE payload ring, in KiB (a power of two, 4 to 2048):
     /// the socket's buffer each way.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     pub toe_ring_kib: u32,
 }
 

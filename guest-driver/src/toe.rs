@@ -23,13 +23,13 @@ pub struct ToeOptions {
 }
 
 impl Default for ToeOptions {
-    /// 64 connections with rings of 1 MiB each way: a ring is the
+    /// 64 connections with rings of 2 MiB each way: a ring is the
     /// socket's buffer, and a smaller one means more events (and
     /// wake-ups) per byte. The memory is only touched as it is used.
     fn default() -> Self {
         ToeOptions {
             conns: 64,
-            ring: 1 << 20,
+            ring: 2 << 20,
         }
     }
 }
