@@ -70,7 +70,8 @@ copy_with_libs() {
 copy_with_libs "$(command -v iperf3)"
 copy_with_libs "$(command -v ethtool)"
 
-# virtio_net and what it needs, in load order (unless built in); the
+# virtio_net and what it needs, in load order (unless built in), and
+# virtio_rng (the random pool is ready at boot, see tests/src/qemu.rs); the
 # modules a test loads itself (uio_pci_generic, for vnic-guest's PCI
 # transport) go in a list of their own.
 : > "$r/modules/order"
@@ -97,7 +98,7 @@ add_module() {
     esac
     echo "$base" >> "$r/modules/$list"
 }
-for m in virtio_pci virtio_net; do
+for m in virtio_pci virtio_net virtio-rng; do
     add_module "$m"
 done
 list=extra

@@ -344,16 +344,15 @@ fn spawn(opts: &GuestOpts, log: &Path) -> io::Result<Child> {
         "-no-reboot",
     ])
     .args(["-nodefaults", "-smp", &opts.smp.to_string()]);
-    if accel == Accel::Tcg {
-        // RDRAND lets the kernel's random pool be ready at the first
-        // instant of boot. Without it, the pool became ready seconds
-        // later, in the middle of the test, and the kernel then rewrote
-        // its own code (static keys) while the other vCPU ran it; TCG
-        // now and then executed the half-patched instruction and the
-        // kernel died with an int3 Oops (seen in get_random_u32 under
-        // iperf3's connect).
-        q.args(["-cpu", "qemu64,+rdrand"]);
-    }
+    // A virtio RNG (its driver is loaded at boot, with the NIC's) makes
+    // the kernel's random pool ready while it boots. Without one, the
+    // pool became ready seconds later, in the middle of the test, and the
+    // kernel then rewrote its own code (static keys) while the other
+    // vCPU ran it; TCG now and then executed the half-patched instruction
+    // and the kernel died with an int3 Oops (seen in get_random_u32 under
+    // iperf3's connect). RDRAND would do it too, but changed the guest's
+    // timing under TCG enough to upset the coalescing test.
+    q.args(["-device", "virtio-rng-pci"]);
     q.args([
         "-object",
         &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
