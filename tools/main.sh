@@ -8,6 +8,8 @@
 #
 #   VNIC_IPERF_SECONDS   iperf3 run length each way (default 10)
 #   VNIC_BENCH_SECONDS   measurement time per micro-benchmark (default 3)
+#   VNIC_BENCH_ROUNDS    rounds of the offload and switch benchmarks
+#                        (default 1 here; README's tables use 5)
 #   VNIC_BENCH_CALLGRIND=1  add instructions per packet to the data-path
 #                           table (callgrind runs; takes many minutes)
 #   VNIC_MAIN_GUEST_ONLY=1  stop after the guest table
@@ -15,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secs=${VNIC_BENCH_SECONDS:-3}
+rounds=${VNIC_BENCH_ROUNDS:-1}
 missing=()
 for p in python3 valgrind iproute2 iputils-ping iperf3 qemu-system-x86 busybox-static ethtool cpio xz-utils kmod; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -32,11 +35,11 @@ cargo bench -q -p vnic-backend --bench guest_iperf
 
 echo
 echo "## vnic-iperf on the vnic-guest stack vs the kernel's iperf3, by offload"
-VNIC_BENCH_SECS="$secs" cargo bench -q -p vnic-guest --bench stack_offloads
+VNIC_BENCH_SECS="$secs" VNIC_BENCH_ROUNDS="$rounds" cargo bench -q -p vnic-guest --bench stack_offloads
 
 echo
 echo "## guest to guest: VF to VF through vnicd's switch vs two vnicd TAPs on a Linux bridge"
-VNIC_BENCH_SECONDS="$secs" cargo bench -q -p vnic-backend --bench vf_switch
+VNIC_BENCH_SECONDS="$secs" VNIC_BENCH_ROUNDS="$rounds" cargo bench -q -p vnic-backend --bench vf_switch
 
 VNIC_BENCH_SECONDS="$secs" cargo bench -q -p vnic-backend --bench datapath > target/datapath.md
 cargo bench -q -p vnic-protocol --bench protocol -- \
