@@ -264,9 +264,11 @@ fn vfs_talk_through_the_switch_without_the_kernel_and_each_reaches_the_uplink() 
     vf1.shutdown();
 }
 
-/// VF 0's driver takes the TOE: its connections to the kernel on the
-/// uplink and to VF 1 run in vnicd, counted on VF 0's TOE and not the
-/// PF's; VF 1 (the stack's own TCP) echoes across the switch.
+/// VF 0's and VF 1's drivers take the TOE: VF 0's connections to the
+/// kernel on the uplink and to VF 1 run in vnicd, counted on VF 0's TOE
+/// and not the PF's; VF 1 accepts on its own TOE and echoes across the
+/// switch (each TOE's frames go into the other's backlog while the other
+/// offers its backlog to its TOE).
 #[test]
 fn a_vf_runs_tcp_on_its_own_toe() {
     if !require_netns() {
@@ -274,14 +276,17 @@ fn a_vf_runs_tcp_on_its_own_toe() {
     }
     let _one = serial();
     let s = setup(2, &[]);
-    let mut a = NetArgs {
-        toe: true,
-        toe_conns: 8,
-        ..vf_args(&s, 0, 1)
+    let toe = |n: usize| {
+        NetArgs {
+            toe: true,
+            toe_conns: 8,
+            ..vf_args(&s, n, 1)
+        }
+        .start()
+        .unwrap_or_else(|e| panic!("stack with the TOE on VF {n}: {e}"))
     };
-    a.toe_ring_kib = 256;
-    let vf0 = a.start().expect("stack with the TOE on VF 0");
-    let vf1 = stack_on_vf(&s, 1, 1);
+    let vf0 = toe(0);
+    let vf1 = toe(1);
     let server = kernel_echo(&s, 7300, 2);
     std::thread::sleep(Duration::from_millis(300));
     let to = SocketAddr::from(([192, 0, 2, 1], 7300));
@@ -294,6 +299,7 @@ fn a_vf_runs_tcp_on_its_own_toe() {
     let l = TcpListener::bind(&vf1, 7301).expect("listen on VF 1");
     let echo = std::thread::spawn(move || {
         let mut c = l.accept(Some(Duration::from_secs(10))).expect("accept");
+        assert!(c.on_toe(), "VF 1's connection is not on its TOE");
         c.set_timeout(Some(Duration::from_secs(30)));
         let mut buf = Vec::new();
         c.read_to_end(&mut buf).expect("read");
@@ -315,6 +321,7 @@ fn a_vf_runs_tcp_on_its_own_toe() {
     assert!(st["vf0.toe.connects"] >= 3, "{:?}", st["vf0.toe.connects"]);
     assert_eq!(st["toe.connects"], 0, "the PF's TOE ran VF 0's connections");
     assert_eq!(st["vf1.toe.connects"], 0);
+    assert_eq!(st["vf1.toe.accepts"], 1);
     assert_eq!(vf0.stats().toe_fallbacks, 0);
     vf0.shutdown();
     vf1.shutdown();

@@ -234,6 +234,43 @@ impl Backlog {
         Some(true)
     }
 
+    /// [`Backlog::deliver_front`] with the backlog's lock let go of while
+    /// `f` runs: the oldest frame is copied into `buf` (grown if need
+    /// be) and taken off only when `f` says so. For an `f` that takes
+    /// other locks (the TOE's), which another thread may hold while it
+    /// pushes here. Only the backlog's consumer takes frames off, so the
+    /// front is the same when `f` returns (unless a reset cleared it).
+    pub fn deliver_front_unlocked(
+        &self,
+        buf: &mut Vec<u8>,
+        f: impl FnOnce(&[u8]) -> bool,
+    ) -> Option<bool> {
+        let (len, id) = {
+            let g = self.lock();
+            let front = g.frames.front()?;
+            if buf.len() < front.len() {
+                buf.resize(front.len(), 0);
+            }
+            buf[..front.len()].copy_from_slice(front);
+            (front.len(), front.as_ptr() as usize)
+        };
+        if !f(&buf[..len]) {
+            return Some(false);
+        }
+        let mut g = self.lock();
+        if g.frames.front().is_some_and(|b| b.as_ptr() as usize == id) {
+            if let Some(b) = g.frames.pop_front() {
+                self.queued.store(g.frames.len(), Ordering::Release);
+                if g.free.len() < BACKLOG_FREE {
+                    g.free.push(b);
+                } else {
+                    g.held -= b.capacity();
+                }
+            }
+        }
+        Some(true)
+    }
+
     pub fn len(&self) -> usize {
         self.lock().frames.len()
     }
@@ -2224,6 +2261,37 @@ pub(crate) mod tests {
         );
         assert_eq!(QueueSet(0b1000).pick(1, 9), 3);
         assert_eq!(QueueSet(0).pick(1, 9), 9);
+    }
+
+    #[test]
+    fn a_backlog_frame_is_taken_off_only_when_its_consumer_says_so() {
+        let b = Backlog::new(4, 1 << 20).unwrap();
+        assert!(b.push(b"one") && b.push(b"two"));
+        let mut buf = Vec::new();
+        assert_eq!(
+            b.deliver_front_unlocked(&mut buf, |f| {
+                assert_eq!(f, b"one");
+                false
+            }),
+            Some(false)
+        );
+        // Meanwhile another thread pushes: the lock is free while f runs.
+        assert_eq!(
+            b.deliver_front_unlocked(&mut buf, |f| {
+                assert!(b.push(b"three"));
+                f == b"one"
+            }),
+            Some(true)
+        );
+        assert_eq!(
+            b.deliver_front_unlocked(&mut buf, |f| f == b"two"),
+            Some(true)
+        );
+        assert_eq!(
+            b.deliver_front_unlocked(&mut buf, |f| f == b"three"),
+            Some(true)
+        );
+        assert_eq!(b.deliver_front_unlocked(&mut buf, |_| true), None);
     }
 
     #[test]

@@ -1329,13 +1329,17 @@ impl VnicBackend {
         // Frames already waiting here go first, in order (a VF's through
         // its TOE first).
         while *moved < BUDGET {
-            match backlog.deliver_front(|f| {
-                if vf_toe {
+            // A VF's TOE is offered the frame with the backlog's lock let
+            // go of: the TOE's own lock is held by threads that push into
+            // backlogs (its frames to other ports).
+            let took = if vf_toe {
+                backlog.deliver_front_unlocked(&mut w.rx, |f| {
                     self.vf_toe_then(f, stats, |f| put_frame(writer, me, f, stats))
-                } else {
-                    put_frame(writer, me, f, stats)
-                }
-            }) {
+                })
+            } else {
+                backlog.deliver_front(|f| put_frame(writer, me, f, stats))
+            };
+            match took {
                 Some(true) => *moved += 1,
                 Some(false) => {
                     starved = true;
@@ -1545,17 +1549,21 @@ impl VnicBackend {
                 ..
             } = &mut *w;
             let vf_toe = self.port != 0 && self.toe_on();
-            let took = backlog.deliver_front(|f| {
-                if vf_toe {
+            let took = if vf_toe {
+                // As in `rx_round_locked`: the TOE without the backlog's
+                // lock.
+                backlog.deliver_front_unlocked(rx, |f| {
                     self.vf_toe_then(f, stats, |f| {
                         rsc.receive(f, now, stats);
                         true
                     })
-                } else {
+                })
+            } else {
+                backlog.deliver_front(|f| {
                     rsc.receive(f, now, stats);
                     true
-                }
-            });
+                })
+            };
             if took.is_some() {
                 continue;
             }
