@@ -223,6 +223,12 @@ impl Backlog {
         if !f(front) {
             return Some(false);
         }
+        self.pop_front(&mut g);
+        Some(true)
+    }
+
+    /// Takes the oldest frame off, keeping its buffer for reuse.
+    fn pop_front(&self, g: &mut BacklogInner) {
         if let Some(buf) = g.frames.pop_front() {
             self.queued.store(g.frames.len(), Ordering::Release);
             if g.free.len() < BACKLOG_FREE {
@@ -231,7 +237,6 @@ impl Backlog {
                 g.held -= buf.capacity();
             }
         }
-        Some(true)
     }
 
     /// [`Backlog::deliver_front`] with the backlog's lock let go of while
@@ -259,14 +264,7 @@ impl Backlog {
         }
         let mut g = self.lock();
         if g.frames.front().is_some_and(|b| b.as_ptr() as usize == id) {
-            if let Some(b) = g.frames.pop_front() {
-                self.queued.store(g.frames.len(), Ordering::Release);
-                if g.free.len() < BACKLOG_FREE {
-                    g.free.push(b);
-                } else {
-                    g.held -= b.capacity();
-                }
-            }
+            self.pop_front(&mut g);
         }
         Some(true)
     }

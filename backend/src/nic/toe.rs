@@ -1258,32 +1258,29 @@ impl Toe {
                 tcp.send_mss()
             };
             while let Some(seg) = tcp.poll_transmit(now, max) {
-                if let (Some(d), Some(p), true) = (dst, pieces.as_deref_mut(), offload) {
-                    if seg.payload_len() > 0 {
-                        // The payload goes from the engine's buffer to the
-                        // wire as it is.
-                        let Some(hdr) = emit::tcp_headers(&mut f, mac, local, remote, &seg, 0)
-                        else {
-                            continue;
-                        };
-                        f[..6].copy_from_slice(d.as_bytes());
-                        p(&hdr, &f, seg.payload);
-                        sent += 1;
-                        continue;
-                    }
-                }
-                let Some(hdr) = emit::tcp_segment(&mut f, mac, local, remote, &seg, 0, offload)
-                else {
+                // With the next hop known and a vectored sink, a data
+                // segment's payload goes from the engine's buffer to the
+                // wire as it is: only its headers are built.
+                let vectored =
+                    offload && dst.is_some() && pieces.is_some() && seg.payload_len() > 0;
+                let hdr = if vectored {
+                    emit::tcp_headers(&mut f, mac, local, remote, &seg, 0)
+                } else {
+                    emit::tcp_segment(&mut f, mac, local, remote, &seg, 0, offload)
+                };
+                let Some(hdr) = hdr else {
                     continue;
                 };
-                match dst {
-                    Some(d) => {
-                        f[..6].copy_from_slice(d.as_bytes());
-                        send(&hdr, &f);
-                        sent += 1;
-                    }
-                    None => out.push((hdr, f.clone())),
+                let Some(d) = dst else {
+                    out.push((hdr, f.clone()));
+                    continue;
+                };
+                f[..6].copy_from_slice(d.as_bytes());
+                match pieces.as_deref_mut().filter(|_| vectored) {
+                    Some(p) => p(&hdr, &f, seg.payload),
+                    None => send(&hdr, &f),
                 }
+                sent += 1;
             }
         }
         self.frame = f;
