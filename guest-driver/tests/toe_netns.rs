@@ -179,10 +179,12 @@ fn a_guest_that_goes_away_mid_transfer_leaves_resets() {
     let mut a = net_args(&s);
     a.extend(["--toe", "-c", "192.0.2.1", "-t", "30"].map(String::from));
     let client = Proc::spawn(Command::new(iperf()).args(&a));
-    // Until the stream is moving.
+    // Until the stream is moving (on the TX queue of the engine RSS put
+    // it on).
     let moving = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
-        s.vnicd.stats().expect("stats")["tx0.bytes"] > 20 << 20
+        let st = s.vnicd.stats().expect("stats");
+        st["tx0.bytes"] + st["tx1.bytes"] > 20 << 20
     });
     assert!(moving, "no transfer started");
     let open = toe_counter(&s, "connections");
@@ -270,6 +272,82 @@ fn a_thousand_concurrent_toe_connections() {
         "{} TOE connections left",
         toe_counter(&s, "connections")
     );
+    stack.shutdown();
+}
+
+/// vnicd runs one TOE engine per RX queue, and a connection lives in the
+/// engine of the queue RSS steers it to. With 4 queue pairs, 16
+/// connections each way spread over the engines; each engine took
+/// segments only if it holds connections, and no segment ever had to go
+/// to an engine other than its queue's (`toe.foreign`).
+#[test]
+fn rss_keeps_each_toe_connection_on_one_engine() {
+    if !require_netns() {
+        return;
+    }
+    const PAIRS: usize = 4;
+    let s = vnic_tests::PortInNs::start(&common::vnicd(), &["--queues", "4"], "192.0.2.1/24", &[])
+        .expect("vnicd");
+    let mut a = stack_args(&s.vnicd.socket, false, None);
+    a.addr6 = None;
+    a.queues = PAIRS as u16;
+    a.toe = true;
+    a.toe_conns = 64;
+    a.toe_ring_kib = 64;
+    let stack = a.start().expect("stack with the TOE on 4 queue pairs");
+    const N: usize = 16;
+    const BYTES: usize = 256 << 10;
+    let server = kernel_echo_server(&s.ns, "192.0.2.1:7700", N, BYTES);
+    std::thread::sleep(Duration::from_millis(300));
+    let to: SocketAddr = "192.0.2.1:7700".parse().unwrap();
+    let conns = guest_echo_client(&stack, to, N, BYTES, 0);
+    server.join().unwrap().expect("kernel server");
+    assert!(
+        conns.iter().all(|c| c.on_toe()),
+        "every connection on the TOE"
+    );
+    let l = TcpListener::bind(&stack, 7701).expect("listen");
+    let client = kernel_echo_client(&s.ns, "192.0.2.2:7701", N, BYTES, 0);
+    let accepted = guest_echo_server(&l, N, BYTES);
+    client.join().unwrap().expect("kernel client");
+    assert!(
+        accepted.iter().all(|c| c.on_toe()),
+        "every one accepted on the TOE"
+    );
+    // Closed, so that no segment is counted while the counters are read.
+    drop((conns, accepted));
+    let closed = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        toe_counter(&s, "connections") == 0
+    });
+    assert!(closed, "the connections did not close");
+
+    let st = s.vnicd.stats().expect("vnicd stats");
+    let engine = |k: usize, what: &str| st[&format!("toe.engine{k}.{what}")];
+    let opened: Vec<u64> = (0..PAIRS).map(|k| engine(k, "opened")).collect();
+    let segments: Vec<u64> = (0..PAIRS).map(|k| engine(k, "segments_in")).collect();
+    eprintln!("connections opened per engine {opened:?}, segments taken {segments:?}");
+    assert_eq!(opened.iter().sum::<u64>(), 2 * N as u64);
+    assert_eq!(
+        (st["toe.connects"], st["toe.accepts"]),
+        (N as u64, N as u64)
+    );
+    assert!(
+        opened.iter().filter(|&&n| n > 0).count() >= 2,
+        "RSS spread the connections over the engines: {opened:?}"
+    );
+    for k in 0..PAIRS {
+        assert_eq!(
+            opened[k] > 0,
+            segments[k] > 0,
+            "engine {k}: segments only with connections ({opened:?}, {segments:?})"
+        );
+    }
+    assert_eq!(
+        st["toe.foreign"], 0,
+        "a segment went to another queue's engine"
+    );
+    assert_eq!(st["toe.segments_in"], segments.iter().sum::<u64>());
     stack.shutdown();
 }
 

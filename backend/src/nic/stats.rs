@@ -209,6 +209,21 @@ impl QueueStats {
 pub struct ToeCounters {
     counts: [AtomicU64; 14],
     pub connections: AtomicU64,
+    /// TCP segments an engine took that came to another engine's queue
+    /// (RSS moved the flow, or a datagram put together from fragments).
+    pub foreign: AtomicU64,
+    /// Per engine (one per RX queue).
+    pub engines: Vec<EngineCounters>,
+}
+
+/// One TOE engine's share of the port's counters.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub segments_in: AtomicU64,
+    /// Connections made (CONNECT) or accepted here.
+    pub opened: AtomicU64,
+    /// Connections open or waiting for ACCEPT here now.
+    pub connections: AtomicU64,
 }
 
 impl ToeCounters {
@@ -227,6 +242,20 @@ impl ToeCounters {
             let _ = writeln!(s, "toe.{name} {}", c.load(Relaxed));
         }
         let _ = writeln!(s, "toe.connections {}", self.connections.load(Relaxed));
+        let _ = writeln!(s, "toe.foreign {}", self.foreign.load(Relaxed));
+        for (k, e) in self.engines.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "toe.engine{k}.segments_in {}",
+                e.segments_in.load(Relaxed)
+            );
+            let _ = writeln!(s, "toe.engine{k}.opened {}", e.opened.load(Relaxed));
+            let _ = writeln!(
+                s,
+                "toe.engine{k}.connections {}",
+                e.connections.load(Relaxed)
+            );
+        }
     }
 }
 
@@ -246,7 +275,10 @@ impl Stats {
             rx: (0..pairs).map(|_| QueueStats::default()).collect(),
             tx: (0..pairs).map(|_| QueueStats::default()).collect(),
             ctrl: QueueStats::default(),
-            toe: ToeCounters::default(),
+            toe: ToeCounters {
+                engines: (0..pairs).map(|_| EngineCounters::default()).collect(),
+                ..ToeCounters::default()
+            },
         }
     }
 

@@ -22,6 +22,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
 };
 
 use vnic_protocol::{
@@ -49,7 +53,7 @@ const CHUNK: usize = 64 << 10;
 const PENDING_BUFFER: u32 = 256 << 10;
 const MAX_BUFFER: u32 = 1 << 20;
 /// Ports the device picks for CONNECT without a local port.
-const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// The driver's memory, where the payload rings live.
 pub trait RingMemory {
@@ -210,15 +214,48 @@ struct Held {
     frames: Vec<(VirtioNetHdr, Vec<u8>)>,
 }
 
-/// A port's TOE.
+/// The connection table a port's engines share: every connection open
+/// or waiting for ACCEPT on any of them counts against the size HELLO
+/// granted. An engine takes a slot before it makes a connection and gives
+/// it back when the connection is forgotten, so the bound holds however
+/// the engines' threads interleave.
+#[derive(Debug, Default)]
+pub struct ToeTable {
+    live: AtomicU32,
+}
+
+impl ToeTable {
+    /// Connections open or waiting for ACCEPT on all the engines.
+    pub fn connections(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+/// Handles of waiting connections carry their engine in the low bits.
+const HANDLE_ENGINE_BITS: u32 = 8;
+
+/// The engine that made waiting connection `handle` (an INCOMING's).
+pub fn engine_of_handle(handle: u32) -> usize {
+    (handle & ((1 << HANDLE_ENGINE_BITS) - 1)) as usize
+}
+
+/// A port's TOE engine: one per RX queue, each owning the connections RSS
+/// steers to its queue (one alone in the unit tests).
 #[derive(Debug)]
 pub struct Toe {
     cfg: ToeConfig,
+    /// This engine's number among the port's, in its handles.
+    index: u8,
+    table: Arc<ToeTable>,
+    /// Slots of `table` this engine holds.
+    live: u32,
     /// The table size HELLO granted; None before HELLO.
     granted: Option<u32>,
     v4: Option<Iface>,
     v6: Option<Iface>,
-    conns: Vec<Option<Conn>>,
+    /// By connection id, as many as HELLO granted (boxed: every engine
+    /// of a port has the whole table's slots).
+    conns: Vec<Option<Box<Conn>>>,
     pending: HashMap<u32, Pending>,
     next_handle: u32,
     listeners: HashMap<u32, Listener>,
@@ -273,9 +310,18 @@ impl ToeStats {
 }
 
 impl Toe {
+    /// A port's only engine.
     pub fn new(cfg: ToeConfig) -> Toe {
+        Toe::engine(cfg, 0, Arc::new(ToeTable::default()))
+    }
+
+    /// Engine `index` of a port whose engines share `table`.
+    pub fn engine(cfg: ToeConfig, index: u8, table: Arc<ToeTable>) -> Toe {
         Toe {
             cfg,
+            index,
+            table,
+            live: 0,
             granted: None,
             v4: None,
             v6: None,
@@ -341,9 +387,39 @@ impl Toe {
         for k in keys {
             self.send_segments(k, now, send, None);
         }
-        let (cfg, stats) = (self.cfg, self.stats);
-        *self = Toe::new(cfg);
-        self.stats = stats;
+        self.start_over();
+    }
+
+    /// Forgets everything but the counts, and gives back its table slots.
+    fn start_over(&mut self) {
+        self.release(self.live);
+        let mut fresh = Toe::engine(self.cfg, self.index, self.table.clone());
+        fresh.stats = self.stats;
+        *self = fresh;
+    }
+
+    /// Takes a slot of the shared table; false when it is full.
+    fn admit(&mut self) -> bool {
+        let limit = self.conns.len() as u32;
+        let took = self
+            .table
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        if took {
+            self.live += 1;
+        } else {
+            self.stats.table_full += 1;
+        }
+        took
+    }
+
+    fn release(&mut self, n: u32) {
+        let n = n.min(self.live);
+        self.live -= n;
+        self.table.live.fetch_sub(n, Ordering::AcqRel);
     }
 
     // ----- commands -----
@@ -370,9 +446,7 @@ impl Toe {
                     return Completion::err(Status::Invalid);
                 }
                 let n = (*conns).min(self.cfg.max_conns);
-                let (cfg, stats) = (self.cfg, self.stats);
-                *self = Toe::new(cfg);
-                self.stats = stats;
+                self.start_over();
                 self.granted = Some(n);
                 self.conns.resize_with(n as usize, || None);
                 return Completion::ok(n);
@@ -517,7 +591,7 @@ impl Toe {
     fn conn_mut(&mut self, id: u32) -> Option<&mut Conn> {
         self.conns
             .get_mut(id as usize)?
-            .as_mut()
+            .as_deref_mut()
             .filter(|c| !c.closed_queued)
     }
 
@@ -572,10 +646,6 @@ impl Toe {
         if !matches!(self.conns.get(id as usize), Some(None)) {
             return Completion::err(Status::BadId);
         }
-        if self.connections() >= self.conns.len() {
-            self.stats.table_full += 1;
-            return Completion::err(Status::TableFull);
-        }
         let Some(ifc) = self.iface(remote.ip()) else {
             return Completion::err(Status::NoAddress);
         };
@@ -607,6 +677,9 @@ impl Toe {
             self.next_port = p.checked_add(1).unwrap_or(*EPHEMERAL.start());
             p
         };
+        if !self.admit() {
+            return Completion::err(Status::TableFull);
+        }
         let local = SocketAddr::new(ifc.addr, port);
         let iss = self.iss(local, remote, now);
         let tcp = Connection::connect(
@@ -616,7 +689,7 @@ impl Toe {
             remote.port(),
             iss,
         );
-        self.conns[id as usize] = Some(Conn::new(tcp, local, remote, rx, tx));
+        self.conns[id as usize] = Some(Box::new(Conn::new(tcp, local, remote, rx, tx)));
         self.flows.insert((local, remote), Key::Conn(id));
         self.stats.connects += 1;
         self.touch(Key::Conn(id));
@@ -649,7 +722,7 @@ impl Toe {
         let mut c = Conn::new(p.tcp, p.local, p.remote, rx, tx);
         c.was_connected = true;
         self.flows.insert((p.local, p.remote), Key::Conn(id));
-        self.conns[id as usize] = Some(c);
+        self.conns[id as usize] = Some(Box::new(c));
         self.stats.accepts += 1;
         self.touch(Key::Conn(id));
         Completion::ok(0)
@@ -700,6 +773,7 @@ impl Toe {
             Event::Closed { conn, reason } => {
                 if let Some(slot) = self.conns.get_mut(conn as usize) {
                     if let Some(c) = slot.take() {
+                        self.release(1);
                         if self.flows.get(&(c.local, c.remote)) == Some(&Key::Conn(conn)) {
                             self.flows.remove(&(c.local, c.remote));
                         }
@@ -723,6 +797,30 @@ impl Toe {
         now: tcp::Instant,
         mem: &dyn RingMemory,
     ) -> bool {
+        self.input_as(frame, verified, now, mem, false)
+    }
+
+    /// [`Toe::input`] for a frame another engine passed on: taken only
+    /// when it is a TCP segment of a flow of this engine (nothing is
+    /// learnt, reassembled or answered otherwise).
+    pub fn input_owned(
+        &mut self,
+        frame: &[u8],
+        verified: bool,
+        now: tcp::Instant,
+        mem: &dyn RingMemory,
+    ) -> bool {
+        self.input_as(frame, verified, now, mem, true)
+    }
+
+    fn input_as(
+        &mut self,
+        frame: &[u8],
+        verified: bool,
+        now: tcp::Instant,
+        mem: &dyn RingMemory,
+        owned_only: bool,
+    ) -> bool {
         if frame.len() < ETH_LEN || self.granted.is_none() {
             return false;
         }
@@ -730,7 +828,9 @@ impl Toe {
         let body = &frame[ETH_LEN..];
         match u16::from_be_bytes([frame[12], frame[13]]) {
             ethertype::ARP => {
-                self.arp_learn(body);
+                if !owned_only {
+                    self.arp_learn(body);
+                }
                 false
             }
             ethertype::IPV4 => {
@@ -745,10 +845,10 @@ impl Toe {
                     return false;
                 }
                 if ip.more_frags || ip.frag_offset != 0 {
-                    return self.reassemble(frame, now, mem);
+                    return !owned_only && self.reassemble(frame, now, mem);
                 }
                 let (s, d) = (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
-                self.tcp_input(s, d, p.payload(), verified, now, mem)
+                self.tcp_input(s, d, p.payload(), verified, now, owned_only)
             }
             ethertype::IPV6 => {
                 let Ok(p) = ipv6::Packet::new_checked(body) else {
@@ -760,13 +860,16 @@ impl Toe {
                 let (s, d) = (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr));
                 match ip.next_header {
                     ip_proto::ICMPV6 => {
-                        self.nd_learn(s, d, p.payload(), src_mac);
+                        if !owned_only {
+                            self.nd_learn(s, d, p.payload(), src_mac);
+                        }
                         false
                     }
                     ip_proto::TCP if self.v6.is_some_and(|i| i.addr == d) => {
-                        self.tcp_input(s, d, p.payload(), verified, now, mem)
+                        self.tcp_input(s, d, p.payload(), verified, now, owned_only)
                     }
-                    h if ipv6::is_extension_header(h)
+                    h if !owned_only
+                        && ipv6::is_extension_header(h)
                         && self.v6.is_some_and(|i| i.addr == d)
                         && ipv6::walk(&p).is_ok_and(|w| {
                             w.fragment
@@ -834,7 +937,7 @@ impl Toe {
         l4: &[u8],
         verified: bool,
         now: tcp::Instant,
-        _mem: &dyn RingMemory,
+        owned_only: bool,
     ) -> bool {
         let Ok(pkt) = wtcp::Packet::new_checked(l4) else {
             return false;
@@ -843,7 +946,7 @@ impl Toe {
         let remote = SocketAddr::new(s, pkt.src_port());
         let key = self.flows.get(&(local, remote)).copied();
         let listener = self.ports.get(&local.port()).copied();
-        if key.is_none() && listener.is_none() {
+        if key.is_none() && (owned_only || listener.is_none()) {
             return false;
         }
         let ps = (!verified).then(|| emit::pseudo(s, d, emit::TCP, l4.len()));
@@ -899,21 +1002,23 @@ impl Toe {
         };
         let is_syn = repr.flags & (wtcp::Flags::SYN | wtcp::Flags::ACK | wtcp::Flags::RST)
             == wtcp::Flags::SYN;
+        let full_backlog = l.waiting >= l.backlog;
         if family_ok && is_syn {
-            if self.connections() >= self.conns.len() {
+            if !self.admit() {
                 // No room in the table: the driver's own TCP may take it.
-                self.stats.table_full += 1;
                 return false;
             }
-            if l.waiting >= l.backlog {
+            if full_backlog {
+                self.release(1);
                 self.stats.syn_dropped += 1;
                 return true;
             }
             let cfg = self.tcp_cfg(remote, PENDING_BUFFER, PENDING_BUFFER);
             let iss = self.iss(local, remote, now);
             if let Some(tcp) = Connection::accept(cfg, now, repr, iss) {
-                let h = self.next_handle;
-                self.next_handle = self.next_handle.wrapping_add(1).max(1);
+                let h = (self.next_handle << HANDLE_ENGINE_BITS) | u32::from(self.index);
+                self.next_handle =
+                    ((self.next_handle + 1) & (u32::MAX >> HANDLE_ENGINE_BITS)).max(1);
                 self.pending.insert(
                     h,
                     Pending {
@@ -931,6 +1036,7 @@ impl Toe {
                 self.touch(Key::Pending(h));
                 return true;
             }
+            self.release(1);
         }
         if !is_syn {
             return false;
@@ -1291,6 +1397,7 @@ impl Toe {
         if let Key::Pending(h) = k {
             if self.pending.get(&h).is_some_and(|p| p.tcp.is_closed()) {
                 if let Some(p) = self.pending.remove(&h) {
+                    self.release(1);
                     self.flows.remove(&(p.local, p.remote));
                     if let Some(l) = self.listeners.get_mut(&p.listener) {
                         l.waiting = l.waiting.saturating_sub(1);
@@ -1361,6 +1468,35 @@ impl Toe {
         }
     }
 
+    /// Whether connection id `conn` is taken here (open, or its CLOSED not
+    /// yet taken by the driver).
+    pub fn has_conn(&self, conn: u32) -> bool {
+        matches!(self.conns.get(conn as usize), Some(Some(_)))
+    }
+
+    /// Whether a CONNECT from `local` to `remote` would find the pair
+    /// free here: no flow of it, and `local`'s port not a listener's.
+    pub fn pair_free(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        !self.ports.contains_key(&local.port()) && !self.flows.contains_key(&(local, remote))
+    }
+
+    /// Whether frames wait here for a neighbour's link address.
+    pub fn holds_frames(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Runs a command sent to every engine of the port (HELLO, IFCONFIG,
+    /// LISTEN, UNLISTEN) on one that is not the first, whose counts alone
+    /// stand for it.
+    pub fn replicate(
+        &mut self,
+        cmd: &Command,
+        now: tcp::Instant,
+        mem: &dyn RingMemory,
+    ) -> Completion {
+        self.run(cmd, now, mem)
+    }
+
     /// The local address of a family, for tests and the management view.
     pub fn address(&self, v6: bool) -> Option<IpAddr> {
         if v6 {
@@ -1421,7 +1557,7 @@ mod tests {
 
     use vnic_protocol::{
         toe::RING_MIN,
-        wire::{arp, emit::arp_append},
+        wire::{arp, build, emit::arp_append},
     };
 
     use super::*;
@@ -2302,5 +2438,130 @@ mod tests {
         };
         let far: IpAddr = "2001:db8:1::1".parse().unwrap();
         assert_eq!(i.next_hop(far), far, "no gateway: on the link");
+    }
+
+    /// Engines of one port share the table: a slot one takes is not the
+    /// other's, and one given back is. A segment of one engine's flow is
+    /// the other's only to pass on, and a waiting connection's handle
+    /// names its engine.
+    #[test]
+    fn engines_share_the_table_and_own_their_flows() {
+        let mem = Mem(RefCell::new(vec![0; 1 << 20]));
+        let cfg = ToeConfig {
+            mac: DEV_MAC,
+            mtu: 1500,
+            max_conns: 2,
+            offload: false,
+            tcp: tcp::Config::default(),
+            reassembly: frag::Limits::default(),
+        };
+        let table = Arc::new(ToeTable::default());
+        let mut a = Toe::engine(cfg, 0, table.clone());
+        let mut b = Toe::engine(cfg, 3, table.clone());
+        let t = tcp::Instant(0);
+        let me: IpAddr = "192.0.2.2".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        // HELLO, an address and a listener, as the device sends each to
+        // every engine.
+        let setup = |e: &mut Toe| {
+            let hello = Command::Hello {
+                version: VERSION,
+                conns: 2,
+            };
+            assert_eq!(e.command(&hello, t, &mem), Completion::ok(2));
+            let ifc = Command::IfConfig {
+                addr: me,
+                prefix: 24,
+                gateway: None,
+            };
+            assert_eq!(e.command(&ifc, t, &mem), Completion::ok(0));
+            let listen = Command::Listen {
+                id: 0,
+                port: 7000,
+                family: Family::Both,
+                backlog: 4,
+            };
+            assert_eq!(e.replicate(&listen, t, &mem), Completion::ok(0));
+        };
+        setup(&mut a);
+        setup(&mut b);
+        let connect = |conn, k| {
+            let (rx, tx) = rings(k);
+            Command::Connect {
+                conn,
+                remote,
+                local_port: 0,
+                rx,
+                tx,
+            }
+        };
+        let port = a.command(&connect(0, 0), t, &mem);
+        assert_eq!(port.status, Status::Ok);
+        // Engine b picks its own port: the device's CONNECT picks one
+        // free on the engine the pair lands on.
+        let (rx, tx) = rings(1);
+        let b_conn = Command::Connect {
+            conn: 1,
+            remote,
+            local_port: 50000,
+            rx,
+            tx,
+        };
+        assert_eq!(b.command(&b_conn, t, &mem), Completion::ok(50000));
+        assert_eq!(table.connections(), 2);
+        assert_eq!(
+            a.command(&connect(1, 2), t, &mem),
+            Completion::err(Status::TableFull),
+            "the other engine holds the table's last slot"
+        );
+        assert_eq!(a.stats().table_full, 1);
+        assert!(a.has_conn(0) && !a.has_conn(1) && b.has_conn(1));
+        let local = SocketAddr::new(me, port.value as u16);
+        assert!(!a.pair_free(local, remote) && b.pair_free(local, remote));
+        assert!(!a.pair_free(SocketAddr::new(me, 7000), "192.0.2.9:1".parse().unwrap()));
+
+        // The peer's SYN-ACK to engine a's connection.
+        let flow = build::Flow {
+            src_mac: PEER_MAC,
+            dst_mac: DEV_MAC,
+            src_ip: remote.ip(),
+            dst_ip: me,
+            src_port: remote.port(),
+            dst_port: local.port(),
+        };
+        let mut seg = build::data_segment(99, 0, wtcp::Flags::SYN | wtcp::Flags::ACK);
+        seg.timestamp = None;
+        let f = build::tcp_frame(&flow, seg, &build::IpFields::default(), &[]).unwrap();
+        assert!(!b.input_owned(&f, false, t, &mem), "not b's flow");
+        assert!(a.input_owned(&f, false, t, &mem));
+        assert_eq!(a.stats().segments_in, 1);
+
+        // Engine b gives its slot back (a device reset, or a HELLO): a may
+        // take it.
+        b.reset(t, &mut |_, _| {});
+        assert_eq!(table.connections(), 1);
+        setup(&mut b);
+        assert_eq!(table.connections(), 1);
+        assert_eq!(a.command(&connect(1, 2), t, &mem).status, Status::Ok);
+        assert_eq!(table.connections(), 2);
+
+        // A SYN to the listener on b with the table full goes on to the
+        // driver; with room, b makes a waiting connection whose handle
+        // names engine 3.
+        let syn_flow = build::Flow {
+            src_port: 41000,
+            dst_port: 7000,
+            ..flow
+        };
+        let mut syn = build::data_segment(500, 0, wtcp::Flags::SYN);
+        syn.timestamp = None;
+        let f = build::tcp_frame(&syn_flow, syn, &build::IpFields::default(), &[]).unwrap();
+        assert!(!b.input(&f, false, t, &mem), "no room: the driver's");
+        a.reset(t, &mut |_, _| {});
+        assert_eq!(table.connections(), 0);
+        assert!(b.input(&f, false, t, &mem));
+        assert_eq!(table.connections(), 1);
+        let h = *b.pending.keys().next().unwrap();
+        assert_eq!(engine_of_handle(h), 3);
     }
 }

@@ -468,14 +468,10 @@ pub struct VnicBackend {
     /// `p % threads` (its slot there is `p / threads`); the control queue
     /// and the TOE's queues have the thread after them.
     threads: usize,
-    /// The port's TOE (vhost/toe.rs).
-    toe: Mutex<crate::nic::toe::Toe>,
-    /// Fires at the TOE's next engine deadline, on the control thread.
+    /// The port's TOE engines, one per RX queue (vhost/toe.rs).
+    toe: toe::ToeSet,
+    /// Fires at the TOE engines' next deadline, on the control thread.
     toe_timer: Mutex<TimerFd>,
-    /// The TOE took uplink frames whose ACKs, events and timer are still
-    /// to go out (at the end of the RX worker's batch).
-    toe_unsettled: std::sync::atomic::AtomicBool,
-    toe_vrings: toe::ToeVrings,
 }
 
 /// No notification decision made yet on a virtqueue.
@@ -508,24 +504,23 @@ impl VnicBackend {
             .map(|_| nonblocking_timer().map(|fd| Mutex::new(CoalTimer { fd, armed: None })))
             .collect::<io::Result<_>>()?;
         let view = nic.switch.view();
-        let toe = crate::nic::toe::Toe::new(crate::nic::toe::ToeConfig {
+        let toe = crate::nic::toe::ToeConfig {
             mac: p.ctrl_state().mac,
             mtu: usize::from(p.config.mtu),
             max_conns: p.config.toe_conns,
             offload: true,
             tcp: vnic_protocol::tcp::Config::default(),
-            // 1 MiB for TCP datagrams that come in fragments, per port.
+            // 1 MiB for TCP datagrams that come in fragments, per port,
+            // shared out among its engines (one per RX queue).
             reassembly: vnic_protocol::frag::Limits {
-                max_memory: 1 << 20,
-                max_datagrams: 64,
+                max_memory: (1 << 20) / pairs.max(1),
+                max_datagrams: 64 / pairs.max(1),
                 ..vnic_protocol::frag::Limits::default()
             },
-        });
+        };
         Ok(VnicBackend {
-            toe: Mutex::new(toe),
+            toe: toe::ToeSet::new(toe, pairs),
             toe_timer: Mutex::new(nonblocking_timer()?),
-            toe_unsettled: std::sync::atomic::AtomicBool::new(false),
-            toe_vrings: OnceLock::new(),
             resume,
             timers,
             coal_timers,
@@ -1325,16 +1320,16 @@ impl VnicBackend {
             return Ok(false);
         };
         let mut starved = false;
-        let vf_toe = self.port != 0 && self.toe_on();
-        // Frames already waiting here go first, in order (a VF's through
-        // its TOE first).
+        let toe = self.toe_on();
+        // Frames already waiting here go first, in order (through the
+        // queue's TOE engine first while the driver runs the TOE).
         while *moved < BUDGET {
-            // A VF's TOE is offered the frame with the backlog's lock let
-            // go of: the TOE's own lock is held by threads that push into
+            // The TOE is offered the frame with the backlog's lock let go
+            // of: an engine's lock is held by threads that push into
             // backlogs (its frames to other ports).
-            let took = if vf_toe {
+            let took = if toe {
                 backlog.deliver_front_unlocked(&mut w.rx, |f| {
-                    self.vf_toe_then(f, stats, |f| put_frame(writer, me, f, stats))
+                    self.toe_then(i, f, stats, |f| put_frame(writer, me, f, stats))
                 })
             } else {
                 backlog.deliver_front(|f| put_frame(writer, me, f, stats))
@@ -1371,14 +1366,16 @@ impl VnicBackend {
                 *moved += 1;
                 continue;
             }
-            if self.toe_on() {
+            if toe {
                 // The TOE sees each uplink frame first, so frames are read
-                // into the worker's buffer rather than the driver's.
+                // into the worker's buffer rather than the driver's. A
+                // frame RSS sends to another queue is that queue's
+                // engine's to see.
                 writer.release();
                 let Worker {
                     rx, view, scratch, ..
                 } = &mut *w;
-                match self.read_uplink(i, rx, view, scratch) {
+                match self.read_uplink(i, rx, view, scratch, true) {
                     Uplinked::Empty => return Ok(false),
                     Uplinked::Dropped => {}
                     Uplinked::Frame { len, steered } => {
@@ -1548,12 +1545,11 @@ impl VnicBackend {
                 scratch,
                 ..
             } = &mut *w;
-            let vf_toe = self.port != 0 && self.toe_on();
-            let took = if vf_toe {
+            let took = if self.toe_on() {
                 // As in `rx_round_locked`: the TOE without the backlog's
                 // lock.
                 backlog.deliver_front_unlocked(rx, |f| {
-                    self.vf_toe_then(f, stats, |f| {
+                    self.toe_then(i, f, stats, |f| {
                         rsc.receive(f, now, stats);
                         true
                     })
@@ -1569,7 +1565,7 @@ impl VnicBackend {
             }
             if self.port == 0 {
                 writer.release();
-                match self.read_uplink(i, rx, view, scratch) {
+                match self.read_uplink(i, rx, view, scratch, true) {
                     Uplinked::Frame { len, steered } => {
                         let target = port.rx_queue(steered, i);
                         if target == i {
@@ -1615,7 +1611,7 @@ impl VnicBackend {
         let Worker {
             rx, view, scratch, ..
         } = w;
-        match self.read_uplink(i, rx, view, scratch) {
+        match self.read_uplink(i, rx, view, scratch, false) {
             Uplinked::Empty => None,
             Uplinked::Dropped => Some(None),
             Uplinked::Frame { len, steered } => {
@@ -1629,13 +1625,16 @@ impl VnicBackend {
 
     /// Reads one frame from uplink queue `i` into `buf` (TAP header
     /// first); a frame for the PF alone is returned with its RSS queue,
-    /// any other goes through the switch.
+    /// any other goes through the switch. With `offer`, one RSS steers to
+    /// queue `i` is first offered to its TOE engine (while the driver
+    /// runs the TOE); without, the TOE sees it where it is queued.
     fn read_uplink(
         &self,
         i: usize,
         buf: &mut [u8],
         view: &View,
         scratch: &mut TxScratch,
+        offer: bool,
     ) -> Uplinked {
         let stats = &self.dev().stats.rx[i];
         let n = match self.nic.uplink().recv(i, &mut [PieceMut::Local(buf)]) {
@@ -1657,10 +1656,10 @@ impl VnicBackend {
         {
             UplinkRoute::Pf(steering) => {
                 let steered = usize::from(steering.queue);
-                if !self.toe_on() {
+                if !offer || !self.toe_on() || self.dev().rx_queue(steered, i) != i {
                     return Uplinked::Frame { len: n, steered };
                 }
-                match self.toe_input(&buf[..n]) {
+                match self.toe_input(i, &buf[..n]) {
                     toe::ToeVerdict::Pass => Uplinked::Frame { len: n, steered },
                     toe::ToeVerdict::Taken => Uplinked::Dropped,
                     toe::ToeVerdict::Whole(w) => {
@@ -1710,7 +1709,7 @@ impl VnicBackend {
             let Worker {
                 rx, view, scratch, ..
             } = &mut *w;
-            let (len, steered) = match self.read_uplink(i, rx, view, scratch) {
+            let (len, steered) = match self.read_uplink(i, rx, view, scratch, false) {
                 Uplinked::Empty => break,
                 Uplinked::Dropped => continue,
                 Uplinked::Frame { len, steered } => (len, steered),
@@ -1741,9 +1740,9 @@ impl VnicBackend {
 
 impl RxPath for VnicBackend {
     fn deliver(&self, q: usize, frames: &[crate::nic::Pending]) -> usize {
-        if self.dev().rsc_active() || (self.port != 0 && self.toe_on()) {
-            // The queue's worker coalesces, or (a VF) offers each frame to
-            // the port's TOE first: the frames wait in its backlog.
+        if self.dev().rsc_active() || self.toe_on() {
+            // The queue's worker coalesces, or offers each frame to its
+            // TOE engine first: the frames wait in its backlog.
             return 0;
         }
         let Some(vring) = self.rx_vrings.get(q).and_then(OnceLock::get) else {
