@@ -14,10 +14,13 @@
 //! waiting for a neighbour are at most [`HELD_PER_NEIGHBOUR`] per next hop.
 //! Past any of these the work is refused and counted.
 //!
-//! Not yet: IP fragments of TOE flows (they go to the driver), TIME-WAIT
-//! after the driver closed (the flow is forgotten once CLOSED is taken),
-//! and zero-copy transmit (a byte goes from the TX ring into the engine's
-//! buffer, then onto the wire).
+//! A port runs one engine per RX queue (`vhost/toe.rs` routes commands
+//! and frames to them); the engines share a [`ToeTable`], so the bound on
+//! connections is the port's, and a waiting connection's handle names its
+//! engine ([`engine_of_handle`]).
+//!
+//! Not yet: TIME-WAIT after the driver closed (the flow is forgotten once
+//! CLOSED is taken).
 
 use std::{
     collections::{HashMap, VecDeque},
