@@ -20,7 +20,8 @@
 //! engine ([`engine_of_handle`]).
 //!
 //! Not yet: TIME-WAIT after the driver closed (the flow is forgotten once
-//! CLOSED is taken).
+//! CLOSED is taken), and zero-copy transmit (a byte goes from the TX ring
+//! into the engine's buffer, and leaves from there in a vectored write).
 
 use std::{
     collections::{HashMap, VecDeque},
