@@ -1,15 +1,20 @@
-//! Invariant: the device's TOE engine takes any sequence of driver
-//! commands, wire frames, timer runs and event reads without panicking;
-//! it never reads or writes outside the driver's memory, never has more
-//! connections than it granted, and its event queue stays within five
-//! events per connection and one per waiting one.
+//! Invariant: the device's TOE engines (two of one port, sharing its
+//! table) take any sequence of driver commands, wire frames, timer runs
+//! and event reads without panicking; they never read or write outside
+//! the driver's memory, never hold more connections together than HELLO
+//! granted, the shared table counts exactly the connections they hold,
+//! and each one's event queue stays within five events per connection and
+//! one per waiting one.
 
 #![no_main]
 
-use std::cell::{Cell, RefCell};
+use std::{
+    cell::{Cell, RefCell},
+    sync::Arc,
+};
 
 use libfuzzer_sys::fuzz_target;
-use vnic_backend::nic::toe::{RingMemory, Toe, ToeConfig};
+use vnic_backend::nic::toe::{RingMemory, Toe, ToeConfig, ToeTable};
 use vnic_protocol::{
     frag,
     tcp::{self, Instant},
@@ -64,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
         bytes: RefCell::new(vec![0; SIZE]),
         outside: Cell::new(false),
     };
-    let mut toe = Toe::new(ToeConfig {
+    let cfg = ToeConfig {
         mac: Address([2, 0, 0, 0, 0, 1]),
         mtu: 1500,
         max_conns: 16,
@@ -74,7 +79,12 @@ fuzz_target!(|data: &[u8]| {
             max_memory: 64 << 10,
             ..frag::Limits::default()
         },
-    });
+    };
+    let table = Arc::new(ToeTable::default());
+    let mut toes = [
+        Toe::engine(cfg, 0, table.clone()),
+        Toe::engine(cfg, 1, table.clone()),
+    ];
     let mut now = 0u64;
     let mut granted = 0u32;
     let mut rest = data.get(1..).unwrap_or(&[]);
@@ -82,6 +92,13 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         now += u64::from(op) * 997;
         let t = Instant(now);
+        // The engine this step is for; the other sees broadcast commands
+        // and the frames the first passes on.
+        let k = usize::from(op >> 6 & 1);
+        let (toe, other) = match &mut toes {
+            [a, b] if k == 0 => (a, b),
+            [a, b] => (b, a),
+        };
         let sink = &mut |_: &vnic_protocol::virtio::VirtioNetHdr, f: &[u8]| {
             assert!(f.len() >= 14 && f.len() <= 65535 + 14 + 12);
         };
@@ -94,6 +111,15 @@ fuzz_target!(|data: &[u8]| {
                 rest = &rest[n..];
                 if let Ok(c) = Command::parse(&b) {
                     let r = toe.command(&c, t, &mem);
+                    if matches!(
+                        c,
+                        Command::Hello { .. }
+                            | Command::IfConfig { .. }
+                            | Command::Listen { .. }
+                            | Command::Unlisten { .. }
+                    ) {
+                        other.replicate(&c, t, &mem);
+                    }
                     if let Command::Hello { .. } = c {
                         if r.status == vnic_protocol::toe::Status::Ok {
                             granted = r.value;
@@ -109,21 +135,27 @@ fuzz_target!(|data: &[u8]| {
                 let len = usize::from(u16::from_le_bytes(*len)).min(tail.len());
                 let (frame, tail) = tail.split_at(len);
                 rest = tail;
-                toe.input(frame, op & 0x80 != 0, t, &mem);
-                let _ = toe.take_whole();
+                let verified = op & 0x80 != 0;
+                if !toe.input(frame, verified, t, &mem) {
+                    other.input_owned(frame, verified, t, &mem);
+                }
+                if let Some(w) = toe.take_whole() {
+                    other.input_owned(&w, false, t, &mem);
+                }
             }
             2 => toe.on_timer(t, &mem, sink),
             3 => toe.transmit(t, &mem, sink),
             _ => while toe.pop_event().is_some() {},
         }
-        assert!(
-            toe.connections() as u32 <= granted,
-            "past the table granted"
-        );
-        assert!(
-            toe.queued_events() <= 5 * granted as usize,
-            "event queue unbounded"
-        );
+        let held: usize = toes.iter().map(Toe::connections).sum();
+        assert!(held as u32 <= granted, "past the table granted");
+        assert_eq!(table.connections() as usize, held, "the table miscounts");
+        for toe in &toes {
+            assert!(
+                toe.queued_events() <= 5 * granted as usize,
+                "event queue unbounded"
+            );
+        }
     }
     assert!(
         !mem.outside.get(),
