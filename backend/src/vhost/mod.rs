@@ -1611,7 +1611,9 @@ impl VnicBackend {
         let Worker {
             rx, view, scratch, ..
         } = w;
-        match self.read_uplink(i, rx, view, scratch, false) {
+        // A frame for this queue's TOE engine is taken at once rather than
+        // wait behind the driver's in the backlog.
+        match self.read_uplink(i, rx, view, scratch, true) {
             Uplinked::Empty => None,
             Uplinked::Dropped => Some(None),
             Uplinked::Frame { len, steered } => {
