@@ -867,6 +867,17 @@ impl Nic {
         }
     }
 
+    /// Whether port `p`'s sending may be held back at all (a
+    /// `max_tx_rate`, or `--link-speed`): when not, [`Nic::tx_wait`] is
+    /// always None.
+    pub fn paced(&self, p: usize, view: &View) -> bool {
+        self.link.is_some()
+            || view
+                .ports
+                .get(p)
+                .is_some_and(|v| v.settings.max_tx_rate > 0)
+    }
+
     /// How long port `p` must wait before it sends again (its
     /// `max_tx_rate`, and its share of `--link-speed`), in nanoseconds;
     /// None when it may send now.
@@ -1025,12 +1036,20 @@ impl Nic {
             // added to its filter (CTRL_VLAN).
             return Err(DropReason::VlanViolation);
         }
-        if l2.src != pv.mac {
+        // The source address read from the frame's bytes, not from `l2`:
+        // it was just stored there in pieces, and loading it whole from
+        // the stack waits for those stores (a store-forwarding stall per
+        // frame).
+        let src = prefix
+            .get(6..12)
+            .and_then(|s| <[u8; 6]>::try_from(s).ok())
+            .map_or(l2.src, Address);
+        if src != pv.mac {
             if pv.settings.spoofchk {
                 return Err(DropReason::Spoofed);
             }
-            if l2.src.is_unicast() && !pv.learned.contains(&l2.src) {
-                self.learn(p, l2.src);
+            if src.is_unicast() && !pv.learned.contains(&src) {
+                self.learn(p, src);
             }
         }
         let route = if view.ports.len() == 1 && pv.settings.vlan.is_none() {

@@ -113,6 +113,10 @@ pub(super) const TX_PREFIX: usize = 256;
 /// rest is left in guest memory as regions in `rest`. Once a chain has
 /// more pieces than a vectored write takes, the descriptors past that
 /// point are copied, in order, into `tail`, which follows `rest`.
+///
+/// Returns how many bytes of `head` the chain filled. `head` is kept at
+/// its full size from one chain to the next (zeroed once), so a chain's
+/// bytes are copied into it without clearing it first.
 pub(super) fn gather_tx(
     mem: &mut Regions<'_>,
     chain: impl IntoIterator<Item = Descriptor>,
@@ -120,11 +124,14 @@ pub(super) fn gather_tx(
     head: &mut Vec<u8>,
     rest: &mut Vec<(GuestAddress, usize)>,
     tail: &mut Vec<u8>,
-) -> Result<(), DropReason> {
-    head.clear();
+) -> Result<usize, DropReason> {
     rest.clear();
     tail.clear();
     let want = hdr_len + TX_PREFIX;
+    if head.len() < want {
+        head.resize(want, 0);
+    }
+    let mut filled = 0;
     let mut total = 0usize;
     let mut last: Option<Descriptor> = None;
     for desc in chain {
@@ -146,15 +153,16 @@ pub(super) fn gather_tx(
             continue;
         }
         let copy = if rest.is_empty() {
-            len.min(want.saturating_sub(head.len()))
+            len.min(want - filled)
         } else {
             0
         };
         if copy > 0 {
-            let at = head.len();
-            head.resize(at + copy, 0);
-            mem.read(&mut head[at..], desc.addr())
+            let to = head
+                .get_mut(filled..filled + copy)
                 .ok_or(DropReason::BadDescriptor)?;
+            mem.read(to, desc.addr()).ok_or(DropReason::BadDescriptor)?;
+            filled += copy;
         }
         if copy < len {
             let addr = desc
@@ -170,7 +178,7 @@ pub(super) fn gather_tx(
     }
     match last {
         Some(d) if d.has_next() => Err(DropReason::ChainTooLong),
-        Some(_) => Ok(()),
+        Some(_) => Ok(filled),
         // Not even the head came out: an indirect table that is not in
         // guest memory or not a whole number of descriptors.
         None => Err(DropReason::BadDescriptor),

@@ -894,6 +894,9 @@ impl VnicBackend {
         // The driver's header on transmit has the negotiated size: 20
         // bytes with HASH_REPORT, 12 otherwise.
         let hdr_len = self.acked().hdr_len();
+        // Whether a rate limit or link share may hold the port's frames
+        // back: asked per chain only then (it changes with the view).
+        let paced = self.nic.paced(self.port, view);
         let mut moved = 0;
         let mut empty = 0;
         let mut limited = false;
@@ -911,15 +914,15 @@ impl VnicBackend {
             let mut send_chain =
                 |regions: &mut Regions<'_>, chain: &mut dyn Iterator<Item = Descriptor>| {
                     match gather_tx(regions, chain, hdr_len, tx, rest, tail) {
-                        Ok(()) if tx.len() < hdr_len => stats.drop(DropReason::ZeroLength),
-                        Ok(()) => {
+                        Ok(n) if n < hdr_len => stats.drop(DropReason::ZeroLength),
+                        Ok(n) => {
                             let send = |pieces: Option<&[Piece<'_>]>| match pieces {
                                 Some(p) => {
                                     let _ = self.nic.transmit_pieces(
                                         self.port,
                                         i,
                                         &tx[..hdr_len],
-                                        &tx[hdr_len..],
+                                        &tx[hdr_len..n],
                                         p,
                                         scratch,
                                         view,
@@ -961,7 +964,7 @@ impl VnicBackend {
                     }
                     ring.prefetch(left, &mut regions);
                 }
-                if let Some(wait) = self.nic.tx_wait(self.port, view) {
+                if let Some(wait) = paced.then(|| self.nic.tx_wait(self.port, view)).flatten() {
                     // Over the port's rate: the chains wait in the ring
                     // and the timer brings the worker back.
                     self.arm_timer(i, wait);
