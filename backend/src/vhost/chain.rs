@@ -589,7 +589,9 @@ fn pop_head<'m>(
 
 /// The next RX chain of `q`: its head and a walk over its descriptors,
 /// through `rings` when they are resolved (see [`pop_head`]), else
-/// through virtio-queue.
+/// through virtio-queue. Inlined, so that the walk is built where it is
+/// used rather than returned through the stack (per RX buffer).
+#[inline(always)]
 fn pop_walk<'r, 'm>(
     q: &mut virtio_queue::Queue,
     rings: Option<&'r Rings<'m>>,
