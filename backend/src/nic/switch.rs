@@ -205,8 +205,14 @@ impl L2 {
     pub fn parse(frame: &[u8]) -> Option<L2> {
         let eth = ethernet::Frame::new_checked(frame).ok()?;
         let tag = if ethernet::is_vlan_tpid(eth.ethertype()) {
+            // The TCI and the EtherType after the tag: a tagged frame
+            // shorter than that is malformed (untagged, it would be
+            // shorter than an Ethernet header).
             let p = eth.payload();
-            (p.len() >= 2).then(|| (eth.ethertype(), u16::from_be_bytes([p[0], p[1]])))
+            if p.len() < 4 {
+                return None;
+            }
+            Some((eth.ethertype(), u16::from_be_bytes([p[0], p[1]])))
         } else {
             None
         };
@@ -491,5 +497,17 @@ mod tests {
         assert_eq!(b[24], 0x08);
         assert_eq!(u16::from_le_bytes([b[6], b[7]]), 34);
         assert_eq!(L2::parse(&b[12..]).unwrap().tag, None);
+    }
+
+    /// A tag needs its TCI and the EtherType after it: a tagged frame cut
+    /// short is malformed, not a frame that would be 12 bytes once its tag
+    /// came off.
+    #[test]
+    fn a_tagged_frame_without_its_inner_ethertype_is_malformed() {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x81, 0, 0, 7]);
+        assert_eq!(L2::parse(&f), None);
+        f.extend_from_slice(&[0x08, 0]);
+        assert_eq!(L2::parse(&f).map(|l| l.vid()), Some(7));
     }
 }
