@@ -57,7 +57,24 @@ const CHUNK: usize = 64 << 10;
 const PENDING_BUFFER: u32 = 256 << 10;
 const MAX_BUFFER: u32 = 1 << 20;
 /// Ports the device picks for CONNECT without a local port.
-pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+/// Every ephemeral port once, in the order CONNECT tries them: from
+/// `first` on (the start of the range when `first` is outside it),
+/// wrapping round.
+pub fn ephemeral_from(first: u16) -> impl Iterator<Item = u16> {
+    let (lo, hi) = (*EPHEMERAL.start(), *EPHEMERAL.end());
+    let span = u32::from(hi - lo) + 1;
+    let at = u32::from(first.clamp(lo, hi) - lo);
+    (0..span).map(move |k| lo + ((at + k) % span) as u16)
+}
+
+/// The ephemeral port a search goes on from after taking `p`.
+pub fn ephemeral_after(p: u16) -> u16 {
+    p.checked_add(1)
+        .filter(|n| EPHEMERAL.contains(n))
+        .unwrap_or(*EPHEMERAL.start())
+}
 
 /// The driver's memory, where the payload rings live.
 pub trait RingMemory {
@@ -363,9 +380,15 @@ impl Toe {
         s
     }
 
-    /// Connections open or waiting for ACCEPT.
+    /// Connections open or waiting for ACCEPT: the table slots this
+    /// engine holds.
     pub fn connections(&self) -> usize {
-        self.conns.iter().flatten().count() + self.pending.len()
+        debug_assert_eq!(
+            self.live as usize,
+            self.conns.iter().flatten().count() + self.pending.len(),
+            "table slots held and connections differ"
+        );
+        self.live as usize
     }
 
     /// The earliest engine deadline.
@@ -663,22 +686,12 @@ impl Toe {
             }
             local_port
         } else {
-            let span = u32::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
-            let free = (0..span)
-                .map(|k| {
-                    let p = u32::from(self.next_port - EPHEMERAL.start()) + k;
-                    EPHEMERAL.start() + (p % span) as u16
-                })
-                .find(|&p| {
-                    !self.ports.contains_key(&p)
-                        && !self
-                            .flows
-                            .contains_key(&(SocketAddr::new(ifc.addr, p), remote))
-                });
+            let free = ephemeral_from(self.next_port)
+                .find(|&p| self.pair_free(SocketAddr::new(ifc.addr, p), remote));
             let Some(p) = free else {
                 return Completion::err(Status::PortInUse);
             };
-            self.next_port = p.checked_add(1).unwrap_or(*EPHEMERAL.start());
+            self.next_port = ephemeral_after(p);
             p
         };
         if !self.admit() {

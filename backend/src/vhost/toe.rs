@@ -23,7 +23,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, OnceLock, PoisonError,
     },
     time::Duration,
@@ -51,7 +51,10 @@ use super::{
 };
 use crate::nic::{
     stats::DropReason,
-    toe::{engine_of_handle, RingMemory, Toe, ToeConfig, ToeStats, ToeTable, EPHEMERAL},
+    toe::{
+        engine_of_handle, ephemeral_after, ephemeral_from, RingMemory, Toe, ToeConfig, ToeStats,
+        ToeTable,
+    },
     TxScratch,
 };
 
@@ -97,9 +100,10 @@ impl VnicBackend {
     /// queue RSS steers its segments to, as the uplink or the switch
     /// would.
     fn toe_engine_for(&self, local: SocketAddr, remote: SocketAddr) -> usize {
+        // Steering reads the addresses and ports alone: any MACs do.
         let flow = Flow {
             src_mac: Address([2, 0, 0, 0, 0, 1]),
-            dst_mac: self.dev().ctrl_state().mac,
+            dst_mac: Address([2, 0, 0, 0, 0, 2]),
             src_ip: remote.ip(),
             dst_ip: local.ip(),
             src_port: remote.port(),
@@ -404,20 +408,16 @@ impl VnicBackend {
     /// A free ephemeral port for a connection from `local`'s address to
     /// `remote`, looked for on the engine each candidate would land on.
     fn toe_ephemeral(&self, local: SocketAddr, remote: SocketAddr) -> Option<u16> {
-        let (lo, hi) = (*EPHEMERAL.start(), *EPHEMERAL.end());
-        let span = u32::from(hi - lo) + 1;
-        let start = self.toe.next_port.load(Ordering::Relaxed) % span;
-        (0..span).find_map(|n| {
-            let p = lo + ((start + n) % span) as u16;
+        let first = self.toe.next_port.load(Ordering::Relaxed);
+        let p = ephemeral_from(first).find(|&p| {
             let l = SocketAddr::new(local.ip(), p);
-            let k = self.toe_engine_for(l, remote);
-            self.toe_lock(k).pair_free(l, remote).then(|| {
-                self.toe
-                    .next_port
-                    .store((start + n + 1) % span, Ordering::Relaxed);
-                p
-            })
-        })
+            self.toe_lock(self.toe_engine_for(l, remote))
+                .pair_free(l, remote)
+        })?;
+        self.toe
+            .next_port
+            .store(ephemeral_after(p), Ordering::Relaxed);
+        Some(p)
     }
 
     /// Runs the commands on the command queue (at most [`TOE_BUDGET`],
@@ -694,7 +694,7 @@ pub(super) struct ToeSet {
     /// control thread's).
     owners: Mutex<HashMap<u32, u8>>,
     /// Where the search for a free ephemeral port starts next.
-    next_port: AtomicU32,
+    next_port: AtomicU16,
     /// Held while events are written to the event queue.
     events: Mutex<()>,
     vrings: ToeVrings,
@@ -713,7 +713,7 @@ impl ToeSet {
             unsettled: (0..n).map(|_| AtomicBool::new(false)).collect(),
             due: (0..n).map(|_| AtomicU64::new(u64::MAX)).collect(),
             owners: Mutex::new(HashMap::new()),
-            next_port: AtomicU32::new(0),
+            next_port: AtomicU16::new(0),
             events: Mutex::new(()),
             vrings: OnceLock::new(),
         }
