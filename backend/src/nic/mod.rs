@@ -45,7 +45,7 @@ pub use self::{
     port::Port,
     stats::{DropReason, QueueStats, Stats},
 };
-use crate::uplink::{joined, tap::VNET_HDR_LEN, Offloads, Piece, PieceMut, Uplink};
+use crate::uplink::{tap::VNET_HDR_LEN, Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
 
 /// Largest frame the device moves (a 64 KiB GSO frame and its headers).
 pub const MAX_FRAME: usize = vnic_protocol::virtio::validate::MAX_FRAME_LEN;
@@ -1186,10 +1186,13 @@ impl Nic {
             vhdr.copy_from_slice(&hdr_bytes[..HDR_LEN]);
             vhdr[10] = 0;
             vhdr[11] = 0;
-            return joined(&[Piece::Local(&vhdr), Piece::Local(prefix)], rest, |p| {
-                send(out, uq, p)
-            })
-            .unwrap_or(Err(DropReason::ChainTooLong));
+            if rest.len() + 2 > MAX_PIECES {
+                return Err(DropReason::ChainTooLong);
+            }
+            return sent(
+                out.send_parts(uq, &[Piece::Local(&vhdr), Piece::Local(prefix)], rest),
+                uq,
+            );
         }
         stats.sw_offloads.fetch_add(1, Ordering::Relaxed);
         // Software offloads need the frame in one piece.
@@ -1712,7 +1715,12 @@ fn frame_with_hdr(b: &mut Vec<u8>, hdr_bytes: &[u8], prefix: &[u8], rest: &[Piec
 
 /// Writes one frame to queue `q` of `out`.
 fn send(out: &dyn Uplink, q: usize, pieces: &[Piece<'_>]) -> Result<(), DropReason> {
-    match out.send(q, pieces) {
+    sent(out.send(q, pieces), q)
+}
+
+/// What an uplink's send on queue `q` came to, as a drop reason.
+fn sent(r: io::Result<usize>, q: usize) -> Result<(), DropReason> {
+    match r {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(DropReason::NoUplink),
         Err(e) => {

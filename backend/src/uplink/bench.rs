@@ -35,11 +35,41 @@ impl Sink {
             queues: queues.max(1),
         }
     }
+
+    /// Copies `front` then `rest` into the thread's buffer, as a wire
+    /// would read them; the frame's length.
+    fn take(pieces: [&[Piece<'_>]; 2]) -> io::Result<usize> {
+        SUNK.with_borrow_mut(|b| {
+            if b.len() < SUNK_LEN {
+                b.resize(SUNK_LEN, 0);
+            }
+            let mut at = 0;
+            for part in pieces {
+                for p in part {
+                    let to = b.get_mut(at..at + p.len()).ok_or_else(too_big)?;
+                    at += p.copy_into(to);
+                }
+            }
+            Ok(at)
+        })
+    }
 }
 
+/// The most a sunk frame holds: the largest GSO frame and its header.
+const SUNK_LEN: usize = 70_000;
+
 thread_local! {
-    /// Where [`Sink`] copies the frames a thread sends.
-    static SUNK: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(70_000));
+    /// Where [`Sink`] copies the frames a thread sends: kept at its full
+    /// size (zeroed once, at the first frame), so a frame is copied in
+    /// without clearing first.
+    static SUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn too_big() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "frame longer than the sink takes",
+    )
 }
 
 impl Uplink for Sink {
@@ -53,13 +83,10 @@ impl Uplink for Sink {
         Ok(())
     }
     fn send(&self, _q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
-        SUNK.with_borrow_mut(|b| {
-            b.clear();
-            for p in pieces {
-                p.copy_to(b);
-            }
-            Ok(b.len())
-        })
+        Sink::take([pieces, &[]])
+    }
+    fn send_parts(&self, _q: usize, front: &[Piece<'_>], rest: &[Piece<'_>]) -> io::Result<usize> {
+        Sink::take([front, rest])
     }
     fn recv(&self, _q: usize, _pieces: &mut [PieceMut<'_>]) -> io::Result<usize> {
         Err(io::ErrorKind::WouldBlock.into())

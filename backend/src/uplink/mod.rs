@@ -50,6 +50,19 @@ impl Piece<'_> {
         }
     }
 
+    /// Copies the bytes to the start of `out`; how many were copied (all
+    /// of them, unless `out` is shorter).
+    pub fn copy_into(&self, out: &mut [u8]) -> usize {
+        match self {
+            Piece::Local(b) => {
+                let n = b.len().min(out.len());
+                out[..n].copy_from_slice(&b[..n]);
+                n
+            }
+            Piece::Guest(v) => v.copy_to(out),
+        }
+    }
+
     /// Appends the bytes to `out`.
     pub fn copy_to(&self, out: &mut Vec<u8>) {
         match self {
@@ -61,6 +74,11 @@ impl Piece<'_> {
             }
         }
     }
+}
+
+/// The error for a frame in more than [`MAX_PIECES`] pieces.
+pub fn too_many_pieces() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "too many pieces")
 }
 
 /// Pieces in a list this short are most frames' (a header, a prefix and
@@ -150,6 +168,13 @@ pub trait Uplink: Send + Sync {
     fn set_rx_offloads(&self, offloads: Offloads) -> io::Result<()>;
     /// Writes one frame (header first) on queue `q` from `pieces`.
     fn send(&self, q: usize, pieces: &[Piece<'_>]) -> io::Result<usize>;
+    /// [`Uplink::send`] of `front` followed by `rest`, for a caller whose
+    /// frame is in two lists (its own header and prefix, the guest's
+    /// buffers); an uplink that can take them as they are saves building
+    /// one list per frame.
+    fn send_parts(&self, q: usize, front: &[Piece<'_>], rest: &[Piece<'_>]) -> io::Result<usize> {
+        joined(front, rest, |p| self.send(q, p)).unwrap_or_else(|| Err(too_many_pieces()))
+    }
     /// Reads one frame (header first) from queue `q` into `pieces`;
     /// `WouldBlock` when there is none. A frame longer than the pieces is
     /// an error, not a truncation.

@@ -10,7 +10,7 @@ use std::{
     },
 };
 
-use super::{Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
+use super::{too_many_pieces, Offloads, Piece, PieceMut, Uplink, MAX_PIECES};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -88,9 +88,7 @@ fn iovecs(
     let mut iov = [EMPTY_IOVEC; MAX_PIECES];
     let mut n = 0;
     for v in items {
-        let slot = iov
-            .get_mut(n)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many pieces"))?;
+        let slot = iov.get_mut(n).ok_or_else(too_many_pieces)?;
         *slot = v;
         n += 1;
     }
@@ -277,8 +275,12 @@ impl Uplink for Tap {
     }
 
     fn send(&self, q: usize, pieces: &[Piece<'_>]) -> io::Result<usize> {
+        self.send_parts(q, pieces, &[])
+    }
+
+    fn send_parts(&self, q: usize, front: &[Piece<'_>], rest: &[Piece<'_>]) -> io::Result<usize> {
         let f = self.file(q)?;
-        let (iov, n) = iovecs(pieces.iter().map(Piece::iovec))?;
+        let (iov, n) = iovecs(front.iter().chain(rest).map(Piece::iovec))?;
         // SAFETY: every iovec points at memory that stays mapped and
         // readable for the call: vnicd's own slices are borrowed, guest
         // slices borrow the guest memory mapping. The kernel only reads.

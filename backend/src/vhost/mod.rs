@@ -28,7 +28,7 @@ use std::{
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
-use virtio_queue::{desc::split::Descriptor, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::{
     epoll::EventSet,
@@ -911,40 +911,46 @@ impl VnicBackend {
             let gm: &GuestMemoryMmap = &mem;
             let mut regions = Regions::new(gm);
             // One chain: gathered, checked and sent (or counted).
-            let mut send_chain =
-                |regions: &mut Regions<'_>, chain: &mut dyn Iterator<Item = Descriptor>| {
-                    match gather_tx(regions, chain, hdr_len, tx, rest, tail) {
-                        Ok(n) if n < hdr_len => stats.drop(DropReason::ZeroLength),
-                        Ok(n) => {
-                            let send = |pieces: Option<&[Piece<'_>]>| match pieces {
-                                Some(p) => {
-                                    let _ = self.nic.transmit_pieces(
-                                        self.port,
-                                        i,
-                                        &tx[..hdr_len],
-                                        &tx[hdr_len..n],
-                                        p,
-                                        scratch,
-                                        view,
-                                    );
-                                }
-                                None => stats.drop(DropReason::BadDescriptor),
-                            };
-                            // A short frame has its bytes in the prefix and
-                            // needs a short list of pieces; only a long chain
-                            // pays for the long one.
-                            if rest.len() < SHORT_PIECES {
-                                with_pieces::<SHORT_PIECES>(regions, rest, tail, send);
-                            } else {
-                                with_pieces::<MAX_PIECES>(regions, rest, tail, send);
+            // (Gathered where the chain is walked, so that each kind of
+            // walk is compiled into `gather_tx`, not called through a
+            // vtable per descriptor.)
+            let mut send_chain = |regions: &mut Regions<'_>,
+                                  gathered: Result<usize, DropReason>,
+                                  tx: &[u8],
+                                  rest: &[(GuestAddress, usize)],
+                                  tail: &[u8]| {
+                match gathered {
+                    Ok(n) if n < hdr_len => stats.drop(DropReason::ZeroLength),
+                    Ok(n) => {
+                        let send = |pieces: Option<&[Piece<'_>]>| match pieces {
+                            Some(p) => {
+                                let _ = self.nic.transmit_pieces(
+                                    self.port,
+                                    i,
+                                    &tx[..hdr_len],
+                                    &tx[hdr_len..n],
+                                    p,
+                                    scratch,
+                                    view,
+                                );
                             }
+                            None => stats.drop(DropReason::BadDescriptor),
+                        };
+                        // A short frame has its bytes in the prefix and
+                        // needs a short list of pieces; only a long chain
+                        // pays for the long one.
+                        if rest.len() < SHORT_PIECES {
+                            with_pieces::<SHORT_PIECES>(regions, rest, tail, send);
+                        } else {
+                            with_pieces::<MAX_PIECES>(regions, rest, tail, send);
                         }
-                        Err(why) => stats.drop(why),
                     }
-                    if scratch.wakes.due() {
-                        self.nic.wake(&mut scratch.wakes);
-                    }
-                };
+                    Err(why) => stats.drop(why),
+                }
+                if scratch.wakes.due() {
+                    self.nic.wake(&mut scratch.wakes);
+                }
+            };
             // Rings resolved to host memory are taken a batch at a time:
             // the available index read once per BATCH chains (again
             // only when those are used up), their buffers prefetched, one
@@ -982,7 +988,9 @@ impl VnicBackend {
                             stats.drop(DropReason::BadRing);
                             continue;
                         }
-                        send_chain(&mut regions, &mut ring.chain(head, gm));
+                        let g =
+                            gather_tx(&mut regions, ring.chain(head, gm), hdr_len, tx, rest, tail);
+                        send_chain(&mut regions, g, tx, rest, tail);
                         ring.put_used(head, 0).is_some()
                     }
                     None if !q.ready() => break,
@@ -991,7 +999,8 @@ impl VnicBackend {
                             break;
                         };
                         let head = chain.head_index();
-                        send_chain(&mut regions, &mut chain);
+                        let g = gather_tx(&mut regions, &mut chain, hdr_len, tx, rest, tail);
+                        send_chain(&mut regions, g, tx, rest, tail);
                         q.add_used(gm, head, 0).is_ok()
                     }
                 };

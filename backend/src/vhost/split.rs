@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{desc::split::Descriptor, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, VolatileSlice,
+    VolatileSlice,
 };
 
 /// Bytes of one descriptor.
@@ -29,7 +29,9 @@ const DESC: usize = 16;
 /// buffers mostly lie in one region, and a lookup is a binary search.
 pub(super) struct Regions<'m> {
     pub mem: &'m GuestMemoryMmap,
-    last: Option<&'m GuestRegionMmap>,
+    /// The last region found: its first guest address, and all of it in
+    /// host memory.
+    last: Option<(u64, VolatileSlice<'m>)>,
 }
 
 impl<'m> Regions<'m> {
@@ -38,17 +40,24 @@ impl<'m> Regions<'m> {
     }
 
     /// `len` bytes at `addr`, when they lie in one region of guest memory.
+    #[inline]
     pub fn slice(&mut self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m>> {
-        let hit = self.last.and_then(|r| Some((r, r.to_region_addr(addr)?)));
-        let (region, off) = match hit {
-            Some(hit) => hit,
-            None => {
-                let r = self.mem.find_region(addr)?;
-                self.last = Some(r);
-                (r, r.to_region_addr(addr)?)
+        if let Some((start, whole)) = self.last {
+            // (`subslice` checks that all `len` bytes are in the region.)
+            let hit = addr
+                .0
+                .checked_sub(start)
+                .and_then(|off| usize::try_from(off).ok())
+                .and_then(|off| whole.subslice(off, len).ok());
+            if hit.is_some() {
+                return hit;
             }
-        };
-        region.get_slice(off, len).ok()
+        }
+        let r = self.mem.find_region(addr)?;
+        let whole = r.as_volatile_slice().ok()?;
+        self.last = Some((r.start_addr().0, whole));
+        let off = usize::try_from(r.to_region_addr(addr)?.0).ok()?;
+        whole.subslice(off, len).ok()
     }
 
     /// Copies `buf` into guest memory at `addr` (across regions if need
@@ -99,12 +108,56 @@ impl<'m> Rings<'m> {
         }
         let n = usize::from(size);
         // Flags, index, the ring, and used_event / avail_event after it.
-        Some(Rings {
+        let rings = Rings {
             size,
             desc: mem.get_slice(GuestAddress(d), DESC * n).ok()?,
             avail: mem.get_slice(GuestAddress(a), 6 + 2 * n).ok()?,
             used: mem.get_slice(GuestAddress(u), 6 + 8 * n).ok()?,
-        })
+        };
+        // Aligned in host memory too (a region's mapping could start at
+        // any offset), so that each field is one aligned access.
+        let at = |s: &VolatileSlice<'_>| s.ptr_guard().as_ptr() as usize;
+        if at(&rings.desc) % 16 != 0 || at(&rings.avail) % 2 != 0 || at(&rings.used) % 4 != 0 {
+            return None;
+        }
+        Some(rings)
+    }
+
+    /// The available ring's 16-bit field at byte `off`.
+    #[inline(always)]
+    // (The alignment the cast needs is checked: see the SAFETY note.)
+    #[allow(clippy::cast_ptr_alignment)]
+    fn avail_u16(&self, off: usize) -> Option<u16> {
+        if off + 2 > self.avail.len() {
+            return None;
+        }
+        let p = self.avail.ptr_guard().as_ptr().wrapping_add(off);
+        // SAFETY: the two bytes at `p` lie within the available ring's
+        // slice (checked above), which stays mapped while the borrow of
+        // guest memory it came from lives; `p` is 2-aligned (the ring's
+        // host address is, `Rings::new`, and every field offset is even).
+        // The driver may write the field at any time: the read is
+        // volatile and its value is only ever checked, never trusted.
+        Some(u16::from_le(unsafe {
+            std::ptr::read_volatile(p.cast::<u16>())
+        }))
+    }
+
+    /// The used ring's 32-bit field at byte `off` set to `v`.
+    #[inline(always)]
+    // (The alignment the cast needs is checked: see the SAFETY note.)
+    #[allow(clippy::cast_ptr_alignment)]
+    fn set_used_u32(&self, off: usize, v: u32) -> Option<()> {
+        if off + 4 > self.used.len() {
+            return None;
+        }
+        let p = self.used.ptr_guard_mut().as_ptr().wrapping_add(off);
+        // SAFETY: the four bytes at `p` lie within the used ring's slice
+        // (checked above), mapped writable while the borrow of guest
+        // memory lives; `p` is 4-aligned (the ring's host address is,
+        // and so is every entry's offset). The driver only reads it.
+        unsafe { std::ptr::write_volatile(p.cast::<u32>(), v.to_le()) };
+        Some(())
     }
 
     /// The queue's size.
@@ -123,12 +176,7 @@ impl<'m> Rings<'m> {
     /// name any 16-bit value: a head past the queue's end is returned as
     /// it is, for the caller to count and pass over.
     pub fn head(&self, pos: u16) -> Option<u16> {
-        let slot = usize::from(pos % self.size);
-        Some(u16::from_le(
-            self.avail
-                .load::<u16>(4 + 2 * slot, Ordering::Relaxed)
-                .ok()?,
-        ))
+        self.avail_u16(4 + 2 * usize::from(pos % self.size))
     }
 
     /// Asks the CPU to bring in the first bytes of the buffers of the `n`
@@ -142,15 +190,11 @@ impl<'m> Rings<'m> {
             let Some(head) = self.head(from.wrapping_add(j)) else {
                 return;
             };
-            let off = DESC * usize::from(head);
-            let (Ok(addr), Ok(len)) = (
-                self.desc.load::<u64>(off, Ordering::Relaxed),
-                self.desc.load::<u32>(off + 8, Ordering::Relaxed),
-            ) else {
+            let Some(d) = read_desc(&self.desc, head) else {
                 continue;
             };
-            let len = (u32::from_le(len) as usize).clamp(1, 2 * CACHE_LINE);
-            if let Some(s) = regions.slice(GuestAddress(u64::from_le(addr)), len) {
+            let len = (d.len() as usize).clamp(1, 2 * CACHE_LINE);
+            if let Some(s) = regions.slice(d.addr(), len) {
                 let p = s.ptr_guard().as_ptr();
                 prefetch(p, write);
                 if (p as usize % CACHE_LINE) + len > CACHE_LINE {
@@ -193,10 +237,8 @@ impl<'m> Rings<'m> {
     /// the driver).
     pub fn put_used(&self, pos: u16, head: u16, len: u32) -> Option<()> {
         let at = 4 + 8 * usize::from(pos % self.size);
-        self.used
-            .store(u32::from(head).to_le(), at, Ordering::Relaxed)
-            .ok()?;
-        self.used.store(len.to_le(), at + 4, Ordering::Relaxed).ok()
+        self.set_used_u32(at, u32::from(head))?;
+        self.set_used_u32(at + 4, len)
     }
 
     /// Makes the used entries before `idx` visible to the driver: one
@@ -377,6 +419,38 @@ fn has_prefetchw() -> bool {
     })
 }
 
+/// Descriptor `i` of a ring's descriptor table `table` (16-aligned in
+/// host memory, [`Rings::new`]): two 8-byte loads.
+#[inline(always)]
+// (The alignment the cast needs is checked: see the SAFETY note.)
+#[allow(clippy::cast_ptr_alignment)]
+fn read_desc(table: &VolatileSlice<'_>, i: u16) -> Option<Descriptor> {
+    let off = DESC * usize::from(i);
+    if off + DESC > table.len() {
+        return None;
+    }
+    let p = table.ptr_guard().as_ptr().wrapping_add(off).cast::<u64>();
+    // SAFETY: the 16 bytes at `p` lie within the table's slice (checked
+    // above), which stays mapped while the borrow of guest memory it came
+    // from lives, and `p` is 8-aligned (the table's host address is
+    // 16-aligned, and so is `off`). The driver may write them at any
+    // time: the loads are volatile, and what they return is checked by
+    // every user.
+    let (lo, hi) = unsafe {
+        (
+            std::ptr::read_volatile(p),
+            std::ptr::read_volatile(p.add(1)),
+        )
+    };
+    let hi = u64::from_le(hi);
+    Some(Descriptor::new(
+        u64::from_le(lo),
+        hi as u32,
+        (hi >> 32) as u16,
+        (hi >> 48) as u16,
+    ))
+}
+
 /// The descriptors of one chain, in order, as virtio-queue's
 /// `DescriptorChain` yields them.
 pub(super) struct Chain<'r, 'm> {
@@ -392,22 +466,11 @@ pub(super) struct Chain<'r, 'm> {
 }
 
 impl Chain<'_, '_> {
+    #[inline(always)]
     fn read(&self, i: u16) -> Option<Descriptor> {
         let off = DESC * usize::from(i);
         match &self.table {
-            None => {
-                // The ring's table: 16-aligned, so each field loads whole.
-                let addr = self.ring.load::<u64>(off, Ordering::Relaxed).ok()?;
-                let len = self.ring.load::<u32>(off + 8, Ordering::Relaxed).ok()?;
-                let flags = self.ring.load::<u16>(off + 12, Ordering::Relaxed).ok()?;
-                let next = self.ring.load::<u16>(off + 14, Ordering::Relaxed).ok()?;
-                Some(Descriptor::new(
-                    u64::from_le(addr),
-                    u32::from_le(len),
-                    u16::from_le(flags),
-                    u16::from_le(next),
-                ))
-            }
+            None => read_desc(self.ring, i),
             Some((_, Some(t))) => t.read_obj::<Descriptor>(off).ok(),
             Some((addr, None)) => self
                 .mem
@@ -417,9 +480,33 @@ impl Chain<'_, '_> {
     }
 }
 
+impl Chain<'_, '_> {
+    /// Moves the walk into the indirect table `d` names; false when it
+    /// may not be followed: inside an indirect table already, or not a
+    /// whole number of descriptors (virtio 1.3, 2.7.5.3.1).
+    #[cold]
+    fn enter_table(&mut self, d: &Descriptor) -> bool {
+        if self.table.is_some() || d.len() % DESC as u32 != 0 {
+            return false;
+        }
+        let Ok(n) = u16::try_from(d.len() / DESC as u32) else {
+            return false;
+        };
+        let host = self.mem.get_slice(d.addr(), d.len() as usize).ok();
+        self.table = Some((d.addr(), host));
+        self.size = n;
+        self.next = 0;
+        self.ttl = n;
+        true
+    }
+}
+
 impl Iterator for Chain<'_, '_> {
     type Item = Descriptor;
 
+    // Inlined into each walk: a frame's chain is mostly one or two
+    // descriptors, and the call cost as much as the walk.
+    #[inline(always)]
     fn next(&mut self) -> Option<Descriptor> {
         loop {
             if self.ttl == 0 || self.next >= self.size {
@@ -427,17 +514,9 @@ impl Iterator for Chain<'_, '_> {
             }
             let d = self.read(self.next)?;
             if d.refers_to_indirect_table() {
-                // Not inside an indirect table, and a whole number of
-                // descriptors (virtio 1.3, 2.7.5.3.1).
-                if self.table.is_some() || d.len() % DESC as u32 != 0 {
+                if !self.enter_table(&d) {
                     return None;
                 }
-                let n = u16::try_from(d.len() / DESC as u32).ok()?;
-                let host = self.mem.get_slice(d.addr(), d.len() as usize).ok();
-                self.table = Some((d.addr(), host));
-                self.size = n;
-                self.next = 0;
-                self.ttl = n;
                 continue;
             }
             // A chain is under 4 GiB (virtio 1.3, 2.7.5.2).
