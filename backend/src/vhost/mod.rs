@@ -962,6 +962,14 @@ impl VnicBackend {
             let mut unwritable = false;
             while moved < BUDGET {
                 if let Some(ring) = fast.as_mut().filter(|_| left == 0) {
+                    // The batch before is handed back first, so that the
+                    // driver can refill its ring while this one is taken
+                    // (holding a whole ring's worth until the end had the
+                    // two sides take turns waiting for each other).
+                    if ring.publish().is_none() {
+                        unwritable = true;
+                        break;
+                    }
                     // None: the index ran more than a queue ahead; nothing
                     // is taken, and `stuck` counts it.
                     left = ring.pending().unwrap_or(0).min(BATCH);
