@@ -539,6 +539,7 @@ impl Cursor {
 /// reached. A head past the queue's end is counted (`bad_ring`) and
 /// passed over, as [`pop_valid`] does; an index more than a queue ahead
 /// takes nothing.
+#[inline(always)]
 fn pop_head<'m>(
     q: &mut virtio_queue::Queue,
     rings: &Rings<'m>,
