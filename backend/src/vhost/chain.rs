@@ -670,33 +670,13 @@ impl RxBufs {
             let Some((head, mut walk)) = pop_walk(q, ring.0, ring.1, ring.2, mem, stats) else {
                 break;
             };
-            let chain = walk.descs();
             let first = self.ndescs;
-            let mut bad = None;
-            let mut last_next = false;
-            for desc in chain {
-                last_next = desc.has_next();
-                let len = desc.len() as usize;
-                if !desc.is_write_only() {
-                    bad = Some(DropReason::BadChainLayout);
-                } else if len == 0 {
-                    // Holds nothing; skipped.
-                    continue;
-                } else if self.ndescs == MAX_RX_DESCS {
-                    bad = Some(DropReason::ChainTooLong);
-                } else if self.ndescs == 0 && len < hdr_len {
-                    bad = Some(DropReason::RxChainTooSmall);
-                } else {
-                    self.descs[self.ndescs] = (desc.addr(), len);
-                    self.ndescs += 1;
-                    self.cap += len;
-                    continue;
-                }
-                break;
-            }
-            if bad.is_none() && last_next {
-                bad = Some(DropReason::ChainTooLong);
-            }
+            // Each kind of walk compiled in, not called through a vtable
+            // per descriptor.
+            let bad = match &mut walk {
+                Walk::Fast(c) => self.take_chain(c, hdr_len),
+                Walk::Queue(c) => self.take_chain(c, hdr_len),
+            };
             if let Some(why) = bad {
                 self.give_back_empty(q, mem)?;
                 q.add_used(mem, head, 0).map_err(io::Error::other)?;
@@ -707,6 +687,36 @@ impl RxBufs {
             self.nchains += 1;
         }
         Ok(Ok(()))
+    }
+
+    /// Adds the writable descriptors of one popped chain to `descs`;
+    /// why the chain cannot be used, if it cannot.
+    #[inline(always)]
+    fn take_chain(
+        &mut self,
+        chain: impl Iterator<Item = Descriptor>,
+        hdr_len: usize,
+    ) -> Option<DropReason> {
+        let mut last_next = false;
+        for desc in chain {
+            last_next = desc.has_next();
+            let len = desc.len() as usize;
+            if !desc.is_write_only() {
+                return Some(DropReason::BadChainLayout);
+            } else if len == 0 {
+                // Holds nothing; skipped.
+                continue;
+            } else if self.ndescs == MAX_RX_DESCS {
+                return Some(DropReason::ChainTooLong);
+            } else if self.ndescs == 0 && len < hdr_len {
+                return Some(DropReason::RxChainTooSmall);
+            }
+            self.descs[self.ndescs] = (desc.addr(), len);
+            self.ndescs += 1;
+            self.cap += len;
+        }
+        // The walk stopped on a descriptor that names a next one.
+        last_next.then_some(DropReason::ChainTooLong)
     }
 
     /// Returns the last `n` popped chains to the ring, unused: the next
