@@ -93,7 +93,17 @@ fn start(case: &Case, wrapper: &[&str], once: bool) -> Vnicd {
         Dir::Tx => "sink".to_owned(),
         Dir::Rx => format!("source:{}", case.size),
     };
-    let mut args = vec!["--uplink", uplink.as_str(), "--queue-size", "1024"];
+    // One pair, as the guest drives one: a `source` uplink queue whose RX
+    // queue is off would have its endless frames forwarded to the pair
+    // that is on, and dropped there, on the same worker's time.
+    let mut args = vec![
+        "--uplink",
+        uplink.as_str(),
+        "--queue-size",
+        "1024",
+        "--queues",
+        "1",
+    ];
     if once {
         args.push("--once");
     }
