@@ -1177,7 +1177,10 @@ impl Nic {
     ) -> Result<(), DropReason> {
         let caps = out.tx_offloads();
         let needs_csum = hdr.flags.contains(HdrFlags::NEEDS_CSUM);
-        let uq = q % out.queues().max(1);
+        // (A division only for a queue past the uplink's: a divide per
+        // frame is tens of cycles.)
+        let n = out.queues().max(1);
+        let uq = if q < n { q } else { q % n };
         if takes_gso(caps, v.gso, v.ecn) && (!needs_csum || caps.csum) {
             if v.gso != GsoType::None {
                 stats.gso_packets.fetch_add(1, Ordering::Relaxed);

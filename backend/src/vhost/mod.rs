@@ -367,6 +367,10 @@ fn with_pieces<'m: 'p, 't: 'p, 'p, const N: usize>(
     tail: &'t [u8],
     f: impl FnOnce(Option<&[Piece<'p>]>),
 ) {
+    if rest.is_empty() && tail.is_empty() {
+        // A frame all in the prefix (most small ones): no list to build.
+        return f(Some(&[]));
+    }
     let mut pieces = [Piece::Local(&[]); N];
     for (p, &(addr, len)) in pieces.iter_mut().zip(rest.iter()) {
         match mem.slice(addr, len) {

@@ -165,6 +165,13 @@ impl<'m> Rings<'m> {
         self.size
     }
 
+    /// The ring slot of position `pos`: the size is a power of two
+    /// ([`Rings::new`]), so a mask rather than a division.
+    #[inline(always)]
+    fn slot(&self, pos: u16) -> usize {
+        usize::from(pos & (self.size - 1))
+    }
+
     /// The driver's available index.
     pub fn avail_idx(&self) -> Option<u16> {
         Some(u16::from_le(
@@ -176,7 +183,7 @@ impl<'m> Rings<'m> {
     /// name any 16-bit value: a head past the queue's end is returned as
     /// it is, for the caller to count and pass over.
     pub fn head(&self, pos: u16) -> Option<u16> {
-        self.avail_u16(4 + 2 * usize::from(pos % self.size))
+        self.avail_u16(4 + 2 * self.slot(pos))
     }
 
     /// Asks the CPU to bring in the first bytes of the buffers of the `n`
@@ -186,10 +193,19 @@ impl<'m> Rings<'m> {
     /// touch is a miss. A hint only: nothing is popped, nothing read is
     /// trusted.
     pub fn prefetch(&self, from: u16, n: u16, regions: &mut Regions<'m>, write: bool) {
-        for j in 0..n.min(self.size) {
-            let Some(head) = self.head(from.wrapping_add(j)) else {
-                return;
-            };
+        let heads = (0..n.min(self.size)).map_while(|j| self.head(from.wrapping_add(j)));
+        self.prefetch_heads(heads, regions, write);
+    }
+
+    /// [`Rings::prefetch`] for chains whose heads were read already.
+    #[inline]
+    pub fn prefetch_heads(
+        &self,
+        heads: impl Iterator<Item = u16>,
+        regions: &mut Regions<'m>,
+        write: bool,
+    ) {
+        for head in heads {
             let Some(d) = read_desc(&self.desc, head) else {
                 continue;
             };
@@ -236,7 +252,7 @@ impl<'m> Rings<'m> {
     /// Writes the used entry at used position `pos` (not yet visible to
     /// the driver).
     pub fn put_used(&self, pos: u16, head: u16, len: u32) -> Option<()> {
-        let at = 4 + 8 * usize::from(pos % self.size);
+        let at = 4 + 8 * self.slot(pos);
         self.set_used_u32(at, u32::from(head))?;
         self.set_used_u32(at + 4, len)
     }
@@ -283,6 +299,11 @@ impl Heads {
             .get(usize::from(k))
             .copied()
             .filter(|_| k < self.len)
+    }
+
+    /// The heads copied.
+    pub fn filled(&self) -> &[u16] {
+        &self.heads[..usize::from(self.len).min(self.heads.len())]
     }
 
     /// Copies the heads at the `n` positions from `pos` on (at most
@@ -340,7 +361,8 @@ impl<'m> SplitRing<'m> {
     pub fn prefetch(&mut self, n: u16, regions: &mut Regions<'m>) {
         let n = n.min(BATCH);
         self.heads.fill(&self.rings, self.next_avail, n);
-        self.rings.prefetch(self.next_avail, n, regions, false);
+        let heads = self.heads.filled().iter().copied();
+        self.rings.prefetch_heads(heads, regions, false);
     }
 
     /// The chain starting at descriptor `head` (below the queue's size).
