@@ -40,7 +40,8 @@ impl<'m> Regions<'m> {
     }
 
     /// `len` bytes at `addr`, when they lie in one region of guest memory.
-    #[inline]
+    /// The last region's hit is inlined into each caller; a lookup is not.
+    #[inline(always)]
     pub fn slice(&mut self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m>> {
         if let Some((start, whole)) = self.last {
             // (`subslice` checks that all `len` bytes are in the region.)
@@ -53,6 +54,14 @@ impl<'m> Regions<'m> {
                 return hit;
             }
         }
+        self.look_up(addr, len)
+    }
+
+    /// [`Regions::slice`] past the last region: finds the region and
+    /// keeps it.
+    #[cold]
+    #[inline(never)]
+    fn look_up(&mut self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m>> {
         let r = self.mem.find_region(addr)?;
         let whole = r.as_volatile_slice().ok()?;
         self.last = Some((r.start_addr().0, whole));
