@@ -674,6 +674,23 @@ mod tests {
     }
 
     #[test]
+    fn rings_misaligned_in_host_memory_are_left_to_virtio_queue() {
+        // A region that starts 8 bytes past a page in guest memory: its
+        // mapping starts on a page, so a 16-aligned guest address is
+        // 8 bytes off in host memory.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1008), 0x10_000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
+        let q: Queue = vq.create_queue().unwrap();
+        assert_eq!(q.desc_table() % 16, 0);
+        assert!(Rings::new(&q, &mem).is_none());
+        // Aligned in both, it is taken.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x10_000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x2000), 16);
+        let q: Queue = vq.create_queue().unwrap();
+        assert!(Rings::new(&q, &mem).is_some());
+    }
+
+    #[test]
     fn rings_outside_memory_are_left_to_virtio_queue() {
         let mem = memory();
         let vq = MockSplitQueue::new(&mem, 16);
