@@ -509,9 +509,7 @@ impl Chain<'_, '_> {
                 .ok(),
         }
     }
-}
 
-impl Chain<'_, '_> {
     /// Moves the walk into the indirect table `d` names; false when it
     /// may not be followed: inside an indirect table already, or not a
     /// whole number of descriptors (virtio 1.3, 2.7.5.3.1).
