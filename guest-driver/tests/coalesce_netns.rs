@@ -100,11 +100,14 @@ fn guest_set_coalescing_cuts_receive_notifications() {
     );
     // Over 10 ms late is the whole machine stalled (a CI run saw one of
     // 302 go out 18 ms after it was held, while datagrams kept coming
-    // every millisecond and none of them woke the worker either): at
-    // most 1%. A timer armed wrong would show on every datagram.
+    // every millisecond and none of them woke the worker either; another,
+    // on a host busy enough to slow every case of the DPDK benchmark,
+    // saw 4 of 159, with [71, 61, 23, 4]): at most 5%. A timer armed
+    // wrong would show on every datagram, and the 80% bound above
+    // catches it first.
     assert!(
-        late[3] * 100 <= total,
-        "over 1% held over 10 ms past max_usecs: {late:?}"
+        late[3] * 100 <= total * 5,
+        "over 5% held over 10 ms past max_usecs: {late:?}"
     );
     // A stream the stack easily keeps up with (a datagram every 500 µs),
     // so that without coalescing it is signalled for nearly every one;
