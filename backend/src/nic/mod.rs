@@ -871,11 +871,7 @@ impl Nic {
     /// `max_tx_rate`, or `--link-speed`): when not, [`Nic::tx_wait`] is
     /// always None.
     pub fn paced(&self, p: usize, view: &View) -> bool {
-        self.link.is_some()
-            || view
-                .ports
-                .get(p)
-                .is_some_and(|v| v.settings.max_tx_rate > 0)
+        self.link.is_some() || capped(view, p)
     }
 
     /// How long port `p` must wait before it sends again (its
@@ -976,13 +972,9 @@ impl Nic {
             Ok(()) => {
                 scratch.sent.0 += 1;
                 scratch.sent.1 += len as u64;
-                let capped = view
-                    .ports
-                    .get(p)
-                    .is_some_and(|v| v.settings.max_tx_rate > 0);
-                if capped || self.link.is_some() {
+                if self.paced(p, view) {
                     let now = self.now();
-                    if capped {
+                    if capped(view, p) {
                         if let Some(b) = self.ports[p].bucket().as_mut() {
                             b.take(now, len);
                         }
@@ -1714,6 +1706,13 @@ fn frame_with_hdr(b: &mut Vec<u8>, hdr_bytes: &[u8], prefix: &[u8], rest: &[Piec
     for r in rest {
         r.copy_to(b);
     }
+}
+
+/// Whether port `p` has a `max_tx_rate` in `view`.
+fn capped(view: &View, p: usize) -> bool {
+    view.ports
+        .get(p)
+        .is_some_and(|v| v.settings.max_tx_rate > 0)
 }
 
 /// Writes one frame to queue `q` of `out`.
