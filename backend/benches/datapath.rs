@@ -33,6 +33,7 @@ use vnic_protocol::{
     virtio::{hdr::GsoType, Features, VirtioNetHdr},
     wire::{
         build::{data_segment, tcp_frame, udp_frame, Flow, IpFields},
+        ethernet::Address,
         tcp::Flags,
     },
 };
@@ -54,19 +55,23 @@ struct Case {
     size: usize,
 }
 
+/// vnicd's default MAC address.
+const VNICD_MAC: Address = Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+
+/// A frame of `size` bytes, from the device's own address as a guest
+/// sends it.
 fn frame(size: usize) -> (VirtioNetHdr, Vec<u8>) {
     let ip = IpFields::default();
+    let flow = Flow {
+        src_mac: VNICD_MAC,
+        ..Flow::v4()
+    };
     if size <= 1514 {
-        let f = udp_frame(
-            &Flow::v4(),
-            &ip,
-            &vec![0x5a; size.saturating_sub(42).max(18)],
-        )
-        .unwrap();
+        let f = udp_frame(&flow, &ip, &vec![0x5a; size.saturating_sub(42).max(18)]).unwrap();
         (VirtioNetHdr::default(), f)
     } else {
         let f = tcp_frame(
-            &Flow::v4(),
+            &flow,
             data_segment(1, 1, Flags::ACK),
             &ip,
             &vec![0x5a; size - 66],

@@ -29,9 +29,10 @@ use vnic_protocol::{
     rss::{HashTypes, IndirectionTable, Rss, RssError, Steering},
     virtio::{
         hdr::{GsoType, HDR_LEN},
+        validate::{MAX_FRAME_LEN, MIN_FRAME_LEN},
         validate_prefix, Features, HdrFlags, Validated, VirtioNetHdr,
     },
-    wire::ethernet::Address,
+    wire::ethernet::{is_vlan_tpid, Address},
 };
 
 use self::{
@@ -357,6 +358,30 @@ impl TxScratch {
         if n > 0 {
             stats.packets(n, bytes);
         }
+    }
+}
+
+/// A port alone on the switch, as [`Nic::lone`] found it for one burst.
+pub struct Lone<'a> {
+    /// The port's own address, and without spoof checking the addresses
+    /// learned from its frames: a frame from another goes the whole way
+    /// (it may be spoofed, or an address to learn).
+    mac: Address,
+    learned: &'a [Address],
+    /// The longest untagged frame its MTU lets through.
+    max_len: usize,
+    out: &'a dyn Uplink,
+    /// The uplink queue the TX queue's frames go to.
+    uq: usize,
+}
+
+impl std::fmt::Debug for Lone<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lone")
+            .field("mac", &self.mac)
+            .field("max_len", &self.max_len)
+            .field("uq", &self.uq)
+            .finish_non_exhaustive()
     }
 }
 
@@ -941,6 +966,84 @@ impl Nic {
         }
         self.wake(&mut scratch.wakes);
         r
+    }
+
+    /// What port `p` needs, in `view`, to send a plain frame from TX queue
+    /// `q` straight to the uplink ([`Nic::transmit_lone`]): the port is
+    /// alone on the switch (no VFs, so every frame it sends goes to the
+    /// wire), has no port VLAN, its link is up and nothing paces it. None
+    /// otherwise. Decided once per burst, as `view` only changes with
+    /// control commands.
+    pub fn lone<'a>(&'a self, p: usize, q: usize, view: &'a View) -> Option<Lone<'a>> {
+        if view.ports.len() != 1 || self.paced(p, view) {
+            return None;
+        }
+        let pv = view.ports.get(p)?;
+        if pv.is_vf || pv.settings.vlan.is_some() || !pv.link_up(view.uplink_up) {
+            return None;
+        }
+        let out = self.uplink.as_ref();
+        let mtu = usize::from(self.ports.get(p)?.config.mtu);
+        Some(Lone {
+            mac: pv.mac,
+            learned: if pv.settings.spoofchk {
+                &[]
+            } else {
+                &pv.learned
+            },
+            max_len: (mtu + 14 + 8).min(MAX_FRAME_LEN),
+            out,
+            uq: q % out.queues().max(1),
+        })
+    }
+
+    /// Sends a frame of a [`Nic::lone`] port that asks the device for
+    /// nothing: a 12-byte header of zero flags and no GSO, an untagged
+    /// Ethernet header from the port's own address, a length the MTU
+    /// lets through. Such a frame takes the same way through
+    /// [`Nic::transmit_pieces`] (the switch sends it to the wire as it
+    /// is); here it skips the parsing and lookups that any other frame
+    /// needs. None: not such a frame, nothing done; the caller sends it
+    /// through [`Nic::transmit_pieces`]. Counted as there: sent in
+    /// `scratch`, a failed write in `stats`.
+    #[inline]
+    pub fn transmit_lone(
+        &self,
+        lone: &Lone<'_>,
+        hdr: &[u8],
+        prefix: &[u8],
+        rest: &[Piece<'_>],
+        scratch: &mut TxScratch,
+        stats: &QueueStats,
+    ) -> Option<()> {
+        let h: [u8; HDR_LEN] = hdr.get(..HDR_LEN)?.try_into().ok()?;
+        let len = prefix.len() + rest.iter().map(Piece::len).sum::<usize>();
+        let hdr_len = usize::from(u16::from_le_bytes([h[2], h[3]]));
+        if h[0] != 0 || h[1] != 0 || hdr_len > len {
+            return None;
+        }
+        if !(MIN_FRAME_LEN..=lone.max_len).contains(&len) || rest.len() + 2 > MAX_PIECES {
+            return None;
+        }
+        let eth: &[u8; 14] = prefix.get(..14)?.try_into().ok()?;
+        if is_vlan_tpid(u16::from_be_bytes([eth[12], eth[13]])) {
+            return None;
+        }
+        if eth[6..12] != lone.mac.0 && !lone.learned.iter().any(|a| eth[6..12] == a.0) {
+            return None;
+        }
+        let mut vhdr = h;
+        vhdr[10] = 0;
+        vhdr[11] = 0;
+        let front = [Piece::Local(&vhdr), Piece::Local(prefix)];
+        match sent(lone.out.send_parts(lone.uq, &front, rest), lone.uq) {
+            Ok(()) => {
+                scratch.sent.0 += 1;
+                scratch.sent.1 += len as u64;
+            }
+            Err(why) => stats.drop(why),
+        }
+        Some(())
     }
 
     /// [`Nic::transmit`] for a frame whose first bytes, `prefix` (all its
@@ -1892,6 +1995,122 @@ pub(crate) mod tests {
         assert_eq!(dev.pf().stats.tx[0].drops(DropReason::BadHeader), 1);
         assert_eq!(dev.pf().stats.tx[0].total_drops(), 3);
         assert!(up.sent().is_empty());
+    }
+
+    /// The lone port's way to the uplink takes exactly the frames that
+    /// ask the device for nothing, from the port's address or one it
+    /// learned, and they come out as the switch would send them; the
+    /// others are left to `transmit_pieces`.
+    #[test]
+    fn a_lone_port_sends_plain_frames_as_the_switch_would() {
+        let own = config(1).mac;
+        let plain = |src: Address, len: usize| {
+            let mut f = vec![0u8; len.max(14)];
+            f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+            f[6..12].copy_from_slice(&src.0);
+            f[12..14].copy_from_slice(&[0x08, 0x00]);
+            for (i, b) in f.iter_mut().enumerate().skip(14) {
+                *b = i as u8;
+            }
+            f.truncate(len);
+            f
+        };
+        let mut tagged = plain(own, 64);
+        tagged[12..14].copy_from_slice(&[0x81, 0x00]);
+        let mut hdr_len_past = [0u8; 12];
+        hdr_len_past[2] = 65;
+        let mut csum = [0u8; 12];
+        csum[0] = 1;
+        csum[6] = 34;
+        csum[8] = 6;
+        let mut valid = [0u8; 12];
+        valid[0] = 2;
+        let mut with_buffers = [0u8; 12];
+        with_buffers[10] = 7;
+        // (header, frame, whether the lone path takes it)
+        let cases: Vec<([u8; 12], Vec<u8>, bool)> = vec![
+            ([0; 12], plain(own, 64), true),
+            ([0; 12], plain(own, 1522), true),
+            (with_buffers, plain(own, 60), true),
+            ([0; 12], plain(own, 14), true),
+            ([0; 12], plain(own, 1523), false),
+            ([0; 12], plain(own, 13), false),
+            ([0; 12], plain(Address([2, 0, 0, 0, 0, 7]), 64), false),
+            ([0; 12], plain(Address([0x33, 0, 0, 0, 0, 7]), 64), false),
+            ([0; 12], tagged, false),
+            (hdr_len_past, plain(own, 64), false),
+            (csum, plain(own, 64), false),
+            (valid, plain(own, 64), false),
+            (tso_hdr(1448), plain(own, 64), false),
+        ];
+        let lone_up = FakeUplink::default();
+        let lone_dev = Nic::single(config(1), Box::new(lone_up.clone())).unwrap();
+        let full_up = FakeUplink::default();
+        let full_dev = Nic::single(config(1), Box::new(full_up.clone())).unwrap();
+        let view = lone_dev.switch.view();
+        let lone = lone_dev.lone(0, 0, &view).expect("a single port is lone");
+        let (mut s1, mut s2) = (TxScratch::default(), TxScratch::default());
+        for (k, (h, f, takes)) in cases.iter().enumerate() {
+            // The frame's tail stays in "guest memory" past 20 bytes.
+            let (prefix, rest) = f.split_at(f.len().min(20));
+            let rest = [Piece::Local(rest)];
+            let rest = if rest[0].is_empty() { &[] } else { &rest[..] };
+            let stats = &lone_dev.pf().stats.tx[0];
+            let took = lone_dev
+                .transmit_lone(&lone, h, prefix, rest, &mut s1, stats)
+                .is_some();
+            assert_eq!(took, *takes, "case {k}");
+            if !took {
+                let _ = lone_dev.transmit_pieces(0, 0, h, prefix, rest, &mut s1, &view);
+            }
+            let _ =
+                full_dev.transmit_pieces(0, 0, h, prefix, rest, &mut s2, &full_dev.switch.view());
+            assert_eq!(lone_up.sent(), full_up.sent(), "case {k}");
+        }
+        // Learned from the frame above (for the next burst's view), a
+        // second address is taken too.
+        let view = lone_dev.switch.view();
+        let lone = lone_dev.lone(0, 0, &view).expect("lone");
+        let f = plain(Address([2, 0, 0, 0, 0, 7]), 64);
+        let stats = &lone_dev.pf().stats.tx[0];
+        assert!(lone_dev
+            .transmit_lone(&lone, &[0; 12], &f, &[], &mut s1, stats)
+            .is_some());
+        let _ = full_dev.transmit_pieces(0, 0, &[0; 12], &f, &[], &mut s2, &full_dev.switch.view());
+        assert_eq!(lone_up.sent(), full_up.sent());
+        assert_eq!(s1.sent, s2.sent);
+        assert!(s1.sent.0 >= 6);
+        let (a, b) = (&lone_dev.pf().stats.tx[0], &full_dev.pf().stats.tx[0]);
+        assert_eq!(a.total_drops(), b.total_drops());
+        assert_eq!(a.drops(DropReason::Oversized), 1);
+        assert_eq!(
+            a.drops(DropReason::BadHeader),
+            b.drops(DropReason::BadHeader)
+        );
+        // The frames it took went out with num_buffers cleared.
+        assert_eq!(&lone_up.sent()[2][..12], &[0; 12]);
+    }
+
+    /// Which ports may take the lone way: none beside VFs, with the
+    /// uplink's link down, or paced by `--link-speed`.
+    #[test]
+    fn only_an_unpaced_port_alone_and_up_is_lone() {
+        let up = FakeUplink::default();
+        let dev = Nic::single(config(2), Box::new(up.clone())).unwrap();
+        let view = dev.switch.view();
+        let lone = dev.lone(0, 3, &view).expect("lone");
+        assert_eq!(lone.uq, 3 % up.queues().max(1));
+        assert_eq!(lone.max_len, 1500 + 14 + 8);
+        dev.switch.update(|v| v.uplink_up = false);
+        assert!(dev.lone(0, 0, &dev.switch.view()).is_none());
+        let with_vf = nic_with_vfs(1, &up);
+        let view = with_vf.switch.view();
+        assert!(with_vf.lone(0, 0, &view).is_none());
+        assert!(with_vf.lone(1, 0, &view).is_none());
+        let mut c = config(1);
+        c.link_speed = 1000;
+        let paced = Nic::single(c, Box::new(up)).unwrap();
+        assert!(paced.lone(0, 0, &paced.switch.view()).is_none());
     }
 
     /// A NIC with `n` VFs on `up`, every port attached with every

@@ -894,6 +894,7 @@ impl VnicBackend {
             ..
         } = &mut *w;
         self.nic.switch.refresh(view);
+        let view: &View = view;
         let stats = &self.dev().stats.tx[i];
         // The driver's header on transmit has the negotiated size: 20
         // bytes with HASH_REPORT, 12 otherwise.
@@ -901,6 +902,9 @@ impl VnicBackend {
         // Whether a rate limit or link share may hold the port's frames
         // back: asked per chain only then (it changes with the view).
         let paced = self.nic.paced(self.port, view);
+        // A port alone on the switch sends its plain frames straight to
+        // the uplink.
+        let lone = self.nic.lone(self.port, i, view);
         let mut moved = 0;
         let mut empty = 0;
         let mut limited = false;
@@ -928,15 +932,16 @@ impl VnicBackend {
                     Ok(n) => {
                         let send = |pieces: Option<&[Piece<'_>]>| match pieces {
                             Some(p) => {
-                                let _ = self.nic.transmit_pieces(
-                                    self.port,
-                                    i,
-                                    &tx[..hdr_len],
-                                    &tx[hdr_len..n],
-                                    p,
-                                    scratch,
-                                    view,
-                                );
+                                let (h, prefix) = (&tx[..hdr_len], &tx[hdr_len..n]);
+                                let done = lone.as_ref().and_then(|l| {
+                                    self.nic.transmit_lone(l, h, prefix, p, scratch, stats)
+                                });
+                                if done.is_some() {
+                                    return;
+                                }
+                                let _ = self
+                                    .nic
+                                    .transmit_pieces(self.port, i, h, prefix, p, scratch, view);
                             }
                             None => stats.drop(DropReason::BadDescriptor),
                         };
