@@ -361,6 +361,10 @@ impl TxScratch {
     }
 }
 
+/// An Ethernet header and one VLAN tag: all of a frame the switch reads
+/// to route it.
+const ETH_AND_TAG: usize = 18;
+
 /// A port alone on the switch, as [`Nic::lone`] found it for one burst.
 pub struct Lone<'a> {
     /// The port's own address, and without spoof checking the addresses
@@ -1441,6 +1445,17 @@ impl Nic {
         });
     }
 
+    /// How many of a frame's first bytes [`Nic::uplink_route`] reads in
+    /// `view` (at most `most`): only the Ethernet header and one tag when
+    /// the PF is alone and RSS steers it blind
+    /// ([`PortView::steers_blind`]), else `most`.
+    pub fn route_peek(&self, view: &View, most: usize) -> usize {
+        match view.ports.as_slice() {
+            [pf] if pf.steers_blind().is_some() => most.min(ETH_AND_TAG),
+            _ => most,
+        }
+    }
+
     /// How a frame read from the uplink is to go, from its first bytes.
     pub fn uplink_route(&self, view: &View, peek: &[u8], len: usize) -> UplinkRoute {
         let Some(l2) = L2::parse(peek) else {
@@ -2089,6 +2104,63 @@ pub(crate) mod tests {
         );
         // The frames it took went out with num_buffers cleared.
         assert_eq!(&lone_up.sent()[2][..12], &[0; 12]);
+    }
+
+    /// Where RSS steers blind, the route reads no further than an
+    /// Ethernet header and a tag, and comes out the same from those bytes
+    /// as from the whole frame; elsewhere it reads all it is offered.
+    #[test]
+    fn the_route_reads_only_what_it_needs() {
+        let frames: Vec<Vec<u8>> = vec![
+            tcp_frame(
+                &Flow::v4(),
+                data_segment(1, 1, Flags::ACK),
+                &IpFields::default(),
+                &[3; 300],
+            )
+            .unwrap(),
+            // Tagged, VLAN 5.
+            {
+                let mut f = tcp_frame(
+                    &Flow::v4(),
+                    data_segment(1, 1, Flags::ACK),
+                    &IpFields::default(),
+                    &[3; 300],
+                )
+                .unwrap();
+                f.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+                f
+            },
+            vec![0xff; 17],
+            vec![0xff; 13],
+        ];
+        let one = Nic::single(config(1), Box::new(FakeUplink::default())).unwrap();
+        let view = one.switch.view();
+        assert_eq!(one.route_peek(&view, 256), 18);
+        assert_eq!(one.route_peek(&view, 10), 10);
+        for f in &frames {
+            let n = f.len().min(one.route_peek(&view, 256));
+            assert_eq!(
+                one.uplink_route(&view, &f[..n], f.len()),
+                one.uplink_route(&view, &f[..f.len().min(256)], f.len())
+            );
+        }
+        assert!(matches!(
+            one.uplink_route(&view, &frames[1][..18], frames[1].len()),
+            UplinkRoute::Pf(_)
+        ));
+        // Spread over queues, or with the hash wanted, RSS parses.
+        let four = Nic::single(config(4), Box::new(FakeUplink::default())).unwrap();
+        assert_eq!(four.route_peek(&four.switch.view(), 256), 256);
+        let hashed = Nic::single(config(1), Box::new(FakeUplink::default())).unwrap();
+        hashed
+            .set_guest_features(0, crate::vhost::offered_features())
+            .unwrap();
+        assert_eq!(hashed.route_peek(&hashed.switch.view(), 256), 256);
+        // With VFs the switch reads the frame itself.
+        let up = FakeUplink::default();
+        let vfs = nic_with_vfs(1, &up);
+        assert_eq!(vfs.route_peek(&vfs.switch.view(), 256), 256);
     }
 
     /// Which ports may take the lone way: none beside VFs, with the

@@ -147,6 +147,19 @@ impl PortView {
         }
     }
 
+    /// The one queue RSS puts every frame on, hashed or not, when the
+    /// driver does not want the hash either: then no frame needs to be
+    /// parsed or hashed to be steered.
+    pub fn steers_blind(&self) -> Option<u16> {
+        if self.hash_report {
+            return None;
+        }
+        self.rss
+            .table
+            .single()
+            .filter(|&q| q == self.rss.unclassified_queue)
+    }
+
     /// Whether the port takes a frame with layer-2 header `l2` (its VLAN
     /// and its receive filter).
     pub fn accepts(&self, l2: &L2) -> bool {
@@ -157,18 +170,11 @@ impl PortView {
     /// frame, hashed or not, goes to one queue and the driver does not
     /// want the hash, the frame is neither parsed nor hashed.
     pub fn steer(&self, prefix: &[u8], len: usize) -> Steering {
-        if !self.hash_report {
-            if let Some(q) = self
-                .rss
-                .table
-                .single()
-                .filter(|&q| q == self.rss.unclassified_queue)
-            {
-                return Steering {
-                    queue: q,
-                    ..NO_HASH
-                };
-            }
+        if let Some(q) = self.steers_blind() {
+            return Steering {
+                queue: q,
+                ..NO_HASH
+            };
         }
         match parse_frame_prefix(prefix, len) {
             Ok(info) => self.rss.steer(&info),

@@ -636,6 +636,9 @@ struct RxBufs {
     descs: [(GuestAddress, usize); MAX_RX_DESCS],
     /// The used entries of the frame at hand (head, bytes written).
     used: [(u16, u32); MAX_RX_BUFFERS],
+    /// The frame's first bytes, read back to route it (kept, so that it
+    /// is not zeroed per frame).
+    peek: [u8; RX_PEEK],
     nchains: usize,
     ndescs: usize,
     cap: usize,
@@ -648,6 +651,7 @@ impl RxBufs {
             pos: [0u16; MAX_RX_BUFFERS],
             descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
             used: [(0u16, 0u32); MAX_RX_BUFFERS],
+            peek: [0u8; RX_PEEK],
             nchains: 0,
             ndescs: 0,
             cap: 0,
@@ -999,9 +1003,10 @@ impl RxWriter<'_> {
         let frame_len = n - VNET_HDR_LEN;
         let in_guest = frame_len.min(guest_room);
         let spill = &overflow[..frame_len - in_guest];
-        // The first bytes, to filter and steer on.
-        let mut peek = [0u8; RX_PEEK];
-        let plen = frame_len.min(RX_PEEK);
+        // The first bytes, to filter and steer on: only as many as the
+        // route reads.
+        let peek = &mut rx.peek;
+        let plen = frame_len.min(nic.route_peek(view, RX_PEEK));
         let from_guest = plen.min(in_guest);
         if let Err(why) = read_span(
             regions,
