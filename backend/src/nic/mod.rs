@@ -374,6 +374,8 @@ pub struct Lone<'a> {
     learned: &'a [Address],
     /// The longest untagged frame its MTU lets through.
     max_len: usize,
+    /// The offloads the uplink does itself.
+    caps: Offloads,
     out: &'a dyn Uplink,
     /// The uplink queue the TX queue's frames go to.
     uq: usize,
@@ -972,8 +974,8 @@ impl Nic {
         r
     }
 
-    /// What port `p` needs, in `view`, to send a plain frame from TX queue
-    /// `q` straight to the uplink ([`Nic::transmit_lone`]): the port is
+    /// What port `p` needs, in `view`, to send a frame from TX queue `q`
+    /// straight to the uplink ([`Nic::transmit_lone`]): the port is
     /// alone on the switch (no VFs, so every frame it sends goes to the
     /// wire), has no port VLAN, its link is up and nothing paces it. None
     /// otherwise. Decided once per burst, as `view` only changes with
@@ -989,6 +991,7 @@ impl Nic {
         let out = self.uplink.as_ref();
         let mtu = usize::from(self.ports.get(p)?.config.mtu);
         Some(Lone {
+            caps: out.tx_offloads(),
             mac: pv.mac,
             learned: if pv.settings.spoofchk {
                 &[]
@@ -1001,15 +1004,16 @@ impl Nic {
         })
     }
 
-    /// Sends a frame of a [`Nic::lone`] port that asks the device for
-    /// nothing: a 12-byte header of zero flags and no GSO, an untagged
-    /// Ethernet header from the port's own address, a length the MTU
-    /// lets through. Such a frame takes the same way through
-    /// [`Nic::transmit_pieces`] (the switch sends it to the wire as it
-    /// is); here it skips the parsing and lookups that any other frame
-    /// needs. None: not such a frame, nothing done; the caller sends it
-    /// through [`Nic::transmit_pieces`]. Counted as there: sent in
-    /// `scratch`, a failed write in `stats`.
+    /// Sends a frame of a [`Nic::lone`] port that the uplink takes as it
+    /// is: an untagged Ethernet frame from the port's own address (or one
+    /// it learned) whose 12-byte header asks for nothing, or for a
+    /// checksum or segmentation the uplink does itself. Such a frame
+    /// takes the same way through [`Nic::transmit_pieces`] (the switch
+    /// sends it to the wire as it is); here it skips the route and, when
+    /// it asks for nothing, the parsing too. None: not such a frame,
+    /// nothing done; the caller sends it through
+    /// [`Nic::transmit_pieces`]. Counted as there: sent in `scratch`, a
+    /// failed write and GSO frames in `stats`.
     #[inline]
     pub fn transmit_lone(
         &self,
@@ -1022,19 +1026,29 @@ impl Nic {
     ) -> Option<()> {
         let h: [u8; HDR_LEN] = hdr.get(..HDR_LEN)?.try_into().ok()?;
         let len = prefix.len() + rest.iter().map(Piece::len).sum::<usize>();
-        let hdr_len = usize::from(u16::from_le_bytes([h[2], h[3]]));
-        if h[0] != 0 || h[1] != 0 || hdr_len > len {
+        if rest.len() + 2 > MAX_PIECES {
             return None;
         }
-        if !(MIN_FRAME_LEN..=lone.max_len).contains(&len) || rest.len() + 2 > MAX_PIECES {
-            return None;
-        }
+        let gso = if h[0] == 0 && h[1] == 0 {
+            // Asks for nothing: only its header length and its own to
+            // check.
+            let hdr_len = usize::from(u16::from_le_bytes([h[2], h[3]]));
+            if hdr_len > len || !(MIN_FRAME_LEN..=lone.max_len).contains(&len) {
+                return None;
+            }
+            false
+        } else {
+            self.lone_offloads(lone, &h, prefix, len)?
+        };
         let eth: &[u8; 14] = prefix.get(..14)?.try_into().ok()?;
         if is_vlan_tpid(u16::from_be_bytes([eth[12], eth[13]])) {
             return None;
         }
         if eth[6..12] != lone.mac.0 && !lone.learned.iter().any(|a| eth[6..12] == a.0) {
             return None;
+        }
+        if gso {
+            stats.gso_packets.fetch_add(1, Ordering::Relaxed);
         }
         let mut vhdr = h;
         vhdr[10] = 0;
@@ -1048,6 +1062,33 @@ impl Nic {
             Err(why) => stats.drop(why),
         }
         Some(())
+    }
+
+    /// For [`Nic::transmit_lone`], a frame whose header asks for an
+    /// offload: checked as [`Nic::transmit_pieces`] checks it, and taken
+    /// when the uplink does the offload itself. Some(whether it is a GSO
+    /// frame); None: not taken.
+    #[inline(never)]
+    fn lone_offloads(
+        &self,
+        lone: &Lone<'_>,
+        h: &[u8; HDR_LEN],
+        prefix: &[u8],
+        len: usize,
+    ) -> Option<bool> {
+        if h[0] & !HdrFlags::NEEDS_CSUM.bits() != 0 {
+            return None;
+        }
+        let hdr = VirtioNetHdr::parse(h, false).ok()?;
+        let v = validate_prefix(&hdr, prefix, len).ok()?;
+        let needs_csum = hdr.flags.contains(HdrFlags::NEEDS_CSUM);
+        if !takes_gso(lone.caps, v.gso, v.ecn) || (needs_csum && !lone.caps.csum) {
+            return None;
+        }
+        if v.gso == GsoType::None && len > lone.max_len {
+            return None;
+        }
+        Some(v.gso != GsoType::None)
     }
 
     /// [`Nic::transmit`] for a frame whose first bytes, `prefix` (all its
@@ -2012,12 +2053,12 @@ pub(crate) mod tests {
         assert!(up.sent().is_empty());
     }
 
-    /// The lone port's way to the uplink takes exactly the frames that
-    /// ask the device for nothing, from the port's address or one it
-    /// learned, and they come out as the switch would send them; the
-    /// others are left to `transmit_pieces`.
+    /// The lone port's way to the uplink takes exactly the frames the
+    /// uplink takes as they are, from the port's address or one it
+    /// learned, and they come out as the switch would send them, with the
+    /// same counts; the others are left to `transmit_pieces`.
     #[test]
-    fn a_lone_port_sends_plain_frames_as_the_switch_would() {
+    fn a_lone_port_sends_what_the_uplink_takes_as_the_switch_would() {
         let own = config(1).mac;
         let plain = |src: Address, len: usize| {
             let mut f = vec![0u8; len.max(14)];
@@ -2030,80 +2071,123 @@ pub(crate) mod tests {
             f.truncate(len);
             f
         };
+        // From the port's own address (Flow::v4's source).
+        let tcp = |n: usize| {
+            tcp_frame(
+                &Flow::v4(),
+                data_segment(1, 1, Flags::ACK),
+                &IpFields::default(),
+                &vec![7; n],
+            )
+            .unwrap()
+        };
+        assert_eq!(&tcp(1)[6..12], &own.0);
         let mut tagged = plain(own, 64);
         tagged[12..14].copy_from_slice(&[0x81, 0x00]);
         let mut hdr_len_past = [0u8; 12];
         hdr_len_past[2] = 65;
-        let mut csum = [0u8; 12];
-        csum[0] = 1;
-        csum[6] = 34;
-        csum[8] = 6;
+        let csum_at = |start: u16, off: u16| {
+            let mut h = [0u8; 12];
+            h[0] = 1;
+            h[6..8].copy_from_slice(&start.to_le_bytes());
+            h[8..10].copy_from_slice(&off.to_le_bytes());
+            h
+        };
         let mut valid = [0u8; 12];
         valid[0] = 2;
         let mut with_buffers = [0u8; 12];
         with_buffers[10] = 7;
-        // (header, frame, whether the lone path takes it)
-        let cases: Vec<([u8; 12], Vec<u8>, bool)> = vec![
-            ([0; 12], plain(own, 64), true),
-            ([0; 12], plain(own, 1522), true),
-            (with_buffers, plain(own, 60), true),
-            ([0; 12], plain(own, 14), true),
-            ([0; 12], plain(own, 1523), false),
-            ([0; 12], plain(own, 13), false),
-            ([0; 12], plain(Address([2, 0, 0, 0, 0, 7]), 64), false),
-            ([0; 12], plain(Address([0x33, 0, 0, 0, 0, 7]), 64), false),
-            ([0; 12], tagged, false),
-            (hdr_len_past, plain(own, 64), false),
-            (csum, plain(own, 64), false),
-            (valid, plain(own, 64), false),
-            (tso_hdr(1448), plain(own, 64), false),
+        // (header, frame, taken with an uplink of no offloads, with all)
+        let cases: Vec<([u8; 12], Vec<u8>, bool, bool)> = vec![
+            ([0; 12], plain(own, 64), true, true),
+            ([0; 12], plain(own, 1522), true, true),
+            (with_buffers, plain(own, 60), true, true),
+            ([0; 12], plain(own, 14), true, true),
+            ([0; 12], plain(own, 1523), false, false),
+            ([0; 12], plain(own, 13), false, false),
+            (
+                [0; 12],
+                plain(Address([2, 0, 0, 0, 0, 7]), 64),
+                false,
+                false,
+            ),
+            (
+                [0; 12],
+                plain(Address([0x33, 0, 0, 0, 0, 7]), 64),
+                false,
+                false,
+            ),
+            ([0; 12], tagged, false, false),
+            (hdr_len_past, plain(own, 64), false, false),
+            (valid, plain(own, 64), false, false),
+            (csum_at(34, 16), tcp(1000), false, true),
+            (csum_at(34, 16), tcp(1500), false, false),
+            (csum_at(1100, 16), tcp(1000), false, false),
+            (tso_hdr(1448), tcp(5000), false, true),
+            (tso_hdr(1448), plain(own, 64), false, false),
         ];
-        let lone_up = FakeUplink::default();
-        let lone_dev = Nic::single(config(1), Box::new(lone_up.clone())).unwrap();
-        let full_up = FakeUplink::default();
-        let full_dev = Nic::single(config(1), Box::new(full_up.clone())).unwrap();
-        let view = lone_dev.switch.view();
-        let lone = lone_dev.lone(0, 0, &view).expect("a single port is lone");
-        let (mut s1, mut s2) = (TxScratch::default(), TxScratch::default());
-        for (k, (h, f, takes)) in cases.iter().enumerate() {
-            // The frame's tail stays in "guest memory" past 20 bytes.
-            let (prefix, rest) = f.split_at(f.len().min(20));
-            let rest = [Piece::Local(rest)];
-            let rest = if rest[0].is_empty() { &[] } else { &rest[..] };
+        for all in [false, true] {
+            let make = || {
+                if all {
+                    FakeUplink::with_offloads(Offloads::ALL)
+                } else {
+                    FakeUplink::default()
+                }
+            };
+            let (lone_up, full_up) = (make(), make());
+            let lone_dev = Nic::single(config(1), Box::new(lone_up.clone())).unwrap();
+            let full_dev = Nic::single(config(1), Box::new(full_up.clone())).unwrap();
+            let view = lone_dev.switch.view();
+            let lone = lone_dev.lone(0, 0, &view).expect("a single port is lone");
+            let (mut s1, mut s2) = (TxScratch::default(), TxScratch::default());
             let stats = &lone_dev.pf().stats.tx[0];
-            let took = lone_dev
-                .transmit_lone(&lone, h, prefix, rest, &mut s1, stats)
-                .is_some();
-            assert_eq!(took, *takes, "case {k}");
-            if !took {
-                let _ = lone_dev.transmit_pieces(0, 0, h, prefix, rest, &mut s1, &view);
+            for (k, (h, f, no_off, all_off)) in cases.iter().enumerate() {
+                // The frame's tail stays in "guest memory" past its
+                // headers.
+                let (prefix, rest) = f.split_at(f.len().min(80));
+                let rest = [Piece::Local(rest)];
+                let rest = if rest[0].is_empty() { &[] } else { &rest[..] };
+                let took = lone_dev
+                    .transmit_lone(&lone, h, prefix, rest, &mut s1, stats)
+                    .is_some();
+                assert_eq!(
+                    took,
+                    if all { *all_off } else { *no_off },
+                    "case {k}, {all}"
+                );
+                if !took {
+                    let _ = lone_dev.transmit_pieces(0, 0, h, prefix, rest, &mut s1, &view);
+                }
+                let full_view = full_dev.switch.view();
+                let _ = full_dev.transmit_pieces(0, 0, h, prefix, rest, &mut s2, &full_view);
+                assert_eq!(lone_up.sent(), full_up.sent(), "case {k}, {all}");
             }
-            let _ =
-                full_dev.transmit_pieces(0, 0, h, prefix, rest, &mut s2, &full_dev.switch.view());
-            assert_eq!(lone_up.sent(), full_up.sent(), "case {k}");
+            // Learned from the frame above (for the next burst's view), a
+            // second address is taken too.
+            let view = lone_dev.switch.view();
+            let lone = lone_dev.lone(0, 0, &view).expect("lone");
+            let f = plain(Address([2, 0, 0, 0, 0, 7]), 64);
+            assert!(lone_dev
+                .transmit_lone(&lone, &[0; 12], &f, &[], &mut s1, stats)
+                .is_some());
+            let full_view = full_dev.switch.view();
+            let _ = full_dev.transmit_pieces(0, 0, &[0; 12], &f, &[], &mut s2, &full_view);
+            assert_eq!(lone_up.sent(), full_up.sent());
+            assert_eq!(s1.sent, s2.sent);
+            assert!(s1.sent.0 >= 9);
+            let (a, b) = (&lone_dev.pf().stats.tx[0], &full_dev.pf().stats.tx[0]);
+            assert_eq!(a.total_drops(), b.total_drops());
+            assert_eq!(a.drops(DropReason::Oversized), 2);
+            assert_eq!(
+                a.drops(DropReason::BadHeader),
+                b.drops(DropReason::BadHeader)
+            );
+            let gso = |s: &QueueStats| s.gso_packets.load(Ordering::Relaxed);
+            assert_eq!(gso(a), gso(b));
+            assert_eq!(gso(a), u64::from(all));
+            // The frames it took went out with num_buffers cleared.
+            assert_eq!(&lone_up.sent()[2][..12], &[0; 12]);
         }
-        // Learned from the frame above (for the next burst's view), a
-        // second address is taken too.
-        let view = lone_dev.switch.view();
-        let lone = lone_dev.lone(0, 0, &view).expect("lone");
-        let f = plain(Address([2, 0, 0, 0, 0, 7]), 64);
-        let stats = &lone_dev.pf().stats.tx[0];
-        assert!(lone_dev
-            .transmit_lone(&lone, &[0; 12], &f, &[], &mut s1, stats)
-            .is_some());
-        let _ = full_dev.transmit_pieces(0, 0, &[0; 12], &f, &[], &mut s2, &full_dev.switch.view());
-        assert_eq!(lone_up.sent(), full_up.sent());
-        assert_eq!(s1.sent, s2.sent);
-        assert!(s1.sent.0 >= 6);
-        let (a, b) = (&lone_dev.pf().stats.tx[0], &full_dev.pf().stats.tx[0]);
-        assert_eq!(a.total_drops(), b.total_drops());
-        assert_eq!(a.drops(DropReason::Oversized), 1);
-        assert_eq!(
-            a.drops(DropReason::BadHeader),
-            b.drops(DropReason::BadHeader)
-        );
-        // The frames it took went out with num_buffers cleared.
-        assert_eq!(&lone_up.sent()[2][..12], &[0; 12]);
     }
 
     /// Where RSS steers blind, the route reads no further than an

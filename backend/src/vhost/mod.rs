@@ -902,8 +902,8 @@ impl VnicBackend {
         // Whether a rate limit or link share may hold the port's frames
         // back: asked per chain only then (it changes with the view).
         let paced = self.nic.paced(self.port, view);
-        // A port alone on the switch sends its plain frames straight to
-        // the uplink.
+        // A port alone on the switch sends the frames the uplink takes as
+        // they are straight to it.
         let lone = self.nic.lone(self.port, i, view);
         let mut moved = 0;
         let mut empty = 0;
