@@ -363,7 +363,7 @@ impl TxScratch {
 
 /// An Ethernet header and one VLAN tag: all of a frame the switch reads
 /// to route it.
-const ETH_AND_TAG: usize = 18;
+pub const ETH_AND_TAG: usize = 18;
 
 /// A port alone on the switch, as [`Nic::lone`] found it for one burst.
 pub struct Lone<'a> {
@@ -1497,6 +1497,18 @@ impl Nic {
         }
     }
 
+    /// Where [`Nic::uplink_route`] sends any frame of at least
+    /// [`ETH_AND_TAG`] bytes in `view`, known without reading it: to the
+    /// PF on one queue, when the PF is alone, takes every frame
+    /// ([`PortView::takes_all`]) and RSS steers it blind. None: the route
+    /// reads the frame.
+    pub fn blind_route(&self, view: &View) -> Option<Steering> {
+        match view.ports.as_slice() {
+            [pf] if pf.takes_all() => pf.steers_blind().map(|queue| Steering { queue, ..NO_HASH }),
+            _ => None,
+        }
+    }
+
     /// How a frame read from the uplink is to go, from its first bytes.
     pub fn uplink_route(&self, view: &View, peek: &[u8], len: usize) -> UplinkRoute {
         let Some(l2) = L2::parse(peek) else {
@@ -2245,6 +2257,59 @@ pub(crate) mod tests {
         let up = FakeUplink::default();
         let vfs = nic_with_vfs(1, &up);
         assert_eq!(vfs.route_peek(&vfs.switch.view(), 256), 256);
+    }
+
+    /// A frame long enough for any Ethernet header goes where the route
+    /// would send it, without being read, while the PF takes every frame;
+    /// once its driver sets a filter, or with VFs, the route reads it.
+    #[test]
+    fn a_blind_route_agrees_with_the_route() {
+        use vnic_protocol::virtio::ctrl::{CtrlCommand, RxMode};
+        let mut frames: Vec<Vec<u8>> = vec![
+            tcp_frame(
+                &Flow::v4(),
+                data_segment(1, 1, Flags::ACK),
+                &IpFields::default(),
+                &[3; 30],
+            )
+            .unwrap(),
+            vec![0xff; 18],
+            vec![0x01; 64],
+            vec![0x81; 18],
+            vec![0x88; 40],
+        ];
+        let mut tagged = frames[0].clone();
+        tagged.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+        frames.push(tagged);
+        let nic = Nic::single(config(1), Box::new(FakeUplink::default())).unwrap();
+        let view = nic.switch.view();
+        let blind = nic.blind_route(&view).expect("blind");
+        assert_eq!(blind.queue, 0);
+        for f in &frames {
+            assert_eq!(
+                nic.uplink_route(&view, f, f.len()),
+                UplinkRoute::Pf(blind),
+                "{f:?}"
+            );
+        }
+        // A filter set: frames to other addresses are the route's to drop.
+        let all = crate::vhost::offered_features();
+        let promisc_off = CtrlCommand::Rx {
+            mode: RxMode::Promisc,
+            on: false,
+        };
+        nic.control(0, &promisc_off, all).unwrap();
+        let view = nic.switch.view();
+        assert!(nic.blind_route(&view).is_none());
+        assert_eq!(
+            nic.uplink_route(&view, &frames[2], frames[2].len()),
+            UplinkRoute::Drop(DropReason::Filtered)
+        );
+        let four = Nic::single(config(4), Box::new(FakeUplink::default())).unwrap();
+        assert!(four.blind_route(&four.switch.view()).is_none());
+        let up = FakeUplink::default();
+        let vfs = nic_with_vfs(1, &up);
+        assert!(vfs.blind_route(&vfs.switch.view()).is_none());
     }
 
     /// Which ports may take the lone way: none beside VFs, with the

@@ -147,6 +147,16 @@ impl PortView {
         }
     }
 
+    /// Whether the port takes every frame that parses, whatever its
+    /// addresses and tag: the PF, with no port VLAN, before its driver
+    /// set a receive or VLAN filter.
+    pub fn takes_all(&self) -> bool {
+        !self.is_vf
+            && self.settings.vlan.is_none()
+            && !self.filter.active
+            && self.filter.vlans.is_none()
+    }
+
     /// The one queue RSS puts every frame on, hashed or not, when the
     /// driver does not want the hash either: then no frame needs to be
     /// parsed or hashed to be steered.

@@ -22,7 +22,7 @@ use super::split::{Chain, Heads, Regions, Rings, BATCH};
 use crate::{
     nic::{
         switch::{View, NO_HASH},
-        DropReason, Nic, QueueStats, UplinkRoute, MAX_FRAME,
+        DropReason, Nic, QueueStats, UplinkRoute, ETH_AND_TAG, MAX_FRAME,
     },
     uplink::{tap::VNET_HDR_LEN, PieceMut, MAX_PIECES},
 };
@@ -1003,23 +1003,34 @@ impl RxWriter<'_> {
         let frame_len = n - VNET_HDR_LEN;
         let in_guest = frame_len.min(guest_room);
         let spill = &overflow[..frame_len - in_guest];
-        // The first bytes, to filter and steer on: only as many as the
-        // route reads.
-        let peek = &mut rx.peek;
-        let plen = frame_len.min(nic.route_peek(view, RX_PEEK));
-        let from_guest = plen.min(in_guest);
-        if let Err(why) = read_span(
-            regions,
-            &rx.descs[..rx.ndescs],
-            hdr_len,
-            &mut peek[..from_guest],
-        ) {
-            rx.unpop(q, rx.nchains);
-            return Ok(Direct::Dropped(why));
-        }
-        peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
-        let peek = &peek[..plen];
-        let (steering, target) = match nic.uplink_route(view, peek, frame_len) {
+        // Where it goes: known without reading it back when the PF takes
+        // every frame, else from its first bytes (only as many as the
+        // route reads).
+        let blind = if frame_len >= ETH_AND_TAG {
+            nic.blind_route(view)
+        } else {
+            None
+        };
+        let route = match blind {
+            Some(s) => UplinkRoute::Pf(s),
+            None => {
+                let peek = &mut rx.peek;
+                let plen = frame_len.min(nic.route_peek(view, RX_PEEK));
+                let from_guest = plen.min(in_guest);
+                if let Err(why) = read_span(
+                    regions,
+                    &rx.descs[..rx.ndescs],
+                    hdr_len,
+                    &mut peek[..from_guest],
+                ) {
+                    rx.unpop(q, rx.nchains);
+                    return Ok(Direct::Dropped(why));
+                }
+                peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
+                nic.uplink_route(view, &peek[..plen], frame_len)
+            }
+        };
+        let (steering, target) = match route {
             UplinkRoute::Pf(s) => (s, Some(nic.pf().rx_queue(usize::from(s.queue), own))),
             UplinkRoute::Switch => (NO_HASH, None),
             UplinkRoute::Drop(why) => {
