@@ -14,7 +14,7 @@ use vnic_protocol::{
     rss::Steering,
     virtio::{
         hdr::{HDR_LEN, HDR_LEN_HASH},
-        VirtioNetHdr,
+        HdrFlags, VirtioNetHdr,
     },
 };
 
@@ -278,6 +278,9 @@ pub(super) struct RxWriter<'a> {
     regions: Regions<'a>,
     /// Buffers in the used ring whose index store is still to come.
     unpublished: u16,
+    /// [`Nic::blind_route`] for the view of this generation, asked once
+    /// per view rather than per frame.
+    blind: Option<(u64, Option<Steering>)>,
 }
 
 impl<'a> RxWriter<'a> {
@@ -301,6 +304,7 @@ impl<'a> RxWriter<'a> {
             rings: None,
             cursor: Cursor::default(),
             unpublished: 0,
+            blind: None,
             regions: Regions::new(mem),
             bufs: None,
         }
@@ -333,6 +337,26 @@ pub(super) enum Direct {
     Dropped(DropReason),
     /// The uplink failed (counted as `uplink_error`); nothing was read.
     Failed,
+}
+
+// The uplink's header is the driver's without the hash.
+const _: () = assert!(VNET_HDR_LEN == HDR_LEN);
+
+/// [`Nic::blind_route`] in `view`, kept in `cache` while the view is the
+/// same.
+fn blind_route(
+    cache: &mut Option<(u64, Option<Steering>)>,
+    nic: &Nic,
+    view: &View,
+) -> Option<Steering> {
+    match *cache {
+        Some((gen, s)) if gen == view.gen => s,
+        _ => {
+            let s = nic.blind_route(view);
+            *cache = Some((view.gen, s));
+            s
+        }
+    }
 }
 
 /// Pieces of a read into one or two RX buffers (header, buffers, spill).
@@ -945,7 +969,7 @@ impl RxWriter<'_> {
             return Ok(Direct::Dropped(DropReason::BadRing));
         };
         let q = state.get_queue_mut();
-        let rings = self.rings;
+        let rings = self.rings.as_ref();
         let cur = &mut self.cursor;
         let regions = &mut self.regions;
         let rx = &mut **self.bufs.get_or_insert_with(|| Box::new(RxBufs::new()));
@@ -954,7 +978,7 @@ impl RxWriter<'_> {
         rx.cap = 0;
         if let Err(why) = rx.pop_until(
             q,
-            &mut (rings.as_ref(), &mut *cur, &mut *regions),
+            &mut (rings, &mut *cur, &mut *regions),
             mem,
             hdr_len + expect,
             hdr_len,
@@ -1007,7 +1031,7 @@ impl RxWriter<'_> {
         // every frame, else from its first bytes (only as many as the
         // route reads).
         let blind = if frame_len >= ETH_AND_TAG {
-            nic.blind_route(view)
+            blind_route(&mut self.blind, nic, view)
         } else {
             None
         };
@@ -1045,7 +1069,7 @@ impl RxWriter<'_> {
             let before = rx.cap;
             let got = rx.pop_until(
                 q,
-                &mut (rings.as_ref(), &mut *cur, &mut *regions),
+                &mut (rings, &mut *cur, &mut *regions),
                 mem,
                 total,
                 hdr_len,
@@ -1086,18 +1110,26 @@ impl RxWriter<'_> {
         }
         rx.unpop(q, rx.nchains - k);
         rx.nchains = k;
-        let Ok(mut hdr) = VirtioNetHdr::parse(&vnet, false) else {
+        // The uplink's header as the driver reads it (flags it does not
+        // know are refused), with the number of buffers and the hash
+        // filled in, written with one store.
+        if HdrFlags::from_bits(vnet[0]).is_none() {
             rx.unpop(q, k);
             return Ok(Direct::Dropped(DropReason::RxMalformed));
-        };
-        hdr.num_buffers = k as u16;
-        if self.hash_report {
-            hdr.hash_value = steering.hash;
-            hdr.hash_report = steering.report as u16;
         }
         let mut hb = [0u8; HDR_LEN_HASH];
-        let _ = hdr.emit(&mut hb, self.hash_report);
-        if regions.write(&hb[..hdr_len], rx.descs[0].0).is_none() {
+        hb[..HDR_LEN].copy_from_slice(&vnet);
+        hb[10..12].copy_from_slice(&(k as u16).to_le_bytes());
+        let at = rx.descs[0].0;
+        let written = if self.hash_report {
+            hb[12..16].copy_from_slice(&steering.hash.to_le_bytes());
+            hb[16..18].copy_from_slice(&(steering.report as u16).to_le_bytes());
+            regions.write_array(&hb, at)
+        } else {
+            hb.first_chunk::<HDR_LEN>()
+                .and_then(|h| regions.write_array(h, at))
+        };
+        if written.is_none() {
             rx.unpop(q, k);
             return Ok(Direct::Dropped(DropReason::BadDescriptor));
         }
@@ -1110,7 +1142,7 @@ impl RxWriter<'_> {
             left -= n;
             *u = (h, n as u32);
         }
-        if let Err(why) = add_used_frame(q, mem, rings.as_ref(), &used[..k]) {
+        if let Err(why) = add_used_frame(q, mem, rings, &used[..k]) {
             return Ok(Direct::Dropped(why));
         }
         self.used += 1;

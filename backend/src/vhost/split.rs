@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{desc::split::Descriptor, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    VolatileSlice,
+    VolatileMemory, VolatileSlice,
 };
 
 /// Bytes of one descriptor.
@@ -78,6 +78,23 @@ impl<'m> Regions<'m> {
                 Some(())
             }
             None => self.mem.write_slice(buf, addr).ok(),
+        }
+    }
+
+    /// [`Regions::write`] for a few bytes known at compile time: one
+    /// volatile store of the array rather than a general copy, when they
+    /// lie in one region.
+    #[inline]
+    pub fn write_array<const N: usize>(&mut self, bytes: &[u8; N], addr: GuestAddress) -> Option<()>
+    where
+        [u8; N]: vm_memory::ByteValued,
+    {
+        match self.slice(addr, N) {
+            Some(s) => {
+                s.get_ref::<[u8; N]>(0).ok()?.store(*bytes);
+                Some(())
+            }
+            None => self.mem.write_slice(bytes, addr).ok(),
         }
     }
 
