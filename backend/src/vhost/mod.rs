@@ -1005,8 +1005,19 @@ impl VnicBackend {
                             stats.drop(DropReason::BadRing);
                             continue;
                         }
-                        let g =
-                            gather_tx(&mut regions, ring.chain(head, gm), hdr_len, tx, rest, tail);
+                        // A chain of one descriptor (most small frames)
+                        // needs no walk.
+                        let g = match ring.single(head) {
+                            Some(d) => gather_tx(&mut regions, [d], hdr_len, tx, rest, tail),
+                            None => gather_tx(
+                                &mut regions,
+                                ring.chain(head, gm),
+                                hdr_len,
+                                tx,
+                                rest,
+                                tail,
+                            ),
+                        };
                         send_chain(&mut regions, g, tx, rest, tail);
                         ring.put_used(head, 0).is_some()
                     }

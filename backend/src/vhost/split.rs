@@ -275,6 +275,14 @@ impl<'m> Rings<'m> {
         }
     }
 
+    /// Descriptor `head` (below the queue's size) when it is a chain by
+    /// itself: it names no next descriptor and no indirect table, so the
+    /// walk [`Rings::chain`] makes would yield it alone.
+    #[inline(always)]
+    pub fn single(&self, head: u16) -> Option<Descriptor> {
+        read_desc(&self.desc, head).filter(|d| !d.has_next() && !d.refers_to_indirect_table())
+    }
+
     /// Writes the used entry at used position `pos` (not yet visible to
     /// the driver).
     pub fn put_used(&self, pos: u16, head: u16, len: u32) -> Option<()> {
@@ -394,6 +402,12 @@ impl<'m> SplitRing<'m> {
     /// The chain starting at descriptor `head` (below the queue's size).
     pub fn chain<'r>(&'r self, head: u16, mem: &'m GuestMemoryMmap) -> Chain<'r, 'm> {
         self.rings.chain(head, mem)
+    }
+
+    /// See [`Rings::single`].
+    #[inline(always)]
+    pub fn single(&self, head: u16) -> Option<Descriptor> {
+        self.rings.single(head)
     }
 
     /// Writes a used entry (not yet visible to the driver).
@@ -611,6 +625,19 @@ mod tests {
         let mut ring = ring;
         for (head, descs) in theirs {
             assert_eq!(ring.pop(), Some(head));
+            // A head that is its own chain, and only such, is `single`,
+            // and the same descriptor.
+            let at = GuestAddress(q.desc_table() + 16 * u64::from(head));
+            let first: Descriptor = mem.read_obj(at).unwrap();
+            let alone = descs.len() == 1 && !first.refers_to_indirect_table();
+            let single = ring.single(head);
+            assert_eq!(single.is_some(), alone, "head {head}");
+            if let Some(d) = single {
+                assert_eq!(
+                    (d.addr(), d.len(), d.flags()),
+                    (descs[0].addr(), descs[0].len(), descs[0].flags())
+                );
+            }
             let ours: Vec<Descriptor> = ring.chain(head, mem).collect();
             assert_eq!(ours.len(), descs.len(), "head {head}");
             for (a, b) in ours.iter().zip(&descs) {
@@ -641,16 +668,19 @@ mod tests {
                 .unwrap();
         }
         // Heads 0 (two direct), 2 (indirect), 3 (a table that is not a
-        // whole number of descriptors), 4 (a table outside guest memory)
-        // and 5 (a loop, ended at the queue's size).
+        // whole number of descriptors), 4 (a table outside guest memory),
+        // 5 and 6 (one descriptor each) and 7 (a loop, ended at the
+        // queue's size).
         let descs = [
             raw(0x4000, 12, F_NEXT, 1),
             raw(0x4100, 64, 0, 0),
             raw(0x8000, 48, F_INDIRECT, 0),
             raw(0x8000, 40, F_INDIRECT, 0),
             raw(0x1f_f000, 16, F_INDIRECT, 0),
-            raw(0x5000, 10, F_NEXT | F_WRITE, 6),
-            raw(0x5100, 10, F_NEXT, 5),
+            raw(0x6000, 64, 0, 0),
+            raw(0x6100, 64, F_WRITE, 0),
+            raw(0x5000, 10, F_NEXT | F_WRITE, 8),
+            raw(0x5100, 10, F_NEXT, 7),
         ];
         vq.build_multiple_desc_chains(&descs).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
