@@ -173,8 +173,12 @@ fn guest_set_coalescing_cuts_receive_notifications() {
         vnic_tests::median(adaptive_rtt),
     );
     eprintln!("ping median: coalescing off {r_off:.0} us, adaptive {r_adaptive:.0} us");
+    // The medians (about 600 us here) of one build, alternating, have
+    // differed by up to 100 us either way: 677 against 577, 586 against
+    // 637. That nothing is held is asserted above; this catches a mode
+    // that adds a hold of its own (a millisecond would show).
     assert!(
-        (r_adaptive - r_off).abs() <= 50.0,
+        (r_adaptive - r_off).abs() <= 150.0,
         "ping median {r_off:.0} us off, {r_adaptive:.0} us adaptive"
     );
     stack.shutdown();
