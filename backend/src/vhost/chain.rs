@@ -703,8 +703,13 @@ impl RxBufs {
             let first = self.ndescs;
             // Each kind of walk compiled in, not called through a vtable
             // per descriptor.
+            // (A buffer of one descriptor, as most drivers post, needs
+            // no walk.)
             let bad = match &mut walk {
-                Walk::Fast(c) => self.take_chain(c, hdr_len),
+                Walk::Fast(c) => match ring.0.and_then(|r| r.single(head)) {
+                    Some(d) => self.take_chain([d].into_iter(), hdr_len),
+                    None => self.take_chain(c, hdr_len),
+                },
                 Walk::Queue(c) => self.take_chain(c, hdr_len),
             };
             if let Some(why) = bad {
