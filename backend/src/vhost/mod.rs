@@ -922,11 +922,12 @@ impl VnicBackend {
             // (Gathered where the chain is walked, so that each kind of
             // walk is compiled into `gather_tx`, not called through a
             // vtable per descriptor.)
-            let mut send_chain = |regions: &mut Regions<'_>,
-                                  gathered: Result<usize, DropReason>,
-                                  tx: &[u8],
-                                  rest: &[(GuestAddress, usize)],
-                                  tail: &[u8]| {
+            let send_chain = |regions: &mut Regions<'_>,
+                              scratch: &mut TxScratch,
+                              gathered: Result<usize, DropReason>,
+                              tx: &[u8],
+                              rest: &[(GuestAddress, usize)],
+                              tail: &[u8]| {
                 match gathered {
                     Ok(n) if n < hdr_len => stats.drop(DropReason::ZeroLength),
                     Ok(n) => {
@@ -1018,7 +1019,20 @@ impl VnicBackend {
                                 tail,
                             ),
                         };
-                        send_chain(&mut regions, g, tx, rest, tail);
+                        // A lone port's frame all in the prefix (most
+                        // small ones) goes straight to the uplink.
+                        let quick = match (&g, lone.as_ref()) {
+                            (Ok(n), Some(l))
+                                if *n >= hdr_len && rest.is_empty() && tail.is_empty() =>
+                            {
+                                let (h, prefix) = (&tx[..hdr_len], &tx[hdr_len..*n]);
+                                self.nic.transmit_lone(l, h, prefix, &[], scratch, stats)
+                            }
+                            _ => None,
+                        };
+                        if quick.is_none() {
+                            send_chain(&mut regions, scratch, g, tx, rest, tail);
+                        }
                         ring.put_used(head, 0).is_some()
                     }
                     None if !q.ready() => break,
@@ -1028,7 +1042,7 @@ impl VnicBackend {
                         };
                         let head = chain.head_index();
                         let g = gather_tx(&mut regions, &mut chain, hdr_len, tx, rest, tail);
-                        send_chain(&mut regions, g, tx, rest, tail);
+                        send_chain(&mut regions, scratch, g, tx, rest, tail);
                         q.add_used(gm, head, 0).is_ok()
                     }
                 };
