@@ -597,6 +597,10 @@ fn pop_head<'m>(
             let n = cur.seen.wrapping_sub(cur.ahead).min(BATCH);
             if n > 0 && n <= size {
                 rings.prefetch(cur.ahead, n, regions, true);
+                // Their used entries go where the used index is that far
+                // ahead (one entry per chain, taken in order).
+                let used = q.next_used().wrapping_add(cur.ahead.wrapping_sub(pos));
+                rings.prefetch_used(used, n);
                 cur.ahead = cur.ahead.wrapping_add(n);
                 // And the descriptors of the batch after it, for its turn.
                 let m = cur.seen.wrapping_sub(cur.ahead).min(BATCH);
