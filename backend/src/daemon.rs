@@ -330,21 +330,13 @@ mod tests {
     use std::{sync::mpsc, time::Duration};
 
     use super::*;
-    use crate::nic::{DeviceConfig, RssSettings};
+    use crate::nic::DeviceConfig;
 
     fn device() -> Arc<Nic> {
-        let cfg = DeviceConfig {
-            pairs: 1,
-            queue_size: 256,
-            mac: vnic_protocol::wire::ethernet::Address([2, 0, 0, 0, 0, 1]),
-            mtu: 1500,
-            rss: RssSettings::default(),
-            coalesce: Default::default(),
-            rx_gro_hw: false,
-            workers: 0,
-            toe_conns: 1024,
-            link_speed: 0,
-        };
+        let cfg = DeviceConfig::new(
+            1,
+            vnic_protocol::wire::ethernet::Address([2, 0, 0, 0, 0, 1]),
+        );
         Arc::new(Nic::single(cfg, Box::new(NoUplink { queues: 1 })).unwrap())
     }
 

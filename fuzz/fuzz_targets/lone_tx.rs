@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use libfuzzer_sys::fuzz_target;
 use vnic_backend::{
-    nic::{DeviceConfig, DropReason, Nic, QueueStats, RssSettings, TxScratch},
+    nic::{DeviceConfig, DropReason, Nic, QueueStats, TxScratch},
     uplink::{fake::FakeUplink, Offloads, Piece},
 };
 use vnic_fuzz::Input;
@@ -21,19 +21,7 @@ use vnic_protocol::wire::ethernet::Address;
 const PF: Address = Address([0x52, 0x54, 0, 0x12, 0x34, 0x56]);
 
 fn nic(up: &FakeUplink) -> Nic {
-    let cfg = DeviceConfig {
-        pairs: 1,
-        queue_size: 256,
-        mac: PF,
-        mtu: 1500,
-        rss: RssSettings::default(),
-        coalesce: Default::default(),
-        rx_gro_hw: false,
-        workers: 0,
-        toe_conns: 16,
-        link_speed: 0,
-    };
-    Nic::single(cfg, Box::new(up.clone())).expect("a NIC")
+    Nic::single(DeviceConfig::new(1, PF), Box::new(up.clone())).expect("a NIC")
 }
 
 fn counts(s: &QueueStats) -> Vec<u64> {

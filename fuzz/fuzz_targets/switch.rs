@@ -12,10 +12,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vnic_backend::{
-    nic::{
-        default_vf_mac, vf::VfSettings, DeviceConfig, Nic, RssSettings, TxScratch, BACKLOG_BYTES,
-        MAX_FRAME,
-    },
+    nic::{default_vf_mac, vf::VfSettings, DeviceConfig, Nic, TxScratch, BACKLOG_BYTES, MAX_FRAME},
     uplink::{fake::FakeUplink, Offloads, Uplink},
     vhost::offered_features,
 };
@@ -132,17 +129,9 @@ fuzz_target!(|data: &[u8]| {
         Vec::new()
     };
     let cfg = DeviceConfig {
-        pairs: 2,
-        queue_size: 256,
-        mac: PF,
-        mtu: 1500,
-        rss: RssSettings::default(),
-        coalesce: Default::default(),
-        rx_gro_hw: false,
-        workers: 0,
-        toe_conns: 1024,
         // Now and then a link the ports share (min_tx_rate guarantees).
         link_speed: if switchdev { 0 } else { 1000 },
+        ..DeviceConfig::new(2, PF)
     };
     let vfs = (0..VFS)
         .map(|i| VfSettings::new(default_vf_mac(PF, i)))

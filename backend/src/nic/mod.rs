@@ -94,6 +94,25 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// A device of `pairs` queue pairs at `mac` with every other setting
+    /// as vnicd's command line has it by default: 256-entry queues, MTU
+    /// 1500, RSS over every queue, no coalescing, no RSC, a worker per
+    /// pair, 1024 TOE connections, no shared link.
+    pub fn new(pairs: u16, mac: Address) -> DeviceConfig {
+        DeviceConfig {
+            pairs,
+            queue_size: 256,
+            mac,
+            mtu: 1500,
+            rss: RssSettings::default(),
+            coalesce: coalesce::CoalConfig::default(),
+            rx_gro_hw: false,
+            workers: 0,
+            toe_conns: 1024,
+            link_speed: 0,
+        }
+    }
+
     pub fn build_rss(&self) -> Result<Rss, RssError> {
         let table = if self.rss.table.is_empty() {
             IndirectionTable::spread(128, self.pairs)?
@@ -1931,18 +1950,7 @@ pub(crate) mod tests {
     pub(crate) use crate::uplink::fake::FakeUplink;
 
     pub(crate) fn config(pairs: u16) -> DeviceConfig {
-        DeviceConfig {
-            pairs,
-            queue_size: 256,
-            mac: Address([2, 0, 0, 0, 0, 1]),
-            mtu: 1500,
-            rss: RssSettings::default(),
-            coalesce: coalesce::CoalConfig::default(),
-            rx_gro_hw: false,
-            workers: 0,
-            toe_conns: 1024,
-            link_speed: 0,
-        }
+        DeviceConfig::new(pairs, Address([2, 0, 0, 0, 0, 1]))
     }
 
     fn tso_hdr(gso_size: u16) -> [u8; 12] {
@@ -2202,34 +2210,37 @@ pub(crate) mod tests {
         }
     }
 
+    /// Frames of every kind for the route: TCP, tagged TCP, short ones,
+    /// and bytes that are no Ethernet type at all.
+    fn frames_to_route() -> Vec<Vec<u8>> {
+        let tcp = tcp_frame(
+            &Flow::v4(),
+            data_segment(1, 1, Flags::ACK),
+            &IpFields::default(),
+            &[3; 300],
+        )
+        .unwrap();
+        let mut tagged = tcp.clone();
+        // VLAN 5.
+        tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+        vec![
+            tcp,
+            tagged,
+            vec![0xff; 17],
+            vec![0xff; 13],
+            vec![0xff; 18],
+            vec![0x01; 64],
+            vec![0x81; 18],
+            vec![0x88; 40],
+        ]
+    }
+
     /// Where RSS steers blind, the route reads no further than an
     /// Ethernet header and a tag, and comes out the same from those bytes
     /// as from the whole frame; elsewhere it reads all it is offered.
     #[test]
     fn the_route_reads_only_what_it_needs() {
-        let frames: Vec<Vec<u8>> = vec![
-            tcp_frame(
-                &Flow::v4(),
-                data_segment(1, 1, Flags::ACK),
-                &IpFields::default(),
-                &[3; 300],
-            )
-            .unwrap(),
-            // Tagged, VLAN 5.
-            {
-                let mut f = tcp_frame(
-                    &Flow::v4(),
-                    data_segment(1, 1, Flags::ACK),
-                    &IpFields::default(),
-                    &[3; 300],
-                )
-                .unwrap();
-                f.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
-                f
-            },
-            vec![0xff; 17],
-            vec![0xff; 13],
-        ];
+        let frames = frames_to_route();
         let one = Nic::single(config(1), Box::new(FakeUplink::default())).unwrap();
         let view = one.switch.view();
         assert_eq!(one.route_peek(&view, 256), 18);
@@ -2265,22 +2276,10 @@ pub(crate) mod tests {
     #[test]
     fn a_blind_route_agrees_with_the_route() {
         use vnic_protocol::virtio::ctrl::{CtrlCommand, RxMode};
-        let mut frames: Vec<Vec<u8>> = vec![
-            tcp_frame(
-                &Flow::v4(),
-                data_segment(1, 1, Flags::ACK),
-                &IpFields::default(),
-                &[3; 30],
-            )
-            .unwrap(),
-            vec![0xff; 18],
-            vec![0x01; 64],
-            vec![0x81; 18],
-            vec![0x88; 40],
-        ];
-        let mut tagged = frames[0].clone();
-        tagged.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
-        frames.push(tagged);
+        let frames: Vec<Vec<u8>> = frames_to_route()
+            .into_iter()
+            .filter(|f| f.len() >= ETH_AND_TAG)
+            .collect();
         let nic = Nic::single(config(1), Box::new(FakeUplink::default())).unwrap();
         let view = nic.switch.view();
         let blind = nic.blind_route(&view).expect("blind");
@@ -2301,8 +2300,9 @@ pub(crate) mod tests {
         nic.control(0, &promisc_off, all).unwrap();
         let view = nic.switch.view();
         assert!(nic.blind_route(&view).is_none());
+        let to_a_group = vec![0x01; 64];
         assert_eq!(
-            nic.uplink_route(&view, &frames[2], frames[2].len()),
+            nic.uplink_route(&view, &to_a_group, to_a_group.len()),
             UplinkRoute::Drop(DropReason::Filtered)
         );
         let four = Nic::single(config(4), Box::new(FakeUplink::default())).unwrap();

@@ -255,7 +255,10 @@ impl<'m> Rings<'m> {
         let n = n.min(self.size);
         let mut j = 0;
         while j < n {
-            prefetch(base.wrapping_add(4 + 8 * self.slot(pos.wrapping_add(j))), true);
+            prefetch(
+                base.wrapping_add(4 + 8 * self.slot(pos.wrapping_add(j))),
+                true,
+            );
             j += (CACHE_LINE / 8) as u16;
         }
         if n > 0 {

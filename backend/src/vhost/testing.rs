@@ -402,16 +402,8 @@ impl Harness {
         let up = crate::uplink::fake::FakeUplink::with_offloads(offloads);
         up.lock().guest_ranges = host_ranges(&mem);
         let cfg = crate::nic::DeviceConfig {
-            pairs: 1,
             queue_size: size,
-            mac: DEVICE_MAC,
-            mtu: 1500,
-            rss: crate::nic::RssSettings::default(),
-            coalesce: Default::default(),
-            rx_gro_hw: false,
-            workers: 0,
-            toe_conns: 1024,
-            link_speed: 0,
+            ..crate::nic::DeviceConfig::new(1, DEVICE_MAC)
         };
         #[allow(clippy::expect_used)]
         let nic = std::sync::Arc::new(
