@@ -934,7 +934,9 @@ impl VnicBackend {
                         let send = |pieces: Option<&[Piece<'_>]>| match pieces {
                             Some(p) => {
                                 let (h, prefix) = (&tx[..hdr_len], &tx[hdr_len..n]);
-                                let done = lone.as_ref().and_then(|l| {
+                                // (A frame without pieces was offered to the
+                                // lone way where it was gathered.)
+                                let done = lone.as_ref().filter(|_| !p.is_empty()).and_then(|l| {
                                     self.nic.transmit_lone(l, h, prefix, p, scratch, stats)
                                 });
                                 if done.is_some() {
@@ -959,6 +961,24 @@ impl VnicBackend {
                 }
                 if scratch.wakes.due() {
                     self.nic.wake(&mut scratch.wakes);
+                }
+            };
+            // A lone port's frame all in the prefix (most small ones) goes
+            // straight to the uplink where it was gathered, past
+            // `send_chain`; true when it went.
+            let offer_lone = |scratch: &mut TxScratch,
+                              gathered: &Result<usize, DropReason>,
+                              tx: &[u8],
+                              rest: &[(GuestAddress, usize)],
+                              tail: &[u8]| {
+                match (gathered, lone.as_ref()) {
+                    (Ok(n), Some(l)) if *n >= hdr_len && rest.is_empty() && tail.is_empty() => {
+                        let (h, prefix) = (&tx[..hdr_len], &tx[hdr_len..*n]);
+                        self.nic
+                            .transmit_lone(l, h, prefix, &[], scratch, stats)
+                            .is_some()
+                    }
+                    _ => false,
                 }
             };
             // Rings resolved to host memory are taken a batch at a time:
@@ -1019,18 +1039,7 @@ impl VnicBackend {
                                 tail,
                             ),
                         };
-                        // A lone port's frame all in the prefix (most
-                        // small ones) goes straight to the uplink.
-                        let quick = match (&g, lone.as_ref()) {
-                            (Ok(n), Some(l))
-                                if *n >= hdr_len && rest.is_empty() && tail.is_empty() =>
-                            {
-                                let (h, prefix) = (&tx[..hdr_len], &tx[hdr_len..*n]);
-                                self.nic.transmit_lone(l, h, prefix, &[], scratch, stats)
-                            }
-                            _ => None,
-                        };
-                        if quick.is_none() {
+                        if !offer_lone(scratch, &g, tx, rest, tail) {
                             send_chain(&mut regions, scratch, g, tx, rest, tail);
                         }
                         ring.put_used(head, 0).is_some()
@@ -1042,7 +1051,9 @@ impl VnicBackend {
                         };
                         let head = chain.head_index();
                         let g = gather_tx(&mut regions, &mut chain, hdr_len, tx, rest, tail);
-                        send_chain(&mut regions, scratch, g, tx, rest, tail);
+                        if !offer_lone(scratch, &g, tx, rest, tail) {
+                            send_chain(&mut regions, scratch, g, tx, rest, tail);
+                        }
                         q.add_used(gm, head, 0).is_ok()
                     }
                 };
