@@ -673,6 +673,14 @@ struct RxBufs {
 }
 
 impl RxBufs {
+    /// Made once per writer that reads the uplink directly: kept out of
+    /// line, so that the per-frame check for it stays small.
+    #[cold]
+    #[inline(never)]
+    fn boxed() -> Box<RxBufs> {
+        Box::new(RxBufs::new())
+    }
+
     fn new() -> RxBufs {
         RxBufs {
             chains: [(0u16, 0usize); MAX_RX_BUFFERS],
@@ -726,6 +734,44 @@ impl RxBufs {
             self.nchains += 1;
         }
         Ok(Ok(()))
+    }
+
+    /// Pops the next chain through resolved `rings` when it is one
+    /// writable descriptor of at least `need` bytes (a driver's usual
+    /// buffer, enough for the frame): no walk, no loop. Otherwise leaves
+    /// the ring where that chain starts (heads passed over before it stay
+    /// counted and taken) and returns false, for [`RxBufs::pop_until`].
+    /// Called with nothing popped yet.
+    #[inline(always)]
+    fn pop_single<'m>(
+        &mut self,
+        q: &mut virtio_queue::Queue,
+        rings: &Rings<'m>,
+        cur: &mut Cursor,
+        regions: &mut Regions<'m>,
+        need: usize,
+        stats: &QueueStats,
+    ) -> bool {
+        let Some(head) = pop_head(q, rings, cur, regions, stats) else {
+            return false;
+        };
+        let pos = q.next_avail().wrapping_sub(1);
+        match rings.single(head) {
+            Some(d) if d.is_write_only() && d.len() as usize >= need => {
+                let len = d.len() as usize;
+                self.chains[0] = (head, 1);
+                self.pos[0] = pos;
+                self.descs[0] = (d.addr(), len);
+                self.nchains = 1;
+                self.ndescs = 1;
+                self.cap = len;
+                true
+            }
+            _ => {
+                q.set_next_avail(pos);
+                false
+            }
+        }
     }
 
     /// Adds the writable descriptors of one popped chain to `descs`;
@@ -981,11 +1027,17 @@ impl RxWriter<'_> {
         let rings = self.rings.as_ref();
         let cur = &mut self.cursor;
         let regions = &mut self.regions;
-        let rx = &mut **self.bufs.get_or_insert_with(|| Box::new(RxBufs::new()));
+        let rx = &mut **self.bufs.get_or_insert_with(RxBufs::boxed);
         rx.nchains = 0;
         rx.ndescs = 0;
         rx.cap = 0;
-        if let Err(why) = rx.pop_until(
+        let single = match rings {
+            Some(r) => rx.pop_single(q, r, cur, regions, hdr_len + expect, self.stats),
+            None => false,
+        };
+        if single {
+            // One buffer holds it.
+        } else if let Err(why) = rx.pop_until(
             q,
             &mut (rings, &mut *cur, &mut *regions),
             mem,
@@ -1109,16 +1161,21 @@ impl RxWriter<'_> {
                 (Err(why), _) => Direct::Dropped(why),
             });
         }
-        // Ours: keep the buffers the frame filled, return the rest.
-        let (mut k, mut seen, mut d) = (0, 0, 0);
-        while seen < total && k < rx.nchains {
-            let (_, nd) = rx.chains[k];
-            seen += rx.descs[d..d + nd].iter().map(|x| x.1).sum::<usize>();
-            d += nd;
-            k += 1;
+        // Ours: keep the buffers the frame filled, return the rest (one
+        // buffer that held it all is kept as it is).
+        let mut k = rx.nchains;
+        if k > 1 {
+            let (mut seen, mut d) = (0, 0);
+            k = 0;
+            while seen < total && k < rx.nchains {
+                let (_, nd) = rx.chains[k];
+                seen += rx.descs[d..d + nd].iter().map(|x| x.1).sum::<usize>();
+                d += nd;
+                k += 1;
+            }
+            rx.unpop(q, rx.nchains - k);
+            rx.nchains = k;
         }
-        rx.unpop(q, rx.nchains - k);
-        rx.nchains = k;
         // The uplink's header as the driver reads it (flags it does not
         // know are refused), with the number of buffers and the hash
         // filled in, written with one store.
@@ -1142,17 +1199,27 @@ impl RxWriter<'_> {
             rx.unpop(q, k);
             return Ok(Direct::Dropped(DropReason::BadDescriptor));
         }
-        let (mut left, mut d) = (total, 0);
-        let used = &mut rx.used;
-        for (u, &(h, nd)) in used.iter_mut().zip(&rx.chains[..k]) {
-            let c: usize = rx.descs[d..d + nd].iter().map(|x| x.1).sum();
-            d += nd;
-            let n = c.min(left);
-            left -= n;
-            *u = (h, n as u32);
-        }
-        if let Err(why) = add_used_frame(q, mem, rings, &used[..k]) {
-            return Ok(Direct::Dropped(why));
+        if let (1, Some(r)) = (k, rings) {
+            // One buffer through the resolved rings (its head below the
+            // queue's size, as every popped head is): its entry alone.
+            let at = q.next_used();
+            if r.put_used(at, rx.chains[0].0, total as u32).is_none() {
+                return Ok(Direct::Dropped(DropReason::BadRing));
+            }
+            q.set_next_used(at.wrapping_add(1));
+        } else {
+            let (mut left, mut d) = (total, 0);
+            let used = &mut rx.used;
+            for (u, &(h, nd)) in used.iter_mut().zip(&rx.chains[..k]) {
+                let c: usize = rx.descs[d..d + nd].iter().map(|x| x.1).sum();
+                d += nd;
+                let n = c.min(left);
+                left -= n;
+                *u = (h, n as u32);
+            }
+            if let Err(why) = add_used_frame(q, mem, rings, &used[..k]) {
+                return Ok(Direct::Dropped(why));
+            }
         }
         self.used += 1;
         self.published_later(k);

@@ -57,6 +57,20 @@ impl<'m> Regions<'m> {
         self.look_up(addr, len)
     }
 
+    /// Where guest address `addr` lies in host memory, for a prefetch
+    /// hint only: the address is never read or written through.
+    #[inline(always)]
+    pub fn host(&mut self, addr: GuestAddress) -> Option<*const u8> {
+        if let Some((start, whole)) = self.last {
+            if let Some(off) = addr.0.checked_sub(start) {
+                if off < whole.len() as u64 {
+                    return Some(whole.ptr_guard().as_ptr().wrapping_add(off as usize));
+                }
+            }
+        }
+        self.slice(addr, 1).map(|s| s.ptr_guard().as_ptr())
+    }
+
     /// [`Regions::slice`] past the last region: finds the region and
     /// keeps it.
     #[cold]
@@ -84,7 +98,7 @@ impl<'m> Regions<'m> {
     /// [`Regions::write`] for a few bytes known at compile time: one
     /// volatile store of the array rather than a general copy, when they
     /// lie in one region.
-    #[inline]
+    #[inline(always)]
     pub fn write_array<const N: usize>(&mut self, bytes: &[u8; N], addr: GuestAddress) -> Option<()>
     where
         [u8; N]: vm_memory::ByteValued,
@@ -231,16 +245,16 @@ impl<'m> Rings<'m> {
         regions: &mut Regions<'m>,
         write: bool,
     ) {
+        let write = write && has_prefetchw();
         for head in heads {
             let Some(d) = read_desc(&self.desc, head) else {
                 continue;
             };
             let len = (d.len() as usize).clamp(1, 2 * CACHE_LINE);
-            if let Some(s) = regions.slice(d.addr(), len) {
-                let p = s.ptr_guard().as_ptr();
-                prefetch(p, write);
+            if let Some(p) = regions.host(d.addr()) {
+                prefetch_as(p, write);
                 if (p as usize % CACHE_LINE) + len > CACHE_LINE {
-                    prefetch(p.wrapping_add(CACHE_LINE), write);
+                    prefetch_as(p.wrapping_add(CACHE_LINE), write);
                 }
             }
         }
@@ -466,9 +480,15 @@ const CACHE_LINE: usize = 64;
 /// last touched on another core do not each wait for the line.
 #[inline(always)]
 fn prefetch(p: *const u8, write: bool) {
+    prefetch_as(p, write && has_prefetchw());
+}
+
+/// [`prefetch`] with `owned` known to be PREFETCHW, on a CPU that has it.
+#[inline(always)]
+fn prefetch_as(p: *const u8, owned: bool) {
     #[cfg(target_arch = "x86_64")]
     {
-        if write && has_prefetchw() {
+        if owned {
             // SAFETY: PREFETCHW only hints the cache: it reads no memory
             // into a register, writes none and never faults, whatever the
             // address; the CPU was seen to have it.
@@ -488,7 +508,7 @@ fn prefetch(p: *const u8, write: bool) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, write);
+    let _ = (p, owned);
 }
 
 /// Whether the CPU has PREFETCHW (asked once).
@@ -500,6 +520,12 @@ fn has_prefetchw() -> bool {
         // CPUID 0x8000_0001, ECX bit 8: PREFETCHW (3DNowPrefetch).
         __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
     })
+}
+
+/// No PREFETCHW elsewhere.
+#[cfg(not(target_arch = "x86_64"))]
+fn has_prefetchw() -> bool {
+    false
 }
 
 /// Descriptor `i` of a ring's descriptor table `table` (16-aligned in
