@@ -18,7 +18,7 @@ use vnic_protocol::{
     },
 };
 
-use super::split::{Chain, Heads, Regions, Rings, BATCH};
+use super::split::{alone, Chain, Heads, Kept, Regions, Rings, BATCH};
 use crate::{
     nic::{
         switch::{View, NO_HASH},
@@ -534,6 +534,8 @@ pub(super) struct Cursor {
     ahead: u16,
     /// The heads of the batch at hand.
     heads: Heads,
+    /// The head descriptors of the chains prefetched.
+    kept: Kept,
 }
 
 impl Cursor {
@@ -596,7 +598,7 @@ fn pop_head<'m>(
         if cur.ahead.wrapping_sub(pos) < BATCH / 2 {
             let n = cur.seen.wrapping_sub(cur.ahead).min(BATCH);
             if n > 0 && n <= size {
-                rings.prefetch(cur.ahead, n, regions, true);
+                rings.prefetch(cur.ahead, n, regions, true, &mut cur.kept);
                 // Their used entries go where the used index is that far
                 // ahead (one entry per chain, taken in order).
                 let used = q.next_used().wrapping_add(cur.ahead.wrapping_sub(pos));
@@ -756,7 +758,11 @@ impl RxBufs {
             return false;
         };
         let pos = q.next_avail().wrapping_sub(1);
-        match rings.single(head) {
+        let d = match cur.kept.get(pos, head) {
+            Some(d) => Some(d).filter(alone),
+            None => rings.single(head),
+        };
+        match d {
             Some(d) if d.is_write_only() && d.len() as usize >= need => {
                 let len = d.len() as usize;
                 self.chains[0] = (head, 1);

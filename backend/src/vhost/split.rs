@@ -238,9 +238,33 @@ impl<'m> Rings<'m> {
     /// before: the driver wrote them on another core, and each first
     /// touch is a miss. A hint only: nothing is popped, nothing read is
     /// trusted.
-    pub fn prefetch(&self, from: u16, n: u16, regions: &mut Regions<'m>, write: bool) {
-        let heads = (0..n.min(self.size)).map_while(|j| self.head(from.wrapping_add(j)));
-        self.prefetch_heads(heads, regions, write);
+    ///
+    /// Each chain's head descriptor, read for it, is kept in `kept`: a
+    /// chain made available is the device's until it is used, so the
+    /// descriptor read now is the one the driver offered, and taking the
+    /// chain later need not read it again (the driver may meanwhile have
+    /// rewritten its neighbours in the same cache line, reposting their
+    /// buffers on another core).
+    pub fn prefetch(
+        &self,
+        from: u16,
+        n: u16,
+        regions: &mut Regions<'m>,
+        write: bool,
+        kept: &mut Kept,
+    ) {
+        let write = write && has_prefetchw();
+        for j in 0..n.min(self.size) {
+            let pos = from.wrapping_add(j);
+            let Some(head) = self.head(pos) else {
+                return;
+            };
+            let Some(d) = read_desc(&self.desc, head) else {
+                continue;
+            };
+            kept.put(pos, head, d);
+            prefetch_buffer(&d, regions, write);
+        }
     }
 
     /// [`Rings::prefetch`] for chains whose heads were read already.
@@ -253,15 +277,8 @@ impl<'m> Rings<'m> {
     ) {
         let write = write && has_prefetchw();
         for head in heads {
-            let Some(d) = read_desc(&self.desc, head) else {
-                continue;
-            };
-            let len = (d.len() as usize).clamp(1, 2 * CACHE_LINE);
-            if let Some(p) = regions.host(d.addr()) {
-                prefetch_as(p, write);
-                if (p as usize % CACHE_LINE) + len > CACHE_LINE {
-                    prefetch_as(p.wrapping_add(CACHE_LINE), write);
-                }
+            if let Some(d) = read_desc(&self.desc, head) {
+                prefetch_buffer(&d, regions, write);
             }
         }
     }
@@ -321,7 +338,7 @@ impl<'m> Rings<'m> {
     /// walk [`Rings::chain`] makes would yield it alone.
     #[inline(always)]
     pub fn single(&self, head: u16) -> Option<Descriptor> {
-        read_desc(&self.desc, head).filter(|d| !d.has_next() && !d.refers_to_indirect_table())
+        read_desc(&self.desc, head).filter(alone)
     }
 
     /// Writes the used entry at used position `pos` (not yet visible to
@@ -479,6 +496,59 @@ impl<'m> SplitRing<'m> {
 }
 
 const CACHE_LINE: usize = 64;
+
+/// Whether a head descriptor is a whole chain: it names no next one and
+/// no indirect table.
+pub(super) fn alone(d: &Descriptor) -> bool {
+    !d.has_next() && !d.refers_to_indirect_table()
+}
+
+/// Prefetches the first bytes of the buffer `d` names (up to two cache
+/// lines), `write` as [`prefetch_as`] takes it.
+#[inline(always)]
+fn prefetch_buffer(d: &Descriptor, regions: &mut Regions<'_>, write: bool) {
+    let len = (d.len() as usize).clamp(1, 2 * CACHE_LINE);
+    if let Some(p) = regions.host(d.addr()) {
+        prefetch_as(p, write);
+        if (p as usize % CACHE_LINE) + len > CACHE_LINE {
+            prefetch_as(p.wrapping_add(CACHE_LINE), write);
+        }
+    }
+}
+
+/// Positions a [`Kept`] covers: the batch at hand and the one prefetched
+/// ahead of it.
+const KEPT: usize = 2 * BATCH as usize;
+
+/// Head descriptors read by [`Rings::prefetch`], by available position.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Kept {
+    slots: [Option<(u16, u16, Descriptor)>; KEPT],
+}
+
+impl Default for Kept {
+    fn default() -> Kept {
+        Kept {
+            slots: [None; KEPT],
+        }
+    }
+}
+
+impl Kept {
+    fn put(&mut self, pos: u16, head: u16, d: Descriptor) {
+        self.slots[usize::from(pos) % KEPT] = Some((pos, head, d));
+    }
+
+    /// The descriptor kept for chain `head` at available position `pos`;
+    /// None when another was kept there since, or none.
+    #[inline(always)]
+    pub fn get(&self, pos: u16, head: u16) -> Option<Descriptor> {
+        match self.slots[usize::from(pos) % KEPT] {
+            Some((p, h, d)) if p == pos && h == head => Some(d),
+            _ => None,
+        }
+    }
+}
 
 /// A prefetch hint for the cache line at `p` (any address: a prefetch
 /// never faults): to read it, or with `write` to own it (PREFETCHW where
@@ -829,5 +899,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A kept descriptor answers only for its own position and head, and
+    /// a later position in the same slot replaces it.
+    #[test]
+    fn kept_descriptors_answer_for_their_position_and_head_only() {
+        let mut k = Kept::default();
+        let d = |a: u64| Descriptor::new(a, 64, F_WRITE, 0);
+        assert!(k.get(5, 1).is_none());
+        k.put(5, 1, d(0x100));
+        assert_eq!(k.get(5, 1).map(|x| x.addr().0), Some(0x100));
+        assert!(k.get(5, 2).is_none());
+        assert!(k.get(5 + KEPT as u16, 1).is_none());
+        k.put(5u16.wrapping_add(KEPT as u16), 1, d(0x200));
+        assert!(k.get(5, 1).is_none());
+        assert_eq!(k.get(5 + KEPT as u16, 1).map(|x| x.addr().0), Some(0x200));
+        k.put(u16::MAX, 9, d(0x300));
+        assert_eq!(k.get(u16::MAX, 9).map(|x| x.addr().0), Some(0x300));
+        assert!(alone(&d(1)));
+        assert!(!alone(&Descriptor::new(1, 64, F_WRITE | F_NEXT, 2)));
+        assert!(!alone(&Descriptor::new(1, 64, F_INDIRECT, 0)));
     }
 }
