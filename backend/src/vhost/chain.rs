@@ -281,6 +281,9 @@ pub(super) struct RxWriter<'a> {
     /// [`Nic::blind_route`] for the view of this generation, asked once
     /// per view rather than per frame.
     blind: Option<(u64, Option<Steering>)>,
+    /// Frames and bytes delivered in the current call of
+    /// [`RxWriter::receive_direct`] before the one it returns.
+    burst: (usize, u64),
 }
 
 impl<'a> RxWriter<'a> {
@@ -305,6 +308,7 @@ impl<'a> RxWriter<'a> {
             cursor: Cursor::default(),
             unpublished: 0,
             blind: None,
+            burst: (0, 0),
             regions: Regions::new(mem),
             bufs: None,
         }
@@ -1000,13 +1004,18 @@ impl RxWriter<'_> {
         Ok(())
     }
 
-    /// Reads one frame from uplink queue `uq` straight into this queue's
-    /// RX buffers. Buffers for `expect` frame bytes are popped first; a
+    /// Reads frames from uplink queue `uq` straight into this queue's RX
+    /// buffers. Buffers for `expect` frame bytes are popped first; a
     /// longer frame spills into `overflow`, and is then moved into further
     /// buffers (with MRG_RXBUF), so a caller that expects small frames
     /// pops one buffer per frame, and one that expects 64 KiB frames pops
     /// enough for them. A frame RSS sends to another queue, or that the
     /// filters drop, leaves the buffers unused.
+    ///
+    /// While frames of at most `expect` bytes keep landing whole in one
+    /// buffer each, up to `max` are taken in one call: those before the
+    /// last are counted in [`RxWriter::take_burst`], and what became of
+    /// the last is returned.
     #[allow(clippy::too_many_arguments)]
     pub fn receive_direct(
         &mut self,
@@ -1017,7 +1026,40 @@ impl RxWriter<'_> {
         expect: usize,
         overflow: &mut [u8],
         out: &mut Vec<u8>,
+        max: usize,
     ) -> io::Result<Direct> {
+        loop {
+            let (d, whole) = self.receive_one(nic, view, uq, own, expect, overflow, out)?;
+            match d {
+                Direct::Delivered(n) if whole && n <= expect && self.burst.0 + 1 < max => {
+                    self.burst.0 += 1;
+                    self.burst.1 += n as u64;
+                }
+                d => return Ok(d),
+            }
+        }
+    }
+
+    /// The frames [`RxWriter::receive_direct`] delivered before the one
+    /// it returned, and their bytes; zeroed for the next call.
+    pub fn take_burst(&mut self) -> (usize, u64) {
+        std::mem::take(&mut self.burst)
+    }
+
+    /// One frame of [`RxWriter::receive_direct`], and whether it went
+    /// whole into one buffer (then the next may follow in the same call).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn receive_one(
+        &mut self,
+        nic: &Nic,
+        view: &View,
+        uq: usize,
+        own: usize,
+        expect: usize,
+        overflow: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> io::Result<(Direct, bool)> {
         let hdr_len = if self.hash_report {
             HDR_LEN_HASH
         } else {
@@ -1027,7 +1069,7 @@ impl RxWriter<'_> {
         let mergeable = self.mergeable;
         self.hold();
         let Some(state) = self.held.as_mut() else {
-            return Ok(Direct::Dropped(DropReason::BadRing));
+            return Ok((Direct::Dropped(DropReason::BadRing), false));
         };
         let q = state.get_queue_mut();
         let rings = self.rings.as_ref();
@@ -1052,11 +1094,11 @@ impl RxWriter<'_> {
             mergeable,
             self.stats,
         )? {
-            return Ok(Direct::Dropped(why));
+            return Ok((Direct::Dropped(why), false));
         }
         if rx.cap < hdr_len + expect {
             rx.unpop(q, rx.nchains);
-            return Ok(Direct::NoBuffers);
+            return Ok((Direct::NoBuffers, false));
         }
         let guest_room = rx.cap - hdr_len;
         let mut vnet = [0u8; VNET_HDR_LEN];
@@ -1071,25 +1113,26 @@ impl RxWriter<'_> {
         );
         let Some(n) = got else {
             rx.give_back_empty(q, mem)?;
-            return Ok(Direct::Dropped(DropReason::BadDescriptor));
+            return Ok((Direct::Dropped(DropReason::BadDescriptor), false));
         };
         let n = match n {
             Ok(n) => n,
             Err(e) => {
                 rx.unpop(q, rx.nchains);
-                return Ok(match e.kind() {
+                let d = match e.kind() {
                     io::ErrorKind::WouldBlock => Direct::Empty,
                     io::ErrorKind::InvalidData => Direct::Dropped(DropReason::RxChainTooSmall),
                     _ => {
                         log::debug!("uplink queue {uq}: {e}");
                         Direct::Failed
                     }
-                });
+                };
+                return Ok((d, false));
             }
         };
         if n <= VNET_HDR_LEN {
             rx.unpop(q, rx.nchains);
-            return Ok(Direct::Dropped(DropReason::RxMalformed));
+            return Ok((Direct::Dropped(DropReason::RxMalformed), false));
         }
         let frame_len = n - VNET_HDR_LEN;
         let in_guest = frame_len.min(guest_room);
@@ -1115,7 +1158,7 @@ impl RxWriter<'_> {
                     &mut peek[..from_guest],
                 ) {
                     rx.unpop(q, rx.nchains);
-                    return Ok(Direct::Dropped(why));
+                    return Ok((Direct::Dropped(why), false));
                 }
                 peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
                 nic.uplink_route(view, &peek[..plen], frame_len)
@@ -1126,7 +1169,7 @@ impl RxWriter<'_> {
             UplinkRoute::Switch => (NO_HASH, None),
             UplinkRoute::Drop(why) => {
                 rx.unpop(q, rx.nchains);
-                return Ok(Direct::Dropped(why));
+                return Ok((Direct::Dropped(why), false));
             }
         };
         let total = hdr_len + frame_len;
@@ -1144,7 +1187,7 @@ impl RxWriter<'_> {
                 self.stats,
             )?;
             if let Err(why) = got {
-                return Ok(Direct::Dropped(why));
+                return Ok((Direct::Dropped(why), false));
             }
             fits = rx.cap >= total
                 && write_span(regions, &rx.descs[..rx.ndescs], before, spill).is_ok();
@@ -1161,11 +1204,12 @@ impl RxWriter<'_> {
             );
             out[VNET_HDR_LEN + in_guest..].copy_from_slice(spill);
             rx.unpop(q, rx.nchains);
-            return Ok(match (r, target) {
+            let d = match (r, target) {
                 (Ok(()), Some(t)) => Direct::Elsewhere(t),
                 (Ok(()), None) => Direct::Switched,
                 (Err(why), _) => Direct::Dropped(why),
-            });
+            };
+            return Ok((d, false));
         }
         // Ours: keep the buffers the frame filled, return the rest (one
         // buffer that held it all is kept as it is).
@@ -1187,7 +1231,7 @@ impl RxWriter<'_> {
         // filled in, written with one store.
         if HdrFlags::from_bits(vnet[0]).is_none() {
             rx.unpop(q, k);
-            return Ok(Direct::Dropped(DropReason::RxMalformed));
+            return Ok((Direct::Dropped(DropReason::RxMalformed), false));
         }
         let mut hb = [0u8; HDR_LEN_HASH];
         hb[..HDR_LEN].copy_from_slice(&vnet);
@@ -1203,14 +1247,14 @@ impl RxWriter<'_> {
         };
         if written.is_none() {
             rx.unpop(q, k);
-            return Ok(Direct::Dropped(DropReason::BadDescriptor));
+            return Ok((Direct::Dropped(DropReason::BadDescriptor), false));
         }
         if let (1, Some(r)) = (k, rings) {
             // One buffer through the resolved rings (its head below the
             // queue's size, as every popped head is): its entry alone.
             let at = q.next_used();
             if r.put_used(at, rx.chains[0].0, total as u32).is_none() {
-                return Ok(Direct::Dropped(DropReason::BadRing));
+                return Ok((Direct::Dropped(DropReason::BadRing), false));
             }
             q.set_next_used(at.wrapping_add(1));
         } else {
@@ -1224,11 +1268,11 @@ impl RxWriter<'_> {
                 *u = (h, n as u32);
             }
             if let Err(why) = add_used_frame(q, mem, rings, &used[..k]) {
-                return Ok(Direct::Dropped(why));
+                return Ok((Direct::Dropped(why), false));
             }
         }
         self.used += 1;
         self.published_later(k);
-        Ok(Direct::Delivered(frame_len))
+        Ok((Direct::Delivered(frame_len), k == 1 && spill.is_empty()))
     }
 }

@@ -582,13 +582,26 @@ fn used_bytes(h: &Harness, posted: &Posted, head: u32, len: u32) -> Vec<u8> {
 
 #[test]
 fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_hash() {
-    for (seed, mergeable, hash) in [
-        (20, true, true),
-        (21, true, false),
-        (22, false, true),
-        (23, false, false),
+    // Without the TOE the uplink's frames are read straight into the
+    // driver's buffers (in bursts while each lands whole in one); with
+    // it they pass the engine first and are copied in.
+    // `whole`: one-descriptor buffers that each hold any frame.
+    for (seed, mergeable, hash, toe, whole) in [
+        (20, true, true, true, false),
+        (21, true, false, true, false),
+        (22, false, true, true, false),
+        (23, false, false, true, false),
+        (120, true, true, false, false),
+        (121, true, false, false, false),
+        (122, false, true, false, false),
+        (123, false, false, false, false),
+        (124, true, true, false, true),
+        (125, false, false, false, true),
     ] {
         let mut features = all();
+        if !toe {
+            features -= Features::VNIC_TOE;
+        }
         if !mergeable {
             features -= Features::MRG_RXBUF;
         }
@@ -609,7 +622,9 @@ fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_h
         // without, chains of several descriptors that hold a whole frame,
         // some indirect.
         while h.rx.free() > 8 {
-            if mergeable {
+            if whole {
+                post_rx(&mut h, &mut posted, &[2048], false);
+            } else if mergeable {
                 let n = 256 + h.arena.rng().below(900) as usize;
                 post_rx(&mut h, &mut posted, &[n], false);
             } else {
@@ -652,6 +667,13 @@ fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_h
         }
         assert_eq!(h.pf().stats.rx[0].total_drops(), 0);
         assert_eq!(h.up.lock().stray_pieces, 0);
+        // Every frame counted once, whether it came in a burst of whole
+        // frames or alone.
+        let rx0 = &h.pf().stats.rx[0];
+        assert_eq!(counter(&rx0.packets), frames.len() as u64);
+        let bytes: usize = frames.iter().map(Vec::len).sum();
+        assert_eq!(counter(&rx0.bytes), bytes as u64);
+        assert_eq!(counter(&rx0.direct) > 0, !toe, "{}", h.pf().stats.render());
     }
 }
 
