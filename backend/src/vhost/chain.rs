@@ -9,7 +9,9 @@ use std::{
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{desc::split::Descriptor, DescriptorChain, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory,
+};
 use vnic_protocol::{
     rss::Steering,
     virtio::{
@@ -413,6 +415,42 @@ fn recv_pieces<const N: usize>(
         np += 1;
     }
     Some(nic.uplink().recv(uq, &mut pieces[..np]))
+}
+
+/// Writes a device header at `at`: its first eight bytes `front`, the
+/// next four `mid` (the rest of the uplink's header and `num_buffers`),
+/// and with a hash report the eight after them (`hash`: the value, the
+/// report type, the padding), all little-endian. Each part is one store
+/// from a register: a header put together in memory and copied out is
+/// read back before the stores of its parts have landed, and waits for
+/// them.
+#[inline(always)]
+fn write_rx_header(
+    regions: &mut Regions<'_>,
+    at: GuestAddress,
+    front: u64,
+    mid: u32,
+    hash: Option<u64>,
+) -> Option<()> {
+    let len = if hash.is_some() {
+        HDR_LEN_HASH
+    } else {
+        HDR_LEN
+    };
+    if let Some(s) = regions.slice(at, len) {
+        s.get_ref::<u64>(0).ok()?.store(front.to_le());
+        s.get_ref::<u32>(8).ok()?.store(mid.to_le());
+        if let Some(t) = hash {
+            s.get_ref::<u64>(12).ok()?.store(t.to_le());
+        }
+        return Some(());
+    }
+    // Across regions: as bytes.
+    let mut hb = [0u8; HDR_LEN_HASH];
+    hb[..8].copy_from_slice(&front.to_le_bytes());
+    hb[8..12].copy_from_slice(&mid.to_le_bytes());
+    hb[12..].copy_from_slice(&hash.unwrap_or(0).to_le_bytes());
+    regions.mem.write_slice(&hb[..len], at).ok()
 }
 
 /// Most RX descriptors one read may fill.
@@ -1228,23 +1266,19 @@ impl RxWriter<'_> {
         }
         // The uplink's header as the driver reads it (flags it does not
         // know are refused), with the number of buffers and the hash
-        // filled in, written with one store.
+        // filled in.
         if HdrFlags::from_bits(vnet[0]).is_none() {
             rx.unpop(q, k);
             return Ok((Direct::Dropped(DropReason::RxMalformed), false));
         }
-        let mut hb = [0u8; HDR_LEN_HASH];
-        hb[..HDR_LEN].copy_from_slice(&vnet);
-        hb[10..12].copy_from_slice(&(k as u16).to_le_bytes());
-        let at = rx.descs[0].0;
-        let written = if self.hash_report {
-            hb[12..16].copy_from_slice(&steering.hash.to_le_bytes());
-            hb[16..18].copy_from_slice(&(steering.report as u16).to_le_bytes());
-            regions.write_array(&hb, at)
-        } else {
-            hb.first_chunk::<HDR_LEN>()
-                .and_then(|h| regions.write_array(h, at))
-        };
+        let [a, b, c, d, e, f, g, h, i, j, _, _] = vnet;
+        let nb = (k as u16).to_le_bytes();
+        let front = u64::from_le_bytes([a, b, c, d, e, f, g, h]);
+        let mid = u32::from_le_bytes([i, j, nb[0], nb[1]]);
+        let hash = self
+            .hash_report
+            .then(|| u64::from(steering.hash) | (u64::from(steering.report as u16) << 32));
+        let written = write_rx_header(regions, rx.descs[0].0, front, mid, hash);
         if written.is_none() {
             rx.unpop(q, k);
             return Ok((Direct::Dropped(DropReason::BadDescriptor), false));

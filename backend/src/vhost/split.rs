@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{desc::split::Descriptor, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    VolatileMemory, VolatileSlice,
+    VolatileSlice,
 };
 
 /// Bytes of one descriptor.
@@ -48,12 +48,16 @@ impl<'m> Regions<'m> {
     /// the stores.
     #[inline(always)]
     pub fn slice(&mut self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m>> {
-        if self.offset(addr, len).is_none() {
-            self.look_up(addr)?;
-        }
+        let off = match self.offset(addr, len) {
+            Some(off) => off,
+            None => {
+                self.look_up(addr)?;
+                self.offset(addr, len)?
+            }
+        };
         let (_, whole) = self.last?;
         // (`subslice` checks that all `len` bytes are in the region.)
-        whole.subslice(self.offset(addr, len)?, len).ok()
+        whole.subslice(off, len).ok()
     }
 
     /// Where `addr` lies in the kept region, if `len` bytes from it do.
@@ -98,23 +102,6 @@ impl<'m> Regions<'m> {
                 Some(())
             }
             None => self.mem.write_slice(buf, addr).ok(),
-        }
-    }
-
-    /// [`Regions::write`] for a few bytes known at compile time: one
-    /// volatile store of the array rather than a general copy, when they
-    /// lie in one region.
-    #[inline(always)]
-    pub fn write_array<const N: usize>(&mut self, bytes: &[u8; N], addr: GuestAddress) -> Option<()>
-    where
-        [u8; N]: vm_memory::ByteValued,
-    {
-        match self.slice(addr, N) {
-            Some(s) => {
-                s.get_ref::<[u8; N]>(0).ok()?.store(*bytes);
-                Some(())
-            }
-            None => self.mem.write_slice(bytes, addr).ok(),
         }
     }
 
