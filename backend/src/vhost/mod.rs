@@ -21,7 +21,7 @@ use std::{
     io,
     os::fd::{AsRawFd, RawFd},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
 };
@@ -466,6 +466,10 @@ pub struct VnicBackend {
     /// Per worker, then the control thread: work left over when a budget
     /// ran out (see [`VnicBackend::resume_event`]).
     resume: Vec<EventFd>,
+    /// Whether each of `resume` was written and not read since: written
+    /// only then, so a worker whose every round ends at its budget
+    /// leaves it readable rather than writing and reading it per round.
+    resume_set: Vec<AtomicBool>,
     /// Per worker: fires when the port's rate limit lets TX go on.
     timers: Vec<Mutex<TimerFd>>,
     /// Per worker: fires when a notification its queues hold is due.
@@ -530,6 +534,7 @@ impl VnicBackend {
         Ok(VnicBackend {
             toe: toe::ToeSet::new(toe, pairs),
             toe_timer: Mutex::new(nonblocking_timer()?),
+            resume_set: (0..=pairs).map(|_| AtomicBool::new(false)).collect(),
             resume,
             timers,
             coal_timers,
@@ -639,14 +644,19 @@ impl VnicBackend {
     /// Whether thread `i` (a worker, or `pairs` for the control queue)
     /// has work left over for its resume event; reading clears it.
     pub fn take_resume(&self, i: usize) -> bool {
+        if let Some(set) = self.resume_set.get(i) {
+            set.store(false, Ordering::Relaxed);
+        }
         self.resume.get(i).is_some_and(|e| e.read().is_ok())
     }
 
-    /// Asks thread `i` to come back after its other events.
+    /// Asks thread `i` to come back after its other events (its resume
+    /// event is written unless it is readable already).
     fn resume_later(&self, i: usize) {
-        if let Some(e) = self.resume.get(i) {
-            // A full counter already means "come back".
-            let _ = e.write(1);
+        if let (Some(e), Some(set)) = (self.resume.get(i), self.resume_set.get(i)) {
+            if !set.swap(true, Ordering::Relaxed) {
+                let _ = e.write(1);
+            }
         }
     }
 
@@ -885,7 +895,10 @@ impl VnicBackend {
     /// driver is asked not to notify (VRING_USED_F_NO_NOTIFY, or a stale
     /// avail_event with EVENT_IDX); notifications are re-armed only when
     /// the ring is empty.
-    fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
+    ///
+    /// Returns whether it stopped at the budget with chains left (its
+    /// resume event is then readable).
+    fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<bool> {
         let mem = self.memory();
         let mut w = self.workers[i]
             .lock()
@@ -913,6 +926,7 @@ impl VnicBackend {
         let mut moved = 0;
         let mut empty = 0;
         let mut limited = false;
+        let mut more = false;
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
@@ -1078,6 +1092,7 @@ impl VnicBackend {
             }
             if moved >= BUDGET {
                 self.resume_later(i);
+                more = true;
                 break;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
@@ -1095,7 +1110,7 @@ impl VnicBackend {
         if moved > 0 {
             self.signal(2 * i + 1, moved as u32, vring, &mem, stats, Room::Plenty)?;
         }
-        Ok(())
+        Ok(more)
     }
 
     /// Brings worker `i` back in `ns` nanoseconds (its TX rate limit).
@@ -2069,17 +2084,26 @@ impl VnicBackend {
         self.rx_vrings[i].get_or_init(|| rx.clone());
         match work {
             Work::Rx => self.process_rx(i, rx),
-            Work::Tx => self.process_tx(i, tx),
+            Work::Tx => self.process_tx(i, tx).map(drop),
             Work::Resume => {
-                let _ = self.take_resume(i);
                 // The frontend may have stopped the queue meanwhile
                 // (GET_VRING_BASE): kicks are checked by vhost-user-backend,
-                // our own resume event is not.
-                if live(tx) {
-                    self.process_tx(i, tx)
+                // our own resume event is not. The event is read (cleared)
+                // only once transmit has nothing left: while each round
+                // ends at its budget it stays readable, and epoll brings
+                // the worker back after its other events without a write
+                // and a read per round.
+                let more = if live(tx) {
+                    self.process_tx(i, tx).inspect_err(|_| {
+                        self.take_resume(i);
+                    })?
                 } else {
-                    Ok(())
+                    false
+                };
+                if !more {
+                    self.take_resume(i);
                 }
+                Ok(())
             }
             Work::Timer => {
                 if let Some(t) = self.timers.get(i) {
@@ -2089,7 +2113,7 @@ impl VnicBackend {
                     let _ = t.wait();
                 }
                 if live(tx) {
-                    self.process_tx(i, tx)
+                    self.process_tx(i, tx).map(drop)
                 } else {
                     Ok(())
                 }
