@@ -21,7 +21,7 @@ use std::{
     io,
     os::fd::{AsRawFd, RawFd},
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
 };
@@ -212,6 +212,11 @@ where
 {
     pop_valid(vring.get_mut().get_queue_mut(), mem.clone(), stats)
 }
+
+/// [`VnicBackend::left`]: transmit stopped at its budget.
+const LEFT_TX: u8 = 1;
+/// [`VnicBackend::left`]: receive stopped at its budget.
+const LEFT_RX: u8 = 2;
 
 /// Whether a TX or control loop must stop although the driver's avail
 /// index says chains wait (`enable_notification` was true): after a round
@@ -470,6 +475,10 @@ pub struct VnicBackend {
     /// only then, so a worker whose every round ends at its budget
     /// leaves it readable rather than writing and reading it per round.
     resume_set: Vec<AtomicBool>,
+    /// Per worker: which of its directions stopped at a budget and waits
+    /// for the resume event ([`LEFT_TX`], [`LEFT_RX`]); only its own
+    /// thread touches it.
+    left: Vec<AtomicU8>,
     /// Per worker: fires when the port's rate limit lets TX go on.
     timers: Vec<Mutex<TimerFd>>,
     /// Per worker: fires when a notification its queues hold is due.
@@ -535,6 +544,7 @@ impl VnicBackend {
             toe: toe::ToeSet::new(toe, pairs),
             toe_timer: Mutex::new(nonblocking_timer()?),
             resume_set: (0..=pairs).map(|_| AtomicBool::new(false)).collect(),
+            left: (0..pairs).map(|_| AtomicU8::new(0)).collect(),
             resume,
             timers,
             coal_timers,
@@ -648,6 +658,15 @@ impl VnicBackend {
             set.store(false, Ordering::Relaxed);
         }
         self.resume.get(i).is_some_and(|e| e.read().is_ok())
+    }
+
+    /// Marks direction `what` ([`LEFT_TX`], [`LEFT_RX`]) of worker `i` as
+    /// stopped at its budget, and asks the worker to come back for it.
+    fn left_over(&self, i: usize, what: u8) {
+        if let Some(l) = self.left.get(i) {
+            l.fetch_or(what, Ordering::Relaxed);
+        }
+        self.resume_later(i);
     }
 
     /// Asks thread `i` to come back after its other events (its resume
@@ -1091,7 +1110,7 @@ impl VnicBackend {
                 break;
             }
             if moved >= BUDGET {
-                self.resume_later(i);
+                self.left_over(i, LEFT_TX);
                 more = true;
                 break;
             }
@@ -1111,6 +1130,29 @@ impl VnicBackend {
             self.signal(2 * i + 1, moved as u32, vring, &mem, stats, Room::Plenty)?;
         }
         Ok(more)
+    }
+
+    /// Goes on with the directions `left` of pair `i` that stopped at
+    /// their budget (an RX queue the frontend turned off meanwhile has its
+    /// frames passed on, as its backlog event would).
+    fn resume_pair(
+        &self,
+        i: usize,
+        left: u8,
+        rx: &VringRwLock,
+        tx: &VringRwLock,
+    ) -> io::Result<()> {
+        if left & LEFT_TX != 0 && live(tx) {
+            self.process_tx(i, tx)?;
+        }
+        if left & LEFT_RX != 0 {
+            if live(rx) {
+                self.process_rx(i, rx)?;
+            } else {
+                self.forward_uplink(i);
+            }
+        }
+        Ok(())
     }
 
     /// Brings worker `i` back in `ns` nanoseconds (its TX rate limit).
@@ -1321,7 +1363,6 @@ impl VnicBackend {
         let acked = self.acked();
         let stats = &self.dev().stats.rx[i];
         let mut writer = RxWriter::new(&mem, vring, stats, acked);
-        let backlog = &self.dev().backlogs[i];
         self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev().config.mtu) + 14 + 8;
@@ -1342,7 +1383,7 @@ impl VnicBackend {
             starved = round?;
             if moved >= BUDGET {
                 // More may be waiting; come back after other events.
-                let _ = backlog.event.write(1);
+                self.left_over(i, LEFT_RX);
                 break;
             }
             // Out of buffers with frames waiting: ask the driver to kick
@@ -2086,24 +2127,28 @@ impl VnicBackend {
             Work::Rx => self.process_rx(i, rx),
             Work::Tx => self.process_tx(i, tx).map(drop),
             Work::Resume => {
-                // The frontend may have stopped the queue meanwhile
-                // (GET_VRING_BASE): kicks are checked by vhost-user-backend,
-                // our own resume event is not. The event is read (cleared)
-                // only once transmit has nothing left: while each round
-                // ends at its budget it stays readable, and epoll brings
-                // the worker back after its other events without a write
-                // and a read per round.
-                let more = if live(tx) {
-                    self.process_tx(i, tx).inspect_err(|_| {
-                        self.take_resume(i);
-                    })?
-                } else {
-                    false
-                };
-                if !more {
+                // What stopped at its budget goes on. The frontend may
+                // have stopped a queue meanwhile (GET_VRING_BASE): kicks
+                // are checked by vhost-user-backend, our own resume event
+                // is not. The event is read (cleared) only once neither
+                // direction has anything left: while rounds end at their
+                // budget it stays readable, and epoll brings the worker
+                // back after its other events without a write and a read
+                // per round.
+                let left = self
+                    .left
+                    .get(i)
+                    .map_or(LEFT_TX, |l| l.swap(0, Ordering::Relaxed));
+                let r = self.resume_pair(i, left, rx, tx);
+                if r.is_err()
+                    || self
+                        .left
+                        .get(i)
+                        .is_none_or(|l| l.load(Ordering::Relaxed) == 0)
+                {
                     self.take_resume(i);
                 }
-                Ok(())
+                r
             }
             Work::Timer => {
                 if let Some(t) = self.timers.get(i) {

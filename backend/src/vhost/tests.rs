@@ -280,6 +280,42 @@ fn a_transmit_queue_over_its_budget_keeps_its_resume_event_readable_until_draine
     assert!(!h.backend.take_resume(0));
 }
 
+/// Receive and transmit both over their budget share the worker's resume
+/// event: each goes on at every resume until it is done, the event stays
+/// readable until both are, and nothing is lost or counted twice.
+#[test]
+fn receive_and_transmit_over_their_budgets_both_resume_until_drained() {
+    let features = all() - Features::VNIC_TOE;
+    let mut h = Harness::new(features, 1024, Offloads::ALL, 9);
+    let (nrx, ntx) = (2 * super::BUDGET + 7, 3 * super::BUDGET + 10);
+    for k in 0..nrx {
+        h.up.push_rx(tap(&udp(100, 3000 + k as u16)));
+    }
+    for _ in 0..nrx {
+        let buf = h.arena.alloc(2048).unwrap();
+        h.rx.push_chain(&h.mem, &[Desc::wo(buf, 2048)]).unwrap();
+    }
+    post_tx(&mut h, ntx, 60);
+    h.worker_event(0).unwrap();
+    h.worker_event(1).unwrap();
+    let (mut got, mut sent) = (h.rx.used(&h.mem).len(), h.tx.used(&h.mem).len());
+    assert_eq!((got, sent), (super::BUDGET, super::BUDGET));
+    let e = &h.backend.resume[0];
+    for round in 2..=4 {
+        assert!(readable(e), "before round {round}");
+        h.worker_event(h.backend.resume_event()).unwrap();
+        got += h.rx.used(&h.mem).len();
+        sent += h.tx.used(&h.mem).len();
+        assert_eq!(got, nrx.min(round * super::BUDGET), "round {round}");
+        assert_eq!(sent, ntx.min(round * super::BUDGET), "round {round}");
+    }
+    assert!(!readable(e));
+    let rx0 = &h.pf().stats.rx[0];
+    assert_eq!(counter(&rx0.packets), nrx as u64);
+    assert_eq!(rx0.total_drops(), 0);
+    assert_eq!(h.up.lock().sent_count, ntx as u64);
+}
+
 #[test]
 fn control_queue_stops_at_its_budget() {
     let mut h = harness(6);
