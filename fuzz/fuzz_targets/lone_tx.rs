@@ -65,9 +65,10 @@ fuzz_target!(|data: &[u8]| {
         let rest: &[Piece<'_>] = if rest.is_empty() { &[] } else { &pieces };
         let (va, vb) = (a.switch.view(), b.switch.view());
         let stats_a = &a.pf().stats.tx[0];
+        let framed = [&h[..], prefix].concat();
         let took = a
             .lone(0, 0, &va)
-            .and_then(|l| a.transmit_lone(&l, &h, prefix, rest, &mut sa, stats_a));
+            .and_then(|l| a.transmit_lone(&l, &framed, h.len(), rest, &mut sa, stats_a));
         if took.is_some() {
             // Only what the uplink takes as it is.
             assert!(h[0] & !1 == 0);

@@ -1033,17 +1033,23 @@ impl Nic {
     /// nothing done; the caller sends it through
     /// [`Nic::transmit_pieces`]. Counted as there: sent in `scratch`, a
     /// failed write and GSO frames in `stats`.
+    ///
+    /// `framed` is the driver's header (`hdr_len` bytes) followed by the
+    /// frame's copied prefix; `rest` the frame's remaining pieces. A
+    /// 12-byte header whose `num_buffers` is zero, as the uplink gets it,
+    /// goes out together with the prefix as one piece.
     #[inline]
     pub fn transmit_lone(
         &self,
         lone: &Lone<'_>,
-        hdr: &[u8],
-        prefix: &[u8],
+        framed: &[u8],
+        hdr_len: usize,
         rest: &[Piece<'_>],
         scratch: &mut TxScratch,
         stats: &QueueStats,
     ) -> Option<()> {
-        let h: [u8; HDR_LEN] = hdr.get(..HDR_LEN)?.try_into().ok()?;
+        let prefix = framed.get(hdr_len..)?;
+        let h: [u8; HDR_LEN] = framed.get(..HDR_LEN)?.try_into().ok()?;
         let len = prefix.len() + rest.iter().map(Piece::len).sum::<usize>();
         if rest.len() + 2 > MAX_PIECES {
             return None;
@@ -1069,11 +1075,22 @@ impl Nic {
         if gso {
             stats.gso_packets.fetch_add(1, Ordering::Relaxed);
         }
-        let mut vhdr = h;
-        vhdr[10] = 0;
-        vhdr[11] = 0;
-        let front = [Piece::Local(&vhdr), Piece::Local(prefix)];
-        match sent(lone.out.send_parts(lone.uq, &front, rest), lone.uq) {
+        // The uplink's header: the driver's first 12 bytes with
+        // `num_buffers` zero.
+        let vhdr;
+        let (whole, parts);
+        let front: &[Piece<'_>] = if hdr_len == HDR_LEN && h[10] == 0 && h[11] == 0 {
+            whole = [Piece::Local(framed)];
+            &whole
+        } else {
+            let mut v = h;
+            v[10] = 0;
+            v[11] = 0;
+            vhdr = v;
+            parts = [Piece::Local(&vhdr), Piece::Local(prefix)];
+            &parts
+        };
+        match sent(lone.out.send_parts(lone.uq, front, rest), lone.uq) {
             Ok(()) => {
                 scratch.sent.0 += 1;
                 scratch.sent.1 += len as u64;
@@ -2167,8 +2184,9 @@ pub(crate) mod tests {
                 let (prefix, rest) = f.split_at(f.len().min(80));
                 let rest = [Piece::Local(rest)];
                 let rest = if rest[0].is_empty() { &[] } else { &rest[..] };
+                let framed = [&h[..], prefix].concat();
                 let took = lone_dev
-                    .transmit_lone(&lone, h, prefix, rest, &mut s1, stats)
+                    .transmit_lone(&lone, &framed, h.len(), rest, &mut s1, stats)
                     .is_some();
                 assert_eq!(
                     took,
@@ -2187,12 +2205,24 @@ pub(crate) mod tests {
             let view = lone_dev.switch.view();
             let lone = lone_dev.lone(0, 0, &view).expect("lone");
             let f = plain(Address([2, 0, 0, 0, 0, 7]), 64);
+            let framed = [&[0u8; 12][..], &f].concat();
             assert!(lone_dev
-                .transmit_lone(&lone, &[0; 12], &f, &[], &mut s1, stats)
+                .transmit_lone(&lone, &framed, 12, &[], &mut s1, stats)
                 .is_some());
             let full_view = full_dev.switch.view();
             let _ = full_dev.transmit_pieces(0, 0, &[0; 12], &f, &[], &mut s2, &full_view);
             assert_eq!(lone_up.sent(), full_up.sent());
+            // A header with `num_buffers` set goes out with it cleared, as
+            // the whole way sends it.
+            let mut h = [0u8; 12];
+            h[10] = 3;
+            let framed = [&h[..], &f].concat();
+            assert!(lone_dev
+                .transmit_lone(&lone, &framed, 12, &[], &mut s1, stats)
+                .is_some());
+            let _ = full_dev.transmit_pieces(0, 0, &h, &f, &[], &mut s2, &full_view);
+            assert_eq!(lone_up.sent(), full_up.sent());
+            assert_eq!(lone_up.sent().last().map(|x| x[10]), Some(0));
             assert_eq!(s1.sent, s2.sent);
             assert!(s1.sent.0 >= 9);
             let (a, b) = (&lone_dev.pf().stats.tx[0], &full_dev.pf().stats.tx[0]);

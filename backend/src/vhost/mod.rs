@@ -975,7 +975,8 @@ impl VnicBackend {
                                 // (A frame without pieces was offered to the
                                 // lone way where it was gathered.)
                                 let done = lone.as_ref().filter(|_| !p.is_empty()).and_then(|l| {
-                                    self.nic.transmit_lone(l, h, prefix, p, scratch, stats)
+                                    self.nic
+                                        .transmit_lone(l, &tx[..n], hdr_len, p, scratch, stats)
                                 });
                                 if done.is_some() {
                                     return;
@@ -1010,12 +1011,10 @@ impl VnicBackend {
                               rest: &[(GuestAddress, usize)],
                               tail: &[u8]| {
                 match (gathered, lone.as_ref()) {
-                    (Ok(n), Some(l)) if *n >= hdr_len && rest.is_empty() && tail.is_empty() => {
-                        let (h, prefix) = (&tx[..hdr_len], &tx[hdr_len..*n]);
-                        self.nic
-                            .transmit_lone(l, h, prefix, &[], scratch, stats)
-                            .is_some()
-                    }
+                    (Ok(n), Some(l)) if *n >= hdr_len && rest.is_empty() && tail.is_empty() => self
+                        .nic
+                        .transmit_lone(l, &tx[..*n], hdr_len, &[], scratch, stats)
+                        .is_some(),
                     _ => false,
                 }
             };
