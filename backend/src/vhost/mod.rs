@@ -1160,7 +1160,7 @@ impl VnicBackend {
             let mut t = t.lock().unwrap_or_else(PoisonError::into_inner);
             if let Err(e) = t.reset(std::time::Duration::from_nanos(ns.max(1000)), None) {
                 log::warn!("worker {i}: rate timer: {e}");
-                self.resume_later(i);
+                self.left_over(i, LEFT_TX);
             }
         }
     }
