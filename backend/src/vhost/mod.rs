@@ -914,10 +914,7 @@ impl VnicBackend {
     /// driver is asked not to notify (VRING_USED_F_NO_NOTIFY, or a stale
     /// avail_event with EVENT_IDX); notifications are re-armed only when
     /// the ring is empty.
-    ///
-    /// Returns whether it stopped at the budget with chains left (its
-    /// resume event is then readable).
-    fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<bool> {
+    fn process_tx(&self, i: usize, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.memory();
         let mut w = self.workers[i]
             .lock()
@@ -945,7 +942,6 @@ impl VnicBackend {
         let mut moved = 0;
         let mut empty = 0;
         let mut limited = false;
-        let mut more = false;
         loop {
             let round = moved;
             vring.disable_notification().map_err(io::Error::other)?;
@@ -1110,7 +1106,6 @@ impl VnicBackend {
             }
             if moved >= BUDGET {
                 self.left_over(i, LEFT_TX);
-                more = true;
                 break;
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
@@ -1128,7 +1123,7 @@ impl VnicBackend {
         if moved > 0 {
             self.signal(2 * i + 1, moved as u32, vring, &mem, stats, Room::Plenty)?;
         }
-        Ok(more)
+        Ok(())
     }
 
     /// Goes on with the directions `left` of pair `i` that stopped at
@@ -2124,7 +2119,7 @@ impl VnicBackend {
         self.rx_vrings[i].get_or_init(|| rx.clone());
         match work {
             Work::Rx => self.process_rx(i, rx),
-            Work::Tx => self.process_tx(i, tx).map(drop),
+            Work::Tx => self.process_tx(i, tx),
             Work::Resume => {
                 // What stopped at its budget goes on. The frontend may
                 // have stopped a queue meanwhile (GET_VRING_BASE): kicks
@@ -2157,7 +2152,7 @@ impl VnicBackend {
                     let _ = t.wait();
                 }
                 if live(tx) {
-                    self.process_tx(i, tx).map(drop)
+                    self.process_tx(i, tx)
                 } else {
                     Ok(())
                 }

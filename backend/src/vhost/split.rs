@@ -107,6 +107,7 @@ impl<'m> Regions<'m> {
 
     /// Copies `buf.len()` bytes at `addr` out of guest memory (across
     /// regions if need be).
+    ///
     /// Within one region the bytes are copied straight from its mapping,
     /// as vm-memory's own copy does past 8 bytes, without its layers.
     #[inline]
@@ -241,15 +242,15 @@ impl<'m> Rings<'m> {
     /// chains available from position `from` on (and the descriptor
     /// tables of indirect ones) while the device works on the ones
     /// before: the driver wrote them on another core, and each first
-    /// touch is a miss. A hint only: nothing is popped, nothing read is
-    /// trusted.
+    /// touch is a miss. Nothing is popped.
     ///
     /// Each chain's head descriptor, read for it, is kept in `kept`: a
     /// chain made available is the device's until it is used, so the
     /// descriptor read now is the one the driver offered, and taking the
     /// chain later need not read it again (the driver may meanwhile have
     /// rewritten its neighbours in the same cache line, reposting their
-    /// buffers on another core).
+    /// buffers on another core). It is checked where it is used, as a
+    /// descriptor read then would be.
     pub fn prefetch(
         &self,
         from: u16,
