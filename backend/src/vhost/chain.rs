@@ -589,9 +589,11 @@ impl Cursor {
         }
     }
 
-    /// The head at available position `pos` (known available).
+    /// The head at available position `pos` (known available): the one
+    /// its prefetch read, else out of the batch's heads.
+    #[inline(always)]
     fn head(&mut self, rings: &Rings<'_>, pos: u16) -> Option<u16> {
-        if let Some(h) = self.heads.get(pos) {
+        if let Some(h) = self.kept.head(pos).or_else(|| self.heads.get(pos)) {
             return Some(h);
         }
         let n = self.seen.wrapping_sub(pos).min(BATCH);

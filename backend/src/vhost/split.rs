@@ -265,11 +265,11 @@ impl<'m> Rings<'m> {
             let Some(head) = self.head(pos) else {
                 return;
             };
-            let Some(d) = read_desc(&self.desc, head) else {
-                continue;
-            };
+            let d = read_desc(&self.desc, head);
             kept.put(pos, head, d);
-            prefetch_buffer(&d, regions, write);
+            if let Some(d) = d {
+                prefetch_buffer(&d, regions, write);
+            }
         }
     }
 
@@ -526,10 +526,14 @@ fn prefetch_buffer(d: &Descriptor, regions: &mut Regions<'_>, write: bool) {
 /// ahead of it.
 const KEPT: usize = 2 * BATCH as usize;
 
-/// Head descriptors read by [`Rings::prefetch`], by available position.
+/// Heads and their descriptors read by [`Rings::prefetch`], by
+/// available position. An available entry is the device's once the
+/// driver's index covers it, until the device uses it, so what was read
+/// a batch ahead is still what the driver offered. A head whose
+/// descriptor lies past the table is kept without one.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Kept {
-    slots: [Option<(u16, u16, Descriptor)>; KEPT],
+    slots: [Option<(u16, u16, Option<Descriptor>)>; KEPT],
 }
 
 impl Default for Kept {
@@ -541,8 +545,18 @@ impl Default for Kept {
 }
 
 impl Kept {
-    fn put(&mut self, pos: u16, head: u16, d: Descriptor) {
+    fn put(&mut self, pos: u16, head: u16, d: Option<Descriptor>) {
         self.slots[usize::from(pos) % KEPT] = Some((pos, head, d));
+    }
+
+    /// The head kept for available position `pos`; None when another
+    /// position was kept in its slot since, or none.
+    #[inline(always)]
+    pub fn head(&self, pos: u16) -> Option<u16> {
+        match self.slots[usize::from(pos) % KEPT] {
+            Some((p, h, _)) if p == pos => Some(h),
+            _ => None,
+        }
     }
 
     /// The descriptor kept for chain `head` at available position `pos`;
@@ -550,7 +564,7 @@ impl Kept {
     #[inline(always)]
     pub fn get(&self, pos: u16, head: u16) -> Option<Descriptor> {
         match self.slots[usize::from(pos) % KEPT] {
-            Some((p, h, d)) if p == pos && h == head => Some(d),
+            Some((p, h, d)) if p == pos && h == head => d,
             _ => None,
         }
     }
@@ -914,15 +928,23 @@ mod tests {
         let mut k = Kept::default();
         let d = |a: u64| Descriptor::new(a, 64, F_WRITE, 0);
         assert!(k.get(5, 1).is_none());
-        k.put(5, 1, d(0x100));
+        assert_eq!(k.head(5), None);
+        k.put(5, 1, Some(d(0x100)));
         assert_eq!(k.get(5, 1).map(|x| x.addr().0), Some(0x100));
+        assert_eq!(k.head(5), Some(1));
         assert!(k.get(5, 2).is_none());
         assert!(k.get(5 + KEPT as u16, 1).is_none());
-        k.put(5u16.wrapping_add(KEPT as u16), 1, d(0x200));
+        assert_eq!(k.head(5 + KEPT as u16), None);
+        k.put(5u16.wrapping_add(KEPT as u16), 1, Some(d(0x200)));
         assert!(k.get(5, 1).is_none());
+        assert_eq!(k.head(5), None);
         assert_eq!(k.get(5 + KEPT as u16, 1).map(|x| x.addr().0), Some(0x200));
-        k.put(u16::MAX, 9, d(0x300));
+        k.put(u16::MAX, 9, Some(d(0x300)));
         assert_eq!(k.get(u16::MAX, 9).map(|x| x.addr().0), Some(0x300));
+        // A head past the table is kept, with no descriptor.
+        k.put(7, 4000, None);
+        assert_eq!(k.head(7), Some(4000));
+        assert!(k.get(7, 4000).is_none());
         assert!(alone(&d(1)));
         assert!(!alone(&Descriptor::new(1, 64, F_WRITE | F_NEXT, 2)));
         assert!(!alone(&Descriptor::new(1, 64, F_INDIRECT, 0)));
