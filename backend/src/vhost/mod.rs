@@ -9,6 +9,7 @@
 //! over (a VMM that keeps the control queue never sets up virtqueue 2N).
 
 mod chain;
+pub mod packed;
 pub mod relay;
 mod split;
 #[cfg(any(test, feature = "test-util"))]

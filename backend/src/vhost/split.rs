@@ -23,7 +23,7 @@ use vm_memory::{
 };
 
 /// Bytes of one descriptor.
-const DESC: usize = 16;
+pub(super) const DESC: usize = 16;
 
 /// Guest memory with the region of the last lookup kept: a driver's
 /// buffers mostly lie in one region, and a lookup is a binary search.
@@ -627,9 +627,25 @@ fn has_prefetchw() -> bool {
 /// Descriptor `i` of a ring's descriptor table `table` (16-aligned in
 /// host memory, [`Rings::new`]): two 8-byte loads.
 #[inline(always)]
+fn read_desc(table: &VolatileSlice<'_>, i: u16) -> Option<Descriptor> {
+    let (addr, hi) = read_raw(table, i)?;
+    Some(Descriptor::new(
+        addr,
+        hi as u32,
+        (hi >> 32) as u16,
+        (hi >> 48) as u16,
+    ))
+}
+
+/// The 16 bytes of entry `i` of a descriptor ring or table `table`
+/// (16-aligned in host memory), as its two little-endian 8-byte halves:
+/// the address, then the length in the low 32 bits and the two 16-bit
+/// fields after it (a split ring's flags and next, a packed ring's
+/// buffer ID and flags).
+#[inline(always)]
 // (The alignment the cast needs is checked: see the SAFETY note.)
 #[allow(clippy::cast_ptr_alignment)]
-fn read_desc(table: &VolatileSlice<'_>, i: u16) -> Option<Descriptor> {
+pub(super) fn read_raw(table: &VolatileSlice<'_>, i: u16) -> Option<(u64, u64)> {
     let off = DESC * usize::from(i);
     if off + DESC > table.len() {
         return None;
@@ -637,8 +653,8 @@ fn read_desc(table: &VolatileSlice<'_>, i: u16) -> Option<Descriptor> {
     let p = table.ptr_guard().as_ptr().wrapping_add(off).cast::<u64>();
     // SAFETY: the 16 bytes at `p` lie within the table's slice (checked
     // above), which stays mapped while the borrow of guest memory it came
-    // from lives, and `p` is 8-aligned (the table's host address is
-    // 16-aligned, and so is `off`). The driver may write them at any
+    // from lives, and `p` is 8-aligned (every caller's table is 16-aligned
+    // in host memory, and so is `off`). The driver may write them at any
     // time: the loads are volatile, and what they return is checked by
     // every user.
     let (lo, hi) = unsafe {
@@ -647,13 +663,7 @@ fn read_desc(table: &VolatileSlice<'_>, i: u16) -> Option<Descriptor> {
             std::ptr::read_volatile(p.add(1)),
         )
     };
-    let hi = u64::from_le(hi);
-    Some(Descriptor::new(
-        u64::from_le(lo),
-        hi as u32,
-        (hi >> 32) as u16,
-        (hi >> 48) as u16,
-    ))
+    Some((u64::from_le(lo), u64::from_le(hi)))
 }
 
 /// The descriptors of one chain, in order, as virtio-queue's

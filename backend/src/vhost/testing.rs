@@ -1,4 +1,5 @@
-//! Split virtqueues built in guest memory from the driver's side, for the
+//! Split and packed virtqueues built in guest memory from the driver's
+//! side, for the
 //! unit tests and fuzz targets of the device's guest-memory layer: chains
 //! of buffers with random gaps between them, indirect tables, loops,
 //! addresses outside guest memory and zero lengths, exactly as a driver
@@ -493,5 +494,172 @@ impl Harness {
         let mut v = vec![0u8; len];
         let _ = self.mem.read_slice(&mut v, at);
         v
+    }
+}
+
+/// A packed ring written from the driver's side (virtio 1.3, 2.8.13):
+/// lists made available first descriptor last, used descriptors taken
+/// back in ring order by buffer ID. The ring is followed by its driver
+/// area and then its device area.
+#[derive(Debug, Clone)]
+pub struct PackedDriver {
+    size: u16,
+    desc: GuestAddress,
+    next: u16,
+    wrap: bool,
+    used: u16,
+    used_wrap: bool,
+    in_flight: u16,
+    /// Ring entries of each buffer ID in flight.
+    sgs: HashMap<u16, u16>,
+}
+
+impl PackedDriver {
+    /// Lays out a zeroed ring of `size` entries at `at` (16-byte aligned)
+    /// with both event areas after it.
+    pub fn new(mem: &GuestMemoryMmap, at: GuestAddress, size: u16) -> PackedDriver {
+        let _ = mem.write_slice(&vec![0u8; 16 * usize::from(size) + 8], at);
+        PackedDriver {
+            size,
+            desc: at,
+            next: 0,
+            wrap: true,
+            used: 0,
+            used_wrap: true,
+            in_flight: 0,
+            sgs: HashMap::new(),
+        }
+    }
+
+    /// The ring's size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The descriptor ring, the driver area and the device area.
+    pub fn areas(&self) -> (GuestAddress, GuestAddress, GuestAddress) {
+        let driver = self.desc.unchecked_add(16 * u64::from(self.size));
+        (self.desc, driver, driver.unchecked_add(4))
+    }
+
+    /// Makes a buffer of elements `(addr, len, device-writable)`
+    /// available as buffer `id`; None when the ring has no room for it.
+    pub fn push(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        elems: &[(u64, u32, bool)],
+        id: u16,
+    ) -> Option<()> {
+        let raw: Vec<(u64, u32, u16)> = elems
+            .iter()
+            .map(|&(a, l, w)| (a, l, if w { F_WRITE } else { 0 }))
+            .collect();
+        self.push_flags(mem, &raw, id)
+    }
+
+    /// [`PackedDriver::push`] with each element's flags as given (NEXT is
+    /// added on all but the last, and the wrap bits on all).
+    pub fn push_flags(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        elems: &[(u64, u32, u16)],
+        id: u16,
+    ) -> Option<()> {
+        let n = u16::try_from(elems.len()).ok()?;
+        if n == 0 || self.in_flight + n > self.size || self.sgs.contains_key(&id) {
+            return None;
+        }
+        let wrap_bits = |w: bool| if w { 1u16 << 7 } else { 1u16 << 15 };
+        let mut first = None;
+        for (k, &(addr, len, flags)) in elems.iter().enumerate() {
+            let mut f = flags | wrap_bits(self.wrap);
+            if k + 1 < elems.len() {
+                f |= F_NEXT;
+            }
+            let at = self.desc.unchecked_add(16 * u64::from(self.next));
+            let _ = mem.write_obj(addr.to_le(), at);
+            let _ = mem.write_obj(len.to_le(), at.unchecked_add(8));
+            let _ = mem.write_obj(id.to_le(), at.unchecked_add(12));
+            if k == 0 {
+                first = Some((at, f));
+            } else {
+                let _ = mem.write_obj(f.to_le(), at.unchecked_add(14));
+            }
+            self.next += 1;
+            if self.next == self.size {
+                self.next = 0;
+                self.wrap = !self.wrap;
+            }
+        }
+        let (at, f) = first?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        let _ = mem.write_obj(f.to_le(), at.unchecked_add(14));
+        self.in_flight += n;
+        self.sgs.insert(id, n);
+        Some(())
+    }
+
+    /// Writes an indirect table of elements `(addr, len, device-writable)`
+    /// at `at`.
+    pub fn write_table(mem: &GuestMemoryMmap, at: GuestAddress, elems: &[(u64, u32, bool)]) {
+        let raw: Vec<(u64, u32, u16)> = elems
+            .iter()
+            .map(|&(a, l, w)| (a, l, if w { F_WRITE } else { 0 }))
+            .collect();
+        Self::write_table_flags(mem, at, &raw);
+    }
+
+    /// Writes an indirect table with each element's flags as given.
+    pub fn write_table_flags(mem: &GuestMemoryMmap, at: GuestAddress, elems: &[(u64, u32, u16)]) {
+        for (k, &(addr, len, flags)) in elems.iter().enumerate() {
+            let e = at.unchecked_add(16 * k as u64);
+            let _ = mem.write_obj(addr.to_le(), e);
+            let _ = mem.write_obj(len.to_le(), e.unchecked_add(8));
+            let _ = mem.write_obj(0u16, e.unchecked_add(12));
+            let _ = mem.write_obj(flags.to_le(), e.unchecked_add(14));
+        }
+    }
+
+    /// The used descriptors the device has published since the last
+    /// call, as (buffer ID, length), in ring order; stops at an ID not in
+    /// flight.
+    pub fn used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+        let mut out = Vec::new();
+        loop {
+            let at = self.desc.unchecked_add(16 * u64::from(self.used));
+            let f = u16::from_le(mem.read_obj::<u16>(at.unchecked_add(14)).unwrap_or(0));
+            let bit = |b: u16| f & b != 0;
+            if bit(1 << 15) != self.used_wrap || bit(1 << 7) != self.used_wrap {
+                return out;
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let id = u16::from_le(mem.read_obj::<u16>(at.unchecked_add(12)).unwrap_or(0));
+            let len = u32::from_le(mem.read_obj::<u32>(at.unchecked_add(8)).unwrap_or(0));
+            let Some(n) = self.sgs.remove(&id) else {
+                return out;
+            };
+            out.push((id, len));
+            self.in_flight -= n;
+            let j = self.used + n;
+            if j >= self.size {
+                self.used = j - self.size;
+                self.used_wrap = !self.used_wrap;
+            } else {
+                self.used = j;
+            }
+        }
+    }
+
+    /// Sets the driver area: its flags and its offset-and-wrap word.
+    pub fn set_driver_event(&self, mem: &GuestMemoryMmap, flags: u16, off_wrap: u16) {
+        let (_, driver, _) = self.areas();
+        let _ = mem.write_obj(off_wrap.to_le(), driver);
+        let _ = mem.write_obj(flags.to_le(), driver.unchecked_add(2));
+    }
+
+    /// The flags the device last wrote into its area.
+    pub fn device_event_flags(&self, mem: &GuestMemoryMmap) -> u16 {
+        let (_, _, device) = self.areas();
+        u16::from_le(mem.read_obj::<u16>(device.unchecked_add(2)).unwrap_or(0))
     }
 }
