@@ -188,6 +188,43 @@ impl<'m> PackedRing<'m> {
         Some(ring)
     }
 
+    /// The packed ring a vhost-user frontend set up in `q`: the three
+    /// addresses of SET_VRING_ADDR are the descriptor ring, the driver
+    /// area and the device area, and the base of SET_VRING_BASE, kept as
+    /// the queue's next available index, is the position. Between rounds
+    /// every chain taken has been used, so used stands there too. None
+    /// when the queue is not ready or its ring is not valid.
+    pub fn from_queue(q: &virtio_queue::Queue, mem: &'m GuestMemoryMmap) -> Option<PackedRing<'m>> {
+        use virtio_queue::QueueT;
+        if !q.ready() {
+            return None;
+        }
+        let size = q.size();
+        PackedRing::new(
+            mem,
+            GuestAddress(q.desc_table()),
+            GuestAddress(q.avail_ring()),
+            GuestAddress(q.used_ring()),
+            size,
+            Position::from_base(q.next_avail(), size)?,
+        )
+    }
+
+    /// Publishes what is left and keeps the position in `q` for the next
+    /// round ([`PackedRing::from_queue`]). None, with nothing kept, when
+    /// a chain taken was not used: the caller gives such chains back
+    /// ([`PackedRing::unpop`]) before it finishes.
+    pub fn finish(mut self, q: &mut virtio_queue::Queue) -> Option<()> {
+        use virtio_queue::QueueT;
+        self.publish()?;
+        let p = self.pos;
+        if (p.used, p.used_wrap) != (p.avail, p.avail_wrap) {
+            return None;
+        }
+        q.set_next_avail(p.base());
+        Some(())
+    }
+
     /// The queue's size.
     pub fn size(&self) -> u16 {
         self.size
@@ -666,6 +703,54 @@ mod tests {
         assert_eq!(d.device_event_flags(&mem), EVENT_DISABLE);
         r.set_kicks(true).unwrap();
         assert_eq!(d.device_event_flags(&mem), EVENT_ENABLE);
+    }
+
+    /// The ring a frontend set up in a vhost-user queue (its three
+    /// addresses and base) is the one resolved, and the position taken
+    /// at the end of a round is where the next one starts; a round that
+    /// leaves a chain taken and unused keeps nothing.
+    #[test]
+    fn a_ring_comes_from_its_queue_and_goes_back_to_it() {
+        use virtio_queue::{Queue, QueueT};
+        let mem = memory();
+        let mut d = PackedDriver::new(&mem, RING, 8);
+        let (desc, driver, device) = d.areas();
+        let mut q = Queue::new(8).unwrap();
+        q.set_size(8);
+        q.set_desc_table_address(Some(desc.0 as u32), Some((desc.0 >> 32) as u32));
+        q.set_avail_ring_address(Some(driver.0 as u32), Some((driver.0 >> 32) as u32));
+        q.set_used_ring_address(Some(device.0 as u32), Some((device.0 >> 32) as u32));
+        assert!(PackedRing::from_queue(&q, &mem).is_none(), "not ready");
+        q.set_ready(true);
+        q.set_next_avail(0x8000 | 6);
+        // The driver is at 6 too: its next lists start there.
+        let mut pos = Position::START;
+        for _ in 0..6 {
+            d.push(&mem, &[(0x20_000, 8, true)], 0).unwrap();
+            let mut r = ring(&mem, &d, pos);
+            let a = r.pop().unwrap().unwrap();
+            r.put_used(a.id, 0, a.count).unwrap();
+            r.publish().unwrap();
+            pos = r.position();
+            d.used(&mem);
+        }
+        for id in 0..3 {
+            d.push(&mem, &[(0x20_000, 8, true)], id).unwrap();
+        }
+        let mut r = PackedRing::from_queue(&q, &mem).unwrap();
+        assert_eq!(r.position(), Position::from_base(0x8006, 8).unwrap());
+        for _ in 0..3 {
+            let a = r.pop().unwrap().unwrap();
+            r.put_used(a.id, 8, a.count).unwrap();
+        }
+        r.finish(&mut q).unwrap();
+        assert_eq!(q.next_avail(), 1, "past the end: index 1, wrap 0");
+        assert_eq!(d.used(&mem), vec![(0, 8), (1, 8), (2, 8)]);
+        d.push(&mem, &[(0x20_000, 8, true)], 3).unwrap();
+        let mut r = PackedRing::from_queue(&q, &mem).unwrap();
+        assert_eq!(r.pop().unwrap().map(|a| a.id), Some(3));
+        assert!(r.finish(&mut q).is_none());
+        assert_eq!(q.next_avail(), 1);
     }
 
     /// Rings that virtio does not allow are refused: misaligned parts, a
