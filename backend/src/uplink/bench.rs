@@ -1,6 +1,6 @@
 //! Uplinks for measuring the device alone: `sink` takes every frame (and
-//! copies it once, as a wire would read it), `source` always has a frame
-//! ready. With them a benchmark sees vnicd's cost, not the kernel's.
+//! copies what of it is still in guest memory, once), `source` always has
+//! a frame ready. With them a benchmark sees vnicd's cost, not the kernel's.
 
 use std::{
     cell::RefCell,
@@ -21,9 +21,13 @@ use vnic_protocol::{
 
 use super::{tap::VNET_HDR_LEN, Offloads, Piece, PieceMut, Uplink};
 
-/// Takes every frame; each is copied once into a buffer of the sending
-/// thread's own (as DPDK's vhost copies a frame into an mbuf), so that
-/// no lock is taken.
+/// Takes every frame. What of it is still in guest memory is copied
+/// into a buffer of the sending thread's own (no lock is taken), as
+/// DPDK's vhost copies a frame out of guest memory into an mbuf: every
+/// byte of a frame leaves guest memory exactly once on either. Pieces
+/// vnicd holds in its own memory already (a header it copied out to
+/// check, a small frame whole) are where a NIC would read them from and
+/// are only counted.
 #[derive(Debug)]
 pub struct Sink {
     queues: usize,
@@ -36,22 +40,37 @@ impl Sink {
         }
     }
 
-    /// Copies `front` then `rest` into the thread's buffer, as a wire
-    /// would read them; the frame's length.
+    /// Copies the guest pieces of `front` then `rest` into the thread's
+    /// buffer, each where it lies in the frame; the frame's length.
     fn take(pieces: [&[Piece<'_>]; 2]) -> io::Result<usize> {
+        let all = || pieces.iter().flat_map(|part| part.iter());
+        let len: usize = all().map(Piece::len).sum();
+        if len > SUNK_LEN {
+            return Err(too_big());
+        }
+        if all().all(|p| matches!(p, Piece::Local(_))) {
+            return Ok(len);
+        }
         SUNK.with_borrow_mut(|b| {
             if b.len() < SUNK_LEN {
                 b.resize(SUNK_LEN, 0);
             }
             let mut at = 0;
-            for part in pieces {
-                for p in part {
+            for p in all() {
+                if let Piece::Guest(_) = p {
                     let to = b.get_mut(at..at + p.len()).ok_or_else(too_big)?;
-                    at += p.copy_into(to);
+                    p.copy_into(to);
                 }
+                at += p.len();
             }
-            Ok(at)
+            Ok(len)
         })
+    }
+
+    /// The bytes the calling thread's last frame left in its buffer.
+    #[cfg(test)]
+    fn sunk(len: usize) -> Vec<u8> {
+        SUNK.with_borrow(|b| b[..len.min(b.len())].to_vec())
     }
 }
 
@@ -213,7 +232,30 @@ impl Uplink for Source {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
     use super::*;
+
+    /// The sink counts every byte of a frame and copies those still in
+    /// guest memory, each to its place in the frame; a frame over its
+    /// buffer is refused.
+    #[test]
+    fn the_sink_copies_what_is_in_guest_memory_once() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let guest: Vec<u8> = (0..100u8).collect();
+        mem.write_slice(&guest, GuestAddress(0x100)).unwrap();
+        let slice = mem.get_slice(GuestAddress(0x100), 100).unwrap();
+        let head = [0xeeu8; 12];
+        let front = [Piece::Local(&head)];
+        let rest = [Piece::Guest(slice)];
+        assert_eq!(Sink::take([&front, &rest]).unwrap(), 112);
+        assert_eq!(Sink::sunk(112)[12..], guest[..]);
+        let small = [0x11u8; 64];
+        assert_eq!(Sink::take([&[Piece::Local(&small)], &[]]).unwrap(), 64);
+        let big = vec![0u8; SUNK_LEN + 1];
+        let e = Sink::take([&[Piece::Local(&big)], &[]]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
 
     /// The source hands over the same header and frame however the
     /// pieces are cut (the header alone first, or not), and refuses
