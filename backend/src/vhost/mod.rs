@@ -46,6 +46,7 @@ use vnic_protocol::virtio::{
 
 use self::{
     chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter},
+    packed::{PackedRing, Position},
     split::{Regions, SplitRing, BATCH},
 };
 use crate::{
@@ -263,6 +264,29 @@ where
         .get_queue()
         .avail_idx(&**mem, Ordering::Acquire)
         .map_or(0, |w| w.0)
+}
+
+/// Turns the driver's available-buffer notifications for `vring` on or
+/// off: a split ring's through virtio-queue (VRING_USED_F_NO_NOTIFY, or
+/// avail_event with EVENT_IDX), a packed ring's through its device area.
+/// Turned on, whether chains wait already (the caller goes on, as a kick
+/// would have it).
+fn kicks(vring: &VringRwLock, mem: &GuestMemoryMmap, packed: bool, on: bool) -> io::Result<bool> {
+    if !packed {
+        if on {
+            return vring.enable_notification().map_err(io::Error::other);
+        }
+        vring.disable_notification().map_err(io::Error::other)?;
+        return Ok(false);
+    }
+    let st = vring.get_ref();
+    let Some(ring) = PackedRing::from_queue(st.get_queue(), mem) else {
+        // Not ready, or not a ring: nothing to take.
+        return Ok(false);
+    };
+    ring.set_kicks(on)
+        .ok_or_else(|| io::Error::other("device area not writable"))?;
+    Ok(on && ring.has_avail())
 }
 
 /// Asks the driver of an RX queue that ran out of buffers to notify the
@@ -940,12 +964,14 @@ impl VnicBackend {
         // A port alone on the switch sends the frames the uplink takes as
         // they are straight to it.
         let lone = self.nic.lone(self.port, i, view);
+        let packed = self.acked().contains(Features::RING_PACKED);
         let mut moved = 0;
         let mut empty = 0;
         let mut limited = false;
+        let mut broken = false;
         loop {
             let round = moved;
-            vring.disable_notification().map_err(io::Error::other)?;
+            kicks(vring, &mem, packed, false)?;
             // The vring's lock, once for the batch rather than twice a
             // chain; guest memory as a plain reference, not a guard to
             // clone per chain.
@@ -1021,7 +1047,19 @@ impl VnicBackend {
             // used index store at the end. Rings that cannot be resolved
             // (misaligned, or across guest regions) go through
             // virtio-queue's own walk, with the same checks.
-            let mut fast = SplitRing::new(q, gm);
+            let mut fast = if packed { None } else { SplitRing::new(q, gm) };
+            // A packed ring has no other way: one that cannot be resolved
+            // (misaligned, outside guest memory) is counted and left.
+            let mut pring = if packed && q.ready() {
+                let r = PackedRing::from_queue(q, gm);
+                if r.is_none() {
+                    stats.drop(DropReason::BadRing);
+                    broken = true;
+                }
+                r
+            } else {
+                None
+            };
             let mut left = 0;
             let mut unwritable = false;
             while moved < BUDGET {
@@ -1048,6 +1086,32 @@ impl VnicBackend {
                     self.arm_timer(i, wait);
                     limited = true;
                     break;
+                }
+                if let Some(ring) = pring.as_mut() {
+                    let a = match ring.pop() {
+                        Ok(Some(a)) => a,
+                        Ok(None) => break,
+                        Err(_) => {
+                            // Where the next chain starts is unknown: the
+                            // queue waits for the driver to reset it.
+                            stats.drop(DropReason::BadRing);
+                            broken = true;
+                            break;
+                        }
+                    };
+                    let g = gather_tx(&mut regions, ring.chain(&a, gm), hdr_len, tx, rest, tail);
+                    if !offer_lone(scratch, &g, tx, rest, tail) {
+                        send_chain(&mut regions, scratch, g, tx, rest, tail);
+                    }
+                    // Handed back a batch at a time, as the split ring's.
+                    let published = moved % usize::from(BATCH) != usize::from(BATCH) - 1
+                        || ring.publish().is_some();
+                    if ring.put_used(a.id, 0, a.count).is_none() || !published {
+                        unwritable = true;
+                        break;
+                    }
+                    moved += 1;
+                    continue;
                 }
                 let used = match fast.as_mut() {
                     Some(ring) => {
@@ -1097,22 +1161,28 @@ impl VnicBackend {
                 }
                 moved += 1;
             }
-            let finished = fast.map_or(Some(()), |ring| ring.finish(q));
+            let finished = match (fast, pring) {
+                (Some(ring), _) => ring.finish(q),
+                (None, Some(ring)) => ring.finish(q),
+                (None, None) => Some(()),
+            };
             if unwritable || finished.is_none() {
                 return Err(io::Error::other("used ring not writable"));
             }
             drop(guard);
-            if limited {
+            if limited || broken {
                 break;
             }
             if moved >= BUDGET {
                 self.left_over(i, LEFT_TX);
                 break;
             }
-            if !vring.enable_notification().map_err(io::Error::other)? {
+            if !kicks(vring, &mem, packed, true)? {
                 break;
             }
-            if stuck(vring, &mem, moved == round, &mut empty) {
+            // (A packed ring says what waits by the flags pop reads: it
+            // cannot run ahead of what is taken.)
+            if !packed && stuck(vring, &mem, moved == round, &mut empty) {
                 stats.drop(DropReason::BadRing);
                 break;
             }
@@ -1277,6 +1347,9 @@ impl VnicBackend {
         mem: &GuestMemoryMmap,
         stats: &QueueStats,
     ) -> io::Result<()> {
+        if self.acked().contains(Features::RING_PACKED) {
+            return self.notify_packed(vq, vring, mem, stats);
+        }
         let wanted = self.event_idx_wants(vq, vring, mem);
         let suppressed = {
             let st = vring.get_ref();
@@ -1292,6 +1365,48 @@ impl VnicBackend {
         } else {
             stats.notified(false);
         }
+        Ok(())
+    }
+
+    /// [`VnicBackend::notify`] for a packed ring: the driver area decides
+    /// (`packed::driver_wants`), from where used stood at the last
+    /// decision on virtqueue `vq` to where it stands (between rounds, at
+    /// the queue's base).
+    fn notify_packed(
+        &self,
+        vq: usize,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        stats: &QueueStats,
+    ) -> io::Result<()> {
+        let wanted = {
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            let size = q.size();
+            let base = q.next_avail();
+            let old = self
+                .signalled
+                .get(vq)
+                .map_or(NOT_YET, |s| s.swap(u32::from(base), Ordering::AcqRel));
+            let at = |b: u16| Position::from_base(b, size).map(|p| (p.used, p.used_wrap));
+            let old = u16::try_from(old)
+                .ok()
+                .and_then(at)
+                .unwrap_or(Position::START_USED);
+            match (
+                at(base),
+                vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(q.avail_ring()), 4),
+            ) {
+                (Some(new), Ok(driver)) => {
+                    packed::driver_wants(&driver, size, old, new, q.event_idx_enabled())
+                }
+                _ => true,
+            }
+        };
+        if wanted {
+            vring.signal_used_queue()?;
+        }
+        stats.notified(wanted);
         Ok(())
     }
 

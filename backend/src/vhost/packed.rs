@@ -70,6 +70,9 @@ impl Position {
         used_wrap: true,
     };
 
+    /// Used's half of [`Position::START`].
+    pub const START_USED: (u16, bool) = (0, true);
+
     /// From a vhost-user vring base: bits 0-14 the next available
     /// descriptor, bit 15 its wrap counter. The device starts with every
     /// buffer before it used, so used stands there too. None for an index
@@ -369,41 +372,54 @@ impl<'m> PackedRing<'m> {
     }
 
     /// Whether the driver asked for a used-buffer notification for what
-    /// was published since the last time this was asked (virtio 1.3,
-    /// 2.8.10): always with its flags at ENABLE, never at DISABLE, and
-    /// with EVENT_IDX at DESC only once used has passed the descriptor
-    /// (offset and wrap counter) it named.
+    /// was published since the last time this was asked
+    /// ([`driver_wants`]).
     pub fn needs_notification(&mut self, event_idx: bool) -> bool {
-        fence(Ordering::SeqCst);
         let old = self.signalled;
         let new = (self.pos.used, self.pos.used_wrap);
         self.signalled = new;
-        let lap = |(i, w): (u16, bool)| -> u32 {
-            u32::from(i) + if w { 0 } else { u32::from(self.size) }
-        };
-        let m = 2 * u32::from(self.size);
-        let moved = (lap(new) + m - lap(old)) % m;
-        if moved == 0 {
-            return false;
-        }
-        let Ok(flags) = self.driver.load::<u16>(2, Ordering::Relaxed) else {
-            return true;
-        };
-        match u16::from_le(flags) & 3 {
-            EVENT_DISABLE => false,
-            EVENT_DESC if event_idx => {
-                let Ok(ev) = self.driver.load::<u16>(0, Ordering::Relaxed) else {
-                    return true;
-                };
-                let ev = u16::from_le(ev);
-                let (off, wrap) = (ev & 0x7fff, ev & 0x8000 != 0);
-                if off >= self.size {
-                    return true;
-                }
-                (lap((off, wrap)) + m - lap(old)) % m < moved
+        driver_wants(&self.driver, self.size, old, new, event_idx)
+    }
+}
+
+/// Whether the driver area `driver` of a ring of `size` asks for a
+/// used-buffer notification now that used moved from `old` to `new`
+/// (index, wrap counter) (virtio 1.3, 2.8.10): always with its flags at
+/// ENABLE, never at DISABLE, and with EVENT_IDX at DESC only once used
+/// has passed the descriptor (offset and wrap counter) it names. Nothing
+/// moved: no. An area that cannot be read, or names an offset past the
+/// ring: yes (a notification too many, never one too few).
+pub fn driver_wants(
+    driver: &VolatileSlice<'_>,
+    size: u16,
+    old: (u16, bool),
+    new: (u16, bool),
+    event_idx: bool,
+) -> bool {
+    fence(Ordering::SeqCst);
+    let lap = |(i, w): (u16, bool)| -> u32 { u32::from(i) + if w { 0 } else { u32::from(size) } };
+    let m = 2 * u32::from(size);
+    let moved = (lap(new) + m - lap(old)) % m;
+    if moved == 0 {
+        return false;
+    }
+    let Ok(flags) = driver.load::<u16>(2, Ordering::Relaxed) else {
+        return true;
+    };
+    match u16::from_le(flags) & 3 {
+        EVENT_DISABLE => false,
+        EVENT_DESC if event_idx => {
+            let Ok(ev) = driver.load::<u16>(0, Ordering::Relaxed) else {
+                return true;
+            };
+            let ev = u16::from_le(ev);
+            let (off, wrap) = (ev & 0x7fff, ev & 0x8000 != 0);
+            if off >= size {
+                return true;
             }
-            _ => true,
+            (lap((off, wrap)) + m - lap(old)) % m < moved
         }
+        _ => true,
     }
 }
 

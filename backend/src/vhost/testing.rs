@@ -536,6 +536,25 @@ impl PackedDriver {
         self.size
     }
 
+    /// The device's view: a vring set up as a vhost-user frontend leaves
+    /// a packed one (the three areas as SET_VRING_ADDR gives them, the
+    /// base at index 0 with wrap counter 1), ready and enabled.
+    pub fn vring(&self, mem: &GuestMemoryAtomic<GuestMemoryMmap>, event_idx: bool) -> VringRwLock {
+        let (desc, driver, device) = self.areas();
+        // Test set-up with valid parameters.
+        #[allow(clippy::expect_used)]
+        let v = VringRwLock::new(mem.clone(), self.size).expect("vring");
+        v.set_queue_size(self.size);
+        #[allow(clippy::expect_used)]
+        v.set_queue_info(desc.raw_value(), driver.raw_value(), device.raw_value())
+            .expect("ring addresses");
+        v.set_queue_next_avail(0x8000);
+        v.set_queue_event_idx(event_idx);
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        v
+    }
+
     /// The descriptor ring, the driver area and the device area.
     pub fn areas(&self) -> (GuestAddress, GuestAddress, GuestAddress) {
         let driver = self.desc.unchecked_add(16 * u64::from(self.size));
