@@ -20,7 +20,10 @@ use vnic_protocol::{
     },
 };
 
-use super::split::{alone, Chain, Heads, Kept, Regions, Rings, BATCH};
+use super::{
+    packed::PackedRing,
+    split::{alone, Chain, Heads, Kept, Regions, Rings, BATCH},
+};
 use crate::{
     nic::{
         switch::{View, NO_HASH},
@@ -283,6 +286,14 @@ pub(super) struct RxWriter<'a> {
     /// [`Nic::blind_route`] for the view of this generation, asked once
     /// per view rather than per frame.
     blind: Option<(u64, Option<Steering>)>,
+    /// The driver negotiated the packed ring: frames go through
+    /// [`RxWriter::write`] into `packed`, resolved while the lock is held.
+    is_packed: bool,
+    packed: Option<PackedRing<'a>>,
+    /// Where a packed ring last had no buffer for a frame (index, wrap
+    /// counter): once the driver makes that descriptor available it has
+    /// posted more.
+    edge: Option<(u16, bool)>,
     /// Frames and bytes delivered in the current call of
     /// [`RxWriter::receive_direct`] before the one it returns.
     burst: (usize, u64),
@@ -304,6 +315,9 @@ impl<'a> RxWriter<'a> {
             mergeable: acked.contains(Features::MRG_RXBUF),
             hash_report: acked.contains(Features::HASH_REPORT),
             rsc_ext: acked.contains(Features::RSC_EXT),
+            is_packed: acked.contains(Features::RING_PACKED),
+            packed: None,
+            edge: None,
             used: 0,
             held: None,
             rings: None,
@@ -885,6 +899,13 @@ impl RxWriter<'_> {
     /// round).
     pub fn release(&mut self) {
         self.publish();
+        if let (Some(g), Some(ring)) = (self.held.as_mut(), self.packed.take()) {
+            // Every chain taken was used or given back: used stands at
+            // available, which is what the queue keeps.
+            if ring.finish(g.get_queue_mut()).is_none() {
+                self.stats.drop(DropReason::BadRing);
+            }
+        }
         self.held = None;
         self.rings = None;
     }
@@ -892,6 +913,12 @@ impl RxWriter<'_> {
     /// Stores the used index for the frames written through the resolved
     /// rings since the last time (their entries are in place).
     pub fn publish(&mut self) {
+        if let Some(ring) = self.packed.as_mut() {
+            if ring.publish().is_none() {
+                self.stats.drop(DropReason::BadRing);
+            }
+            return;
+        }
         if self.unpublished == 0 {
             return;
         }
@@ -908,6 +935,12 @@ impl RxWriter<'_> {
     /// once [`PUBLISH_EVERY`] buffers wait, so that a driver refilling
     /// big frames' buffers is not kept waiting for many frames.
     fn published_later(&mut self, buffers: usize) {
+        if let Some(ring) = &self.packed {
+            if ring.unpublished() >= usize::from(PUBLISH_EVERY) {
+                self.publish();
+            }
+            return;
+        }
         if self.rings.is_none() {
             return;
         }
@@ -924,8 +957,12 @@ impl RxWriter<'_> {
     fn hold(&mut self) {
         if self.held.is_none() {
             let g = self.vring.get_mut();
-            self.rings = Rings::new(g.get_queue(), self.mem);
-            self.cursor = Cursor::at(g.get_queue().next_avail());
+            if self.is_packed {
+                self.packed = PackedRing::from_queue(g.get_queue(), self.mem);
+            } else {
+                self.rings = Rings::new(g.get_queue(), self.mem);
+                self.cursor = Cursor::at(g.get_queue().next_avail());
+            }
             self.held = Some(g);
         }
     }
@@ -957,6 +994,9 @@ impl RxWriter<'_> {
         let total = hdr_len + payload.len();
 
         self.hold();
+        if self.is_packed {
+            return self.write_packed(hb, payload, total);
+        }
         let Some(state) = self.held.as_mut() else {
             return Err(DropReason::BadRing);
         };
@@ -1044,6 +1084,103 @@ impl RxWriter<'_> {
         Ok(())
     }
 
+    /// [`RxWriter::write`] into a packed ring: the frame's header `hb`
+    /// and `payload` (`total` bytes) into as many lists as it takes (one
+    /// without MRG_RXBUF), their used descriptors put together.
+    fn write_packed(&mut self, hb: &[u8], payload: &[u8], total: usize) -> Result<(), DropReason> {
+        let (mem, stats, mergeable) = (self.mem, self.stats, self.mergeable);
+        let regions = &mut self.regions;
+        let Some(ring) = self.packed.as_mut() else {
+            // Not ready, or not a ring that can be resolved.
+            return Err(DropReason::BadRing);
+        };
+        let start = ring.position();
+        let mut used = [(0u16, 0u32, 0u16); MAX_RX_BUFFERS];
+        let mut count = 0;
+        let mut written = 0;
+        let mut first_hdr: Option<GuestAddress> = None;
+        let mut failure = None;
+        while written < total {
+            if count == MAX_RX_BUFFERS || (count == 1 && !mergeable) {
+                failure = Some(DropReason::RxChainTooSmall);
+                break;
+            }
+            let a = match ring.pop() {
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    // Too few buffers: the frame waits, its lists go back.
+                    let p = ring.position();
+                    self.edge = Some((p.avail, p.avail_wrap));
+                    ring.unpop(start);
+                    return Err(DropReason::RxNoBuffers);
+                }
+                Err(_) => {
+                    // Where the next list starts is unknown: nothing is
+                    // taken until the driver resets the queue.
+                    ring.unpop(start);
+                    stats.drop(DropReason::BadRing);
+                    return Err(DropReason::RxNoBuffers);
+                }
+            };
+            let mut in_chain = 0usize;
+            let mut walk = ring.chain(&a, mem);
+            for desc in walk.by_ref() {
+                if !desc.is_write_only() {
+                    failure = Some(DropReason::BadChainLayout);
+                    break;
+                }
+                let len = desc.len() as usize;
+                if written >= total || len == 0 {
+                    continue;
+                }
+                if first_hdr.is_none() {
+                    if len < hb.len() {
+                        failure = Some(DropReason::RxChainTooSmall);
+                        break;
+                    }
+                    first_hdr = Some(desc.addr());
+                }
+                let n = len.min(total - written);
+                if let Err(e) = write_part(regions, hb, payload, written, n, desc.addr()) {
+                    failure = Some(e);
+                    break;
+                }
+                written += n;
+                in_chain += n;
+            }
+            if failure.is_none() && walk.cut() {
+                failure = Some(DropReason::BadChainLayout);
+            }
+            used[count] = (a.id, in_chain as u32, a.count);
+            count += 1;
+            if failure.is_some() {
+                break;
+            }
+        }
+        if let Some(why) = failure {
+            // Every list back empty: the driver reclaims them.
+            for u in &mut used[..count] {
+                u.1 = 0;
+            }
+            ring.put_used_frame(&used[..count])
+                .ok_or(DropReason::BadRing)?;
+            self.used += 1;
+            return Err(why);
+        }
+        if mergeable && count > 1 {
+            if let Some(at) = first_hdr {
+                let nb = (count as u16).to_le_bytes();
+                let at = at.checked_add(10).ok_or(DropReason::BadDescriptor)?;
+                regions.write(&nb, at).ok_or(DropReason::BadDescriptor)?;
+            }
+        }
+        ring.put_used_frame(&used[..count])
+            .ok_or(DropReason::BadRing)?;
+        self.used += 1;
+        self.published_later(count);
+        Ok(())
+    }
+
     /// Reads frames from uplink queue `uq` straight into this queue's RX
     /// buffers. Buffers for `expect` frame bytes are popped first; a
     /// longer frame spills into `overflow`, and is then moved into further
@@ -1080,6 +1217,12 @@ impl RxWriter<'_> {
         }
     }
 
+    /// Where a packed ring last had no buffer for a frame, if it had
+    /// none since the last call.
+    pub fn take_edge(&mut self) -> Option<(u16, bool)> {
+        self.edge.take()
+    }
+
     /// The frames [`RxWriter::receive_direct`] delivered before the one
     /// it returned, and their bytes; zeroed for the next call.
     pub fn take_burst(&mut self) -> (usize, u64) {
@@ -1107,6 +1250,11 @@ impl RxWriter<'_> {
         };
         let mem = self.mem;
         let mergeable = self.mergeable;
+        if self.is_packed {
+            // A packed ring takes frames through `write` (the round reads
+            // the uplink into its own buffer first).
+            return Ok((Direct::NoBuffers, false));
+        }
         self.hold();
         let Some(state) = self.held.as_mut() else {
             return Ok((Direct::Dropped(DropReason::BadRing), false));

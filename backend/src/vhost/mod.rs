@@ -432,14 +432,17 @@ enum Room {
 }
 
 /// How many buffers the driver of RX queue `vring` has left posted.
-fn rx_room<M>(vring: &VringRwLock, mem: &M) -> Room
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    let idx = avail_idx(vring, mem);
+fn rx_room(vring: &VringRwLock, mem: &GuestMemoryMmap, packed: bool) -> Room {
     let st = vring.get_ref();
     let q = st.get_queue();
+    if packed {
+        // A packed ring tells only whether the next buffer is there.
+        return match PackedRing::from_queue(q, mem) {
+            Some(r) if r.has_avail() => Room::Plenty,
+            _ => Room::Low,
+        };
+    }
+    let idx = q.avail_idx(mem, Ordering::Acquire).map_or(0, |w| w.0);
     let left = idx.wrapping_sub(q.next_avail());
     if left < q.size() / 4 {
         Room::Low
@@ -1476,13 +1479,14 @@ impl VnicBackend {
         self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev().config.mtu) + 14 + 8;
+        let packed = acked.contains(Features::RING_PACKED);
         let mut moved = 0;
         let mut starved;
         loop {
             // While frames move, the driver need not kick when it posts
             // buffers: the uplink wakes the worker.
-            vring.disable_notification().map_err(io::Error::other)?;
-            let seen = avail_idx(vring, &mem);
+            kicks(vring, &mem, packed, false)?;
+            let seen = if packed { 0 } else { avail_idx(vring, &mem) };
             let round = if self.dev().rsc_active() || !self.rsc_idle(i) {
                 self.rx_round_rsc(i, &mut writer, &mut moved)
             } else {
@@ -1498,7 +1502,24 @@ impl VnicBackend {
             }
             // Out of buffers with frames waiting: ask the driver to kick
             // when it posts more, unless it already did meanwhile.
-            if !starved || !want_buffers(vring, &mem, seen)? {
+            if !starved {
+                break;
+            }
+            let more = if packed {
+                // Kicks on, then whether the driver posted past where a
+                // frame found no buffer (a broken ring has no such place:
+                // it waits for a kick).
+                let edge = writer.take_edge();
+                kicks(vring, &mem, true, true)?;
+                let st = vring.get_ref();
+                match (edge, PackedRing::from_queue(st.get_queue(), &mem)) {
+                    (Some(e), Some(r)) => r.avail_at(e),
+                    _ => false,
+                }
+            } else {
+                want_buffers(vring, &mem, seen)?
+            };
+            if !more {
                 break;
             }
         }
@@ -1510,7 +1531,7 @@ impl VnicBackend {
             let room = if starved {
                 Room::None
             } else {
-                rx_room(vring, &mem)
+                rx_room(vring, &mem, packed)
             };
             self.signal(2 * i, used, vring, &mem, stats, room)?;
         }
@@ -1557,6 +1578,9 @@ impl VnicBackend {
         };
         let mut starved = false;
         let toe = self.toe_on();
+        // A packed ring takes frames through the writer's `write` only:
+        // read from the uplink first, as for the TOE.
+        let packed = self.acked().contains(Features::RING_PACKED);
         // Frames already waiting here go first, in order (through the
         // queue's TOE engine first while the driver runs the TOE).
         while *moved < BUDGET {
@@ -1602,7 +1626,7 @@ impl VnicBackend {
                 *moved += 1;
                 continue;
             }
-            if toe {
+            if toe || packed {
                 // The TOE sees each uplink frame first, so frames are read
                 // into the worker's buffer rather than the driver's. A
                 // frame RSS sends to another queue is that queue's
@@ -2025,7 +2049,9 @@ impl RxPath for VnicBackend {
         };
         let mem = self.memory();
         let stats = &self.dev().stats.rx[q];
-        if let Err(e) = self.signal(2 * q, frames, vring, &mem, stats, rx_room(vring, &mem)) {
+        let packed = self.acked().contains(Features::RING_PACKED);
+        let room = rx_room(vring, &mem, packed);
+        if let Err(e) = self.signal(2 * q, frames, vring, &mem, stats, room) {
             log::debug!("rx{q}: notify: {e}");
         }
     }

@@ -47,8 +47,10 @@ pub const EVENT_DESC: u16 = 2;
 /// The largest packed queue (virtio 1.3, 2.8: up to 2^15 entries).
 pub const MAX_SIZE: u16 = 1 << 15;
 
-/// Used descriptors whose flags wait for [`PackedRing::publish`].
-const PENDING: usize = 64;
+/// Used descriptors whose flags wait for [`PackedRing::publish`]: more
+/// than one received frame's buffers (64), so that a frame put with
+/// [`PackedRing::put_used_frame`] is published whole.
+const PENDING: usize = 128;
 
 /// Where the device stands in a packed ring: the next descriptor it
 /// reads and the wrap counter it expects there, and the same for the
@@ -250,6 +252,13 @@ impl<'m> PackedRing<'m> {
             .map(u16::from_le)
     }
 
+    /// Whether the descriptor at `(index, wrap counter)` is available:
+    /// with an index where the device once found nothing, whether the
+    /// driver has made more available since.
+    pub fn avail_at(&self, (i, wrap): (u16, bool)) -> bool {
+        i < self.size && self.flags(i).is_some_and(|f| is_avail(f, wrap))
+    }
+
     /// Whether the next chain is available.
     #[inline]
     pub fn has_avail(&self) -> bool {
@@ -310,6 +319,7 @@ impl<'m> PackedRing<'m> {
             whole: a.count,
             table: None,
             yielded: 0,
+            cut: false,
         }
     }
 
@@ -343,6 +353,25 @@ impl<'m> PackedRing<'m> {
         self.npending += 1;
         (self.pos.used, self.pos.used_wrap) = step(i, self.pos.used_wrap, count, self.size);
         Some(())
+    }
+
+    /// Puts the used descriptors of one frame's buffers `(id, len,
+    /// count)`, after publishing what waits if they would not all fit in
+    /// the batch: the driver sees a frame's buffers all at once (virtio
+    /// 1.3, 2.8.8), the first one last.
+    pub fn put_used_frame(&mut self, used: &[(u16, u32, u16)]) -> Option<()> {
+        if self.npending + used.len() > PENDING {
+            self.publish()?;
+        }
+        for &(id, len, count) in used {
+            self.put_used(id, len, count)?;
+        }
+        Some(())
+    }
+
+    /// Used descriptors put and not yet published.
+    pub fn unpublished(&self) -> usize {
+        self.npending
     }
 
     /// Makes the used descriptors put so far the driver's: their flags
@@ -439,9 +468,18 @@ pub struct PackedChain<'r, 'm> {
     /// The indirect table being walked.
     table: Option<GuestAddress>,
     yielded: u32,
+    /// The walk ended on a rule the list broke, before its end.
+    cut: bool,
 }
 
 impl PackedChain<'_, '_> {
+    /// Whether the walk ended before the list's end, on a rule it broke
+    /// (an indirect table that may not be followed, a descriptor that
+    /// cannot be read, 4 GiB passed).
+    pub fn cut(&self) -> bool {
+        self.cut
+    }
+
     /// Moves the walk into the indirect table `(addr, len)`; false when
     /// it may not be followed: the ring entry is part of a longer list,
     /// or the table is not a whole number of descriptors, is empty, or
@@ -484,7 +522,9 @@ impl Iterator for PackedChain<'_, '_> {
             if self.left == 0 {
                 return None;
             }
-            let (addr, hi) = self.read()?;
+            let Some((addr, hi)) = self.read() else {
+                return self.stop();
+            };
             let len = hi as u32;
             let flags = (hi >> 48) as u16;
             self.left -= 1;
@@ -494,15 +534,26 @@ impl Iterator for PackedChain<'_, '_> {
             };
             if flags & F_INDIRECT != 0 {
                 if self.table.is_some() || !self.enter_table(addr, len) {
-                    self.left = 0;
-                    return None;
+                    return self.stop();
                 }
                 continue;
             }
             // A chain is under 4 GiB (virtio 1.3, 2.7.5.2, kept here too).
-            self.yielded = self.yielded.checked_add(len)?;
+            let Some(y) = self.yielded.checked_add(len) else {
+                return self.stop();
+            };
+            self.yielded = y;
             return Some(Descriptor::new(addr, len, flags & F_WRITE, 0));
         }
+    }
+}
+
+impl PackedChain<'_, '_> {
+    #[cold]
+    fn stop(&mut self) -> Option<Descriptor> {
+        self.left = 0;
+        self.cut = true;
+        None
     }
 }
 
