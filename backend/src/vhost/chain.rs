@@ -202,16 +202,12 @@ pub(super) const CTRL_MAX_WRITABLE: usize = 64 * 1024;
 /// device-writable buffers into `writable` (readable ones must come first).
 /// Every writable buffer must lie in guest memory, and all of them
 /// together within [`CTRL_MAX_WRITABLE`].
-pub(super) fn split_chain<M>(
+pub(super) fn split_chain(
     mem: &GuestMemoryMmap,
-    chain: DescriptorChain<M>,
+    chain: impl Iterator<Item = Descriptor>,
     readable: &mut Vec<u8>,
     writable: &mut Vec<(GuestAddress, usize)>,
-) -> Result<(), DropReason>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
+) -> Result<(), DropReason> {
     readable.clear();
     writable.clear();
     let mut room = 0usize;

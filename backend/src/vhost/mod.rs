@@ -289,6 +289,72 @@ fn kicks(vring: &VringRwLock, mem: &GuestMemoryMmap, packed: bool, on: bool) -> 
     Ok(on && ring.has_avail())
 }
 
+/// The bytes a request chain holds for the device and the buffers it
+/// has for the answer, or why it cannot be served.
+type Request<'r> = Result<(&'r [u8], &'r [(GuestAddress, usize)]), DropReason>;
+
+/// Serves the request lists of packed ring `vring` (control, TOE) one at
+/// a time, with its lock held: up to `budget`, each list's readable bytes
+/// and writable buffers (or why it is bad) go to `serve`, which returns
+/// the bytes it wrote, or None to leave that list in the ring and stop.
+/// Kicks are off while it works and on again once the ring is empty. A
+/// ring that cannot be resolved or breaks the format is counted
+/// (`BadRing`) and left. Returns how many lists were used and whether it
+/// stopped at the budget.
+fn serve_packed(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+    stats: &QueueStats,
+    budget: usize,
+    mut serve: impl FnMut(Request<'_>) -> Option<u32>,
+) -> io::Result<(usize, bool)> {
+    let unwritable = || io::Error::other("packed ring not writable");
+    let mut g = vring.get_mut();
+    let Some(mut ring) = PackedRing::from_queue(g.get_queue(), mem) else {
+        if g.get_queue().ready() {
+            stats.drop(DropReason::BadRing);
+        }
+        return Ok((0, false));
+    };
+    let (mut readable, mut writable) = (Vec::new(), Vec::new());
+    let mut moved = 0;
+    let mut stop = false;
+    loop {
+        ring.set_kicks(false).ok_or_else(unwritable)?;
+        while moved < budget && !stop {
+            let before = ring.position();
+            let a = match ring.pop() {
+                Ok(Some(a)) => a,
+                Ok(None) => break,
+                Err(_) => {
+                    stats.drop(DropReason::BadRing);
+                    stop = true;
+                    break;
+                }
+            };
+            let request = split_chain(mem, ring.chain(&a, mem), &mut readable, &mut writable)
+                .map(|()| (readable.as_slice(), writable.as_slice()));
+            let Some(len) = serve(request) else {
+                ring.unpop(before);
+                stop = true;
+                break;
+            };
+            ring.put_used(a.id, len, a.count).ok_or_else(unwritable)?;
+            ring.publish().ok_or_else(unwritable)?;
+            moved += 1;
+        }
+        if stop || moved >= budget {
+            break;
+        }
+        ring.set_kicks(true).ok_or_else(unwritable)?;
+        if !ring.has_avail() {
+            break;
+        }
+    }
+    ring.finish(g.get_queue_mut()).ok_or_else(unwritable)?;
+    Ok((moved, moved >= budget))
+}
+
 /// Asks the driver of an RX queue that ran out of buffers to notify the
 /// device when it posts more than the `seen` it had posted; returns
 /// whether it posted more meanwhile (then the caller goes on at once).
@@ -828,6 +894,24 @@ impl VnicBackend {
         mut answer: impl FnMut(&[u8], &[(GuestAddress, usize)]) -> u32,
     ) -> io::Result<()> {
         let stats = &self.dev().stats.ctrl;
+        if self.acked().contains(Features::RING_PACKED) {
+            let (moved, full) = serve_packed(vring, mem, stats, budget, |r| {
+                Some(match r {
+                    Ok((readable, writable)) => answer(readable, writable),
+                    Err(why) => {
+                        stats.drop(why);
+                        0
+                    }
+                })
+            })?;
+            if full {
+                self.resume_later(self.pairs());
+            }
+            if moved > 0 {
+                self.notify(vq, vring, mem, stats)?;
+            }
+            return Ok(());
+        }
         let mut readable = Vec::new();
         let mut writable = Vec::new();
         let mut moved = 0;

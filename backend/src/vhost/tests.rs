@@ -83,6 +83,65 @@ fn control_ack_comes_first_then_the_answer() {
     assert_eq!(h.pf().stats.ctrl.total_drops(), 0);
 }
 
+/// The control queue as a packed ring: a command and its answer in one
+/// list, then in three, and a list whose readable part comes after a
+/// writable one (refused, counted, handed back empty); each gets its
+/// used descriptor with the bytes written.
+#[test]
+fn a_packed_control_queue_answers_each_list() {
+    use super::testing::PackedDriver;
+    let mut h = Harness::new(
+        (all() - Features::EVENT_IDX) | Features::RING_PACKED,
+        16,
+        Offloads::ALL,
+        40,
+    );
+    let at = h.arena.alloc(16 * 16 + 8 + 16).unwrap();
+    let at = GuestAddress(at.0.next_multiple_of(16));
+    let mut d = PackedDriver::new(&h.mem, at, 16);
+    h.ctrl_vring[0] = d.vring(&h.atomic, false);
+    let set = bytes(&CtrlCommand::CoalVqSet {
+        vq_index: 0,
+        coal: Coal {
+            max_packets: 7,
+            max_usecs: 9,
+        },
+    });
+    let get = bytes(&CtrlCommand::CoalVqGet { vq_index: 0 });
+    let mut post = |h: &mut Harness, cmd: &[u8], outs: &[usize], id: u16| {
+        let mut elems = vec![(h.buffer(cmd, cmd.len()).0, cmd.len() as u32, false)];
+        let mut addrs = Vec::new();
+        for &n in outs {
+            let a = h.buffer(&vec![0xee; n], n);
+            addrs.push(a);
+            elems.push((a.0, n as u32, true));
+        }
+        d.push(&h.mem, &elems, id).unwrap();
+        addrs
+    };
+    let o1 = post(&mut h, &set, &[1], 1);
+    let o2 = post(&mut h, &get, &[1, 8], 2);
+    h.ctrl_event(0).unwrap();
+    assert_eq!(d.used(&h.mem), vec![(1, 1), (2, 9)]);
+    assert_eq!(h.read(o1[0], 1), [ACK_OK]);
+    assert_eq!(h.read(o2[0], 1), [ACK_OK]);
+    assert_eq!(h.read(o2[1], 8), [7, 0, 0, 0, 9, 0, 0, 0]);
+    // Writable before readable: refused.
+    let out = h.buffer(&[0xee], 1);
+    let cmd = h.buffer(&get, get.len());
+    d.push(
+        &h.mem,
+        &[(out.0, 1, true), (cmd.0, get.len() as u32, false)],
+        3,
+    )
+    .unwrap();
+    h.ctrl_event(0).unwrap();
+    assert_eq!(d.used(&h.mem), vec![(3, 0)]);
+    assert_eq!(h.read(out, 1), [0xee]);
+    assert_eq!(h.pf().stats.ctrl.drops(DropReason::BadChainLayout), 1);
+    assert_eq!(counter(&h.pf().stats.ctrl.packets), 2);
+}
+
 #[test]
 fn control_answer_without_room_is_err_and_counted() {
     let mut h = harness(2);

@@ -45,12 +45,12 @@ use vnic_protocol::{
 
 use super::{
     chain::{split_chain, write_span},
-    pop_chain,
+    pop_chain, serve_packed,
     split::Regions,
-    VnicBackend,
+    Request, VnicBackend,
 };
 use crate::nic::{
-    stats::DropReason,
+    stats::{DropReason, QueueStats},
     toe::{
         engine_of_handle, ephemeral_after, ephemeral_from, RingMemory, Toe, ToeConfig, ToeStats,
         ToeTable,
@@ -236,6 +236,18 @@ impl VnicBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let stats = &self.dev().stats.ctrl;
+        if self.acked().contains(Features::RING_PACKED) {
+            let (used, _) = serve_packed(evt, mem, stats, usize::MAX, |r| {
+                if !toe.has_events() {
+                    return None;
+                }
+                Some(event_into(toe, mem, stats, r))
+            })?;
+            if used > 0 {
+                self.notify(2 * self.pairs() + 2, evt, mem, stats)?;
+            }
+            return Ok(());
+        }
         let (mut readable, mut writable) = (Vec::new(), Vec::new());
         let mut used = 0;
         while toe.has_events() {
@@ -243,35 +255,9 @@ impl VnicBackend {
                 break;
             };
             let head = chain.head_index();
-            let len = match split_chain(mem, chain, &mut readable, &mut writable) {
-                Ok(())
-                    if readable.is_empty()
-                        && writable.iter().map(|w| w.1).sum::<usize>() >= EVENT_LEN =>
-                {
-                    match toe.pop_event() {
-                        Some(e) => {
-                            match write_span(&mut Regions::new(mem), &writable, 0, &e.to_bytes()) {
-                                Ok(()) => EVENT_LEN as u32,
-                                Err(why) => {
-                                    stats.drop(why);
-                                    0
-                                }
-                            }
-                        }
-                        // Every queued event was stale: a buffer of
-                        // nothing, which the driver posts again.
-                        None => 0,
-                    }
-                }
-                Ok(()) => {
-                    stats.drop(DropReason::BadControl);
-                    0
-                }
-                Err(why) => {
-                    stats.drop(why);
-                    0
-                }
-            };
+            let request = split_chain(mem, chain, &mut readable, &mut writable)
+                .map(|()| (readable.as_slice(), writable.as_slice()));
+            let len = event_into(toe, mem, stats, request);
             evt.add_used(head, len).map_err(io::Error::other)?;
             used += 1;
         }
@@ -732,3 +718,39 @@ pub(super) enum ToeVerdict {
 
 /// The TOE's vrings once the control thread saw them.
 pub(super) type ToeVrings = OnceLock<(VringRwLock, VringRwLock)>;
+
+/// Writes the next queued TOE event into an event buffer `request` (no
+/// readable part, room for an event); the bytes written. A bad buffer
+/// is counted and goes back empty, and so does one for which every
+/// queued event was stale (the driver posts it again).
+fn event_into(
+    toe: &mut Toe,
+    mem: &GuestMemoryMmap,
+    stats: &QueueStats,
+    request: Request<'_>,
+) -> u32 {
+    match request {
+        Ok((readable, writable))
+            if readable.is_empty() && writable.iter().map(|w| w.1).sum::<usize>() >= EVENT_LEN =>
+        {
+            match toe.pop_event() {
+                Some(e) => match write_span(&mut Regions::new(mem), writable, 0, &e.to_bytes()) {
+                    Ok(()) => EVENT_LEN as u32,
+                    Err(why) => {
+                        stats.drop(why);
+                        0
+                    }
+                },
+                None => 0,
+            }
+        }
+        Ok(_) => {
+            stats.drop(DropReason::BadControl);
+            0
+        }
+        Err(why) => {
+            stats.drop(why);
+            0
+        }
+    }
+}
