@@ -1,5 +1,6 @@
 //! DPDK's virtio-user PMD (testpmd) as vnicd's frontend, with and without
-//! VIRTIO_F_IN_ORDER: the frames testpmd sends reach vnicd's sink, and the
+//! VIRTIO_F_IN_ORDER, on split and packed rings: the frames testpmd sends
+//! reach vnicd's sink, and the
 //! frames vnicd's source writes reach testpmd, counted on both sides (the
 //! two counts differ by at most what the ring held when testpmd
 //! stopped). Needs `dpdk-testpmd` (Debian's dpdk-dev); fails without it
@@ -16,18 +17,19 @@ use vnic_tests::{
 
 const VNICD: &str = env!("CARGO_BIN_EXE_vnicd");
 
-/// testpmd's acked features include IN_ORDER (bit 35) exactly when asked.
-fn negotiated_in_order(out: &str) -> Option<bool> {
+/// Whether testpmd's acked features include IN_ORDER (bit 35) and
+/// RING_PACKED (bit 34).
+fn negotiated(out: &str) -> Option<(bool, bool)> {
     let f = out
         .split("features after negotiate = ")
         .nth(1)?
         .split_whitespace()
         .next()?;
     let bits = u64::from_str_radix(f.trim_start_matches("0x"), 16).ok()?;
-    Some(bits & (1 << 35) != 0)
+    Some((bits & (1 << 35) != 0, bits & (1 << 34) != 0))
 }
 
-fn run(in_order: bool, mode: &str, size: usize) -> (u64, u64, String) {
+fn run(in_order: bool, packed: bool, mode: &str, size: usize) -> (u64, u64, String) {
     let uplink = if mode == "txonly" {
         "sink".to_owned()
     } else {
@@ -35,14 +37,15 @@ fn run(in_order: bool, mode: &str, size: usize) -> (u64, u64, String) {
     };
     let v = Vnicd::start(VNICD, &["--uplink", &uplink]).expect("vnicd");
     let vdev = format!(
-        "net_virtio_user0,path={},queues=1,queue_size=256,in_order={}",
+        "net_virtio_user0,path={},queues=1,queue_size=256,in_order={},packed_vq={}",
         v.socket.display(),
-        u8::from(in_order)
+        u8::from(in_order),
+        u8::from(packed)
     );
     let gen = Testpmd::start(
         0,
         &vdev,
-        // Its feature negotiation, to check IN_ORDER.
+        // Its feature negotiation, to check IN_ORDER and RING_PACKED.
         &["--log-level=pmd.net.virtio.init:debug"],
         mode,
         &[&format!("--txpkts={size}")],
@@ -71,23 +74,25 @@ fn run(in_order: bool, mode: &str, size: usize) -> (u64, u64, String) {
 }
 
 #[test]
-fn testpmd_virtio_user_both_ways_with_and_without_in_order() {
+fn testpmd_virtio_user_both_ways_with_and_without_in_order_split_and_packed() {
     if !require_testpmd() {
         return;
     }
-    for in_order in [false, true] {
+    for (in_order, packed) in [(false, false), (true, false), (false, true), (true, true)] {
         for (mode, size) in [
             ("txonly", 64),
             ("txonly", 1500),
             ("rxonly", 64),
             ("rxonly", 1500),
         ] {
-            let (theirs, ours, out) = run(in_order, mode, size);
-            eprintln!("in_order={in_order} {mode} {size} B: testpmd {theirs}, vnicd {ours}");
+            let (theirs, ours, out) = run(in_order, packed, mode, size);
+            eprintln!(
+                "in_order={in_order} packed={packed} {mode} {size} B: testpmd {theirs}, vnicd {ours}"
+            );
             assert_eq!(
-                negotiated_in_order(&out),
-                Some(in_order),
-                "IN_ORDER negotiation:\n{out}"
+                negotiated(&out),
+                Some((in_order, packed)),
+                "IN_ORDER and RING_PACKED negotiation:\n{out}"
             );
             assert!(
                 theirs > 10_000,
@@ -99,7 +104,7 @@ fn testpmd_virtio_user_both_ways_with_and_without_in_order() {
                 // queue (at most a ring's worth; seen 0 and 69).
                 assert!(
                     ours <= theirs && theirs - ours <= 256,
-                    "in_order={in_order} {mode} {size}: testpmd sent {theirs}, vnicd took {ours}"
+                    "in_order={in_order} packed={packed} {mode} {size}: testpmd sent {theirs}, vnicd took {ours}"
                 );
             } else {
                 // Every frame vnicd wrote into the ring reached testpmd,
@@ -109,7 +114,7 @@ fn testpmd_virtio_user_both_ways_with_and_without_in_order() {
                 // it drains then is in none of its totals.
                 assert!(
                     theirs <= ours && ours - theirs <= 256,
-                    "in_order={in_order} {mode} {size}: vnicd wrote {ours}, testpmd took {theirs}"
+                    "in_order={in_order} packed={packed} {mode} {size}: vnicd wrote {ours}, testpmd took {theirs}"
                 );
             }
         }

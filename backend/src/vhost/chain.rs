@@ -1087,8 +1087,14 @@ impl RxWriter<'_> {
         let (mem, stats, mergeable) = (self.mem, self.stats, self.mergeable);
         let regions = &mut self.regions;
         let Some(ring) = self.packed.as_mut() else {
-            // Not ready, or not a ring that can be resolved.
-            return Err(DropReason::BadRing);
+            // A queue the frontend stopped has no buffers (the frame
+            // waits); a ready one that cannot be resolved is a bad ring.
+            let ready = self.held.as_ref().is_some_and(|g| g.get_queue().ready());
+            return Err(if ready {
+                DropReason::BadRing
+            } else {
+                DropReason::RxNoBuffers
+            });
         };
         let start = ring.position();
         let mut used = [(0u16, 0u32, 0u16); MAX_RX_BUFFERS];

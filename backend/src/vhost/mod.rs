@@ -162,6 +162,7 @@ pub fn offered_features() -> Features {
         | Features::VQ_NOTF_COAL
         | Features::RSC_EXT
         | Features::IN_ORDER
+        | Features::RING_PACKED
         | Features::VNIC_TOE
         | Features::VHOST_USER_PROTOCOL_FEATURES
 }
