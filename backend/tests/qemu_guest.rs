@@ -28,7 +28,12 @@ fn port(queues: u16) -> PortInNs {
 }
 
 fn guest(p: &PortInNs, queues: u16, script: &str) -> Guest {
+    guest_with(p, queues, false, script)
+}
+
+fn guest_with(p: &PortInNs, queues: u16, packed: bool, script: &str) -> Guest {
     Guest::boot(&GuestOpts {
+        packed,
         socket: Some(p.vnicd.socket.clone()),
         queues,
         smp: 2,
@@ -137,6 +142,45 @@ fn iperf3_tcp_both_ways_with_multiqueue_rss_and_udp() {
         kicks.len() == 2 && kicks.iter().all(|&n| n >= 1),
         "{queues}"
     );
+}
+
+/// QEMU's `packed=on`: the guest's virtio_net negotiates the packed ring
+/// (feature bit 34 in sysfs) and runs two queue pairs and the control
+/// queue on it: ping and TCP both ways, and frames on both RX queues.
+#[test]
+fn a_packed_ring_carries_ping_and_tcp_both_ways() {
+    if !require_netns() {
+        return;
+    }
+    let p = port(2);
+    let _srv = IperfServer::start(&p.ns.name, "192.0.2.1").expect("iperf3 -s");
+    let script = "echo FEATURES; cat /sys/class/net/eth0/device/features; echo FEATURES-END\n\
+        ethtool -L eth0 combined 2\n\
+        ping -c 3 -W 5 192.0.2.1; echo PING-RC=$?\n\
+        echo TX-JSON; iperf3 -c 192.0.2.1 -P 4 -t 5 -J; echo TX-END\n\
+        echo RX-JSON; iperf3 -c 192.0.2.1 -P 4 -t 5 -R -J; echo RX-END";
+    let mut g = guest_with(&p, 2, true, script);
+    let out = g.wait_done(GUEST_TIMEOUT).unwrap().output;
+    let section = |a: &str, b: &str| between(&out, a, b);
+    let bits = section("FEATURES", "FEATURES-END");
+    let bits = bits.trim();
+    assert_eq!(bits.as_bytes().get(34), Some(&b'1'), "RING_PACKED: {out}");
+    assert!(out.contains("PING-RC=0"), "{out}");
+    for (name, a, b) in [
+        ("guest->host", "TX-JSON", "TX-END"),
+        ("host->guest", "RX-JSON", "RX-END"),
+    ] {
+        let j = section(a, b);
+        assert!(!j.contains("\"error\""), "{name}: {j}");
+        let bps = iperf_number(&j, "\"sum_received\"", "bits_per_second").unwrap_or(0.0);
+        assert!(bps > 0.0, "{name}: {j}");
+        eprintln!("packed {name}: {:.2} Gbit/s", bps / 1e9);
+    }
+    let st = p.vnicd.stats().unwrap();
+    assert!(st["rx0.packets"] > 256 && st["rx1.packets"] > 256, "{st:?}");
+    for (k, n) in st.iter().filter(|(k, n)| k.contains("bad_ring") && **n > 0) {
+        panic!("{k} {n}: {st:?}");
+    }
 }
 
 #[test]

@@ -94,6 +94,8 @@ pub struct GuestOpts {
     pub files: Vec<(PathBuf, String)>,
     /// Guest memory in MiB.
     pub mem_mib: u32,
+    /// The NIC's virtqueues in the packed layout (`packed=on`).
+    pub packed: bool,
 }
 
 impl Default for GuestOpts {
@@ -109,6 +111,7 @@ impl Default for GuestOpts {
             netns: None,
             files: Vec::new(),
             mem_mib: 512,
+            packed: false,
         }
     }
 }
@@ -393,8 +396,9 @@ fn spawn(opts: &GuestOpts, log: &Path) -> io::Result<Child> {
         q.args([
             "-device",
             &format!(
-                "virtio-net-pci,netdev=net0,mq=on,vectors={vectors},mac={}",
-                opts.mac
+                "virtio-net-pci,netdev=net0,mq=on,vectors={vectors},mac={}{}",
+                opts.mac,
+                if opts.packed { ",packed=on" } else { "" }
             ),
         ]);
     }
