@@ -1176,6 +1176,10 @@ impl VnicBackend {
                     break;
                 }
                 if let Some(ring) = pring.as_mut() {
+                    if moved % usize::from(BATCH) == 0 {
+                        // The batch's buffers, while the first is taken.
+                        ring.prefetch(BATCH, &mut regions, false);
+                    }
                     let a = match ring.pop() {
                         Ok(Some(a)) => a,
                         Ok(None) => break,
@@ -1187,7 +1191,12 @@ impl VnicBackend {
                             break;
                         }
                     };
-                    let g = gather_tx(&mut regions, ring.chain(&a, gm), hdr_len, tx, rest, tail);
+                    let g = match a.single() {
+                        Some(d) => gather_tx(&mut regions, [d], hdr_len, tx, rest, tail),
+                        None => {
+                            gather_tx(&mut regions, ring.chain(&a, gm), hdr_len, tx, rest, tail)
+                        }
+                    };
                     if !offer_lone(scratch, &g, tx, rest, tail) {
                         send_chain(&mut regions, scratch, g, tx, rest, tail);
                     }
@@ -1715,8 +1724,12 @@ impl VnicBackend {
                 // The TOE sees each uplink frame first, so frames are read
                 // into the worker's buffer rather than the driver's. A
                 // frame RSS sends to another queue is that queue's
-                // engine's to see.
-                writer.release();
+                // engine's to see. (The vring's lock is let go of for the
+                // TOE, and when the switch may bring the frame back to
+                // this very ring; a packed ring's port alone keeps it.)
+                if toe || multi {
+                    writer.release();
+                }
                 let Worker {
                     rx, view, scratch, ..
                 } = &mut *w;

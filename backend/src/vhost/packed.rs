@@ -30,7 +30,7 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use super::split::{read_raw, DESC};
+use super::split::{prefetch_buffer, read_raw, Regions, DESC};
 
 /// Flags of a packed descriptor.
 pub const F_NEXT: u16 = 1;
@@ -125,6 +125,18 @@ pub struct Avail {
     pub id: u16,
     pub start: u16,
     pub count: u16,
+    /// A list of one descriptor that names no indirect table: that
+    /// descriptor (address, length, WRITE flag), read with the flags.
+    pub single: Option<(u64, u32, u16)>,
+}
+
+impl Avail {
+    /// [`Avail::single`] as the walk would yield it.
+    #[inline(always)]
+    pub fn single(&self) -> Option<Descriptor> {
+        self.single
+            .map(|(addr, len, flags)| Descriptor::new(addr, len, flags, 0))
+    }
 }
 
 /// Why a ring cannot go on: the driver broke the format, and where the
@@ -266,37 +278,125 @@ impl<'m> PackedRing<'m> {
             .is_some_and(|f| is_avail(f, self.pos.avail_wrap))
     }
 
+    /// The second half of ring entry `i` (length, buffer ID and flags),
+    /// with acquire ordering after it: what the driver wrote before the
+    /// flags is visible once they say the entry is available.
+    #[inline(always)]
+    // (The alignment the cast needs is checked: see the SAFETY note.)
+    #[allow(clippy::cast_ptr_alignment)]
+    fn entry_hi(&self, i: u16) -> Option<u64> {
+        let off = DESC * usize::from(i) + 8;
+        if off + 8 > self.desc.len() {
+            return None;
+        }
+        let p = self.desc.ptr_guard().as_ptr().wrapping_add(off);
+        // SAFETY: the eight bytes at `p` lie within the ring's slice
+        // (checked above), which stays mapped while the borrow of guest
+        // memory it came from lives; `p` is 8-aligned (the ring's host
+        // address is 16-aligned, `PackedRing::new`). The driver may write
+        // them at any time: the load is volatile and one aligned access,
+        // so length, ID and flags come from one instant, and what they
+        // say is checked by every user.
+        let hi = u64::from_le(unsafe { std::ptr::read_volatile(p.cast::<u64>()) });
+        fence(Ordering::Acquire);
+        Some(hi)
+    }
+
+    /// The address in ring entry `i` (read after its flags).
+    #[inline(always)]
+    // (The alignment the cast needs is checked: see the SAFETY note.)
+    #[allow(clippy::cast_ptr_alignment)]
+    fn entry_addr(&self, i: u16) -> Option<u64> {
+        let off = DESC * usize::from(i);
+        if off + 8 > self.desc.len() {
+            return None;
+        }
+        let p = self.desc.ptr_guard().as_ptr().wrapping_add(off);
+        // SAFETY: as in `entry_hi`: within the ring's slice, 16-aligned,
+        // one volatile load of what the driver may rewrite at any time.
+        Some(u64::from_le(unsafe {
+            std::ptr::read_volatile(p.cast::<u64>())
+        }))
+    }
+
     /// Takes the next available chain: None when there is none. Its
-    /// descriptors are read through [`PackedRing::chain`], before any
-    /// used descriptor is put over them.
+    /// descriptors are read through [`PackedRing::chain`] (or, for one
+    /// alone, are in [`Avail::single`]), before any used descriptor is
+    /// put over them.
+    #[inline]
     pub fn pop(&mut self) -> Result<Option<Avail>, Broken> {
         let (start, wrap) = (self.pos.avail, self.pos.avail_wrap);
-        let f = self.flags(start).ok_or(Broken::Unreadable)?;
+        let hi = self.entry_hi(start).ok_or(Broken::Unreadable)?;
+        let f = (hi >> 48) as u16;
         if !is_avail(f, wrap) {
             return Ok(None);
         }
-        let (mut i, mut w, mut f) = (start, wrap, f);
-        let mut count: u16 = 0;
+        if f & F_NEXT == 0 {
+            // One descriptor: the whole list is at hand.
+            let single = if f & F_INDIRECT == 0 {
+                let addr = self.entry_addr(start).ok_or(Broken::Unreadable)?;
+                Some((addr, hi as u32, f & F_WRITE))
+            } else {
+                None
+            };
+            (self.pos.avail, self.pos.avail_wrap) = step(start, wrap, 1, self.size);
+            return Ok(Some(Avail {
+                id: (hi >> 32) as u16,
+                start,
+                count: 1,
+                single,
+            }));
+        }
+        self.pop_list(start, wrap)
+    }
+
+    /// [`PackedRing::pop`] of a list of more than one descriptor.
+    #[cold]
+    fn pop_list(&mut self, start: u16, wrap: bool) -> Result<Option<Avail>, Broken> {
+        let (mut i, mut w) = step(start, wrap, 1, self.size);
+        let mut count: u16 = 1;
         loop {
+            if count == self.size {
+                return Err(Broken::TooLong);
+            }
+            let hi = self.entry_hi(i).ok_or(Broken::Unreadable)?;
+            let f = (hi >> 48) as u16;
+            if !is_avail(f, w) {
+                return Err(Broken::Partial);
+            }
             count += 1;
             let next = step(i, w, 1, self.size);
             if f & F_NEXT == 0 {
-                let (_, hi) = read_raw(&self.desc, i).ok_or(Broken::Unreadable)?;
                 (self.pos.avail, self.pos.avail_wrap) = next;
                 return Ok(Some(Avail {
                     id: (hi >> 32) as u16,
                     start,
                     count,
+                    single: None,
                 }));
             }
-            if count == self.size {
-                return Err(Broken::TooLong);
-            }
             (i, w) = next;
-            f = self.flags(i).ok_or(Broken::Unreadable)?;
-            if !is_avail(f, w) {
-                return Err(Broken::Partial);
+        }
+    }
+
+    /// Asks the CPU to bring in the buffers of the next `n` available
+    /// ring entries (and indirect tables), while the device works on the
+    /// ones before: the driver wrote them on another core. Nothing is
+    /// popped; an entry not available ends it.
+    pub(super) fn prefetch(&self, n: u16, regions: &mut Regions<'m>, write: bool) {
+        let (mut i, mut w) = (self.pos.avail, self.pos.avail_wrap);
+        for _ in 0..n.min(self.size) {
+            let Some(hi) = self.entry_hi(i) else {
+                return;
+            };
+            if !is_avail((hi >> 48) as u16, w) {
+                return;
             }
+            let Some(addr) = self.entry_addr(i) else {
+                return;
+            };
+            prefetch_buffer(&Descriptor::new(addr, hi as u32, 0, 0), regions, write);
+            (i, w) = step(i, w, 1, self.size);
         }
     }
 
@@ -326,6 +426,9 @@ impl<'m> PackedRing<'m> {
     /// Writes a used descriptor for buffer `id` over the next used entry,
     /// `len` bytes written into it, and skips the `count` entries its
     /// chain took. The driver sees it at [`PackedRing::publish`].
+    #[inline]
+    // (The alignment the cast needs is checked: see the SAFETY note.)
+    #[allow(clippy::cast_ptr_alignment)]
     pub fn put_used(&mut self, id: u16, len: u32, count: u16) -> Option<()> {
         if count == 0 || count > self.size {
             return None;
@@ -334,13 +437,21 @@ impl<'m> PackedRing<'m> {
             self.publish()?;
         }
         let i = self.pos.used;
-        let off = DESC * usize::from(i);
-        self.desc
-            .store(len.to_le(), off + 8, Ordering::Relaxed)
-            .ok()?;
-        self.desc
-            .store(id.to_le(), off + 12, Ordering::Relaxed)
-            .ok()?;
+        let off = DESC * usize::from(i) + 8;
+        if off + 8 > self.desc.len() {
+            return None;
+        }
+        let p = self.desc.ptr_guard_mut().as_ptr().wrapping_add(off);
+        // SAFETY: the six bytes at `p` lie within the ring's slice
+        // (checked above), mapped writable while the borrow of guest
+        // memory lives; `p` is 8-aligned (the ring's host address is
+        // 16-aligned). The entry is the device's: the driver made it
+        // available and reads it again only once its flags say used,
+        // which `publish` stores after these.
+        unsafe {
+            std::ptr::write_volatile(p.cast::<u32>(), len.to_le());
+            std::ptr::write_volatile(p.add(4).cast::<u16>(), id.to_le());
+        }
         let mut f = if self.pos.used_wrap {
             F_AVAIL | F_USED
         } else {

@@ -512,7 +512,7 @@ pub(super) fn alone(d: &Descriptor) -> bool {
 /// Prefetches the first bytes of the buffer `d` names (up to two cache
 /// lines), `write` as [`prefetch_as`] takes it.
 #[inline(always)]
-fn prefetch_buffer(d: &Descriptor, regions: &mut Regions<'_>, write: bool) {
+pub(super) fn prefetch_buffer(d: &Descriptor, regions: &mut Regions<'_>, write: bool) {
     let len = (d.len() as usize).clamp(1, 2 * CACHE_LINE);
     if let Some(p) = regions.host(d.addr()) {
         prefetch_as(p, write);
