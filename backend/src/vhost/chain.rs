@@ -21,7 +21,7 @@ use vnic_protocol::{
 };
 
 use super::{
-    packed::PackedRing,
+    packed::{PackedRing, Position},
     split::{alone, Chain, Heads, Kept, Regions, Rings, BATCH},
 };
 use crate::{
@@ -715,8 +715,11 @@ impl<M: Deref<Target = GuestMemoryMmap>> Walk<'_, '_, M> {
 struct RxBufs {
     chains: [(u16, usize); MAX_RX_BUFFERS],
     /// The available-ring position each chain was popped from, so that
-    /// chains can be put back even past heads `pop_valid` skipped.
+    /// chains can be put back even past heads `pop_valid` skipped (for a
+    /// packed ring, the position's vring base).
     pos: [u16; MAX_RX_BUFFERS],
+    /// A packed ring's chains: the ring entries each took.
+    counts: [u16; MAX_RX_BUFFERS],
     descs: [(GuestAddress, usize); MAX_RX_DESCS],
     /// The used entries of the frame at hand (head, bytes written).
     used: [(u16, u32); MAX_RX_BUFFERS],
@@ -741,6 +744,7 @@ impl RxBufs {
         RxBufs {
             chains: [(0u16, 0usize); MAX_RX_BUFFERS],
             pos: [0u16; MAX_RX_BUFFERS],
+            counts: [0u16; MAX_RX_BUFFERS],
             descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
             used: [(0u16, 0u32); MAX_RX_BUFFERS],
             peek: [0u8; RX_PEEK],
@@ -763,8 +767,43 @@ impl RxBufs {
         hdr_len: usize,
         mergeable: bool,
         stats: &QueueStats,
+        mut packed: Option<&mut PackedRing<'m>>,
     ) -> io::Result<Result<(), DropReason>> {
         while self.cap < need && self.nchains < MAX_RX_BUFFERS && (self.nchains == 0 || mergeable) {
+            if let Some(p) = packed.as_deref_mut() {
+                p.prefetch_ahead(ring.2, true);
+                let before = p.position().base();
+                let a = match p.pop() {
+                    Ok(Some(a)) => a,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Where the next list starts is unknown: nothing
+                        // more is taken until the driver resets the queue.
+                        stats.drop(DropReason::BadRing);
+                        break;
+                    }
+                };
+                let first = self.ndescs;
+                let bad = match a.single() {
+                    Some(d) => self.take_chain([d].into_iter(), hdr_len),
+                    None => {
+                        let mut c = p.chain(&a, mem);
+                        let bad = self.take_chain(&mut c, hdr_len);
+                        bad.or(c.cut().then_some(DropReason::BadChainLayout))
+                    }
+                };
+                if let Some(why) = bad {
+                    self.give_back_empty(q, mem, Some(&mut *p))?;
+                    p.put_used(a.id, 0, a.count)
+                        .ok_or_else(|| io::Error::other("packed ring not writable"))?;
+                    return Ok(Err(why));
+                }
+                self.chains[self.nchains] = (a.id, self.ndescs - first);
+                self.counts[self.nchains] = a.count;
+                self.pos[self.nchains] = before;
+                self.nchains += 1;
+                continue;
+            }
             let Some((head, mut walk)) = pop_walk(q, ring.0, ring.1, ring.2, mem, stats) else {
                 break;
             };
@@ -781,7 +820,7 @@ impl RxBufs {
                 Walk::Queue(c) => self.take_chain(c, hdr_len),
             };
             if let Some(why) = bad {
-                self.give_back_empty(q, mem)?;
+                self.give_back_empty(q, mem, None)?;
                 q.add_used(mem, head, 0).map_err(io::Error::other)?;
                 return Ok(Err(why));
             }
@@ -866,12 +905,20 @@ impl RxBufs {
 
     /// Returns the last `n` popped chains to the ring, unused: the next
     /// pop starts at the first of them again.
-    fn unpop(&self, q: &mut virtio_queue::Queue, n: usize) {
+    fn unpop(&self, q: &mut virtio_queue::Queue, n: usize, packed: Option<&mut PackedRing<'_>>) {
         if n == 0 {
             return;
         }
-        if let Some(&p) = self.nchains.checked_sub(n).and_then(|k| self.pos.get(k)) {
-            q.set_next_avail(p);
+        let Some(&p) = self.nchains.checked_sub(n).and_then(|k| self.pos.get(k)) else {
+            return;
+        };
+        match packed {
+            Some(r) => {
+                if let Some(at) = Position::from_base(p, r.size()) {
+                    r.unpop(at);
+                }
+            }
+            None => q.set_next_avail(p),
         }
     }
 
@@ -880,11 +927,22 @@ impl RxBufs {
         &mut self,
         q: &mut virtio_queue::Queue,
         mem: &GuestMemoryMmap,
+        packed: Option<&mut PackedRing<'_>>,
     ) -> io::Result<()> {
-        for &(h, _) in &self.chains[..self.nchains] {
-            q.add_used(mem, h, 0).map_err(io::Error::other)?;
+        let n = std::mem::take(&mut self.nchains);
+        match packed {
+            Some(r) => {
+                for (&(id, _), &count) in self.chains[..n].iter().zip(&self.counts[..n]) {
+                    r.put_used(id, 0, count)
+                        .ok_or_else(|| io::Error::other("packed ring not writable"))?;
+                }
+            }
+            None => {
+                for &(h, _) in &self.chains[..n] {
+                    q.add_used(mem, h, 0).map_err(io::Error::other)?;
+                }
+            }
         }
-        self.nchains = 0;
         Ok(())
     }
 }
@@ -1252,11 +1310,6 @@ impl RxWriter<'_> {
         };
         let mem = self.mem;
         let mergeable = self.mergeable;
-        if self.is_packed {
-            // A packed ring takes frames through `write` (the round reads
-            // the uplink into its own buffer first).
-            return Ok((Direct::NoBuffers, false));
-        }
         self.hold();
         let Some(state) = self.held.as_mut() else {
             return Ok((Direct::Dropped(DropReason::BadRing), false));
@@ -1266,6 +1319,9 @@ impl RxWriter<'_> {
         let cur = &mut self.cursor;
         let regions = &mut self.regions;
         let rx = &mut **self.bufs.get_or_insert_with(RxBufs::boxed);
+        // A packed ring's chains come from it instead (the split queue
+        // then only holds its positions).
+        let mut packed = self.packed.as_mut();
         rx.nchains = 0;
         rx.ndescs = 0;
         rx.cap = 0;
@@ -1283,11 +1339,12 @@ impl RxWriter<'_> {
             hdr_len,
             mergeable,
             self.stats,
+            packed.as_deref_mut(),
         )? {
             return Ok((Direct::Dropped(why), false));
         }
         if rx.cap < hdr_len + expect {
-            rx.unpop(q, rx.nchains);
+            rx.unpop(q, rx.nchains, packed.as_deref_mut());
             return Ok((Direct::NoBuffers, false));
         }
         let guest_room = rx.cap - hdr_len;
@@ -1302,13 +1359,13 @@ impl RxWriter<'_> {
             overflow,
         );
         let Some(n) = got else {
-            rx.give_back_empty(q, mem)?;
+            rx.give_back_empty(q, mem, packed.as_deref_mut())?;
             return Ok((Direct::Dropped(DropReason::BadDescriptor), false));
         };
         let n = match n {
             Ok(n) => n,
             Err(e) => {
-                rx.unpop(q, rx.nchains);
+                rx.unpop(q, rx.nchains, packed.as_deref_mut());
                 let d = match e.kind() {
                     io::ErrorKind::WouldBlock => Direct::Empty,
                     io::ErrorKind::InvalidData => Direct::Dropped(DropReason::RxChainTooSmall),
@@ -1321,7 +1378,7 @@ impl RxWriter<'_> {
             }
         };
         if n <= VNET_HDR_LEN {
-            rx.unpop(q, rx.nchains);
+            rx.unpop(q, rx.nchains, packed.as_deref_mut());
             return Ok((Direct::Dropped(DropReason::RxMalformed), false));
         }
         let frame_len = n - VNET_HDR_LEN;
@@ -1347,7 +1404,7 @@ impl RxWriter<'_> {
                     hdr_len,
                     &mut peek[..from_guest],
                 ) {
-                    rx.unpop(q, rx.nchains);
+                    rx.unpop(q, rx.nchains, packed.as_deref_mut());
                     return Ok((Direct::Dropped(why), false));
                 }
                 peek[from_guest..plen].copy_from_slice(&spill[..plen - from_guest]);
@@ -1358,7 +1415,7 @@ impl RxWriter<'_> {
             UplinkRoute::Pf(s) => (s, Some(nic.pf().rx_queue(usize::from(s.queue), own))),
             UplinkRoute::Switch => (NO_HASH, None),
             UplinkRoute::Drop(why) => {
-                rx.unpop(q, rx.nchains);
+                rx.unpop(q, rx.nchains, packed.as_deref_mut());
                 return Ok((Direct::Dropped(why), false));
             }
         };
@@ -1375,6 +1432,7 @@ impl RxWriter<'_> {
                 hdr_len,
                 mergeable,
                 self.stats,
+                packed.as_deref_mut(),
             )?;
             if let Err(why) = got {
                 return Ok((Direct::Dropped(why), false));
@@ -1393,7 +1451,7 @@ impl RxWriter<'_> {
                 &mut out[VNET_HDR_LEN..VNET_HDR_LEN + in_guest],
             );
             out[VNET_HDR_LEN + in_guest..].copy_from_slice(spill);
-            rx.unpop(q, rx.nchains);
+            rx.unpop(q, rx.nchains, packed.as_deref_mut());
             let d = match (r, target) {
                 (Ok(()), Some(t)) => Direct::Elsewhere(t),
                 (Ok(()), None) => Direct::Switched,
@@ -1413,14 +1471,14 @@ impl RxWriter<'_> {
                 d += nd;
                 k += 1;
             }
-            rx.unpop(q, rx.nchains - k);
+            rx.unpop(q, rx.nchains - k, packed.as_deref_mut());
             rx.nchains = k;
         }
         // The uplink's header as the driver reads it (flags it does not
         // know are refused), with the number of buffers and the hash
         // filled in.
         if HdrFlags::from_bits(vnet[0]).is_none() {
-            rx.unpop(q, k);
+            rx.unpop(q, k, packed.as_deref_mut());
             return Ok((Direct::Dropped(DropReason::RxMalformed), false));
         }
         let [a, b, c, d, e, f, g, h, i, j, _, _] = vnet;
@@ -1432,10 +1490,26 @@ impl RxWriter<'_> {
             .then(|| u64::from(steering.hash) | (u64::from(steering.report as u16) << 32));
         let written = write_rx_header(regions, rx.descs[0].0, front, mid, hash);
         if written.is_none() {
-            rx.unpop(q, k);
+            rx.unpop(q, k, packed.as_deref_mut());
             return Ok((Direct::Dropped(DropReason::BadDescriptor), false));
         }
-        if let (1, Some(r)) = (k, rings) {
+        if let Some(p) = packed {
+            // A packed ring: each list's used descriptor, the frame's
+            // together.
+            let (mut left, mut d) = (total, 0);
+            let mut used = [(0u16, 0u32, 0u16); MAX_RX_BUFFERS];
+            for (j, u) in used.iter_mut().enumerate().take(k) {
+                let (id, nd) = rx.chains[j];
+                let c: usize = rx.descs[d..d + nd].iter().map(|x| x.1).sum();
+                d += nd;
+                let n = c.min(left);
+                left -= n;
+                *u = (id, n as u32, rx.counts[j]);
+            }
+            if p.put_used_frame(&used[..k]).is_none() {
+                return Ok((Direct::Dropped(DropReason::BadRing), false));
+            }
+        } else if let (1, Some(r)) = (k, rings) {
             // One buffer through the resolved rings (its head below the
             // queue's size, as every popped head is): its entry alone.
             let at = q.next_used();

@@ -1176,10 +1176,7 @@ impl VnicBackend {
                     break;
                 }
                 if let Some(ring) = pring.as_mut() {
-                    if moved % usize::from(BATCH) == 0 {
-                        // The batch's buffers, while the first is taken.
-                        ring.prefetch(BATCH, &mut regions, false);
-                    }
+                    ring.prefetch_ahead(&mut regions, false);
                     let a = match ring.pop() {
                         Ok(Some(a)) => a,
                         Ok(None) => break,
@@ -1672,9 +1669,6 @@ impl VnicBackend {
         };
         let mut starved = false;
         let toe = self.toe_on();
-        // A packed ring takes frames through the writer's `write` only:
-        // read from the uplink first, as for the TOE.
-        let packed = self.acked().contains(Features::RING_PACKED);
         // Frames already waiting here go first, in order (through the
         // queue's TOE engine first while the driver runs the TOE).
         while *moved < BUDGET {
@@ -1720,16 +1714,12 @@ impl VnicBackend {
                 *moved += 1;
                 continue;
             }
-            if toe || packed {
+            if toe {
                 // The TOE sees each uplink frame first, so frames are read
                 // into the worker's buffer rather than the driver's. A
                 // frame RSS sends to another queue is that queue's
-                // engine's to see. (The vring's lock is let go of for the
-                // TOE, and when the switch may bring the frame back to
-                // this very ring; a packed ring's port alone keeps it.)
-                if toe || multi {
-                    writer.release();
-                }
+                // engine's to see.
+                writer.release();
                 let Worker {
                     rx, view, scratch, ..
                 } = &mut *w;

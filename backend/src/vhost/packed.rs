@@ -30,7 +30,7 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-use super::split::{prefetch_buffer, read_raw, Regions, DESC};
+use super::split::{has_prefetchw, prefetch_buffer, read_raw, Regions, BATCH, DESC};
 
 /// Flags of a packed descriptor.
 pub const F_NEXT: u16 = 1;
@@ -162,11 +162,14 @@ pub struct PackedRing<'m> {
     /// Device Event Suppression: written by the device.
     device: VolatileSlice<'m>,
     pos: Position,
-    /// Used descriptors written but not yet flagged: ring index, flags.
-    pending: [(u16, u16); PENDING],
+    /// Used descriptors put but not yet written: ring index, flags,
+    /// buffer ID, length.
+    pending: [(u16, u16, u16, u32); PENDING],
     npending: usize,
     /// Where used stood at the last notification decision.
     signalled: (u16, bool),
+    /// Entries past the next available one whose buffers were prefetched.
+    ahead: u16,
 }
 
 impl<'m> PackedRing<'m> {
@@ -194,9 +197,10 @@ impl<'m> PackedRing<'m> {
             driver: mem.get_slice(driver, 4).ok()?,
             device: mem.get_slice(device, 4).ok()?,
             pos,
-            pending: [(0, 0); PENDING],
+            pending: [(0, 0, 0, 0); PENDING],
             npending: 0,
             signalled: (pos.used, pos.used_wrap),
+            ahead: 0,
         };
         let at = |s: &VolatileSlice<'_>| s.ptr_guard().as_ptr() as usize;
         if at(&ring.desc) % 16 != 0 || at(&ring.driver) % 4 != 0 || at(&ring.device) % 4 != 0 {
@@ -340,6 +344,7 @@ impl<'m> PackedRing<'m> {
                 None
             };
             (self.pos.avail, self.pos.avail_wrap) = step(start, wrap, 1, self.size);
+            self.ahead = self.ahead.saturating_sub(1);
             return Ok(Some(Avail {
                 id: (hi >> 32) as u16,
                 start,
@@ -368,6 +373,7 @@ impl<'m> PackedRing<'m> {
             let next = step(i, w, 1, self.size);
             if f & F_NEXT == 0 {
                 (self.pos.avail, self.pos.avail_wrap) = next;
+                self.ahead = self.ahead.saturating_sub(count);
                 return Ok(Some(Avail {
                     id: (hi >> 32) as u16,
                     start,
@@ -379,13 +385,25 @@ impl<'m> PackedRing<'m> {
         }
     }
 
-    /// Asks the CPU to bring in the buffers of the next `n` available
-    /// ring entries (and indirect tables), while the device works on the
-    /// ones before: the driver wrote them on another core. Nothing is
-    /// popped; an entry not available ends it.
-    pub(super) fn prefetch(&self, n: u16, regions: &mut Regions<'m>, write: bool) {
-        let (mut i, mut w) = (self.pos.avail, self.pos.avail_wrap);
-        for _ in 0..n.min(self.size) {
+    /// Asks the CPU to bring in the buffers (and indirect tables) of the
+    /// available entries ahead, [`BATCH`] at a time once fewer than half
+    /// a batch are left prefetched, while the device works on the ones
+    /// before: the driver wrote them on another core. `write`: to be
+    /// written (receive). Nothing is popped.
+    #[inline]
+    pub(super) fn prefetch_ahead(&mut self, regions: &mut Regions<'m>, write: bool) {
+        if self.ahead >= BATCH / 2 {
+            return;
+        }
+        self.prefetch_batch(regions, write);
+    }
+
+    #[cold]
+    fn prefetch_batch(&mut self, regions: &mut Regions<'m>, write: bool) {
+        let ahead = self.ahead.min(self.size - 1);
+        let (mut i, mut w) = step(self.pos.avail, self.pos.avail_wrap, ahead, self.size);
+        let write = write && has_prefetchw();
+        for _ in 0..BATCH.min(self.size - ahead) {
             let Some(hi) = self.entry_hi(i) else {
                 return;
             };
@@ -396,6 +414,7 @@ impl<'m> PackedRing<'m> {
                 return;
             };
             prefetch_buffer(&Descriptor::new(addr, hi as u32, 0, 0), regions, write);
+            self.ahead += 1;
             (i, w) = step(i, w, 1, self.size);
         }
     }
@@ -405,6 +424,9 @@ impl<'m> PackedRing<'m> {
     pub fn unpop(&mut self, at: Position) {
         self.pos.avail = at.avail;
         self.pos.avail_wrap = at.avail_wrap;
+        // (What was prefetched past it is still ahead; counting none is
+        // only a prefetch too many.)
+        self.ahead = 0;
     }
 
     /// The descriptors of popped chain `a`, in order. A list that breaks
@@ -423,12 +445,11 @@ impl<'m> PackedRing<'m> {
         }
     }
 
-    /// Writes a used descriptor for buffer `id` over the next used entry,
-    /// `len` bytes written into it, and skips the `count` entries its
-    /// chain took. The driver sees it at [`PackedRing::publish`].
+    /// Puts a used descriptor for buffer `id`, `len` bytes written into
+    /// it, over the next used entry, and skips the `count` entries its
+    /// chain took. It is written, and the driver sees it, at
+    /// [`PackedRing::publish`].
     #[inline]
-    // (The alignment the cast needs is checked: see the SAFETY note.)
-    #[allow(clippy::cast_ptr_alignment)]
     pub fn put_used(&mut self, id: u16, len: u32, count: u16) -> Option<()> {
         if count == 0 || count > self.size {
             return None;
@@ -437,21 +458,6 @@ impl<'m> PackedRing<'m> {
             self.publish()?;
         }
         let i = self.pos.used;
-        let off = DESC * usize::from(i) + 8;
-        if off + 8 > self.desc.len() {
-            return None;
-        }
-        let p = self.desc.ptr_guard_mut().as_ptr().wrapping_add(off);
-        // SAFETY: the six bytes at `p` lie within the ring's slice
-        // (checked above), mapped writable while the borrow of guest
-        // memory lives; `p` is 8-aligned (the ring's host address is
-        // 16-aligned). The entry is the device's: the driver made it
-        // available and reads it again only once its flags say used,
-        // which `publish` stores after these.
-        unsafe {
-            std::ptr::write_volatile(p.cast::<u32>(), len.to_le());
-            std::ptr::write_volatile(p.add(4).cast::<u16>(), id.to_le());
-        }
         let mut f = if self.pos.used_wrap {
             F_AVAIL | F_USED
         } else {
@@ -460,7 +466,7 @@ impl<'m> PackedRing<'m> {
         if len > 0 {
             f |= F_WRITE;
         }
-        self.pending[self.npending] = (i, f);
+        self.pending[self.npending] = (i, f, id, len);
         self.npending += 1;
         (self.pos.used, self.pos.used_wrap) = step(i, self.pos.used_wrap, count, self.size);
         Some(())
@@ -485,19 +491,43 @@ impl<'m> PackedRing<'m> {
         self.npending
     }
 
-    /// Makes the used descriptors put so far the driver's: their flags
-    /// stored after everything else in them, the first one last.
+    /// Makes the used descriptors put so far the driver's, each line of
+    /// the ring written in one go: every one after the first whole (the
+    /// driver reads them only once it has seen the first), then the
+    /// first's length and ID, and after a release fence its flags.
+    // (The alignment the cast needs is checked: see the SAFETY note.)
+    #[allow(clippy::cast_ptr_alignment)]
     pub fn publish(&mut self) -> Option<()> {
-        if self.npending == 0 {
+        let n = std::mem::take(&mut self.npending);
+        let Some((&(i0, f0, id0, len0), rest)) = self.pending[..n].split_first() else {
             return Some(());
+        };
+        let base = self.desc.ptr_guard_mut().as_ptr();
+        let hi = |i: u16| -> Option<*mut u8> {
+            let off = DESC * usize::from(i) + 8;
+            (off + 8 <= self.desc.len()).then(|| base.wrapping_add(off))
+        };
+        for &(i, f, id, len) in rest {
+            let p = hi(i)?;
+            let v = u64::from(len) | (u64::from(id) << 32) | (u64::from(f) << 48);
+            // SAFETY: the eight bytes at `p` lie within the ring's slice
+            // (checked by `hi`), mapped writable while the borrow of
+            // guest memory lives; `p` is 8-aligned (the ring's host
+            // address is 16-aligned, `PackedRing::new`). The entry is the
+            // device's (made available, not yet used), and the driver
+            // reads it only after the batch's first, stored last.
+            unsafe { std::ptr::write_volatile(p.cast::<u64>(), v.to_le()) };
+        }
+        let p = hi(i0)?;
+        // SAFETY: as above; length and ID first, the flags that hand
+        // the entry over after the fence.
+        unsafe {
+            std::ptr::write_volatile(p.cast::<u32>(), len0.to_le());
+            std::ptr::write_volatile(p.add(4).cast::<u16>(), id0.to_le());
         }
         fence(Ordering::Release);
-        let n = std::mem::take(&mut self.npending);
-        for &(i, f) in self.pending[..n].iter().rev() {
-            let off = DESC * usize::from(i) + 14;
-            self.desc.store(f.to_le(), off, Ordering::Release).ok()?;
-        }
-        Some(())
+        let off = DESC * usize::from(i0) + 14;
+        self.desc.store(f0.to_le(), off, Ordering::Release).ok()
     }
 
     /// Asks the driver for available-buffer notifications (`on`) or not,

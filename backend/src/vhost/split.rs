@@ -609,7 +609,7 @@ fn prefetch_as(p: *const u8, owned: bool) {
 
 /// Whether the CPU has PREFETCHW (asked once).
 #[cfg(target_arch = "x86_64")]
-fn has_prefetchw() -> bool {
+pub(super) fn has_prefetchw() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
         use std::arch::x86_64::__cpuid;
@@ -620,7 +620,7 @@ fn has_prefetchw() -> bool {
 
 /// No PREFETCHW elsewhere.
 #[cfg(not(target_arch = "x86_64"))]
-fn has_prefetchw() -> bool {
+pub(super) fn has_prefetchw() -> bool {
     false
 }
 
