@@ -8,6 +8,7 @@
 #
 #   VNIC_DPDK_SECONDS   measurement window per case (default 4)
 #   VNIC_DPDK_ROUNDS    runs per case, the backends alternating; medians (default 1)
+#   VNIC_DPDK_PACKED=1  packed rings instead of split (target/dpdk_vhost_packed.*)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -18,7 +19,9 @@ if ((${#missing[@]})); then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 cargo bench -q -p vnic-backend --bench dpdk_vhost
+out=target/dpdk_vhost
+[[ "${VNIC_DPDK_PACKED:-}" == 1 ]] && out=target/dpdk_vhost_packed
 # Debian's interpreter, which has its matplotlib (a python3 earlier on
 # PATH may not).
-/usr/bin/python3 tools/plot.py dpdk target/dpdk_vhost.csv target/dpdk_vhost.png
-echo "plot: target/dpdk_vhost.png"
+/usr/bin/python3 tools/plot.py dpdk "$out.csv" "$out.png"
+echo "plot: $out.png"

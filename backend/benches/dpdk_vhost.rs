@@ -15,8 +15,9 @@
 //! `dpdk-testpmd` from Debian's dpdk-dev; `tools/dpdk_bench.sh` installs
 //! it). VNIC_DPDK_SECONDS sets each measurement window (default 4),
 //! VNIC_DPDK_ROUNDS how many times each case runs, the two backends
-//! alternating (default 1; the tables show medians). The table goes to
-//! stdout, CSV to `target/dpdk_vhost.csv`.
+//! alternating (default 1; the tables show medians); VNIC_DPDK_PACKED=1
+//! runs every case on packed rings (both backends). The table goes to
+//! stdout, CSV to `target/dpdk_vhost.csv` (`dpdk_vhost_packed.csv`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -45,13 +46,18 @@ struct Run {
     cycles_per_frame: f64,
 }
 
+/// Whether the run is on packed rings (VNIC_DPDK_PACKED=1).
+fn packed() -> bool {
+    std::env::var("VNIC_DPDK_PACKED").is_ok_and(|v| v == "1")
+}
+
 /// The generator: virtio-user on `socket`, forwarding on core 0.
 fn generator(socket: &Path, dir: Dir, size: usize, pairs: u16) -> Testpmd {
     let mode = match dir {
         Dir::ToDevice => "txonly",
         Dir::ToGuest => "rxonly",
     };
-    Testpmd::virtio_user(socket, mode, size, false, pairs).expect("testpmd runs")
+    Testpmd::virtio_user(socket, mode, size, false, packed(), pairs).expect("testpmd runs")
 }
 
 /// The TSC's rate as DPDK reports it, else the kernel's.
@@ -219,8 +225,9 @@ fn main() {
         let load = vnic_tests::median(loads);
         rows.push((dir, size, median_run(vs), load, median_run(ds), mhz));
     }
+    let ring = if packed() { "packed" } else { "split" };
     println!(
-        "testpmd virtio-user (core 0, txonly/rxonly, burst 32, in_order=0, 256-entry rings) \
+        "testpmd virtio-user (core 0, txonly/rxonly, burst 32, in_order=0, 256-entry {ring} rings) \
          against each backend on core 1; {secs} s windows, median of {rounds} round(s)"
     );
     println!(
@@ -253,7 +260,12 @@ fn main() {
             d.cycles_per_frame
         );
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dpdk_vhost.csv");
+    let name = if packed() {
+        "../target/dpdk_vhost_packed.csv"
+    } else {
+        "../target/dpdk_vhost.csv"
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     if let Err(e) = std::fs::write(&path, csv) {
         eprintln!("{}: {e}", path.display());
     }

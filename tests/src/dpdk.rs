@@ -70,19 +70,21 @@ impl Testpmd {
     }
 
     /// A virtio-user frontend of `socket` (`pairs` queue pairs of
-    /// 256-entry rings), forwarding on core 0, sending `size`-byte frames
-    /// (`txonly`) or taking what comes (`rxonly`).
+    /// 256-entry rings, split or `packed`), forwarding on core 0, sending
+    /// `size`-byte frames (`txonly`) or taking what comes (`rxonly`).
     pub fn virtio_user(
         socket: &Path,
         mode: &str,
         size: usize,
         in_order: bool,
+        packed: bool,
         pairs: u16,
     ) -> io::Result<Testpmd> {
         let vdev = format!(
-            "net_virtio_user0,path={},queues={pairs},queue_size=256,in_order={}",
+            "net_virtio_user0,path={},queues={pairs},queue_size=256,in_order={},packed_vq={}",
             socket.display(),
-            u8::from(in_order)
+            u8::from(in_order),
+            u8::from(packed)
         );
         let q = [format!("--rxq={pairs}"), format!("--txq={pairs}")];
         Testpmd::start(
