@@ -48,6 +48,22 @@ fn guest_with(p: &PortInNs, queues: u16, packed: bool, script: &str) -> Guest {
     .expect("qemu starts")
 }
 
+/// Asserts that the iperf3 reports between TX-JSON/TX-END and
+/// RX-JSON/RX-END in a guest's output have no error and a nonzero rate,
+/// and prints the rates.
+fn tcp_both_ways(out: &str, what: &str) {
+    for (name, a, b) in [
+        ("guest->host", "TX-JSON", "TX-END"),
+        ("host->guest", "RX-JSON", "RX-END"),
+    ] {
+        let j = between(out, a, b);
+        assert!(!j.contains("\"error\""), "{what}{name}: {j}");
+        let bps = iperf_number(&j, "\"sum_received\"", "bits_per_second").unwrap_or(0.0);
+        assert!(bps > 0.0, "{what}{name}: {j}");
+        eprintln!("{what}{name}: {:.2} Gbit/s", bps / 1e9);
+    }
+}
+
 fn mac_text(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -106,16 +122,7 @@ fn iperf3_tcp_both_ways_with_multiqueue_rss_and_udp() {
         "{out}"
     );
     // TCP both ways: nonzero, no errors.
-    for (name, a, b) in [
-        ("guest->host", "TX-JSON", "TX-END"),
-        ("host->guest", "RX-JSON", "RX-END"),
-    ] {
-        let j = section(a, b);
-        assert!(!j.contains("\"error\""), "{name}: {j}");
-        let bps = iperf_number(&j, "\"sum_received\"", "bits_per_second").unwrap_or(0.0);
-        assert!(bps > 0.0, "{name}: {j}");
-        eprintln!("{name}: {:.2} Gbit/s", bps / 1e9);
-    }
+    tcp_both_ways(&out, "");
     // UDP at 10 Mbit/s: under 1% lost.
     let u = section("UDP-JSON", "UDP-END");
     let lost = iperf_number(&u, "\"sum\"", "lost_percent").expect("udp loss in the report");
@@ -166,16 +173,7 @@ fn a_packed_ring_carries_ping_and_tcp_both_ways() {
     let bits = bits.trim();
     assert_eq!(bits.as_bytes().get(34), Some(&b'1'), "RING_PACKED: {out}");
     assert!(out.contains("PING-RC=0"), "{out}");
-    for (name, a, b) in [
-        ("guest->host", "TX-JSON", "TX-END"),
-        ("host->guest", "RX-JSON", "RX-END"),
-    ] {
-        let j = section(a, b);
-        assert!(!j.contains("\"error\""), "{name}: {j}");
-        let bps = iperf_number(&j, "\"sum_received\"", "bits_per_second").unwrap_or(0.0);
-        assert!(bps > 0.0, "{name}: {j}");
-        eprintln!("packed {name}: {:.2} Gbit/s", bps / 1e9);
-    }
+    tcp_both_ways(&out, "packed ");
     let st = p.vnicd.stats().unwrap();
     assert!(st["rx0.packets"] > 256 && st["rx1.packets"] > 256, "{st:?}");
     let bad: Vec<_> = st

@@ -13,7 +13,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vnic_backend::{
     uplink::Offloads,
     vhost::{
@@ -21,7 +21,7 @@ use vnic_backend::{
         testing::{Harness, PackedDriver},
     },
 };
-use vnic_fuzz::Input;
+use vnic_fuzz::{check_writes, snapshot, Input};
 use vnic_protocol::virtio::Features;
 
 const SIZE: u16 = 16;
@@ -69,36 +69,6 @@ fn writable(h: &Harness) -> Vec<(u64, u64)> {
         }
     }
     out
-}
-
-fn snapshot(h: &Harness) -> Vec<(u64, Vec<u8>)> {
-    h.mem
-        .iter()
-        .map(|r| {
-            let mut v = vec![0u8; r.len() as usize];
-            let _ = h.mem.read_slice(&mut v, r.start_addr());
-            (r.start_addr().0, v)
-        })
-        .collect()
-}
-
-fn check_writes(before: &[(u64, Vec<u8>)], after: &[(u64, Vec<u8>)], allowed: &[(u64, u64)]) {
-    for ((base, a), (_, b)) in before.iter().zip(after) {
-        for (c, (x, y)) in a.chunks(256).zip(b.chunks(256)).enumerate() {
-            if x == y {
-                continue;
-            }
-            for (k, (p, q)) in x.iter().zip(y).enumerate() {
-                if p != q {
-                    let at = base + (c * 256 + k) as u64;
-                    assert!(
-                        allowed.iter().any(|&(s, e)| at >= s && at < e),
-                        "the device wrote guest byte {at:#x}, which nothing makes writable"
-                    );
-                }
-            }
-        }
-    }
 }
 
 /// An address mostly aimed at the buffer area or region B.
@@ -180,7 +150,7 @@ fuzz_target!(|data: &[u8]| {
             // Kick the queue and let the worker finish what it left over.
             2 => {
                 let allowed = writable(&h);
-                let before = snapshot(&h);
+                let before = snapshot(&h.mem);
                 let r = match q {
                     0 => h.worker_event(0),
                     1 => h.worker_event(1),
@@ -188,7 +158,7 @@ fuzz_target!(|data: &[u8]| {
                 };
                 assert!(r.is_ok(), "handle_event fails only on a backend bug: {r:?}");
                 assert!(h.settle().is_ok());
-                check_writes(&before, &snapshot(&h), &allowed);
+                check_writes(&before, &snapshot(&h.mem), &allowed);
                 for d in &mut drivers {
                     d.used(&h.mem);
                 }

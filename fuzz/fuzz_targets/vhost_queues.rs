@@ -22,12 +22,12 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vnic_backend::{
     uplink::Offloads,
     vhost::testing::{Desc, DriverRing, Harness, F_INDIRECT, F_WRITE},
 };
-use vnic_fuzz::Input;
+use vnic_fuzz::{check_writes, snapshot, Input};
 use vnic_protocol::virtio::Features;
 
 struct Counting;
@@ -138,37 +138,6 @@ fn writable(h: &Harness) -> Vec<(u64, u64)> {
     out
 }
 
-fn snapshot(h: &Harness) -> Vec<(u64, Vec<u8>)> {
-    h.mem
-        .iter()
-        .map(|r| {
-            let mut v = vec![0u8; r.len() as usize];
-            let _ = h.mem.read_slice(&mut v, r.start_addr());
-            (r.start_addr().0, v)
-        })
-        .collect()
-}
-
-fn check_writes(before: &[(u64, Vec<u8>)], after: &[(u64, Vec<u8>)], allowed: &[(u64, u64)]) {
-    for ((base, a), (_, b)) in before.iter().zip(after) {
-        // Whole chunks compare with memcmp; only differing ones are walked.
-        for (c, (x, y)) in a.chunks(256).zip(b.chunks(256)).enumerate() {
-            if x == y {
-                continue;
-            }
-            for (k, (p, q)) in x.iter().zip(y).enumerate() {
-                if p != q {
-                    let at = base + (c * 256 + k) as u64;
-                    assert!(
-                        allowed.iter().any(|&(s, e)| at >= s && at < e),
-                        "the device wrote guest byte {at:#x}, which no writable buffer covers"
-                    );
-                }
-            }
-        }
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let Some(cfg) = input.byte() else { return };
@@ -261,7 +230,7 @@ fuzz_target!(|data: &[u8]| {
                 // addresses can land there): the device then writes frame
                 // bytes over used entries, and those are not checked.
                 let rings_hit = allowed[3..].iter().any(|&(s, e)| s < data_start && e > A.0);
-                let before = snapshot(&h);
+                let before = snapshot(&h.mem);
                 let r = match q {
                     0 => h.worker_event(0),
                     1 => h.worker_event(1),
@@ -272,7 +241,7 @@ fuzz_target!(|data: &[u8]| {
                 while h.backend.take_resume(1) {
                     let _ = h.ctrl_event(h.backend.resume_event());
                 }
-                check_writes(&before, &snapshot(&h), &allowed);
+                check_writes(&before, &snapshot(&h.mem), &allowed);
                 for q in 0..3 {
                     let mem = h.mem.clone();
                     for (id, len) in ring_mut(&mut h, q).used(&mem) {

@@ -21,7 +21,7 @@ use vnic_protocol::{
 };
 
 use super::{
-    packed::{PackedRing, Position},
+    packed::{Avail, PackedRing, Position},
     split::{alone, Chain, Heads, Kept, Regions, Rings, BATCH},
 };
 use crate::{
@@ -773,15 +773,8 @@ impl RxBufs {
             if let Some(p) = packed.as_deref_mut() {
                 p.prefetch_ahead(ring.2, true);
                 let before = p.position().base();
-                let a = match p.pop() {
-                    Ok(Some(a)) => a,
-                    Ok(None) => break,
-                    Err(_) => {
-                        // Where the next list starts is unknown: nothing
-                        // more is taken until the driver resets the queue.
-                        stats.drop(DropReason::BadRing);
-                        break;
-                    }
+                let Ok(Some(a)) = pop_packed(p, stats) else {
+                    break;
                 };
                 let first = self.ndescs;
                 let bad = match a.single() {
@@ -947,6 +940,58 @@ impl RxBufs {
     }
 }
 
+/// Writes the rest of a frame (its header `hb`, then `payload`; the
+/// first `written` bytes of the two are in earlier chains) into the
+/// writable descriptors `descs` of one RX chain, in order. Returns the
+/// bytes this chain took and whether its last descriptor names a next
+/// one, or why the chain is refused: a readable descriptor, a first
+/// buffer shorter than the header, a write outside guest memory.
+/// `first_hdr` is set to the buffer the header went into.
+fn fill_chain(
+    descs: impl Iterator<Item = Descriptor>,
+    regions: &mut Regions<'_>,
+    hb: &[u8],
+    payload: &[u8],
+    written: &mut usize,
+    first_hdr: &mut Option<GuestAddress>,
+) -> Result<(usize, bool), DropReason> {
+    let total = hb.len() + payload.len();
+    let (mut in_chain, mut last_next) = (0, false);
+    for desc in descs {
+        last_next = desc.has_next();
+        if !desc.is_write_only() {
+            return Err(DropReason::BadChainLayout);
+        }
+        let len = desc.len() as usize;
+        if *written >= total || len == 0 {
+            continue;
+        }
+        if first_hdr.is_none() {
+            if len < hb.len() {
+                return Err(DropReason::RxChainTooSmall);
+            }
+            *first_hdr = Some(desc.addr());
+        }
+        let n = len.min(total - *written);
+        write_part(regions, hb, payload, *written, n, desc.addr())?;
+        *written += n;
+        in_chain += n;
+    }
+    Ok((in_chain, last_next))
+}
+
+/// The next list of packed ring `ring`. A broken ring (a list that never
+/// ends, or only partly available) is counted (`bad_ring`) and is an
+/// error: where the next list starts is unknown, so the queue takes
+/// nothing more until the driver resets it.
+#[inline]
+pub(super) fn pop_packed(
+    ring: &mut PackedRing<'_>,
+    stats: &QueueStats,
+) -> Result<Option<Avail>, ()> {
+    ring.pop().map_err(|_| stats.drop(DropReason::BadRing))
+}
+
 impl RxWriter<'_> {
     /// Lets go of the vring's lock, before anything else of this thread
     /// may take it (notifications, other ports' deliveries, the end of a
@@ -1079,37 +1124,21 @@ impl RxWriter<'_> {
             };
             first_pos.get_or_insert(q.next_avail().wrapping_sub(1));
             let mut in_chain = 0usize;
-            let mut last_next = false;
-            for desc in walk.descs() {
-                last_next = desc.has_next();
-                if !desc.is_write_only() {
-                    failure = Some(DropReason::BadChainLayout);
-                    break;
-                }
-                if written >= total {
-                    continue;
-                }
-                let len = desc.len() as usize;
-                if len == 0 {
-                    continue;
-                }
-                if first_hdr.is_none() {
-                    if len < hdr_len {
-                        failure = Some(DropReason::RxChainTooSmall);
-                        break;
+            match fill_chain(
+                walk.descs(),
+                regions,
+                hb,
+                payload,
+                &mut written,
+                &mut first_hdr,
+            ) {
+                Ok((n, last_next)) => {
+                    in_chain = n;
+                    if last_next && written < total {
+                        failure = Some(DropReason::ChainTooLong);
                     }
-                    first_hdr = Some(desc.addr());
                 }
-                let n = len.min(total - written);
-                if let Err(e) = write_part(regions, hb, payload, written, n, desc.addr()) {
-                    failure = Some(e);
-                    break;
-                }
-                written += n;
-                in_chain += n;
-            }
-            if failure.is_none() && last_next && written < total {
-                failure = Some(DropReason::ChainTooLong);
+                Err(why) => failure = Some(why),
             }
             used[count] = (head, in_chain as u32);
             count += 1;
@@ -1165,7 +1194,7 @@ impl RxWriter<'_> {
                 failure = Some(DropReason::RxChainTooSmall);
                 break;
             }
-            let a = match ring.pop() {
+            let a = match pop_packed(ring, stats) {
                 Ok(Some(a)) => a,
                 Ok(None) => {
                     // Too few buffers: the frame waits, its lists go back.
@@ -1174,42 +1203,28 @@ impl RxWriter<'_> {
                     ring.unpop(start);
                     return Err(DropReason::RxNoBuffers);
                 }
-                Err(_) => {
-                    // Where the next list starts is unknown: nothing is
-                    // taken until the driver resets the queue.
+                Err(()) => {
                     ring.unpop(start);
-                    stats.drop(DropReason::BadRing);
                     return Err(DropReason::RxNoBuffers);
                 }
             };
             let mut in_chain = 0usize;
             let mut walk = ring.chain(&a, mem);
-            for desc in walk.by_ref() {
-                if !desc.is_write_only() {
-                    failure = Some(DropReason::BadChainLayout);
-                    break;
-                }
-                let len = desc.len() as usize;
-                if written >= total || len == 0 {
-                    continue;
-                }
-                if first_hdr.is_none() {
-                    if len < hb.len() {
-                        failure = Some(DropReason::RxChainTooSmall);
-                        break;
+            match fill_chain(
+                &mut walk,
+                regions,
+                hb,
+                payload,
+                &mut written,
+                &mut first_hdr,
+            ) {
+                Ok((n, _)) => {
+                    in_chain = n;
+                    if walk.cut() {
+                        failure = Some(DropReason::BadChainLayout);
                     }
-                    first_hdr = Some(desc.addr());
                 }
-                let n = len.min(total - written);
-                if let Err(e) = write_part(regions, hb, payload, written, n, desc.addr()) {
-                    failure = Some(e);
-                    break;
-                }
-                written += n;
-                in_chain += n;
-            }
-            if failure.is_none() && walk.cut() {
-                failure = Some(DropReason::BadChainLayout);
+                Err(why) => failure = Some(why),
             }
             used[count] = (a.id, in_chain as u32, a.count);
             count += 1;

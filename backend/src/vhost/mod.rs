@@ -45,7 +45,7 @@ use vnic_protocol::virtio::{
 };
 
 use self::{
-    chain::{gather_tx, pop_valid, split_chain, write_span, Direct, RxWriter},
+    chain::{gather_tx, pop_packed, pop_valid, split_chain, write_span, Direct, RxWriter},
     packed::{PackedRing, Position},
     split::{Regions, SplitRing, BATCH},
 };
@@ -324,11 +324,10 @@ fn serve_packed(
         ring.set_kicks(false).ok_or_else(unwritable)?;
         while moved < budget && !stop {
             let before = ring.position();
-            let a = match ring.pop() {
+            let a = match pop_packed(&mut ring, stats) {
                 Ok(Some(a)) => a,
                 Ok(None) => break,
-                Err(_) => {
-                    stats.drop(DropReason::BadRing);
+                Err(()) => {
                     stop = true;
                     break;
                 }
@@ -1177,13 +1176,10 @@ impl VnicBackend {
                 }
                 if let Some(ring) = pring.as_mut() {
                     ring.prefetch_ahead(&mut regions, false);
-                    let a = match ring.pop() {
+                    let a = match pop_packed(ring, stats) {
                         Ok(Some(a)) => a,
                         Ok(None) => break,
-                        Err(_) => {
-                            // Where the next chain starts is unknown: the
-                            // queue waits for the driver to reset it.
-                            stats.drop(DropReason::BadRing);
+                        Err(()) => {
                             broken = true;
                             break;
                         }

@@ -497,6 +497,15 @@ impl Harness {
     }
 }
 
+/// Elements `(addr, len, device-writable)` with the WRITE flag for the
+/// writable ones.
+fn flagged(elems: &[(u64, u32, bool)]) -> Vec<(u64, u32, u16)> {
+    elems
+        .iter()
+        .map(|&(a, l, w)| (a, l, if w { F_WRITE } else { 0 }))
+        .collect()
+}
+
 /// A packed ring written from the driver's side (virtio 1.3, 2.8.13):
 /// lists made available first descriptor last, used descriptors taken
 /// back in ring order by buffer ID. The ring is followed by its driver
@@ -569,11 +578,7 @@ impl PackedDriver {
         elems: &[(u64, u32, bool)],
         id: u16,
     ) -> Option<()> {
-        let raw: Vec<(u64, u32, u16)> = elems
-            .iter()
-            .map(|&(a, l, w)| (a, l, if w { F_WRITE } else { 0 }))
-            .collect();
-        self.push_flags(mem, &raw, id)
+        self.push_flags(mem, &flagged(elems), id)
     }
 
     /// [`PackedDriver::push`] with each element's flags as given (NEXT is
@@ -621,11 +626,7 @@ impl PackedDriver {
     /// Writes an indirect table of elements `(addr, len, device-writable)`
     /// at `at`.
     pub fn write_table(mem: &GuestMemoryMmap, at: GuestAddress, elems: &[(u64, u32, bool)]) {
-        let raw: Vec<(u64, u32, u16)> = elems
-            .iter()
-            .map(|&(a, l, w)| (a, l, if w { F_WRITE } else { 0 }))
-            .collect();
-        Self::write_table_flags(mem, at, &raw);
+        Self::write_table_flags(mem, at, &flagged(elems));
     }
 
     /// Writes an indirect table with each element's flags as given.

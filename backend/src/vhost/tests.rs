@@ -813,6 +813,47 @@ fn post_rx(h: &mut Harness, posted: &mut Posted, lens: &[usize], indirect: bool)
     );
 }
 
+/// `base` without the TOE, MRG_RXBUF or HASH_REPORT where their flag is
+/// off.
+fn rx_features(base: Features, toe: bool, mergeable: bool, hash: bool) -> Features {
+    let mut f = base;
+    for (on, bit) in [
+        (toe, Features::VNIC_TOE),
+        (mergeable, Features::MRG_RXBUF),
+        (hash, Features::HASH_REPORT),
+    ] {
+        if !on {
+            f -= bit;
+        }
+    }
+    f
+}
+
+/// The frames in used buffers `used` (head or buffer ID, length), in
+/// order: each one's header (20 bytes with `hash`, else 12), whose
+/// `num_buffers` with `mergeable` says how many buffers it spans, and
+/// the frame after it; `bytes` reads a used buffer.
+fn take_frames(
+    used: &mut VecDeque<(u32, u32)>,
+    hash: bool,
+    mergeable: bool,
+    bytes: impl Fn(u32, u32) -> Vec<u8>,
+) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+    let hdr_len = if hash { HDR_LEN_HASH } else { HDR_LEN };
+    let mut out = Vec::new();
+    while let Some((head, len)) = used.pop_front() {
+        let mut b = bytes(head, len);
+        let hdr = VirtioNetHdr::parse(&b, hash).unwrap();
+        let nb = if mergeable { hdr.num_buffers } else { 1 };
+        for _ in 1..nb {
+            let (h2, l2) = used.pop_front().expect("the frame's other buffers");
+            b.extend_from_slice(&bytes(h2, l2));
+        }
+        out.push((hdr, b.split_off(hdr_len)));
+    }
+    out
+}
+
 /// The bytes the device wrote into a used chain.
 fn used_bytes(h: &Harness, posted: &Posted, head: u32, len: u32) -> Vec<u8> {
     let mut out = Vec::new();
@@ -844,16 +885,7 @@ fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_h
         (124, true, true, false, true),
         (125, false, false, false, true),
     ] {
-        let mut features = all();
-        if !toe {
-            features -= Features::VNIC_TOE;
-        }
-        if !mergeable {
-            features -= Features::MRG_RXBUF;
-        }
-        if !hash {
-            features -= Features::HASH_REPORT;
-        }
+        let features = rx_features(all(), toe, mergeable, hash);
         let hdr_len = if hash { HDR_LEN_HASH } else { HDR_LEN };
         let mut h = Harness::new(features, 256, Offloads::ALL, seed);
         let mut posted = Posted::new();
@@ -884,16 +916,9 @@ fn receive_writes_frames_into_scattered_buffers_with_and_without_mergeable_and_h
         for _ in 0..100 {
             h.worker_event(0).unwrap();
             used.extend(h.rx.used(&h.mem));
-            while let Some((head, len)) = used.pop_front() {
-                let mut b = used_bytes(&h, &posted, head, len);
-                let hdr = VirtioNetHdr::parse(&b, hash).unwrap();
-                let nb = if mergeable { hdr.num_buffers } else { 1 };
-                for _ in 1..nb {
-                    let (h2, l2) = used.pop_front().expect("the frame's other buffers");
-                    b.extend_from_slice(&used_bytes(&h, &posted, h2, l2));
-                }
-                got.push((hdr, b.split_off(hdr_len)));
-            }
+            got.extend(take_frames(&mut used, hash, mergeable, |head, len| {
+                used_bytes(&h, &posted, head, len)
+            }));
             if got.len() == frames.len() {
                 break;
             }
@@ -941,16 +966,12 @@ fn a_packed_receive_ring_delivers_every_frame_whole() {
         (33, true, true, true),
         (34, false, false, true),
     ] {
-        let mut features = (all() - Features::EVENT_IDX) | Features::RING_PACKED;
-        if !toe {
-            features -= Features::VNIC_TOE;
-        }
-        if !mergeable {
-            features -= Features::MRG_RXBUF;
-        }
-        if !hash {
-            features -= Features::HASH_REPORT;
-        }
+        let features = rx_features(
+            (all() - Features::EVENT_IDX) | Features::RING_PACKED,
+            toe,
+            mergeable,
+            hash,
+        );
         let hdr_len = if hash { HDR_LEN_HASH } else { HDR_LEN };
         let mut h = Harness::new(features, 64, Offloads::ALL, seed);
         let at = h.arena.alloc(64 * 16 + 8 + 16).unwrap();
@@ -1005,28 +1026,14 @@ fn a_packed_receive_ring_delivers_every_frame_whole() {
             post(&mut h, &mut d, &mut posted);
             h.worker_event(0).unwrap();
             h.settle().unwrap();
-            used.extend(d.used(&h.mem));
-            while let Some((id, len)) = used.pop_front() {
-                let bytes = |id: u16, len: u32| {
-                    let mut out = Vec::new();
-                    let mut left = len as usize;
-                    for &(at, n) in &posted[&id] {
-                        let k = n.min(left);
-                        out.extend_from_slice(&h.read(at, k));
-                        left -= k;
-                    }
-                    assert_eq!(left, 0, "used length within the list");
-                    out
-                };
-                let mut b = bytes(id, len);
-                let hdr = VirtioNetHdr::parse(&b, hash).unwrap();
-                let nb = if mergeable { hdr.num_buffers } else { 1 };
-                for _ in 1..nb {
-                    let (i2, l2) = used.pop_front().expect("the frame's other buffers");
-                    b.extend_from_slice(&bytes(i2, l2));
-                }
-                got.push((hdr, b.split_off(hdr_len)));
-            }
+            used.extend(
+                d.used(&h.mem)
+                    .into_iter()
+                    .map(|(id, len)| (u32::from(id), len)),
+            );
+            got.extend(take_frames(&mut used, hash, mergeable, |id, len| {
+                used_bytes(&h, &posted, id, len)
+            }));
             if got.len() == frames.len() {
                 break;
             }
@@ -1545,16 +1552,9 @@ fn received_segments_are_coalesced_into_one_gso_frame() {
         }
         h.worker_event(h.backend.backlog_event()).unwrap();
         let mut used: VecDeque<(u32, u32)> = h.rx.used(&h.mem).into();
-        let mut frames = Vec::new();
-        while let Some((head, len)) = used.pop_front() {
-            let mut b = used_bytes(&h, &posted, head, len);
-            let hdr = VirtioNetHdr::parse(&b, true).unwrap();
-            for _ in 1..hdr.num_buffers {
-                let (h2, l2) = used.pop_front().expect("the frame's other buffers");
-                b.extend_from_slice(&used_bytes(&h, &posted, h2, l2));
-            }
-            frames.push((hdr, b.split_off(HDR_LEN_HASH)));
-        }
+        let frames = take_frames(&mut used, true, true, |head, len| {
+            used_bytes(&h, &posted, head, len)
+        });
         let st = &h.pf().stats.rx[0];
         let merged = st.rsc_merged.load(std::sync::atomic::Ordering::Relaxed);
         if on && guest_tso {
