@@ -4,7 +4,10 @@
 use std::{
     io,
     ops::Deref,
-    sync::{atomic::Ordering, RwLockWriteGuard},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        RwLockWriteGuard,
+    },
 };
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
@@ -290,6 +293,9 @@ pub(super) struct RxWriter<'a> {
     /// counter): once the driver makes that descriptor available it has
     /// posted more.
     edge: Option<(u16, bool)>,
+    /// Where a packed ring's used entries are counted for the queue's
+    /// notification decision.
+    moved_sink: Option<&'a AtomicU32>,
     /// Frames and bytes delivered in the current call of
     /// [`RxWriter::receive_direct`] before the one it returns.
     burst: (usize, u64),
@@ -314,6 +320,7 @@ impl<'a> RxWriter<'a> {
             is_packed: acked.contains(Features::RING_PACKED),
             packed: None,
             edge: None,
+            moved_sink: None,
             used: 0,
             held: None,
             rings: None,
@@ -324,6 +331,15 @@ impl<'a> RxWriter<'a> {
             regions: Regions::new(mem),
             bufs: None,
         }
+    }
+}
+
+impl<'a> RxWriter<'a> {
+    /// Counts the ring entries a packed ring's frames use in `sink` (the
+    /// queue's count for its next notification decision).
+    pub fn counting(mut self, sink: Option<&'a AtomicU32>) -> RxWriter<'a> {
+        self.moved_sink = sink;
+        self
     }
 }
 
@@ -720,6 +736,9 @@ struct RxBufs {
     pos: [u16; MAX_RX_BUFFERS],
     /// A packed ring's chains: the ring entries each took.
     counts: [u16; MAX_RX_BUFFERS],
+    /// Where a packed ring had no more lists to pop (index, wrap
+    /// counter), if it ran dry for the frame at hand.
+    dry: Option<(u16, bool)>,
     descs: [(GuestAddress, usize); MAX_RX_DESCS],
     /// The used entries of the frame at hand (head, bytes written).
     used: [(u16, u32); MAX_RX_BUFFERS],
@@ -745,6 +764,7 @@ impl RxBufs {
             chains: [(0u16, 0usize); MAX_RX_BUFFERS],
             pos: [0u16; MAX_RX_BUFFERS],
             counts: [0u16; MAX_RX_BUFFERS],
+            dry: None,
             descs: [(GuestAddress(0), 0usize); MAX_RX_DESCS],
             used: [(0u16, 0u32); MAX_RX_BUFFERS],
             peek: [0u8; RX_PEEK],
@@ -773,8 +793,14 @@ impl RxBufs {
             if let Some(p) = packed.as_deref_mut() {
                 p.prefetch_ahead(ring.2, true);
                 let before = p.position().base();
-                let Ok(Some(a)) = pop_packed(p, stats) else {
-                    break;
+                let a = match pop_packed(p, stats) {
+                    Ok(Some(a)) => a,
+                    Ok(None) => {
+                        let at = p.position();
+                        self.dry = Some((at.avail, at.avail_wrap));
+                        break;
+                    }
+                    Err(()) => break,
                 };
                 let first = self.ndescs;
                 let bad = match a.single() {
@@ -999,6 +1025,10 @@ impl RxWriter<'_> {
     pub fn release(&mut self) {
         self.publish();
         if let (Some(g), Some(ring)) = (self.held.as_mut(), self.packed.take()) {
+            // Counted under the vring's lock, as the decision reads it.
+            if let Some(sink) = self.moved_sink {
+                sink.fetch_add(ring.used_moved(), Ordering::AcqRel);
+            }
             // Every chain taken was used or given back: used stands at
             // available, which is what the queue keeps.
             if ring.finish(g.get_queue_mut()).is_none() {
@@ -1335,11 +1365,17 @@ impl RxWriter<'_> {
         let regions = &mut self.regions;
         let rx = &mut **self.bufs.get_or_insert_with(RxBufs::boxed);
         // A packed ring's chains come from it instead (the split queue
-        // then only holds its positions).
+        // then only holds its positions). One that could not be resolved
+        // has no other way (virtio-queue would read it as split): the
+        // frame waits in the backlog, where `write` counts it.
+        if self.is_packed && self.packed.is_none() {
+            return Ok((Direct::NoBuffers, false));
+        }
         let mut packed = self.packed.as_mut();
         rx.nchains = 0;
         rx.ndescs = 0;
         rx.cap = 0;
+        rx.dry = None;
         let single = match rings {
             Some(r) => rx.pop_single(q, r, cur, regions, hdr_len + expect, self.stats),
             None => false,
@@ -1360,6 +1396,8 @@ impl RxWriter<'_> {
         }
         if rx.cap < hdr_len + expect {
             rx.unpop(q, rx.nchains, packed.as_deref_mut());
+            // Where the driver's next buffer will show (packed).
+            self.edge = rx.dry.or(self.edge);
             return Ok((Direct::NoBuffers, false));
         }
         let guest_room = rx.cap - hdr_len;
@@ -1467,6 +1505,7 @@ impl RxWriter<'_> {
             );
             out[VNET_HDR_LEN + in_guest..].copy_from_slice(spill);
             rx.unpop(q, rx.nchains, packed.as_deref_mut());
+            self.edge = rx.dry.or(self.edge);
             let d = match (r, target) {
                 (Ok(()), Some(t)) => Direct::Elsewhere(t),
                 (Ok(()), None) => Direct::Switched,

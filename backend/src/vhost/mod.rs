@@ -306,6 +306,7 @@ fn serve_packed(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap,
     stats: &QueueStats,
+    moved_sink: Option<&AtomicU32>,
     budget: usize,
     mut serve: impl FnMut(Request<'_>) -> Option<u32>,
 ) -> io::Result<(usize, bool)> {
@@ -350,6 +351,9 @@ fn serve_packed(
         if !ring.has_avail() {
             break;
         }
+    }
+    if let Some(sink) = moved_sink {
+        sink.fetch_add(ring.used_moved(), Ordering::AcqRel);
     }
     ring.finish(g.get_queue_mut()).ok_or_else(unwritable)?;
     Ok((moved, moved >= budget))
@@ -580,6 +584,9 @@ pub struct VnicBackend {
     /// Per virtqueue: the used index at the last notification decision
     /// ([`NOT_YET`] before the first), for EVENT_IDX.
     signalled: Vec<AtomicU32>,
+    /// Per virtqueue, with a packed ring: the ring entries used since its
+    /// last notification decision (added under the vring's lock).
+    packed_moved: Vec<AtomicU32>,
     /// Worker threads for the queue pairs: pair `p` is served by thread
     /// `p % threads` (its slot there is `p / threads`); the control queue
     /// and the TOE's queues have the thread after them.
@@ -645,6 +652,7 @@ impl VnicBackend {
             signalled: (0..2 * pairs + 3)
                 .map(|_| AtomicU32::new(NOT_YET))
                 .collect(),
+            packed_moved: (0..2 * pairs + 3).map(|_| AtomicU32::new(0)).collect(),
             workers: (0..pairs)
                 .map(|_| Mutex::new(Worker::new(view.clone())))
                 .collect(),
@@ -895,7 +903,8 @@ impl VnicBackend {
     ) -> io::Result<()> {
         let stats = &self.dev().stats.ctrl;
         if self.acked().contains(Features::RING_PACKED) {
-            let (moved, full) = serve_packed(vring, mem, stats, budget, |r| {
+            let sink = self.packed_moved.get(vq);
+            let (moved, full) = serve_packed(vring, mem, stats, sink, budget, |r| {
                 Some(match r {
                     Ok((readable, writable)) => answer(readable, writable),
                     Err(why) => {
@@ -1232,7 +1241,9 @@ impl VnicBackend {
                         }
                         ring.put_used(head, 0).is_some()
                     }
-                    None if !q.ready() => break,
+                    // (A packed ring that could not be resolved has no
+                    // other way: virtio-queue would read it as split.)
+                    None if !q.ready() || packed => break,
                     None => {
                         let Some(mut chain) = pop_valid(q, gm, stats) else {
                             break;
@@ -1253,7 +1264,12 @@ impl VnicBackend {
             }
             let finished = match (fast, pring) {
                 (Some(ring), _) => ring.finish(q),
-                (None, Some(ring)) => ring.finish(q),
+                (None, Some(ring)) => {
+                    // Counted under the vring's lock, as the notification
+                    // decision reads it.
+                    self.packed_used(2 * i + 1, ring.used_moved());
+                    ring.finish(q)
+                }
                 (None, None) => Some(()),
             };
             if unwritable || finished.is_none() {
@@ -1470,6 +1486,8 @@ impl VnicBackend {
         stats: &QueueStats,
     ) -> io::Result<()> {
         let wanted = {
+            // Under the vring's lock: a round adds what it used under it
+            // too, so the count and the position agree.
             let st = vring.get_ref();
             let q = st.get_queue();
             let size = q.size();
@@ -1478,18 +1496,28 @@ impl VnicBackend {
                 .signalled
                 .get(vq)
                 .map_or(NOT_YET, |s| s.swap(u32::from(base), Ordering::AcqRel));
+            let moved = self
+                .packed_moved
+                .get(vq)
+                .map_or(u32::MAX, |m| m.swap(0, Ordering::AcqRel));
             let at = |b: u16| Position::from_base(b, size).map(|p| (p.used, p.used_wrap));
-            let old = u16::try_from(old)
-                .ok()
-                .and_then(at)
-                .unwrap_or(Position::START_USED);
+            let old = u16::try_from(old).ok().and_then(at);
             match (
-                at(base),
+                old,
                 vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(q.avail_ring()), 4),
             ) {
-                (Some(new), Ok(driver)) => {
-                    packed::driver_wants(&driver, size, old, new, q.event_idx_enabled())
+                (Some(old), Ok(driver)) => {
+                    packed::driver_wants(&driver, size, old, moved, q.event_idx_enabled())
                 }
+                // No decision before (or a ring set up anew): what the
+                // driver area says, as if every descriptor was passed.
+                (None, Ok(driver)) => packed::driver_wants(
+                    &driver,
+                    size,
+                    Position::START_USED,
+                    u32::MAX,
+                    q.event_idx_enabled(),
+                ),
                 _ => true,
             }
         };
@@ -1498,6 +1526,14 @@ impl VnicBackend {
         }
         stats.notified(wanted);
         Ok(())
+    }
+
+    /// Adds `n` ring entries used on packed virtqueue `vq`, for its next
+    /// notification decision ([`VnicBackend::notify_packed`]).
+    pub(super) fn packed_used(&self, vq: usize, n: u32) {
+        if let Some(m) = self.packed_moved.get(vq) {
+            m.fetch_add(n, Ordering::AcqRel);
+        }
     }
 
     /// Whether, with EVENT_IDX, the driver's `used_event` lies among the
@@ -1562,7 +1598,8 @@ impl VnicBackend {
         let mem = self.memory();
         let acked = self.acked();
         let stats = &self.dev().stats.rx[i];
-        let mut writer = RxWriter::new(&mem, vring, stats, acked);
+        let mut writer =
+            RxWriter::new(&mem, vring, stats, acked).counting(self.packed_moved.get(2 * i));
         self.enabled_queues();
         let max_frame = self.max_rx_frame(acked);
         let small = usize::from(self.dev().config.mtu) + 14 + 8;
@@ -2108,7 +2145,8 @@ impl RxPath for VnicBackend {
         // One writer for them all: the ring's lock taken once, the
         // driver's index read once per batch of its buffers, the used
         // index stored at the end.
-        let mut writer = RxWriter::new(&mem, vring, stats, self.acked());
+        let mut writer =
+            RxWriter::new(&mem, vring, stats, self.acked()).counting(self.packed_moved.get(2 * q));
         let (mut n, mut delivered, mut bytes) = (0, 0u64, 0u64);
         for p in frames {
             match writer.write(&p.frame, &p.steering) {
@@ -2189,6 +2227,9 @@ impl VhostUserBackend for VnicBackend {
         }
         for s in &self.signalled {
             s.store(NOT_YET, Ordering::Release);
+        }
+        for m in &self.packed_moved {
+            m.store(0, Ordering::Release);
         }
         for w in &self.workers {
             w.lock().unwrap_or_else(PoisonError::into_inner).rsc.clear();

@@ -166,10 +166,14 @@ pub struct PackedRing<'m> {
     /// buffer ID, length.
     pending: [(u16, u16, u16, u32); PENDING],
     npending: usize,
-    /// Where used stood at the last notification decision.
+    /// Where used stood at the last notification decision, and `moved`
+    /// then.
     signalled: (u16, bool),
+    signalled_moved: u32,
     /// Entries past the next available one whose buffers were prefetched.
     ahead: u16,
+    /// Entries used since the ring was resolved.
+    moved: u32,
 }
 
 impl<'m> PackedRing<'m> {
@@ -200,7 +204,9 @@ impl<'m> PackedRing<'m> {
             pending: [(0, 0, 0, 0); PENDING],
             npending: 0,
             signalled: (pos.used, pos.used_wrap),
+            signalled_moved: 0,
             ahead: 0,
+            moved: 0,
         };
         let at = |s: &VolatileSlice<'_>| s.ptr_guard().as_ptr() as usize;
         if at(&ring.desc) % 16 != 0 || at(&ring.driver) % 4 != 0 || at(&ring.device) % 4 != 0 {
@@ -232,18 +238,28 @@ impl<'m> PackedRing<'m> {
     }
 
     /// Publishes what is left and keeps the position in `q` for the next
-    /// round ([`PackedRing::from_queue`]). None, with nothing kept, when
-    /// a chain taken was not used: the caller gives such chains back
-    /// ([`PackedRing::unpop`]) before it finishes.
+    /// round ([`PackedRing::from_queue`]): where used stands. Chains taken
+    /// and not used (the caller gives them back with [`PackedRing::unpop`]
+    /// first; one left behind is a bug) are taken again next round, and
+    /// None says there were some. Also None when the ring could not be
+    /// written.
     pub fn finish(mut self, q: &mut virtio_queue::Queue) -> Option<()> {
         use virtio_queue::QueueT;
-        self.publish()?;
+        let published = self.publish();
         let p = self.pos;
-        if (p.used, p.used_wrap) != (p.avail, p.avail_wrap) {
-            return None;
-        }
-        q.set_next_avail(p.base());
-        Some(())
+        let at = Position {
+            avail: p.used,
+            avail_wrap: p.used_wrap,
+            ..p
+        };
+        q.set_next_avail(at.base());
+        published?;
+        ((p.used, p.used_wrap) == (p.avail, p.avail_wrap)).then_some(())
+    }
+
+    /// Ring entries used (put) since the ring was resolved.
+    pub fn used_moved(&self) -> u32 {
+        self.moved
     }
 
     /// The queue's size.
@@ -468,6 +484,7 @@ impl<'m> PackedRing<'m> {
         }
         self.pending[self.npending] = (i, f, id, len);
         self.npending += 1;
+        self.moved = self.moved.wrapping_add(u32::from(count));
         (self.pos.used, self.pos.used_wrap) = step(i, self.pos.used_wrap, count, self.size);
         Some(())
     }
@@ -546,30 +563,29 @@ impl<'m> PackedRing<'m> {
     /// ([`driver_wants`]).
     pub fn needs_notification(&mut self, event_idx: bool) -> bool {
         let old = self.signalled;
-        let new = (self.pos.used, self.pos.used_wrap);
-        self.signalled = new;
-        driver_wants(&self.driver, self.size, old, new, event_idx)
+        let moved = self.moved.wrapping_sub(self.signalled_moved);
+        self.signalled = (self.pos.used, self.pos.used_wrap);
+        self.signalled_moved = self.moved;
+        driver_wants(&self.driver, self.size, old, moved, event_idx)
     }
 }
 
 /// Whether the driver area `driver` of a ring of `size` asks for a
-/// used-buffer notification now that used moved from `old` to `new`
-/// (index, wrap counter) (virtio 1.3, 2.8.10): always with its flags at
-/// ENABLE, never at DISABLE, and with EVENT_IDX at DESC only once used
-/// has passed the descriptor (offset and wrap counter) it names. Nothing
-/// moved: no. An area that cannot be read, or names an offset past the
+/// used-buffer notification now that used moved on by `moved` entries
+/// from `old` (index, wrap counter) (virtio 1.3, 2.8.10): always with
+/// its flags at ENABLE, never at DISABLE, and with EVENT_IDX at DESC
+/// only once used has passed the descriptor (offset and wrap counter) it
+/// names. Nothing moved: no. Two laps or more: every descriptor was
+/// passed. An area that cannot be read, or names an offset past the
 /// ring: yes (a notification too many, never one too few).
 pub fn driver_wants(
     driver: &VolatileSlice<'_>,
     size: u16,
     old: (u16, bool),
-    new: (u16, bool),
+    moved: u32,
     event_idx: bool,
 ) -> bool {
     fence(Ordering::SeqCst);
-    let lap = |(i, w): (u16, bool)| -> u32 { u32::from(i) + if w { 0 } else { u32::from(size) } };
-    let m = 2 * u32::from(size);
-    let moved = (lap(new) + m - lap(old)) % m;
     if moved == 0 {
         return false;
     }
@@ -584,9 +600,12 @@ pub fn driver_wants(
             };
             let ev = u16::from_le(ev);
             let (off, wrap) = (ev & 0x7fff, ev & 0x8000 != 0);
-            if off >= size {
+            let m = 2 * u32::from(size);
+            if off >= size || moved >= m {
                 return true;
             }
+            let lap =
+                |(i, w): (u16, bool)| -> u32 { u32::from(i) + if w { 0 } else { u32::from(size) } };
             (lap((off, wrap)) + m - lap(old)) % m < moved
         }
         _ => true,
@@ -901,6 +920,37 @@ mod tests {
         assert!(r.needs_notification(false));
     }
 
+    /// A notification decision over two laps or more of used entries
+    /// cannot tell from positions what was passed: every descriptor was,
+    /// so DESC asks for one as ENABLE does; DISABLE still asks for none.
+    #[test]
+    fn two_laps_of_used_entries_pass_every_event() {
+        let mem = memory();
+        let d = PackedDriver::new(&mem, RING, 8);
+        let (_, driver, _) = d.areas();
+        let area = mem.get_slice(driver, 4).unwrap();
+        let old = (3, true);
+        for (flags, ev, moved, want) in [
+            (EVENT_DESC, 0x8000 | 2, 16, true),
+            (EVENT_DESC, 0x8000 | 2, 40, true),
+            (EVENT_DESC, 0x8000 | 2, 15, false),
+            (EVENT_DESC, 0x2, 8, true),
+            (EVENT_DESC, 0x2, 7, false),
+            (EVENT_DESC, 0x8000 | 4, 1, false),
+            (EVENT_DESC, 0x8000 | 3, 1, true),
+            (EVENT_ENABLE, 0, 16, true),
+            (EVENT_DISABLE, 0, 16, false),
+            (EVENT_ENABLE, 0, 0, false),
+        ] {
+            d.set_driver_event(&mem, flags, ev);
+            assert_eq!(
+                driver_wants(&area, 8, old, moved, true),
+                want,
+                "flags {flags} event {ev:#x} moved {moved}"
+            );
+        }
+    }
+
     /// The device area says whether the device wants kicks.
     #[test]
     fn the_device_area_carries_the_kick_flag() {
@@ -916,7 +966,7 @@ mod tests {
     /// The ring a frontend set up in a vhost-user queue (its three
     /// addresses and base) is the one resolved, and the position taken
     /// at the end of a round is where the next one starts; a round that
-    /// leaves a chain taken and unused keeps nothing.
+    /// leaves a chain taken and unused has it taken again.
     #[test]
     fn a_ring_comes_from_its_queue_and_goes_back_to_it() {
         use virtio_queue::{Queue, QueueT};

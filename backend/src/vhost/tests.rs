@@ -619,6 +619,55 @@ fn a_packed_transmit_ring_sends_every_frame_and_hands_each_buffer_back() {
     assert_eq!(notes(&h), (before.0, before.1 + 1));
 }
 
+/// A packed ring the device cannot resolve (its driver area only 2-byte
+/// aligned, which a split ring's available ring may be) is counted and
+/// left on both queues: nothing is read from it as a split ring, sent,
+/// or written into it.
+#[test]
+fn an_unresolvable_packed_ring_is_counted_and_left() {
+    use super::testing::PackedDriver;
+    use vhost_user_backend::VringT;
+    let features = (all() - Features::EVENT_IDX - Features::VNIC_TOE) | Features::RING_PACKED;
+    let mut h = Harness::new(features, 8, Offloads::ALL, 23);
+    let mut rings = Vec::new();
+    for q in 0..2 {
+        let at = h.arena.alloc(8 * 16 + 8 + 16).unwrap();
+        let at = GuestAddress(at.0.next_multiple_of(16));
+        let mut d = PackedDriver::new(&h.mem, at, 8);
+        let v = d.vring(&h.atomic, false);
+        let (desc, driver, device) = d.areas();
+        v.set_queue_info(desc.0, driver.0 + 2, device.0).unwrap();
+        h.pair[q] = v;
+        // Read as a split ring, the device area's first word would be
+        // the available index: one chain past the base.
+        vm_memory::Bytes::write_obj(&h.mem, 0x8001u16, device).unwrap();
+        let bytes = with_tx_header(&VirtioNetHdr::default(), false, &udp(100, 7));
+        let addr = h.buffer(&bytes, 2048);
+        d.push(&h.mem, &[(addr.0, 2048, q == 0)], 1).unwrap();
+        rings.push(d);
+    }
+    let region = super::testing::REGION_A;
+    let before = h.read(GuestAddress(region.0), region.1);
+    h.up.push_rx(tap(&udp(100, 8)));
+    h.worker_event(1).unwrap();
+    h.worker_event(0).unwrap();
+    h.settle().unwrap();
+    assert!(h.up.sent().is_empty());
+    assert_eq!(h.pf().stats.tx[0].drops(DropReason::BadRing), 1);
+    assert!(
+        h.pf().stats.rx[0].drops(DropReason::BadRing) >= 1,
+        "{}",
+        h.pf().stats.render()
+    );
+    assert_eq!(counter(&h.pf().stats.rx[0].packets), 0);
+    let after = h.read(GuestAddress(region.0), region.1);
+    let written = before.iter().zip(&after).position(|(a, b)| a != b);
+    assert_eq!(written, None, "guest memory written at this offset");
+    for d in &mut rings {
+        assert!(d.used(&h.mem).is_empty());
+    }
+}
+
 /// A packed ring whose list never ends is counted once per attempt, takes
 /// nothing, and does not stop the worker.
 #[test]

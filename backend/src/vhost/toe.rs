@@ -237,7 +237,8 @@ impl VnicBackend {
             .unwrap_or_else(PoisonError::into_inner);
         let stats = &self.dev().stats.ctrl;
         if self.acked().contains(Features::RING_PACKED) {
-            let (used, _) = serve_packed(evt, mem, stats, usize::MAX, |r| {
+            let sink = self.packed_moved.get(2 * self.pairs() + 2);
+            let (used, _) = serve_packed(evt, mem, stats, sink, usize::MAX, |r| {
                 if !toe.has_events() {
                     return None;
                 }
