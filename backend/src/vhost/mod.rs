@@ -1445,7 +1445,8 @@ impl VnicBackend {
     /// Signals the driver of used buffers unless it asked not to be: with
     /// EVENT_IDX through `used_event` (virtio-queue checks it), without it
     /// through VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags,
-    /// which virtio-queue does not look at.
+    /// which virtio-queue does not look at; for a packed ring through its
+    /// driver area ([`VnicBackend::packed_wants`]).
     fn notify(
         &self,
         vq: usize,
@@ -1453,73 +1454,17 @@ impl VnicBackend {
         mem: &GuestMemoryMmap,
         stats: &QueueStats,
     ) -> io::Result<()> {
-        if self.acked().contains(Features::RING_PACKED) {
-            return self.notify_packed(vq, vring, mem, stats);
-        }
-        let wanted = self.event_idx_wants(vq, vring, mem);
-        let suppressed = {
+        let wanted = if self.acked().contains(Features::RING_PACKED) {
+            self.packed_wants(vq, vring, mem)
+        } else {
             let st = vring.get_ref();
             let q = st.get_queue();
-            !q.event_idx_enabled()
+            let suppressed = !q.event_idx_enabled()
                 && mem
                     .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
-                    .is_ok_and(|f| u16::from_le(f) & AVAIL_F_NO_INTERRUPT != 0)
-        };
-        if wanted && !suppressed {
-            vring.signal_used_queue()?;
-            stats.notified(true);
-        } else {
-            stats.notified(false);
-        }
-        Ok(())
-    }
-
-    /// [`VnicBackend::notify`] for a packed ring: the driver area decides
-    /// (`packed::driver_wants`), from where used stood at the last
-    /// decision on virtqueue `vq` to where it stands (between rounds, at
-    /// the queue's base).
-    fn notify_packed(
-        &self,
-        vq: usize,
-        vring: &VringRwLock,
-        mem: &GuestMemoryMmap,
-        stats: &QueueStats,
-    ) -> io::Result<()> {
-        let wanted = {
-            // Under the vring's lock: a round adds what it used under it
-            // too, so the count and the position agree.
-            let st = vring.get_ref();
-            let q = st.get_queue();
-            let size = q.size();
-            let base = q.next_avail();
-            let old = self
-                .signalled
-                .get(vq)
-                .map_or(NOT_YET, |s| s.swap(u32::from(base), Ordering::AcqRel));
-            let moved = self
-                .packed_moved
-                .get(vq)
-                .map_or(u32::MAX, |m| m.swap(0, Ordering::AcqRel));
-            let at = |b: u16| Position::from_base(b, size).map(|p| (p.used, p.used_wrap));
-            let old = u16::try_from(old).ok().and_then(at);
-            match (
-                old,
-                vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(q.avail_ring()), 4),
-            ) {
-                (Some(old), Ok(driver)) => {
-                    packed::driver_wants(&driver, size, old, moved, q.event_idx_enabled())
-                }
-                // No decision before (or a ring set up anew): what the
-                // driver area says, as if every descriptor was passed.
-                (None, Ok(driver)) => packed::driver_wants(
-                    &driver,
-                    size,
-                    Position::START_USED,
-                    u32::MAX,
-                    q.event_idx_enabled(),
-                ),
-                _ => true,
-            }
+                    .is_ok_and(|f| u16::from_le(f) & AVAIL_F_NO_INTERRUPT != 0);
+            drop(st);
+            self.event_idx_wants(vq, vring, mem) && !suppressed
         };
         if wanted {
             vring.signal_used_queue()?;
@@ -1528,8 +1473,40 @@ impl VnicBackend {
         Ok(())
     }
 
+    /// Whether the driver of packed virtqueue `vq` wants a notification:
+    /// its driver area decides (`packed::driver_wants`), over the entries
+    /// used since the last decision, from where used stood then (between
+    /// rounds, at the queue's base).
+    fn packed_wants(&self, vq: usize, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+        // Under the vring's lock: a round adds what it used under it too,
+        // so the count and the position agree.
+        let st = vring.get_ref();
+        let q = st.get_queue();
+        let size = q.size();
+        let base = q.next_avail();
+        let old = self
+            .signalled
+            .get(vq)
+            .map_or(NOT_YET, |s| s.swap(u32::from(base), Ordering::AcqRel));
+        let moved = self
+            .packed_moved
+            .get(vq)
+            .map_or(u32::MAX, |m| m.swap(0, Ordering::AcqRel));
+        let at = |b: u16| Position::from_base(b, size).map(|p| (p.used, p.used_wrap));
+        // No decision before (or a ring set up anew): what the driver area
+        // says, as if every descriptor was passed.
+        let (old, moved) = u16::try_from(old)
+            .ok()
+            .and_then(at)
+            .map_or((Position::START_USED, u32::MAX), |o| (o, moved));
+        match vm_memory::GuestMemoryBackend::get_slice(mem, GuestAddress(q.avail_ring()), 4) {
+            Ok(driver) => packed::driver_wants(&driver, size, old, moved, q.event_idx_enabled()),
+            Err(_) => true,
+        }
+    }
+
     /// Adds `n` ring entries used on packed virtqueue `vq`, for its next
-    /// notification decision ([`VnicBackend::notify_packed`]).
+    /// notification decision ([`VnicBackend::packed_wants`]).
     pub(super) fn packed_used(&self, vq: usize, n: u32) {
         if let Some(m) = self.packed_moved.get(vq) {
             m.fetch_add(n, Ordering::AcqRel);
