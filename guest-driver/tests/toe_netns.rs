@@ -456,7 +456,11 @@ fn toe_transfers_survive_loss_and_reordering() {
             Ok(got)
         });
         std::thread::sleep(Duration::from_millis(300));
-        let mut c = TcpStream::connect(&stack, bind, Duration::from_secs(10)).expect("connect");
+        // The bridge drops a tenth of TCP frames each way, SYNs and
+        // SYN-ACKs too: a few lost in a row put the handshake at the
+        // engine's SYN retransmits, 1, 2, 4 and 8 s apart. 30 s covers
+        // five tries.
+        let mut c = TcpStream::connect(&stack, bind, Duration::from_secs(30)).expect("connect");
         assert!(c.on_toe());
         c.set_timeout(Some(Duration::from_secs(60)));
         c.write_all(&up).expect("guest -> kernel");
