@@ -91,13 +91,17 @@ pub struct DeviceConfig {
     /// The transmit capacity the ports share, in Mbit/s (what VFs'
     /// `min_tx_rate` guarantees are shares of); 0: no limit.
     pub link_speed: u32,
+    /// How long, in microseconds, a transmit worker that emptied a ring
+    /// keeps looking at it before it turns the driver's kicks back on
+    /// and sleeps; 0: it sleeps at once.
+    pub poll_us: u32,
 }
 
 impl DeviceConfig {
     /// A device of `pairs` queue pairs at `mac` with every other setting
     /// as vnicd's command line has it by default: 256-entry queues, MTU
     /// 1500, RSS over every queue, no coalescing, no RSC, a worker per
-    /// pair, 1024 TOE connections, no shared link.
+    /// pair, 1024 TOE connections, no shared link, no polling.
     pub fn new(pairs: u16, mac: Address) -> DeviceConfig {
         DeviceConfig {
             pairs,
@@ -110,6 +114,7 @@ impl DeviceConfig {
             workers: 0,
             toe_conns: 1024,
             link_speed: 0,
+            poll_us: 0,
         }
     }
 
@@ -1928,6 +1933,7 @@ fn send(out: &dyn Uplink, q: usize, pieces: &[Piece<'_>]) -> Result<(), DropReas
 }
 
 /// What an uplink's send on queue `q` came to, as a drop reason.
+#[inline]
 fn sent(r: io::Result<usize>, q: usize) -> Result<(), DropReason> {
     match r {
         Ok(_) => Ok(()),
