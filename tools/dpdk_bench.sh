@@ -9,6 +9,7 @@
 #   VNIC_DPDK_SECONDS   measurement window per case (default 4)
 #   VNIC_DPDK_ROUNDS    runs per case, the backends alternating; medians (default 1)
 #   VNIC_DPDK_PACKED=1  packed rings instead of split (target/dpdk_vhost_packed.*)
+#   VNIC_DPDK_POLL_US   vnicd's --poll-us (default 50)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()

@@ -16,7 +16,8 @@
 //! it). VNIC_DPDK_SECONDS sets each measurement window (default 4),
 //! VNIC_DPDK_ROUNDS how many times each case runs, the two backends
 //! alternating (default 1; the tables show medians); VNIC_DPDK_PACKED=1
-//! runs every case on packed rings (both backends). The table goes to
+//! runs every case on packed rings (both backends); VNIC_DPDK_POLL_US
+//! sets vnicd's `--poll-us` (default 50). The table goes to
 //! stdout, CSV to `target/dpdk_vhost.csv` (`dpdk_vhost_packed.csv`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -44,6 +45,12 @@ enum Dir {
 struct Run {
     pps: f64,
     cycles_per_frame: f64,
+}
+
+/// How long vnicd's transmit workers poll an emptied ring before they
+/// sleep (VNIC_DPDK_POLL_US, default 50; `--poll-us`).
+fn poll_us() -> String {
+    std::env::var("VNIC_DPDK_POLL_US").unwrap_or_else(|_| "50".to_owned())
 }
 
 /// Whether the run is on packed rings (VNIC_DPDK_PACKED=1).
@@ -79,7 +86,7 @@ fn vnicd_run(dir: Dir, size: usize, secs: u64, mhz: f64, pairs: u16) -> (Run, f6
     let v = Vnicd::start_wrapped(
         &["taskset", "-c", "1"],
         VNICD,
-        &["--uplink", &uplink, "--queues", &q],
+        &["--uplink", &uplink, "--queues", &q, "--poll-us", &poll_us()],
     )
     .expect("vnicd on core 1");
     let gen = generator(&v.socket, dir, size, pairs);
@@ -228,7 +235,8 @@ fn main() {
     let ring = if packed() { "packed" } else { "split" };
     println!(
         "testpmd virtio-user (core 0, txonly/rxonly, burst 32, in_order=0, 256-entry {ring} rings) \
-         against each backend on core 1; {secs} s windows, median of {rounds} round(s)"
+         against each backend on core 1 (vnicd with --poll-us {}); {secs} s windows, median of {rounds} round(s)",
+        poll_us()
     );
     println!(
         "| direction, frame | vnicd Mpps | vnicd busy cycles/frame (cores used) | DPDK vhost Mpps | DPDK busy cycles/frame | rate vnicd/DPDK | cycles vnicd/DPDK |"

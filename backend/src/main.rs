@@ -113,6 +113,14 @@ struct RunArgs {
     /// `min_tx_rate` guarantees are shares of it. 0: no limit.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=400_000))]
     link_speed: u32,
+    /// Microseconds a transmit worker that emptied its ring keeps polling
+    /// it before it asks the driver to kick again and sleeps (as DPDK's
+    /// vhost polls always and vhost-net's busyloop_timeout does a while);
+    /// 0: it sleeps at once. Costs up to that much CPU each time a busy
+    /// queue goes idle, and saves a kick and a wake-up per burst while
+    /// the driver keeps sending.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    poll_us: u32,
     /// Exit after the first frontend disconnects.
     #[arg(long)]
     once: bool,
@@ -152,6 +160,7 @@ fn run(a: RunArgs) -> Result<(), String> {
             workers: a.workers,
             toe_conns: a.toe_conns,
             link_speed: a.link_speed,
+            poll_us: a.poll_us,
         },
         uplink: a.uplink,
         mgmt: a.mgmt,

@@ -117,6 +117,9 @@ pub struct QueueStats {
     pub sw_offloads: AtomicU64,
     /// RX frames read from the uplink straight into guest buffers.
     pub direct: AtomicU64,
+    /// TX: times a worker polling an emptied ring (`--poll-us`) found
+    /// more chains, without a kick or a wake-up.
+    pub polled: AtomicU64,
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
     /// Batches of used buffers whose notification coalescing held back.
@@ -293,6 +296,7 @@ impl Stats {
                 let _ = writeln!(s, "{dir}{i}.gso_packets {}", q.gso_packets.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.sw_offloads {}", q.sw_offloads.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.direct {}", q.direct.load(Relaxed));
+                let _ = writeln!(s, "{dir}{i}.polled {}", q.polled.load(Relaxed));
                 let _ = writeln!(
                     s,
                     "{dir}{i}.notifications {}",

@@ -193,6 +193,50 @@ pub(super) fn gather_tx(
     }
 }
 
+/// [`gather_tx`] for a chain of one descriptor `d` (most small frames),
+/// without the walk's bookkeeping: the same checks, the same result.
+#[inline(always)]
+pub(super) fn gather_one(
+    mem: &mut Regions<'_>,
+    d: Descriptor,
+    hdr_len: usize,
+    head: &mut Vec<u8>,
+    rest: &mut Vec<(GuestAddress, usize)>,
+    tail: &mut Vec<u8>,
+) -> Result<usize, DropReason> {
+    rest.clear();
+    tail.clear();
+    let want = hdr_len + TX_PREFIX;
+    if head.len() < want {
+        head.resize(want, 0);
+    }
+    if d.is_write_only() {
+        return Err(DropReason::BadChainLayout);
+    }
+    let len = d.len() as usize;
+    if len > HDR_LEN_HASH + MAX_FRAME {
+        return Err(DropReason::Oversized);
+    }
+    let copy = len.min(want);
+    if copy > 0 {
+        let to = head.get_mut(..copy).ok_or(DropReason::BadDescriptor)?;
+        mem.read(to, d.addr()).ok_or(DropReason::BadDescriptor)?;
+    }
+    if copy < len {
+        let addr = d
+            .addr()
+            .checked_add(copy as u64)
+            .ok_or(DropReason::BadDescriptor)?;
+        mem.slice(addr, len - copy)
+            .ok_or(DropReason::BadDescriptor)?;
+        rest.push((addr, len - copy));
+    }
+    if d.has_next() {
+        return Err(DropReason::ChainTooLong);
+    }
+    Ok(copy)
+}
+
 /// Device-readable bytes a control command may have (the largest, an RSS
 /// configuration with a 128-entry table and a 255-byte key, is under 600).
 pub(super) const CTRL_MAX_READABLE: usize = 64 * 1024;

@@ -25,6 +25,7 @@ use std::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex, OnceLock, PoisonError, RwLock,
     },
+    time::{Duration, Instant},
 };
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -45,7 +46,9 @@ use vnic_protocol::virtio::{
 };
 
 use self::{
-    chain::{gather_tx, pop_packed, pop_valid, split_chain, write_span, Direct, RxWriter},
+    chain::{
+        gather_one, gather_tx, pop_packed, pop_valid, split_chain, write_span, Direct, RxWriter,
+    },
     packed::{PackedRing, Position},
     split::{Regions, SplitRing, BATCH},
 };
@@ -246,6 +249,45 @@ where
         (idx - std::num::Wrapping(q.next_avail())).0 > q.size()
     });
     *empties > 1 || overrun || !q.ready()
+}
+
+/// Checks of the ring between two readings of the clock while a worker
+/// polls it.
+const POLL_CHECKS: u32 = 64;
+
+/// Whether the driver makes chains available in `vring` within `poll`,
+/// looked for until then with its notifications still off (zero: not
+/// looked for).
+fn poll_for_more(vring: &VringRwLock, mem: &GuestMemoryMmap, packed: bool, poll: Duration) -> bool {
+    if poll.is_zero() {
+        return false;
+    }
+    let end = Instant::now() + poll;
+    loop {
+        for _ in 0..POLL_CHECKS {
+            if has_avail(vring, mem, packed) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+    }
+}
+
+/// Whether the driver has made chains available past the device's
+/// position (for a split ring: its index moved, whatever the entries
+/// are; the round that takes them checks them).
+fn has_avail(vring: &VringRwLock, mem: &GuestMemoryMmap, packed: bool) -> bool {
+    let st = vring.get_ref();
+    let q = st.get_queue();
+    if packed {
+        PackedRing::from_queue(q, mem).is_some_and(|r| r.has_avail())
+    } else {
+        q.avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != q.next_avail())
+    }
 }
 
 /// Whether the frontend has the queue enabled and ready.
@@ -1061,6 +1103,7 @@ impl VnicBackend {
         // they are straight to it.
         let lone = self.nic.lone(self.port, i, view);
         let packed = self.acked().contains(Features::RING_PACKED);
+        let poll = Duration::from_micros(u64::from(self.dev().config.poll_us));
         let mut moved = 0;
         let mut empty = 0;
         let mut limited = false;
@@ -1194,7 +1237,7 @@ impl VnicBackend {
                         }
                     };
                     let g = match a.single() {
-                        Some(d) => gather_tx(&mut regions, [d], hdr_len, tx, rest, tail),
+                        Some(d) => gather_one(&mut regions, d, hdr_len, tx, rest, tail),
                         None => {
                             gather_tx(&mut regions, ring.chain(&a, gm), hdr_len, tx, rest, tail)
                         }
@@ -1226,7 +1269,7 @@ impl VnicBackend {
                         // A chain of one descriptor (most small frames)
                         // needs no walk.
                         let g = match ring.single(head) {
-                            Some(d) => gather_tx(&mut regions, [d], hdr_len, tx, rest, tail),
+                            Some(d) => gather_one(&mut regions, d, hdr_len, tx, rest, tail),
                             None => gather_tx(
                                 &mut regions,
                                 ring.chain(head, gm),
@@ -1282,6 +1325,14 @@ impl VnicBackend {
             if moved >= BUDGET {
                 self.left_over(i, LEFT_TX);
                 break;
+            }
+            // A round that took chains looks for more a while (`--poll-us`)
+            // before the driver is asked to kick again: a sender that
+            // keeps the ring busy then costs neither side a kick and a
+            // wake-up per burst.
+            if moved > round && poll_for_more(vring, &mem, packed, poll) {
+                stats.polled.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             if !kicks(vring, &mem, packed, true)? {
                 break;

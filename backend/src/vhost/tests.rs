@@ -1687,3 +1687,121 @@ fn pairs_share_worker_threads_round_robin_and_events_find_their_pair() {
     assert!((1..=4).contains(&worker_threads(4, 0)));
     assert_eq!(worker_threads(1, 0), 1);
 }
+
+#[test]
+fn one_descriptor_is_gathered_as_the_walk_gathers_it() {
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::{
+        chain::{gather_one, gather_tx, TX_PREFIX},
+        split::Regions,
+    };
+
+    // One region at 0x1000 of 0x30000 bytes, with a pattern in it.
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x30000)]).unwrap();
+    let pattern: Vec<u8> = (0..0x30000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    mem.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+    let max = crate::nic::MAX_FRAME + vnic_protocol::virtio::hdr::HDR_LEN_HASH;
+    // (address, length, flags): in memory, short and long, empty, past
+    // the region's end, write-only, naming a next one, over the largest
+    // frame.
+    let cases = [
+        (0x1000u64, 76u32, 0u16),
+        (0x1040, 12, 0),
+        (0x2000, 1514, 0),
+        (0x1000, (12 + TX_PREFIX) as u32, 0),
+        (0x1000, (13 + TX_PREFIX) as u32, 0),
+        (0x1000, 0, 0),
+        (0x30f00, 0x200, 0),
+        (0x31000, 64, 0),
+        (0x1000, 64, 2),
+        (0x1000, 64, 1),
+        (0x1000, max as u32 + 1, 0),
+        (0x1000, 0x20000, 0),
+        (u64::MAX - 8, 64, 0),
+    ];
+    let mut seen = Vec::new();
+    for hdr_len in [12, 20] {
+        for (addr, len, flags) in cases {
+            let d = Descriptor::new(addr, len, flags, 0);
+            let (mut h1, mut r1, mut t1) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut h2, mut r2, mut t2) = (Vec::new(), Vec::new(), Vec::new());
+            let a = gather_tx(
+                &mut Regions::new(&mem),
+                [d],
+                hdr_len,
+                &mut h1,
+                &mut r1,
+                &mut t1,
+            );
+            let b = gather_one(
+                &mut Regions::new(&mem),
+                d,
+                hdr_len,
+                &mut h2,
+                &mut r2,
+                &mut t2,
+            );
+            let what = format!("{addr:#x}+{len} flags {flags} header {hdr_len}");
+            assert_eq!(a, b, "{what}");
+            if let Ok(n) = a {
+                assert_eq!(h1[..n], h2[..n], "{what}");
+                assert_eq!(r1, r2, "{what}");
+                assert_eq!(t1, t2, "{what}");
+            }
+            seen.push((a, r1.len()));
+        }
+    }
+    // Every way out was taken: whole in the prefix, a rest left in guest
+    // memory, and each reason a lone descriptor is dropped for.
+    use DropReason::*;
+    for want in [
+        (Ok(76), 0),
+        (Ok(12 + TX_PREFIX), 1),
+        (Err(BadChainLayout), 0),
+        (Err(ChainTooLong), 0),
+        (Err(Oversized), 0),
+        (Err(BadDescriptor), 0),
+    ] {
+        assert!(seen.contains(&want), "{want:?} not among {seen:?}");
+    }
+}
+
+#[test]
+fn a_poll_finds_a_chain_posted_while_it_looks() {
+    use std::time::{Duration, Instant};
+
+    use super::poll_for_more;
+
+    let mut h = harness(29);
+    let tx = h.pair[1].clone();
+    let mem = h.mem.clone();
+    // Nothing posted: no poll asked, no time spent; one of 20 ms looks
+    // that long and finds nothing.
+    let t = Instant::now();
+    assert!(!poll_for_more(&tx, &mem, false, Duration::ZERO));
+    assert!(t.elapsed() < Duration::from_millis(20));
+    let t = Instant::now();
+    assert!(!poll_for_more(&tx, &mem, false, Duration::from_millis(20)));
+    assert!(t.elapsed() >= Duration::from_millis(20));
+    // A chain the driver posts (on another thread) 10 ms into a poll of
+    // 10 s is found then, not at the poll's end.
+    let at = h.buffer(&[0x11; 76], 76);
+    let ring = &mut h.tx;
+    let found = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(10));
+            ring.push_chain(&mem, &[Desc::ro(at, 76)]);
+        });
+        let t = Instant::now();
+        let found = poll_for_more(&tx, &mem, false, Duration::from_secs(10));
+        (found, t.elapsed())
+    });
+    assert!(found.0, "the chain was not found");
+    assert!(
+        found.1 >= Duration::from_millis(5) && found.1 < Duration::from_secs(5),
+        "found after {:?}",
+        found.1
+    );
+}
