@@ -133,12 +133,7 @@ pub(super) fn gather_tx(
     rest: &mut Vec<(GuestAddress, usize)>,
     tail: &mut Vec<u8>,
 ) -> Result<usize, DropReason> {
-    rest.clear();
-    tail.clear();
-    let want = hdr_len + TX_PREFIX;
-    if head.len() < want {
-        head.resize(want, 0);
-    }
+    let want = gather_start(hdr_len, head, rest, tail);
     let mut filled = 0;
     let mut total = 0usize;
     let mut last: Option<Descriptor> = None;
@@ -173,14 +168,7 @@ pub(super) fn gather_tx(
             filled += copy;
         }
         if copy < len {
-            let addr = desc
-                .addr()
-                .checked_add(copy as u64)
-                .ok_or(DropReason::BadDescriptor)?;
-            // Check now that the region is guest memory.
-            mem.slice(addr, len - copy)
-                .ok_or(DropReason::BadDescriptor)?;
-            rest.push((addr, len - copy));
+            leave_rest(mem, &desc, copy, rest)?;
         }
         last = Some(desc);
     }
@@ -191,6 +179,45 @@ pub(super) fn gather_tx(
         // guest memory or not a whole number of descriptors.
         None => Err(DropReason::BadDescriptor),
     }
+}
+
+/// Empties `rest` and `tail` for a chain and sizes `head` for its
+/// header and prefix; how many bytes of it the chain may fill.
+#[inline(always)]
+fn gather_start(
+    hdr_len: usize,
+    head: &mut Vec<u8>,
+    rest: &mut Vec<(GuestAddress, usize)>,
+    tail: &mut Vec<u8>,
+) -> usize {
+    rest.clear();
+    tail.clear();
+    let want = hdr_len + TX_PREFIX;
+    if head.len() < want {
+        head.resize(want, 0);
+    }
+    want
+}
+
+/// Leaves what of descriptor `d` lies past its first `copy` bytes in
+/// guest memory, as a piece of `rest`, once it is checked to be guest
+/// memory.
+#[inline(always)]
+fn leave_rest(
+    mem: &mut Regions<'_>,
+    d: &Descriptor,
+    copy: usize,
+    rest: &mut Vec<(GuestAddress, usize)>,
+) -> Result<(), DropReason> {
+    let len = d.len() as usize;
+    let addr = d
+        .addr()
+        .checked_add(copy as u64)
+        .ok_or(DropReason::BadDescriptor)?;
+    mem.slice(addr, len - copy)
+        .ok_or(DropReason::BadDescriptor)?;
+    rest.push((addr, len - copy));
+    Ok(())
 }
 
 /// [`gather_tx`] for a chain of one descriptor `d` (most small frames),
@@ -204,12 +231,7 @@ pub(super) fn gather_one(
     rest: &mut Vec<(GuestAddress, usize)>,
     tail: &mut Vec<u8>,
 ) -> Result<usize, DropReason> {
-    rest.clear();
-    tail.clear();
-    let want = hdr_len + TX_PREFIX;
-    if head.len() < want {
-        head.resize(want, 0);
-    }
+    let want = gather_start(hdr_len, head, rest, tail);
     if d.is_write_only() {
         return Err(DropReason::BadChainLayout);
     }
@@ -223,13 +245,7 @@ pub(super) fn gather_one(
         mem.read(to, d.addr()).ok_or(DropReason::BadDescriptor)?;
     }
     if copy < len {
-        let addr = d
-            .addr()
-            .checked_add(copy as u64)
-            .ok_or(DropReason::BadDescriptor)?;
-        mem.slice(addr, len - copy)
-            .ok_or(DropReason::BadDescriptor)?;
-        rest.push((addr, len - copy));
+        leave_rest(mem, &d, copy, rest)?;
     }
     if d.has_next() {
         return Err(DropReason::ChainTooLong);
