@@ -97,9 +97,14 @@ fn testpmd_virtio_user_both_ways_with_and_without_in_order_split_and_packed() {
             // a while (`--poll-us`); without it they sleep at once.
             let poll_us = if in_order { 50 } else { 0 };
             let (theirs, ours, out, st) = run(in_order, packed, mode, size, poll_us);
-            let polled = st["tx0.polled"];
+            let (polled, poll_ns) = (st["tx0.polled"], st["tx0.poll_ns"]);
             eprintln!(
-                "in_order={in_order} packed={packed} {mode} {size} B: testpmd {theirs}, vnicd {ours}, polled {polled}"
+                "in_order={in_order} packed={packed} {mode} {size} B: testpmd {theirs}, vnicd {ours}, polled {polled} in {poll_ns} ns"
+            );
+            // A poll that found more took some time to look.
+            assert!(
+                polled == 0 || poll_ns > 0,
+                "{polled} polls found more in 0 ns"
             );
             // Without --poll-us, or with nothing sent, no poll is counted.
             // (With it, how often a poll finds more depends on whether
@@ -107,7 +112,8 @@ fn testpmd_virtio_user_both_ways_with_and_without_in_order_split_and_packed() {
             // not, a release build does, as the benchmark shows.)
             if poll_us == 0 || mode == "rxonly" {
                 assert_eq!(
-                    polled, 0,
+                    (polled, poll_ns),
+                    (0, 0),
                     "{mode} {size}: polled without --poll-us or sending"
                 );
             }

@@ -120,6 +120,9 @@ pub struct QueueStats {
     /// TX: times a worker polling an emptied ring (`--poll-us`) found
     /// more chains, without a kick or a wake-up.
     pub polled: AtomicU64,
+    /// TX: nanoseconds spent polling emptied rings (`--poll-us`), found
+    /// or not: time the worker looked at a ring with nothing new in it.
+    pub poll_ns: AtomicU64,
     pub notifications: AtomicU64,
     pub notifications_suppressed: AtomicU64,
     /// Batches of used buffers whose notification coalescing held back.
@@ -297,6 +300,7 @@ impl Stats {
                 let _ = writeln!(s, "{dir}{i}.sw_offloads {}", q.sw_offloads.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.direct {}", q.direct.load(Relaxed));
                 let _ = writeln!(s, "{dir}{i}.polled {}", q.polled.load(Relaxed));
+                let _ = writeln!(s, "{dir}{i}.poll_ns {}", q.poll_ns.load(Relaxed));
                 let _ = writeln!(
                     s,
                     "{dir}{i}.notifications {}",

@@ -257,21 +257,28 @@ const POLL_CHECKS: u32 = 64;
 
 /// Whether the driver makes chains available in `vring` within `poll`,
 /// looked for until then with its notifications still off (zero: not
-/// looked for).
-fn poll_for_more(vring: &VringRwLock, mem: &GuestMemoryMmap, packed: bool, poll: Duration) -> bool {
+/// looked for), and how long it looked.
+fn poll_for_more(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+    packed: bool,
+    poll: Duration,
+) -> (bool, Duration) {
     if poll.is_zero() {
-        return false;
+        return (false, Duration::ZERO);
     }
-    let end = Instant::now() + poll;
+    let start = Instant::now();
+    let end = start + poll;
     loop {
         for _ in 0..POLL_CHECKS {
             if has_avail(vring, mem, packed) {
-                return true;
+                return (true, start.elapsed());
             }
             std::hint::spin_loop();
         }
-        if Instant::now() >= end {
-            return false;
+        let now = Instant::now();
+        if now >= end {
+            return (false, now - start);
         }
     }
 }
@@ -1330,9 +1337,16 @@ impl VnicBackend {
             // before the driver is asked to kick again: a sender that
             // keeps the ring busy then costs neither side a kick and a
             // wake-up per burst.
-            if moved > round && poll_for_more(vring, &mem, packed, poll) {
-                stats.polled.fetch_add(1, Ordering::Relaxed);
-                continue;
+            if moved > round {
+                let (found, spent) = poll_for_more(vring, &mem, packed, poll);
+                if !spent.is_zero() {
+                    let ns = u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX);
+                    stats.poll_ns.fetch_add(ns, Ordering::Relaxed);
+                }
+                if found {
+                    stats.polled.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
             }
             if !kicks(vring, &mem, packed, true)? {
                 break;
